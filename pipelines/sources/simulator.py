@@ -94,15 +94,18 @@ class SimulatorConfig:
     content_dim: int = 8
     days: int = 60
     start: str = "2025-01-01"
-    mean_sessions: float = 3.5  # per user over the window, before activity scaling
-    mean_requests_per_session: float = 2.0
+    mean_sessions: float = 2.7  # per user over the window, before activity scaling
+    mean_requests_per_session: float = 2.5
     max_requests_per_user: int = 64
     slate_size: int = 10
+    retrieved_share: float = 0.6  # of a slate: candidates retrieved near the target taste
+    popular_share: float = 0.2  # popular candidates; the rest are uniformly random
+    retrieval_sharpness: float = 8.0
     cold_user_share: float = 0.4  # users who join during the window instead of at its start
     new_item_share: float = 0.2  # items released during the window
     context_fidelity: float = 0.8  # probability that a session's device / daypart follow its mood
-    interest_drift: float = 0.15  # per-session random-walk step of each interest vector
-    interest_shift: float = 0.05  # per-session probability that one interest becomes a new category
+    interest_drift: float = 0.05  # per-session random-walk step (per dimension) of each interest vector
+    interest_shift: float = 0.2  # per-session probability that one interest becomes a new category
     base_logit: float = -2.3
     sharpness: tuple[float, float, float, float] = (3.0, 4.5, 4.0, 3.5)  # home, search, item_detail, cart
     position_decay: float = 0.6
@@ -306,7 +309,7 @@ def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: i
     interest_vec, weight, pref_device, pref_daypart, user_bias, activity, join_day = _make_users(rng, config, catalog, n_users)
     sched = _make_schedule(rng, config, n_users, weight, pref_device, pref_daypart, activity, join_day)
     S, L = config.slate_size, len(catalog.category)
-    n_retrieved, n_popular = S // 2, (3 * S) // 10
+    n_retrieved, n_popular = round(S * config.retrieved_share), round(S * config.popular_share)
     sharpness = np.asarray(config.sharpness)
     pop_cum = np.cumsum(np.exp(catalog.log_popularity))
     pop_z = (catalog.log_popularity - catalog.log_popularity.mean()) / catalog.log_popularity.std()
@@ -348,7 +351,7 @@ def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: i
         cart = surface == CART
         target[cart] = catalog.category_vectors[catalog.complement[catalog.category[last[cart]]]]
         # candidates: retrieved near the target, popular, random; only items already released
-        cat_probs = np.exp(4.0 * target @ catalog.category_vectors.T)
+        cat_probs = np.exp(config.retrieval_sharpness * target @ catalog.category_vectors.T)
         cats = np.stack([_sample_rows(rng, cat_probs) for _ in range(n_retrieved)], axis=1)
         retrieved = _draw_in_categories(rng, catalog, cats)
         popular = np.searchsorted(pop_cum, rng.random((n, n_popular)) * pop_cum[-1], side="right").clip(max=L - 1)

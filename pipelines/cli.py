@@ -1,0 +1,334 @@
+"""The `lum` command line.
+
+    lum [--config run.yaml] data make --preset tiny|default|large
+    lum data import movielens PATH
+    lum data import files EVENTS [--items ITEMS] [--map user_id=userId ...] [--condition surface ...]
+    lum data validate PATH
+    lum data split --protocol global|per-user
+    lum data describe [RUN_OR_FILE]
+    lum demo
+
+A YAML config file gives defaults for any option, nested by command name, e.g.
+
+    data:
+      make: {preset: default, seed: 7}
+      split: {protocol: per-user, fractions: [0.6, 0.2, 0.2]}
+
+Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import pandas as pd
+import yaml
+
+from pipelines.contract import ContractError, EventContract, ValidationOptions, read_table, validate_events, METADATA_KEY
+from pipelines.paths import RunPaths
+
+DEFAULT_RUN = "runs/main"
+
+
+def _friendly_errors(fn: Callable) -> Callable:
+    """Turn expected failures (bad input, missing steps) into a one-paragraph error and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ContractError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise click.BadParameter(f"config {path} must be a mapping of command names to options")
+    ctx.default_map = loaded
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="YAML file with option defaults, nested by command name (see `lum --help`).",
+)
+def main() -> None:
+    """LUM-style user-model features for an existing ranker."""
+
+
+@main.group()
+def data() -> None:
+    """Event logs: make, import, validate, split and describe."""
+
+
+run_option = click.option("--run", "run_dir", default=DEFAULT_RUN, type=click.Path(file_okay=False), help="Run folder.")
+force_option = click.option("--force", is_flag=True, help="Replace what the run folder already holds.")
+
+
+def _check_replace(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
+    """True when the run folder already holds exactly this source's data (skip); error on different data."""
+    if not paths.dataset_info.exists() or force:
+        return False
+    existing = json.loads(paths.dataset_info.read_text())["source"]
+    if json.loads(json.dumps(source)) == existing:
+        return True
+    raise click.ClickException(
+        f"{paths.root} already holds data from {existing.get('name')} with other parameters; pass --force to "
+        "replace it or choose another --run folder (nothing is overwritten silently)"
+    )
+
+
+def _report_written(info: dict[str, Any], paths: RunPaths) -> None:
+    click.echo(f"wrote {info['n_events']:,} events to {paths.events}")
+    if info.get("n_items_table") is not None:
+        click.echo(f"wrote {info['n_items_table']:,} items to {paths.items}")
+    if info["n_rejected"]:
+        click.echo(f"set aside {info['n_rejected']:,} rejected rows with their reasons in {paths.quarantine}", err=True)
+
+
+@data.command("make")
+@click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
+@click.option("--seed", type=int, default=0, help="Random seed: the same seed gives the same data.")
+@click.option("--users", "n_users", type=int, default=None, help="Override the preset's number of users.")
+@run_option
+@force_option
+@_friendly_errors
+def data_make(preset: str, seed: int, n_users: int | None, run_dir: str, force: bool) -> None:
+    """Simulate a marketplace event log (the embedded default data) into the run folder."""
+    from dataclasses import asdict
+
+    from pipelines.sources import simulator
+
+    overrides: dict[str, Any] = {"seed": seed}
+    if n_users is not None:
+        overrides["n_users"] = n_users
+    config = simulator.preset(preset, **overrides)
+    paths = RunPaths(run_dir)
+    if _check_replace(paths, {"name": "simulator", "config": asdict(config)}, force):
+        click.echo(f"{paths.events} is up to date (simulator preset {preset}, seed {seed}): skipped")
+        return
+    started = time.perf_counter()
+    info = simulator.simulate_to_run(config, paths)
+    _report_written(info, paths)
+    click.echo(f"simulated in {time.perf_counter() - started:.1f} s")
+
+
+@data.group("import")
+def data_import() -> None:
+    """Import an event log from MovieLens or from your own files."""
+
+
+def _validation_options(ts_unit: str, min_ts: str | None, max_ts: str | None, on_bad: str) -> ValidationOptions:
+    options = ValidationOptions(ts_unit=ts_unit, on_bad=on_bad)  # type: ignore[arg-type]
+    if min_ts:
+        options.min_ts = pd.Timestamp(min_ts, tz="UTC") if pd.Timestamp(min_ts).tzinfo is None else pd.Timestamp(min_ts)
+    if max_ts:
+        options.max_ts = pd.Timestamp(max_ts, tz="UTC") if pd.Timestamp(max_ts).tzinfo is None else pd.Timestamp(max_ts)
+    return options
+
+
+def _validation_flags(fn: Callable) -> Callable:
+    for decorator in reversed(
+        [
+            click.option("--ts-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", help="Unit of numeric epoch timestamps."),
+            click.option("--min-ts", default=None, help="Earliest allowed event time [default: 1990-01-01]."),
+            click.option("--max-ts", default=None, help="Latest allowed event time [default: now + 1 day]."),
+            click.option(
+                "--on-bad",
+                type=click.Choice(["fail", "quarantine"]),
+                default="fail",
+                help="fail: stop at the first bad rows; quarantine: set bad rows aside with their reasons.",
+            ),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
+def _contract_flags(fn: Callable) -> Callable:
+    for decorator in reversed(
+        [
+            click.option("--condition", "conditions", multiple=True, help="Condition column NAME[:known_at] (repeatable)."),
+            click.option("--extra", "extras", multiple=True, help="Extra column NAME[:known_at[:type]] (repeatable)."),
+            click.option("--map", "mappings", multiple=True, help="Column mapping contract_name=source_name (repeatable)."),
+            click.option("--ignore", "ignored", multiple=True, help="Source column to leave out on purpose (repeatable)."),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
+def _parse_mappings(mappings: tuple[str, ...]) -> dict[str, str]:
+    """`contract=source` pairs -> {source: contract}."""
+    out: dict[str, str] = {}
+    for text in mappings:
+        if "=" not in text:
+            raise click.BadParameter(f"'{text}': expected contract_name=source_name", param_hint="--map")
+        contract_name, source_name = text.split("=", 1)
+        out[source_name] = contract_name
+    return out
+
+
+@data_import.command("movielens")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--like-threshold", type=float, default=4.0, help="label = 1 when rating >= this.")
+@click.option("--on-bad", type=click.Choice(["fail", "quarantine"]), default="fail", help="What to do with bad rows.")
+@run_option
+@force_option
+@_friendly_errors
+def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir: str, force: bool) -> None:
+    """Import a MovieLens folder (100K, 1M, or latest/25M layout, detected)."""
+    from pipelines.sources.base import write_source_output
+    from pipelines.sources.movielens import load_movielens
+
+    paths = RunPaths(run_dir)
+    output = load_movielens(path, like_threshold=like_threshold, on_bad=on_bad)
+    if _check_replace(paths, output.source, force):
+        click.echo(f"{paths.events} is up to date ({path}): skipped")
+        return
+    _report_written(write_source_output(output, paths), paths)
+
+
+@data_import.command("files")
+@click.argument("events", type=click.Path(exists=True, dir_okay=False))
+@click.option("--items", type=click.Path(exists=True, dir_okay=False), default=None, help="Items table (item_id + content).")
+@_contract_flags
+@_validation_flags
+@run_option
+@force_option
+@_friendly_errors
+def data_import_files(events, items, conditions, extras, mappings, ignored, ts_unit, min_ts, max_ts, on_bad, run_dir, force) -> None:
+    """Import your own event log (Parquet or CSV following the contract)."""
+    from pipelines.sources.base import write_source_output
+    from pipelines.sources.files import load_files
+
+    paths = RunPaths(run_dir)
+    output = load_files(
+        events,
+        EventContract.from_specs(conditions, extras),
+        items_path=items,
+        column_map=_parse_mappings(mappings),
+        ignore=tuple(ignored),
+        options=_validation_options(ts_unit, min_ts, max_ts, on_bad),
+    )
+    if _check_replace(paths, output.source, force) and not len(output.rejected):
+        click.echo(f"{paths.events} is up to date ({events}): skipped")
+        return
+    _report_written(write_source_output(output, paths), paths)
+
+
+@data.command("validate")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_contract_flags
+@_validation_flags
+@_friendly_errors
+def data_validate(path, conditions, extras, mappings, ignored, ts_unit, min_ts, max_ts, on_bad) -> None:
+    """Check an event file against the contract; exit non-zero naming the first problem.
+
+    A Parquet file written by `lum` carries its contract; for other files declare the condition and extra
+    columns with --condition / --extra.
+    """
+    table = read_table(path, _parse_mappings(mappings)).drop_columns(list(ignored))
+    meta = table.schema.metadata or {}
+    if not conditions and not extras and METADATA_KEY in meta:
+        contract = EventContract.from_json(meta[METADATA_KEY])
+    else:
+        contract = EventContract.from_specs(conditions, extras)
+    result = validate_events(table, contract, source=str(path), options=_validation_options(ts_unit, min_ts, max_ts, on_bad))
+    click.echo(f"{path}: {result.events.num_rows:,} valid events")
+    for note in result.coercions:
+        click.echo(f"  coerced {note}")
+    if result.n_rejected:
+        click.echo(f"{path}: {result.n_rejected:,} rows would be set aside:", err=True)
+        for reason, count in result.rejected["reason"].value_counts().items():
+            click.echo(f"  {count:,} x {reason}", err=True)
+        sys.exit(1)
+
+
+@data.command("split")
+@click.option("--protocol", type=click.Choice(["global", "per-user"]), default="global", help="How to split.")
+@click.option("--fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2), help="pretrain, train, test shares.")
+@click.option("--at", type=str, nargs=2, default=None, help="global: explicit train start and test start times.")
+@click.option("--last-k", type=int, nargs=2, default=None, help="per-user: last k events for train and for test.")
+@run_option
+@force_option
+@_friendly_errors
+def data_split(protocol: str, fractions: tuple, at: tuple | None, last_k: tuple | None, run_dir: str, force: bool) -> None:
+    """Split the run's events into pretraining, ranker-training and test windows."""
+    from dataclasses import asdict
+
+    from pipelines.sources.base import read_dataset_info
+    from pipelines.split import SplitConfig, dataset_fingerprint, format_summary, split_run
+
+    paths = RunPaths(run_dir)
+    read_dataset_info(paths)  # a clear error when there is no data yet
+    config = SplitConfig(protocol=protocol, fractions=tuple(fractions), at=tuple(at) if at else None, last_k=tuple(last_k) if last_k else None)  # type: ignore[arg-type]
+    fingerprint = dataset_fingerprint(paths)
+    summary_file = paths.split_summary(protocol)
+    if summary_file.exists() and not force:
+        existing = json.loads(summary_file.read_text())
+        if existing.get("dataset_fingerprint") == fingerprint:
+            if existing["config"] == json.loads(json.dumps(asdict(config))):
+                click.echo(f"{paths.split_dir(protocol)} is up to date: skipped")
+                click.echo(format_summary(existing))
+                return
+            raise click.ClickException(
+                f"{paths.split_dir(protocol)} already holds a {protocol} split with other settings "
+                f"({existing['config']}); pass --force to replace it"
+            )
+        click.echo(f"{paths.split_dir(protocol)} was made from older data: rebuilding it")
+    summary = split_run(paths, config)
+    click.echo(f"wrote {paths.split_dir(protocol)}")
+    click.echo(format_summary(summary))
+
+
+@data.command("describe")
+@click.argument("path", type=click.Path(exists=True), default=None, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_friendly_errors
+def data_describe(path: str | None, as_json: bool) -> None:
+    """Describe a run folder (default: runs/main) or a validated events file."""
+    from pipelines.describe import describe_path
+
+    info, text = describe_path(path or DEFAULT_RUN)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else text)
+
+
+@main.command("demo")
+@click.option("--run", "run_dir", default="runs/demo", type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
+@click.pass_context
+def demo(ctx: click.Context, run_dir: str, preset: str) -> None:
+    """Run the whole job end to end on the embedded simulator (data steps so far), resuming finished steps."""
+    started = time.perf_counter()
+    ctx.invoke(data_make, preset=preset, seed=0, n_users=None, run_dir=run_dir, force=False)
+    for protocol in ("global", "per-user"):
+        click.echo(f"--- split: {protocol}")
+        ctx.invoke(data_split, protocol=protocol, fractions=(0.6, 0.2, 0.2), at=None, last_k=None, run_dir=run_dir, force=False)
+    click.echo("--- data")
+    ctx.invoke(data_describe, path=run_dir, as_json=False)
+    click.echo(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Splitting an event log into pretraining, ranker-training and test windows.
+
+Two protocols:
+
+* `global` - windows by time for everybody: events before t1 pretrain the behaviour LM, [t1, t2) train the
+  ranker, [t2, end] test it. The production view: yesterday's model and features, today's traffic. The
+  boundaries are time quantiles (`fractions`) or explicit times (`at`).
+* `per-user` - each user's events in time order: the first part is history (the LM's pretraining data), the
+  next part ranker training, the last part test (`fractions` of each user's events, or the last `last_k`
+  events). The protocol of the LUM and HSTU papers on public data. Note that one user's test events may be
+  earlier in calendar time than another user's pretraining events; only each user's own order is kept.
+
+In both, a user's windows are ordered strictly in time (ties never straddle a boundary: all events of a user
+at the same time fall in the same window), and every feature for a row at time t must still use only events
+strictly before t: the split decides which rows a step trains or tests on, not what history it may read.
+
+Each window's summary: users, items, events, positive rate, time range, and the share of rows whose user has
+no earlier event at all (cold rows). On MovieLens users rate in bursts, so a global split leaves most test rows
+cold; a per-user split does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.contract import read_events, write_parquet_atomic
+from pipelines.paths import RunPaths
+
+WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
+Protocol = Literal["global", "per-user"]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    protocol: Protocol = "global"
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # pretrain, train, test
+    at: tuple[str, str] | None = None  # global only: explicit train start and test start (ISO times)
+    last_k: tuple[int, int] | None = None  # per-user only: the last k_train + k_test events of each user
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("global", "per-user"):
+            raise ValueError(f"unknown split protocol '{self.protocol}': expected global or per-user")
+        if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {self.fractions}")
+        if self.at is not None and self.protocol != "global":
+            raise ValueError("explicit split times (--at) apply to the global protocol only")
+        if self.last_k is not None and (self.protocol != "per-user" or len(self.last_k) != 2 or min(self.last_k) < 0):
+            raise ValueError("--last-k takes two non-negative counts (train, test) and applies to the per-user protocol")
+
+
+def _user_codes(table: pa.Table) -> np.ndarray:
+    return np.asarray(pc.dictionary_encode(table.column("user_id")).combine_chunks().indices.to_numpy(zero_copy_only=False))
+
+
+def _ts_us(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
+
+
+def cold_rows(table: pa.Table) -> np.ndarray:
+    """[N] bool: the row's user has no event strictly before the row's time (in the whole table)."""
+    ts = _ts_us(table)
+    first = pd.Series(ts).groupby(_user_codes(table)).transform("min").to_numpy()
+    return ts <= first
+
+
+def assign_windows(table: pa.Table, config: SplitConfig) -> np.ndarray:
+    """[N] int8 window index per row: 0 pretrain, 1 train, 2 test."""
+    ts = _ts_us(table)
+    if config.protocol == "global":
+        if config.at is not None:
+            t1, t2 = (pd.Timestamp(t).tz_localize("UTC") if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) for t in config.at)
+            b1, b2 = t1.value // 1000, t2.value // 1000
+            if b1 > b2:
+                raise ValueError(f"split times must be ordered: train start {t1} is after test start {t2}")
+        else:
+            f1 = config.fractions[0]
+            f2 = f1 + config.fractions[1]
+            b1, b2 = (int(np.quantile(ts, q, method="lower")) if q < 1 else int(ts.max()) + 1 for q in (f1, f2))
+            if f1 == 0:
+                b1 = int(ts.min())
+        return np.where(ts < b1, 0, np.where(ts < b2, 1, 2)).astype(np.int8)
+
+    # per-user: a time threshold per user, taken at the boundary index of that user's sorted events, so that
+    # events sharing a timestamp land in the same window
+    codes = _user_codes(table)
+    order = np.lexsort((ts, codes))
+    sorted_codes, sorted_ts = codes[order], ts[order]
+    n_users = int(codes.max()) + 1 if len(codes) else 0
+    counts = np.bincount(codes, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    if config.last_k is not None:
+        k_train, k_test = config.last_k
+        idx_test = np.maximum(counts - k_test, 0)
+        idx_train = np.maximum(idx_test - k_train, 0)
+    else:
+        idx_train = np.round(counts * config.fractions[0]).astype(np.int64)
+        idx_test = np.round(counts * (config.fractions[0] + config.fractions[1])).astype(np.int64)
+    never = np.iinfo(np.int64).max
+
+    def threshold(boundary: np.ndarray) -> np.ndarray:
+        inside = boundary < counts
+        out = np.full(n_users, never, dtype=np.int64)
+        out[inside] = sorted_ts[starts[inside] + boundary[inside]]
+        return out
+
+    t_train, t_test = threshold(idx_train), threshold(idx_test)
+    window_sorted = np.where(sorted_ts < t_train[sorted_codes], 0, np.where(sorted_ts < t_test[sorted_codes], 1, 2))
+    window = np.empty(len(ts), dtype=np.int8)
+    window[order] = window_sorted
+    return window
+
+
+def summarize(table: pa.Table, cold: np.ndarray) -> dict[str, Any]:
+    ts = _ts_us(table)
+    n = table.num_rows
+    return {
+        "events": n,
+        "users": pc.count_distinct(table.column("user_id")).as_py() if n else 0,
+        "items": pc.count_distinct(table.column("item_id")).as_py() if n else 0,
+        "positive_rate": float(pc.mean(table.column("label")).as_py()) if n else None,
+        "ts_min": pd.Timestamp(int(ts.min()), unit="us", tz="UTC").isoformat() if n else None,
+        "ts_max": pd.Timestamp(int(ts.max()), unit="us", tz="UTC").isoformat() if n else None,
+        "cold_row_share": float(cold.mean()) if n else None,
+    }
+
+
+def split_events(table: pa.Table, config: SplitConfig) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Split `table` into the three windows; returns the tables and the summary."""
+    window = assign_windows(table, config)
+    cold = cold_rows(table)
+    tables: dict[str, pa.Table] = {}
+    summary: dict[str, Any] = {"config": asdict(config), "windows": {}}
+    for index, name in enumerate(WINDOWS):
+        mask = window == index
+        tables[name] = table.filter(pa.array(mask))
+        summary["windows"][name] = summarize(tables[name], cold[mask])
+    summary["all"] = summarize(table, cold)
+    return tables, summary
+
+
+def dataset_fingerprint(paths: RunPaths) -> str:
+    """Identifies the data a split was made from (dataset.json changes whenever the data step reruns)."""
+    return hashlib.sha256(paths.dataset_info.read_bytes()).hexdigest()[:16]
+
+
+def split_run(paths: RunPaths, config: SplitConfig) -> dict[str, Any]:
+    """Split the run's events into `splits/<protocol>/`; summary.json is written last and marks completion."""
+    table, _contract = read_events(paths.events)
+    tables, summary = split_events(table, config)
+    summary["dataset_fingerprint"] = dataset_fingerprint(paths)
+    out_dir = paths.split_dir(config.protocol)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths.split_summary(config.protocol).unlink(missing_ok=True)
+    for name, window_table in tables.items():
+        write_parquet_atomic(window_table, paths.split_file(config.protocol, name))
+    tmp = out_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(paths.split_summary(config.protocol))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of a split summary, one line per window."""
+    rows = {**summary["windows"], "all": summary["all"]}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame["positive_rate"] = frame["positive_rate"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}")
+    frame["cold_row_share"] = frame["cold_row_share"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.1%}")
+    for col in ("ts_min", "ts_max"):
+        frame[col] = frame[col].map(lambda v: (v or "-")[:19])
+    return frame.to_string()
