@@ -75,10 +75,11 @@ def write_dataset_info(
         "n_rejected": n_rejected,
         "quarantine_file": str(paths.quarantine) if n_rejected else None,
     }
+    text = json.dumps(info, indent=2)
     tmp = paths.dataset_info.with_name(".dataset.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
+    tmp.write_text(text)
     tmp.replace(paths.dataset_info)
-    return info
+    return json.loads(text)  # as a reader will see it (tuples become lists)
 
 
 def read_dataset_info(paths: RunPaths) -> dict[str, Any]:
