@@ -1,0 +1,49 @@
+"""Shared by the benchmarks: machine facts, a result table, JSON output."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_facts() -> dict[str, Any]:
+    mem_kb = 0
+    if Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kb / 2**20, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, rows: list[dict[str, Any]], notes: str = "") -> Path:
+    """Print the rows as a table and write benchmarks/results/<name>.json with the command and machine facts."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_facts(),
+        "notes": notes,
+        "rows": rows,
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    print(pd.DataFrame(rows).to_markdown(index=False))
+    print(f"\nwrote {path}")
+    return path
