@@ -1,0 +1,150 @@
+"""Model presets on `transformers`' Llama, and the model folder (HF checkpoint + tokenizer + manifest).
+
+The behaviour LM is a plain `LlamaForCausalLM` so that vLLM and transformers both load the checkpoint as is.
+Presets, from laptop to production (parameter counts for a 32k vocabulary):
+
+    preset  hidden  layers  heads  kv heads  ffn     params
+    tiny        64       2      2         2    128     4.2M  (tests: trains in seconds)
+    small      256       4      4         4    688    20M    (the demo: minutes on 2 cores)
+    base       512       8      8         8   1376    58M
+    1b        2048      22     32         4   5632     1.1B  (TinyLlama shapes)
+    7b        4096      32     32        32  11008     6.7B  (Llama-2-7B shapes)
+
+Most parameters of the small presets sit in the embeddings (one row per item token); the transformer body is
+what grows with the preset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+MANIFEST_FILE = "lum_manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_positions: int = 4096
+    rope_theta: float = 10_000.0
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(64, 2, 2, 2, 128, max_positions=2048),
+    "small": ModelPreset(256, 4, 4, 4, 688, max_positions=2048),
+    "base": ModelPreset(512, 8, 8, 8, 1376),
+    "1b": ModelPreset(2048, 22, 32, 4, 5632),
+    "7b": ModelPreset(4096, 32, 32, 32, 11008),
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing parts or does not match what it is used with."""
+
+
+def get_preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise ModelFolderError(f"unknown model preset '{name}': expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def llama_config(preset: ModelPreset, vocab_size: int, pad_token_id: int = 0, bos_token_id: int = 1) -> LlamaConfig:
+    """A Llama config for `preset` over a behaviour vocabulary of `vocab_size` tokens (embeddings not tied)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=preset.max_positions,
+        rope_theta=preset.rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=None,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def build_model(preset_name: str, vocab_size: int, seed: int = 0, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A freshly initialised behaviour LM. `device="meta"` builds the shapes without memory (for counting)."""
+    config = llama_config(get_preset(preset_name), vocab_size)
+    config._attn_implementation = "sdpa"
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return LlamaForCausalLM(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def data_fingerprint(*parts: Any) -> str:
+    """A short hash of what a model was trained on (row counts, time range, a sample of ids...)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    path = directory / MANIFEST_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.exists():
+        raise ModelFolderError(f"{path} not found: {directory} is not a finished behaviour-LM folder (run `lum pretrain`)")
+    return json.loads(path.read_text())
+
+
+def save_hf_tokenizer(directory: Path, vocab: list[str]) -> None:
+    """A WordLevel tokenizer over the behaviour vocabulary beside the checkpoint.
+
+    vLLM needs a tokenizer in the model folder even though prompts are passed as token ids (measured: pooling
+    models fail with skip_tokenizer_init=True).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK_ITEM]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]", unk_token="[UNK_ITEM]")
+    fast.save_pretrained(directory)
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    manifest: dict[str, Any]
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    manifest = read_manifest(directory)
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    return LoadedModel(model=model, manifest=manifest)
+
+
+def preset_table() -> list[dict[str, Any]]:
+    """Presets with their parameter counts for a 32k vocabulary (built on the meta device: no memory)."""
+    rows = []
+    for name, preset in PRESETS.items():
+        model = build_model(name, 32_000, device="meta")
+        rows.append({"preset": name, **asdict(preset), "parameters": count_parameters(model)})
+    return rows
