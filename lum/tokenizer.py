@@ -159,7 +159,7 @@ class BehaviourTokenizer:
         if self.config.item_tokenization == "semantic":
             return self._semantic_item_ids(items)
         own = items.radd("I:").map(self.token_to_id)
-        category = items.map(self.item_category).radd("CAT:").map(self.token_to_id)
+        category = items.map(self.item_category).astype("string").radd("CAT:").map(self.token_to_id)
         ids = own.fillna(category).fillna(UNK_ITEM).to_numpy(dtype=np.int64)
         return ids[:, None]
 

@@ -43,7 +43,7 @@ def _friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ContractError, FileNotFoundError, ValueError) as exc:
+        except (ContractError, FileNotFoundError, FileExistsError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -312,6 +312,81 @@ def data_describe(path: str | None, as_json: bool) -> None:
 
     info, text = describe_path(path or DEFAULT_RUN)
     click.echo(json.dumps(info, indent=2, default=str) if as_json else text)
+
+
+@main.command("pretrain")
+@click.option("--protocol", type=click.Choice(["global", "per-user"]), default="global", help="Which split's pretraining window.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base", "1b", "7b"]), default="small", help="Model size.")
+@click.option("--epochs", type=int, default=1)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--row-tokens", type=int, default=1024, help="Tokens per (packed) training row.")
+@click.option("--rows-per-batch", type=int, default=16, help="Rows per optimizer step (split across processes).")
+@click.option("--packing/--no-packing", default=True, help="Pack several users per row (attention isolated per user).")
+@click.option("--lr", type=float, default=3e-3)
+@click.option("--bf16", is_flag=True, help="bf16 autocast.")
+@click.option("--seed", type=int, default=0)
+@click.option("--checkpoint-every", type=int, default=100, help="Steps between checkpoints (resume point).")
+@click.option("--item-tokenization", type=click.Choice(["id", "semantic"]), default="id")
+@click.option("--condition", "conditions", multiple=True, help="Condition columns [default: all of the contract's].")
+@click.option("--history-events", type=click.Choice(["auto", "positive", "all"]), default="auto", help="Which events are behaviours (auto: all for MovieLens, clicks otherwise).")
+@click.option("--max-history", type=int, default=200, help="Behaviours per training segment / query.")
+@click.option("--min-item-count", type=int, default=2, help="Items seen fewer times share their category's token.")
+@click.option("--min-condition-count", type=int, default=5, help="Rarer condition combinations back off to coarser ones.")
+@click.option("--text-column", "text_columns", multiple=True, help="semantic: item text columns.")
+@click.option("--categorical-column", "categorical_columns", multiple=True, help="semantic: item categorical columns.")
+@click.option("--numeric-column", "numeric_columns", multiple=True, help="semantic: item numeric columns.")
+@click.option("--vector-column", default=None, help="semantic: an item column holding a content vector.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Continue pretraining this model on the window.")
+@run_option
+@force_option
+@_friendly_errors
+def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_batch, packing, lr, bf16, seed, checkpoint_every,
+                     item_tokenization, conditions, history_events, max_history, min_item_count, min_condition_count,
+                     text_columns, categorical_columns, numeric_columns, vector_column, init_from, run_dir, force) -> None:
+    """Pretrain the behaviour LM on a split's pretraining window (resumes from its last checkpoint).
+
+    Several processes: torchrun --nproc_per_node=2 -m pipelines.cli pretrain ...
+    """
+    from lum.pretrain import PretrainConfig
+    from pipelines.lm_steps import run_pretrain
+
+    config = PretrainConfig(
+        preset=preset, epochs=epochs, max_steps=max_steps, row_tokens=row_tokens, rows_per_batch=rows_per_batch,
+        packing=packing, lr=lr, bf16=bf16, seed=seed, checkpoint_every=checkpoint_every,
+    )
+    tokenizer_options = {
+        "condition_columns": tuple(conditions), "item_tokenization": item_tokenization, "history_events": history_events,
+        "max_history": max_history, "min_item_count": min_item_count, "min_condition_count": min_condition_count,
+        "text_columns": tuple(text_columns), "categorical_columns": tuple(categorical_columns),
+        "numeric_columns": tuple(numeric_columns), "vector_column": vector_column, "seed": seed,
+    }
+    paths = RunPaths(run_dir)
+    out = paths.model_dir(protocol, preset)
+    if out.exists() and not force:
+        click.echo(f"{out} already holds a trained model: skipped (pass --force to train again)")
+        return
+    manifest = run_pretrain(paths, protocol, config, tokenizer_options, init_from=init_from, force=force)
+    if manifest:
+        click.echo(f"wrote {out} ({manifest['model_version']}, {manifest['steps']} steps, final loss {manifest['final_loss']:.4f})")
+
+
+@main.command("evaluate")
+@click.option("--protocol", type=click.Choice(["global", "per-user"]), default="global")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base", "1b", "7b"]), default="small")
+@click.option("--k", type=int, default=10, help="Cut-off of HR@k and NDCG@k.")
+@click.option("--max-users", type=int, default=2000, help="A seeded sample of test users (0: all).")
+@click.option("--seed", type=int, default=0)
+@run_option
+@_friendly_errors
+def evaluate_command(protocol, preset, k, max_users, seed, run_dir) -> None:
+    """Next-item HR@k / NDCG@k on the test window against popularity and recent-items baselines."""
+    from lum.evaluate import EvalConfig, format_evaluation
+    from pipelines.lm_steps import run_evaluate
+
+    paths = RunPaths(run_dir)
+    result = run_evaluate(paths, protocol, preset, EvalConfig(k=k, max_users=max_users or None, seed=seed))
+    click.echo(format_evaluation(result))
+    click.echo(f"wrote {paths.evaluation(protocol, preset)}")
 
 
 @main.command("demo")

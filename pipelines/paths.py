@@ -11,7 +11,10 @@
         train.parquet               ranker-training rows
         test.parquet                ranker-test rows
         summary.json                per-window users, items, events, positive rate, time range, cold-row share
-      (later steps add model/, embeddings/, feature_repo/, rankers/, report/)
+      models/<protocol>-<preset>/   the behaviour LM: HF checkpoint, tokenizer, lum_manifest.json, training_log.json
+                                    (assembled in models/<protocol>-<preset>.partial/ with its checkpoint)
+      evaluations/<protocol>-<preset>.json   next-item HR@10 / NDCG@10 of the model and its baselines
+      (later steps add embeddings/, feature_repo/, rankers/, report/)
 """
 
 from __future__ import annotations
@@ -55,3 +58,9 @@ class RunPaths:
 
     def split_summary(self, protocol: str) -> Path:
         return self.split_dir(protocol) / "summary.json"
+
+    def model_dir(self, protocol: str, preset: str) -> Path:
+        return self.root / "models" / f"{protocol}-{preset}"
+
+    def evaluation(self, protocol: str, preset: str) -> Path:
+        return self.root / "evaluations" / f"{protocol}-{preset}.json"

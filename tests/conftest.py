@@ -32,3 +32,24 @@ def ml_latest_small() -> Path:
     if not (path / "ratings.csv").exists():
         pytest.skip(f"{path} not found: MovieLens tests need ../shared/data beside the checkout (CI has it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tiny_sim):
+    """A `tiny` behaviour LM trained for a few seconds on the tiny simulator's per-user pretraining window."""
+    from lum.pretrain import PretrainConfig, pretrain
+    from lum.tokenizer import TokenizerConfig
+    from pipelines.split import SplitConfig, split_events
+
+    events, items = tiny_sim
+    tables, _ = split_events(events, SplitConfig("per-user"))
+    folder = tmp_path_factory.mktemp("tiny_lm") / "model"
+    manifest = pretrain(
+        tables["pretrain"].to_pandas(),
+        folder,
+        PretrainConfig(preset="tiny", epochs=3, rows_per_batch=4, row_tokens=512),
+        TokenizerConfig(("surface", "device", "daypart")),
+        items=items.to_pandas(),
+        progress=False,
+    )
+    return folder, manifest
