@@ -126,6 +126,11 @@ def evaluate_next_item(
     progress: bool = False,
 ) -> dict[str, Any]:
     """HR@k / NDCG@k of the model and both baselines, overall and per target condition."""
+    if tokenizer.config.item_tokenization != "id":
+        raise ValueError(
+            "next-item evaluation ranks item tokens and supports id item tokenization only; a semantic-ID model "
+            "would need a beam search over code sequences (not implemented)"
+        )
     model.eval()
     targets = leave_last_out(tokenizer, events_before, test, config)
     if targets.empty:

@@ -308,6 +308,7 @@ def _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, e
         "steps": len(log),
         "final_loss": log[-1]["loss"] if log else None,
         "continued_from": None if base_manifest is None else base_manifest["model_version"],
+        "semantic_ids_report": None if tokenizer.semantic is None else tokenizer.semantic["report"],
         **(extra_manifest or {}),
     }
     write_manifest(staging, manifest)

@@ -117,3 +117,64 @@ def test_unknown_condition_values_map_to_the_unknown_token(tokenizer):
     ids = tokenizer.condition_ids(pd.DataFrame({"surface": ["moon"], "device": ["watch"]}))
     assert ids.tolist() == [UNK_CONDITION]
     assert np.isin(tokenizer.condition_token_ids(), UNK_CONDITION).sum() == 1
+
+
+def _simulated_items_and_events(tiny_sim):
+    events, items = tiny_sim
+    return events.to_pandas(), items.to_pandas()
+
+
+SEMANTIC = TokenizerConfig(
+    ("surface", "device", "daypart"),
+    item_tokenization="semantic",
+    semantic_codebook_size=16,
+    categorical_columns=("category",),
+    numeric_columns=("price",),
+    vector_column="content",
+)
+
+
+def test_semantic_ids_tokenize_every_item_from_content(tiny_sim, tmp_path):
+    events, items = _simulated_items_and_events(tiny_sim)
+    tokenizer = fit_tokenizer(events, SEMANTIC, items)
+    report = tokenizer.semantic["report"]
+    assert report["n_items"] == len(items) and 0 <= report["collision_rate"] < 0.5
+    assert all(0 < u <= 1 for u in report["usage"])
+    codes = tokenizer.item_ids(items["item_id"])
+    assert codes.shape == (len(items), 4)
+    assert len({tuple(c) for c in codes}) == len(items)  # the tie-break makes every item unique
+    assert [tokenizer.vocab[t].split(":")[0] for t in codes[0]] == ["S0", "S1", "S2", "T"]
+    history = tokenizer.encode_histories(events)
+    first_user = next(iter(history))
+    assert len(history[first_user]) % 5 == 1  # [BOS] + 5 tokens per behaviour
+    tokenizer.save(tmp_path)
+    loaded = BehaviourTokenizer.load(tmp_path, expected_fingerprint=tokenizer.fingerprint)
+    assert np.array_equal(loaded.item_ids(items["item_id"]), codes)
+
+
+def test_new_items_get_codes_from_content_alone(tiny_sim):
+    from lum.semantic_tokens import add_items
+
+    events, items = _simulated_items_and_events(tiny_sim)
+    old, new = items.iloc[:250], items.iloc[250:]
+    tokenizer = fit_tokenizer(events, SEMANTIC, old)
+    assert (tokenizer.item_ids(new["item_id"]) == UNK_ITEM).all()
+    extended = add_items(tokenizer.semantic, items, tokenizer.token_to_id)
+    full = fit_tokenizer(events, SEMANTIC, old)
+    full.semantic = extended
+    new_codes = full.item_ids(new["item_id"])
+    assert not (new_codes == UNK_ITEM).any()
+    # an item with the same content as an old one gets the old one's codes (tie-break aside)
+    clone = old.iloc[[0]].assign(item_id="clone-of-first")
+    with_clone = add_items(tokenizer.semantic, pd.concat([old, clone]), tokenizer.token_to_id)
+    assert np.array_equal(with_clone["item_tokens"]["clone-of-first"][:3], tokenizer.semantic["item_tokens"][str(old.item_id.iloc[0])][:3])
+
+
+def test_semantic_tokenizer_bad_input(tiny_sim):
+    events, items = _simulated_items_and_events(tiny_sim)
+    with pytest.raises(TokenizerError, match="needs content columns.*--text-column"):
+        fit_tokenizer(events, TokenizerConfig(("surface",), item_tokenization="semantic"), items)
+    with pytest.raises(TokenizerError, match="items table: .*genre"):
+        fit_tokenizer(events, TokenizerConfig(("surface",), item_tokenization="semantic", categorical_columns=("genre",)), items)
+    with pytest.raises(TokenizerError, match="needs an items table"):
+        fit_tokenizer(events, SEMANTIC, None)

@@ -228,3 +228,23 @@ def test_bad_input(tmp_path):
         pretrain(cyclic_events(), tmp_path / "exists", config, TokenizerConfig(("mode",)), progress=False)
     with pytest.raises(ValueError, match="unknown condition column"):
         pretrain(cyclic_events(), tmp_path / "m2", config, TokenizerConfig(("weather",)), progress=False)
+
+
+def test_semantic_mode_predicts_every_code_of_the_next_item(tmp_path, tiny_sim):
+    events, items = tiny_sim
+    config = TokenizerConfig(
+        ("surface", "device", "daypart"), item_tokenization="semantic", semantic_codebook_size=16,
+        categorical_columns=("category",), vector_column="content",
+    )
+    manifest = pretrain(events.to_pandas(), tmp_path / "sem", PretrainConfig(preset="tiny", epochs=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(), progress=False)
+    assert manifest["item_tokenization"] == "semantic"
+    assert manifest["semantic_ids_report"]["n_items"] == items.num_rows
+    tokenizer = BehaviourTokenizer.load(tmp_path / "sem", expected_fingerprint=manifest["tokenizer_fingerprint"])
+    segment = tokenizer.encode_histories(events.to_pandas(), max_history=3)["u0"]
+    batch = make_batch([segment], [[0]], item_index_of(tokenizer), packing=True, row_tokens=32)
+    # 3 behaviours x (condition + 3 codes) positions carry a loss; the tie-break token is the last target
+    assert batch.n_targets == 12
+    log = json.loads((tmp_path / "sem" / "training_log.json").read_text())
+    assert log[-1]["loss"] < log[0]["loss"]
+    with pytest.raises(ValueError, match="supports id item tokenization only"):
+        evaluate_next_item(load_model(tmp_path / "sem").model, tokenizer, events.to_pandas(), events.to_pandas(), EvalConfig())
