@@ -62,7 +62,7 @@ class ContentFeatureConfig:
         return [*self.text_columns, *self.categorical_columns, *self.numeric_columns, *vector]
 
 
-def _text_analyzer():
+def _text_analyzer() -> Any:
     """The tokenizer+n-gram function of the text block. Its parameters are constants, so an encoder rebuilt from
     state analyses text exactly as the fitted one did."""
     return TfidfVectorizer(ngram_range=(1, 2), min_df=1).build_analyzer()
