@@ -256,3 +256,10 @@ def test_items_need_unique_ids():
         validate_items(pa.table({"item_id": ["a", "b", "a"]}), "items.csv")
     with pytest.raises(ContractError, match="missing column 'item_id'"):
         validate_items(pa.table({"id": ["a"]}), "items.csv")
+
+
+def test_options_are_checked():
+    with pytest.raises(ContractError, match="on_bad must be 'fail' or 'quarantine', got 'drop'"):
+        ValidationOptions(on_bad="drop")
+    with pytest.raises(ContractError, match="ts_unit must be one of"):
+        ValidationOptions(ts_unit="days")
