@@ -262,7 +262,12 @@ def pretrain(
         real = _all_sum(local.real_tokens)
         tokens_done += real
         elapsed = time.perf_counter() - started
-        log.append({"step": step, "loss": loss, "accuracy": accuracy, "real_tokens": int(real), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        log.append(
+            {
+                "step": step, "loss": loss, "accuracy": accuracy, "real_tokens": int(real), "padded_tokens": int(batch.input_ids.numel()),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "seconds": elapsed,
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):,.0f}")
         if step % config.checkpoint_every == 0 or step == run_steps:
