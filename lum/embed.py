@@ -1,0 +1,252 @@
+"""Knowledge querying (LUM step 2): per-user, per-condition embeddings from a trained behaviour LM.
+
+A query is a prompt = [BOS] + the user's behaviours before the as-of time + one query condition token; its
+embedding is the hidden state at that condition token after the final norm ("what this user wants under
+condition c"). Several conditions share one history (LUM's group query), so:
+
+* the **torch engine** runs each history once and evaluates all its query tokens in the same forward pass: the
+  query tokens are appended after the history, each attends to the history prefix it belongs to and to itself
+  only, and takes the position right after that prefix (a custom 4D attention mask). In rolling mode the queries
+  of all of a user's rows sit behind one copy of the user's history, each seeing its own prefix (KV reuse);
+* the **vLLM engine** submits the prompts of one history adjacently and lets prefix caching compute it once.
+
+Both engines see exactly the same prompts, built by `build_queries`. History window: the last `max_history`
+behaviours before the as-of time. In rolling mode the window start moves in steps of `window_stride`
+behaviours (never more than `max_history` behaviours, never fewer than `max_history - window_stride + 1` once the
+history is that long), so consecutive rows of a user share a prefix.
+
+Users without any behaviour before the as-of time get no row (they are counted in the job's manifest): a ranker
+sees a missing feature, never a made-up vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lum.tokenizer import BOS, PAD, BehaviourTokenizer
+
+
+@dataclass
+class QueryGroup:
+    """One history and the queries asked against its prefixes.
+
+    tokens: [L] the shared history ([BOS] + behaviours)
+    prefix_lengths: [Q] how many tokens of `tokens` each query sees (its prompt is tokens[:n] + condition)
+    conditions: [Q] condition token id of each query
+    keys: [Q] (row key, condition name) of each query, carried to the output
+    """
+
+    user_id: str
+    tokens: np.ndarray
+    prefix_lengths: np.ndarray
+    conditions: np.ndarray
+    keys: list[tuple[object, str]] = field(default_factory=list)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.conditions)
+
+    def prompts(self) -> list[np.ndarray]:
+        """The full prompt of every query (what vLLM receives)."""
+        return [np.append(self.tokens[:n], c) for n, c in zip(self.prefix_lengths, self.conditions)]
+
+
+def resolve_conditions(tokenizer: BehaviourTokenizer, conditions: str | list[str]) -> list[tuple[str, int]]:
+    """`all` (every full-combination condition token) or a list of names like `surface=home|device=mobile`.
+
+    Returns (name, token id) pairs. Unknown names fail with the list of known ones.
+    """
+    known = {t[2:]: tokenizer.token_to_id[t] for t in tokenizer.condition_tokens}
+    if conditions == "all" or conditions == ["all"]:
+        return [(t[2:], tokenizer.token_to_id[t]) for t in tokenizer.full_condition_tokens()]
+    names = conditions.split(",") if isinstance(conditions, str) else list(conditions)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown query condition(s) {', '.join(unknown)}; this model knows: {', '.join(sorted(known))}"
+        )
+    return [(n, known[n]) for n in names]
+
+
+def build_queries(
+    tokenizer: BehaviourTokenizer,
+    events: pd.DataFrame,
+    as_of: pd.DataFrame,
+    conditions: list[tuple[str, int]],
+    max_history: int,
+    window_stride: int,
+) -> tuple[list[QueryGroup], int]:
+    """Query groups for every (user, as-of time) in `as_of` (columns user_id, ts, key).
+
+    Returns the groups and the number of (user, as-of) pairs skipped for having no history before the as-of time.
+    """
+    beh = tokenizer.behaviours(events)
+    tpb = 1 + tokenizer.config.tokens_per_item
+    body_tokens = np.concatenate([tokenizer.condition_ids(beh)[:, None], tokenizer.item_ids(beh["item_id"])], axis=1) if len(beh) else np.zeros((0, tpb), np.int64)
+    beh_ts = beh["ts"].to_numpy()
+    users = beh["user_id"].astype(str).to_numpy()
+    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if len(users) else np.array([0])
+    spans = {users[a]: (a, b) for a, b in zip(bounds[:-1], bounds[1:])}
+    groups: list[QueryGroup] = []
+    skipped = 0
+    cond_ids = np.array([c for _, c in conditions], dtype=np.int64)
+    cond_names = [n for n, _ in conditions]
+    for user, rows in as_of.groupby("user_id", sort=True):
+        a, b = spans.get(str(user), (0, 0))
+        times = rows["ts"].to_numpy()
+        counts = np.searchsorted(beh_ts[a:b], times, side="left")  # behaviours strictly before each as-of time
+        has = counts > 0
+        skipped += int((~has).sum())
+        if not has.any():
+            continue
+        counts, keys = counts[has], rows["key"].to_numpy()[has]
+        over = np.maximum(counts - max_history, 0)
+        starts = -(-over // window_stride) * window_stride  # ceil to a multiple of the stride
+        for start in np.unique(starts):
+            sel = starts == start
+            end = int(counts[sel].max())
+            tokens = np.concatenate([[BOS], body_tokens[a + start : a + end].ravel()]).astype(np.int64)
+            prefix = 1 + (counts[sel] - start) * tpb
+            groups.append(
+                QueryGroup(
+                    user_id=str(user),
+                    tokens=tokens,
+                    prefix_lengths=np.repeat(prefix, len(cond_ids)),
+                    conditions=np.tile(cond_ids, int(sel.sum())),
+                    keys=[(k, name) for k in keys[sel] for name in cond_names],
+                )
+            )
+    return groups, skipped
+
+
+class Engine(Protocol):
+    def embed(self, groups: list[QueryGroup]) -> list[np.ndarray]:
+        """[Q, H] float32 per group, in query order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TorchEngine:
+    """Group query with `transformers`: each history once, all its queries in the same forward pass."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32, max_batch_tokens: int = 16_384, threads: int | None = None):
+        from transformers import LlamaForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        self.max_batch_tokens = max_batch_tokens
+
+    @staticmethod
+    def _row(group: QueryGroup, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids [T], position ids [T] and the boolean attention mask [T, T] of one group padded to `width`."""
+        L, Q = len(group.tokens), group.n_queries
+        ids = np.full(width, PAD, dtype=np.int64)
+        ids[:L] = group.tokens
+        ids[L : L + Q] = group.conditions
+        pos = np.zeros(width, dtype=np.int64)
+        pos[:L] = np.arange(L)
+        pos[L : L + Q] = group.prefix_lengths  # a query sits right after its prefix
+        mask = np.zeros((width, width), dtype=bool)
+        mask[:L, :L] = np.tril(np.ones((L, L), dtype=bool))  # the history: causal
+        q = np.arange(L, L + Q)
+        mask[q[:, None], np.arange(L)[None, :]] = np.arange(L)[None, :] < group.prefix_lengths[:, None]
+        mask[q, q] = True  # each query also sees itself, and no other query
+        pad = np.arange(L + Q, width)
+        mask[pad, pad] = True  # padding sees only itself (a row with nothing to attend to would give NaN)
+        return ids, pos, mask
+
+    @torch.no_grad()
+    def embed(self, groups: list[QueryGroup]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.zeros((0,))] * len(groups)
+        order = sorted(range(len(groups)), key=lambda i: len(groups[i].tokens) + groups[i].n_queries)
+        batch: list[int] = []
+
+        def flush() -> None:
+            width = max(len(groups[i].tokens) + groups[i].n_queries for i in batch)
+            rows = [self._row(groups[i], width) for i in batch]
+            ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+            pos = torch.from_numpy(np.stack([r[1] for r in rows]))
+            mask = torch.from_numpy(np.stack([r[2] for r in rows]))[:, None]  # [B, 1, T, T]
+            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+            for r, i in enumerate(batch):
+                L, Q = len(groups[i].tokens), groups[i].n_queries
+                out[i] = hidden[r, L : L + Q].float().numpy()
+            batch.clear()
+
+        for i in order:
+            size = len(groups[i].tokens) + groups[i].n_queries
+            if batch and (len(batch) + 1) * max(size, 1) > self.max_batch_tokens:
+                flush()
+            batch.append(i)
+        if batch:
+            flush()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """vLLM engine knobs. Defaults measured on the 2-core CPU machine (see STACK.md / benchmarks)."""
+
+    dtype: str = "float32"
+    block_size: int = 32  # prefix caching shares whole blocks: 32 gave 2.8-3.3x over caching off, 128 only 1.6x
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB), reserved up front
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    cpu_threads_bind: str | None = "0-1"  # VLLM_CPU_OMP_THREADS_BIND; None keeps vLLM's default (one core)
+    tensor_parallel_size: int = 1  # GPUs
+
+
+class VllmEngine:
+    """The production path: vLLM's pooling runner, last-token pooling, no normalisation, token-id prompts."""
+
+    def __init__(self, model_dir: str, max_model_len: int, settings: VllmSettings = VllmSettings()):
+        import os
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        if settings.cpu_threads_bind:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind)
+        from vllm import LLM, PoolingParams
+        from vllm.config import PoolerConfig
+
+        self._params = PoolingParams(use_activation=False)
+        self.llm = LLM(
+            model=str(model_dir),
+            runner="pooling",
+            convert="embed",
+            pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+            dtype=settings.dtype,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            block_size=settings.block_size,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            max_num_batched_tokens=max(settings.max_num_batched_tokens, max_model_len),
+            tensor_parallel_size=settings.tensor_parallel_size,
+            seed=0,
+        )
+
+    def embed(self, groups: list[QueryGroup]) -> list[np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        prompts, sizes = [], []
+        for g in groups:  # a group's prompts adjacent: its history is computed once and then served from cache
+            prompts += [TokensPrompt(prompt_token_ids=p.tolist()) for p in g.prompts()]
+            sizes.append(g.n_queries)
+        outputs = self.llm.embed(prompts, pooling_params=self._params, use_tqdm=False)
+        vectors = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+        return np.split(vectors, np.cumsum(sizes)[:-1]) if groups else []
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - shutting down twice or after a crash must not mask the real error
+            pass

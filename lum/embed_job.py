@@ -1,0 +1,352 @@
+"""The offline batch embedding job: users in hash shards, resumable Parquet output, item vectors, optional PCA.
+
+    out/
+      manifest.json                    settings, finished shards, counts; `complete: true` when all are done
+      users/shard-00003-of-00008.parquet   user_id, condition, embedding, event_timestamp, model_version
+      items.parquet                    item_id, embedding, token, model_version
+      pca.npz                          the projection (only with --dim), fitted once, reused on resume
+
+Each shard holds the users whose stable hash falls in it; it is computed in memory, written under a temporary
+name and renamed, then recorded in the manifest. Re-running skips recorded shards, so a killed run resumes where
+it stopped and never leaves a partial shard under a final name. Events are streamed from Parquet once per shard
+(only that shard's users are kept), so memory grows with the shard, not with the number of users.
+
+Item vectors are the LM's output rows (`lm_head`): the dot product of a user vector with an item vector is the
+model's own logit for that item under the query's condition. An item without a token of its own gets its
+category's row (`token` says which). With `--dim D`, user and item vectors are both multiplied by the same D
+principal directions (fitted on a sample of user vectors, not centred) so dot products are kept as far as the
+directions span them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from lum.embed import QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+from lum.model import read_manifest
+from lum.tokenizer import BehaviourTokenizer
+
+MANIFEST = "manifest.json"
+USER_EMBEDDING_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("condition", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("event_timestamp", pa.timestamp("us", tz="UTC")),
+        ("model_version", pa.string()),
+    ]
+)
+
+
+class EmbedJobError(ValueError):
+    """Bad input to the embedding job; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class EmbedJobConfig:
+    conditions: str = "all"  # "all" or comma-separated condition names (surface=home|device=mobile|...)
+    engine: Literal["torch", "vllm"] = "torch"
+    max_history: int | None = None  # behaviours per prompt; None: the tokenizer's max_history
+    window_stride: int = 16  # rolling mode: the history window moves in steps of this many behaviours
+    shards: int = 8
+    output_dtype: Literal["float32", "float16"] = "float32"
+    dim: int | None = None  # PCA reduction
+    pca_sample: int = 20_000
+    groups_per_call: int = 256  # query groups handed to the engine at once (progress granularity)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("torch", "vllm"):
+            raise EmbedJobError(f"engine must be 'torch' or 'vllm', got '{self.engine}'")
+        if self.output_dtype not in ("float32", "float16"):
+            raise EmbedJobError(f"output dtype must be float32 or float16, got '{self.output_dtype}'")
+        if self.shards < 1 or self.window_stride < 1:
+            raise EmbedJobError("shards and window_stride must be at least 1")
+
+
+@dataclass(frozen=True)
+class AsOf:
+    """Snapshot times, or `rows`: one query per (user, time) of an impressions table (rolling mode)."""
+
+    times: tuple[pd.Timestamp, ...] = ()
+    rows_path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "AsOf":
+        if text.startswith("rows:"):
+            return cls(rows_path=text[5:])
+        try:
+            times = tuple(_utc(t) for t in text.split(","))
+        except ValueError as exc:
+            raise EmbedJobError(f"cannot read as-of time(s) '{text}': expected ISO times, comma-separated, or rows:PATH") from exc
+        return cls(times=times)
+
+    def describe(self) -> str:
+        return f"rows:{self.rows_path}" if self.rows_path else ",".join(t.isoformat() for t in self.times)
+
+
+def _utc(text: str | pd.Timestamp) -> pd.Timestamp:
+    ts = pd.Timestamp(text)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def shard_of(user_ids: np.ndarray, shards: int) -> np.ndarray:
+    """Stable shard index per user id (the same in every process and run)."""
+    return (pd.util.hash_array(np.asarray(user_ids, dtype=object)) % np.uint64(shards)).astype(np.int64)
+
+
+def _read_shard(path: str, columns: list[str], shard: int, shards: int) -> pd.DataFrame:
+    """Stream a Parquet file and keep the rows of one shard's users."""
+    parts = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=1 << 20):
+        frame = batch.to_pandas()
+        parts.append(frame[shard_of(frame["user_id"].astype(str).to_numpy(), shards) == shard])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def _file_fingerprint(path: str | Path) -> str:
+    stat = Path(path).stat()
+    return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+class EmbeddingJob:
+    """One `lum embed` run. Use `run()`; `open_engine`/`close` are separate so tests can share an engine."""
+
+    def __init__(self, model_dir: str | Path, events_path: str | Path, as_of: AsOf, out_dir: str | Path, config: EmbedJobConfig):
+        self.model_dir, self.events_path, self.out_dir = Path(model_dir), str(events_path), Path(out_dir)
+        self.as_of, self.config = as_of, config
+        if not (self.model_dir / "config.json").exists():
+            raise EmbedJobError(f"{self.model_dir} is not a LUM model folder (no config.json): point --model at the output of `lum pretrain`")
+        self.manifest_in = read_manifest(self.model_dir)
+        self.tokenizer = BehaviourTokenizer.load(self.model_dir, expected_fingerprint=self.manifest_in["tokenizer_fingerprint"])
+        model_config = json.loads((self.model_dir / "config.json").read_text())
+        if model_config["vocab_size"] != self.tokenizer.vocab_size:
+            raise EmbedJobError(
+                f"{self.model_dir}: the model has {model_config['vocab_size']} token rows but its tokenizer {self.tokenizer.vocab_size} tokens"
+            )
+        self.max_model_len = int(model_config["max_position_embeddings"])
+        self.conditions = resolve_conditions(self.tokenizer, config.conditions)
+        self.max_history = config.max_history or self.tokenizer.config.max_history
+        tpb = 1 + self.tokenizer.config.tokens_per_item
+        self.max_history = min(self.max_history, (self.max_model_len - 2) // tpb)
+        self.model_version = self.manifest_in["model_version"]
+        self.engine: Any = None
+        self._check_inputs()
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self) -> None:
+        if not Path(self.events_path).exists():
+            raise EmbedJobError(f"{self.events_path}: events file not found")
+        schema = pq.read_schema(self.events_path)
+        needed = ["user_id", "item_id", "ts", "label", *self.tokenizer.config.condition_columns]
+        missing = [c for c in needed if c not in schema.names]
+        if missing:
+            raise EmbedJobError(f"{self.events_path}: missing column(s) {', '.join(missing)} that this model's tokenizer needs")
+        self.event_columns = needed
+        ts = pq.read_table(self.events_path, columns=["ts"]).column("ts")
+        first = pd.Timestamp(ts.to_pandas().min()) if len(ts) else None
+        if self.as_of.rows_path is None:
+            if not self.as_of.times:
+                raise EmbedJobError("no as-of time given")
+            if first is None or all(t <= first for t in self.as_of.times):
+                raise EmbedJobError(
+                    f"as-of time(s) {self.as_of.describe()} are not after the first event ({first}): no user has history before them"
+                )
+        elif not Path(self.as_of.rows_path).exists():
+            raise EmbedJobError(f"{self.as_of.rows_path}: rows file for rolling embeddings not found")
+
+    def _as_of_rows(self, shard: int) -> pd.DataFrame:
+        """(user_id, ts, key) queries of one shard."""
+        if self.as_of.rows_path:
+            rows = _read_shard(self.as_of.rows_path, ["user_id", "ts"], shard, self.config.shards)
+            rows = rows.drop_duplicates(["user_id", "ts"]).reset_index(drop=True)
+            rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
+            return rows.assign(key=rows["ts"])
+        users = _read_shard(self.events_path, ["user_id"], shard, self.config.shards)["user_id"].astype(str).unique()
+        frames = [pd.DataFrame({"user_id": users, "ts": t, "key": t}) for t in self.as_of.times]
+        return pd.concat(frames, ignore_index=True)
+
+    # ------------------------------------------------------------------ engine
+    def open_engine(self, engine: Any = None) -> None:
+        if engine is not None:
+            self.engine = engine
+        elif self.config.engine == "vllm":
+            self.engine = VllmEngine(str(self.model_dir), self.max_model_len, self.config.vllm)
+        else:
+            self.engine = TorchEngine(str(self.model_dir))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    # ------------------------------------------------------------------ output
+    def settings(self) -> dict[str, Any]:
+        """What makes two runs the same run (resume only continues a run with identical settings)."""
+        return {
+            "model_version": self.model_version,
+            "events": _file_fingerprint(self.events_path),
+            "as_of": self.as_of.describe(),
+            "rows": None if not self.as_of.rows_path else _file_fingerprint(self.as_of.rows_path),
+            "conditions": [n for n, _ in self.conditions],
+            "max_history": self.max_history,
+            "window_stride": self.config.window_stride,
+            "shards": self.config.shards,
+            "output_dtype": self.config.output_dtype,
+            "dim": self.config.dim,
+        }
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.out_dir / "users" / f"shard-{shard:05d}-of-{self.config.shards:05d}.parquet"
+
+    def embed_shard(self, shard: int, bar: tqdm | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
+        """Rows (user_id, condition, event_timestamp) and vectors [N, H] of one shard, plus counts."""
+        events = _read_shard(self.events_path, self.event_columns, shard, self.config.shards)
+        queries = self._as_of_rows(shard)
+        groups, skipped = build_queries(self.tokenizer, events, queries, self.conditions, self.max_history, self.config.window_stride)
+        keys: list[tuple[str, object, str]] = []
+        vectors: list[np.ndarray] = []
+        for start in range(0, len(groups), self.config.groups_per_call):
+            chunk: list[QueryGroup] = groups[start : start + self.config.groups_per_call]
+            for group, out in zip(chunk, self.engine.embed(chunk)):
+                vectors.append(out)
+                keys += [(group.user_id, key, name) for key, name in group.keys]
+            if bar is not None:
+                bar.update(len({g.user_id for g in chunk}))
+                bar.set_postfix(tokens=f"{sum(len(g.tokens) + g.n_queries for g in chunk):,}/call")
+        rows = pd.DataFrame(keys, columns=["user_id", "event_timestamp", "condition"])
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.tokenizer_hidden()), np.float32)
+        counts = {"users": int(rows["user_id"].nunique()), "rows": len(rows), "queries_without_history": skipped,
+                  "tokens": int(sum(len(g.tokens) + g.n_queries for g in groups))}
+        return rows, matrix, counts
+
+    def tokenizer_hidden(self) -> int:
+        return int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
+
+    def _table(self, rows: pd.DataFrame, matrix: np.ndarray, projection: np.ndarray | None) -> pa.Table:
+        if projection is not None:
+            matrix = matrix @ projection.T
+        matrix = matrix.astype(np.float16 if self.config.output_dtype == "float16" else np.float32)
+        # Arrow has no list<float16> that every reader takes: store float16-rounded values as float32
+        values = pa.array(matrix.astype(np.float32).ravel(), pa.float32())
+        offsets = pa.array(np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)[: len(matrix) + 1])
+        embedding = pa.ListArray.from_arrays(offsets, values) if len(matrix) else pa.array([], pa.list_(pa.float32()))
+        return pa.table(
+            {
+                "user_id": pa.array(rows["user_id"].astype(str), pa.string()),
+                "condition": pa.array(rows["condition"].astype(str), pa.string()),
+                "embedding": embedding,
+                "event_timestamp": pa.array(pd.to_datetime(rows["event_timestamp"], utc=True)).cast(pa.timestamp("us", tz="UTC")),
+                "model_version": pa.array([self.model_version] * len(rows), pa.string()),
+            },
+            schema=USER_EMBEDDING_SCHEMA,
+        )
+
+    def _projection(self, sample: np.ndarray) -> np.ndarray | None:
+        if self.config.dim is None:
+            return None
+        path = self.out_dir / "pca.npz"
+        if path.exists():
+            return np.load(path)["components"]
+        from sklearn.decomposition import PCA
+
+        if self.config.dim > min(sample.shape):
+            raise EmbedJobError(f"--dim {self.config.dim} is larger than the sample allows ({sample.shape[0]} vectors of {sample.shape[1]})")
+        rng = np.random.default_rng(0)
+        pick = sample[rng.permutation(len(sample))[: self.config.pca_sample]]
+        pca = PCA(n_components=self.config.dim, random_state=0).fit(pick)
+        tmp = path.with_name(".pca.tmp.npz")
+        np.savez(tmp, components=pca.components_.astype(np.float32), explained_variance_ratio=pca.explained_variance_ratio_, model_version=np.array(self.model_version))
+        tmp.replace(path)
+        return pca.components_.astype(np.float32)
+
+    def item_table(self, projection: np.ndarray | None) -> pa.Table:
+        from safetensors import safe_open
+
+        with safe_open(str(self.model_dir / "model.safetensors"), framework="np") as f:
+            head = f.get_tensor("lm_head.weight")
+        tok = self.tokenizer
+        items = sorted({t[2:] for t in tok.vocab if t.startswith("I:")} | set(tok.item_category))
+        ids = tok.item_ids(pd.Series(items, dtype="string"))[:, 0]
+        matrix = head[ids].astype(np.float32)
+        if projection is not None:
+            matrix = matrix @ projection.T
+        matrix = matrix.astype(np.float16 if self.config.output_dtype == "float16" else np.float32).astype(np.float32)
+        return pa.table(
+            {
+                "item_id": pa.array(items, pa.string()),
+                "embedding": pa.array(list(matrix), pa.list_(pa.float32())),
+                "token": pa.array([tok.vocab[i] for i in ids], pa.string()),
+                "model_version": pa.array([self.model_version] * len(items), pa.string()),
+            }
+        )
+
+    # ------------------------------------------------------------------ the run
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        (self.out_dir / "users").mkdir(parents=True, exist_ok=True)
+        manifest_path = self.out_dir / MANIFEST
+        settings = self.settings()
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        if manifest is not None and manifest["settings"] != settings:
+            raise EmbedJobError(
+                f"{self.out_dir} holds embeddings made with other settings ({manifest['settings']}); choose another --out or remove it"
+            )
+        if manifest is None:
+            manifest = {"settings": settings, "engine": self.config.engine, "shards": {}, "complete": False,
+                        "hidden_size": self.tokenizer_hidden(), "source_model": str(self.model_dir)}
+        todo = [s for s in range(self.config.shards) if str(s) not in manifest["shards"] or not self._shard_path(s).exists()]
+        if todo and self.engine is None:
+            self.open_engine()
+        bar = tqdm(desc="embedding", unit="user", disable=not progress)
+        started = time.perf_counter()
+        projection = np.load(self.out_dir / "pca.npz")["components"] if (self.config.dim and (self.out_dir / "pca.npz").exists()) else None
+        for shard in todo:
+            rows, matrix, counts = self.embed_shard(shard, bar)
+            if self.config.dim and projection is None:
+                projection = self._projection(matrix)
+            _atomic_write_parquet(self._table(rows, matrix, projection), self._shard_path(shard))
+            manifest["shards"][str(shard)] = {"file": self._shard_path(shard).name, **counts}
+            _atomic_write_json(manifest_path, manifest)
+        bar.close()
+        if not (self.out_dir / "items.parquet").exists() or todo:
+            if self.config.dim and projection is None:
+                projection = self._projection(np.zeros((0, self.tokenizer_hidden())))
+            _atomic_write_parquet(self.item_table(projection), self.out_dir / "items.parquet")
+        totals = {k: sum(s[k] for s in manifest["shards"].values()) for k in ("users", "rows", "queries_without_history", "tokens")}
+        manifest.update(complete=True, totals=totals, seconds_this_run=round(time.perf_counter() - started, 2),
+                        embedding_dim=self.config.dim or self.tokenizer_hidden())
+        _atomic_write_json(manifest_path, manifest)
+        return manifest
+
+
+def read_user_embeddings(out_dir: str | Path) -> pa.Table:
+    """All finished shards of a complete job, in (user_id, condition, event_timestamp) order."""
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    if not manifest.get("complete"):
+        raise EmbedJobError(f"{out_dir}: the embedding job has not finished (re-run it to resume)")
+    tables = [pq.read_table(out_dir / "users" / s["file"]) for _, s in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
+    table = pa.concat_tables(tables)
+    return table.sort_by([("user_id", "ascending"), ("condition", "ascending"), ("event_timestamp", "ascending")])
