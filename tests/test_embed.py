@@ -1,0 +1,251 @@
+"""The embedding job: engine equivalence, group query, no leakage, resumable shards, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig, EmbedJobError, read_user_embeddings
+from lum.model import load_model
+from lum.tokenizer import BehaviourTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+AS_OF = pd.Timestamp("2025-01-20", tz="UTC")
+
+
+@pytest.fixture(scope="module")
+def events_file(tmp_path_factory, tiny_sim) -> Path:
+    path = tmp_path_factory.mktemp("embed") / "events.parquet"
+    pq.write_table(tiny_sim[0], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_lm):
+    folder, manifest = tiny_lm
+    return folder, BehaviourTokenizer.load(folder, expected_fingerprint=manifest["tokenizer_fingerprint"])
+
+
+@pytest.fixture(scope="module")
+def torch_engine(model):
+    return TorchEngine(str(model[0]))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model):
+    engine = VllmEngine(str(model[0]), max_model_len=2048, settings=VllmSettings())
+    yield engine
+    engine.close()
+
+
+def _groups(model, events: pd.DataFrame, users: int = 40, conditions: int = 4, rolling: bool = False):
+    folder, tokenizer = model
+    conds = resolve_conditions(tokenizer, "all")[:conditions]
+    if rolling:
+        picked = events.user_id.drop_duplicates().iloc[:8]
+        queries = events[events.user_id.isin(picked)][["user_id", "ts"]].drop_duplicates().assign(key=lambda f: f.ts)
+    else:
+        queries = pd.DataFrame({"user_id": events.user_id.drop_duplicates().iloc[:users], "ts": AS_OF, "key": AS_OF})
+    return build_queries(tokenizer, events, queries, conds, max_history=40, window_stride=8)
+
+
+def _min_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    x, y = np.concatenate(a), np.concatenate(b)
+    return float(np.min(np.sum(x * y, axis=1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)))
+
+
+def test_torch_group_query_equals_one_plain_forward_per_prompt(model, torch_engine, tiny_sim):
+    folder, _ = model
+    events = tiny_sim[0].to_pandas()
+    groups, skipped = _groups(model, events, users=15, rolling=True)
+    assert sum(len(g.tokens) for g in groups) < sum(len(p) for g in groups for p in g.prompts()) / 3  # histories shared
+    vectors = torch_engine.embed(groups)
+    lm = load_model(folder).model
+    for group, out in zip(groups[:6], vectors[:6]):
+        for prompt, vector in zip(group.prompts(), out):
+            with torch.no_grad():
+                plain = lm.model(input_ids=torch.as_tensor(prompt)[None]).last_hidden_state[0, -1].numpy()
+            np.testing.assert_allclose(vector, plain, atol=1e-4)
+
+
+def test_vllm_matches_the_torch_engine_on_every_row(model, torch_engine, vllm_engine, tiny_sim):
+    events = tiny_sim[0].to_pandas()
+    for rolling in (False, True):
+        groups, _ = _groups(model, events, rolling=rolling)
+        assert _min_cosine(vllm_engine.embed(groups), torch_engine.embed(groups)) >= 0.999
+
+
+def test_conditions_together_or_one_at_a_time_give_the_same_vectors(model, torch_engine, vllm_engine, tiny_sim):
+    events = tiny_sim[0].to_pandas()
+    together, _ = _groups(model, events, users=10, conditions=4)
+    for engine in (torch_engine, vllm_engine):
+        joint = np.concatenate(engine.embed(together))
+        singles = []
+        for k in range(4):
+            alone, _ = _groups(model, events, users=10, conditions=4)
+            for g in alone:  # keep only the k-th condition of every group
+                g.prefix_lengths, g.conditions, g.keys = g.prefix_lengths[k::4], g.conditions[k::4], g.keys[k::4]
+            singles.append(np.concatenate(engine.embed(alone)))
+        interleaved = np.stack(singles, axis=1).reshape(joint.shape)
+        np.testing.assert_allclose(joint, interleaved, atol=1e-4)
+
+
+def test_prefix_caching_on_and_off_give_the_same_vectors(model, vllm_engine, tiny_sim):
+    events = tiny_sim[0].to_pandas()
+    groups, _ = _groups(model, events, users=20)
+    cached = vllm_engine.embed(groups)
+    cached_again = vllm_engine.embed(groups)  # now served from the prefix cache
+    vllm_engine.close()
+    off = VllmEngine(str(model[0]), max_model_len=2048, settings=VllmSettings(enable_prefix_caching=False))
+    try:
+        uncached = off.embed(groups)
+    finally:
+        off.close()
+    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(uncached), atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(cached_again), np.concatenate(uncached), atol=1e-5)
+
+
+def test_events_after_the_as_of_time_never_change_an_embedding(model, torch_engine, tiny_sim, tmp_path):
+    folder, _ = model
+    events = tiny_sim[0].to_pandas()
+    later = events.ts >= AS_OF
+    changed = events.copy()
+    changed.loc[later, "item_id"] = "i0"
+    changed.loc[later, "surface"] = "cart"
+    changed.loc[later, "label"] = 1 - changed.loc[later, "label"]
+    paths = {}
+    for name, frame in (("original", events), ("changed", changed)):
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), paths[name])
+    tables = {}
+    for name, path in paths.items():
+        job = EmbeddingJob(folder, path, AsOf(times=(AS_OF,)), tmp_path / f"out-{name}", EmbedJobConfig(shards=2))
+        job.open_engine(torch_engine)
+        job.run(progress=False)
+        tables[name] = read_user_embeddings(tmp_path / f"out-{name}")
+    assert tables["original"].num_rows > 0
+    assert tables["original"].equals(tables["changed"])
+    assert (tables["original"].column("event_timestamp").to_pandas() == AS_OF).all()
+
+
+def test_snapshot_job_output_contract_items_and_counts(model, torch_engine, events_file, tmp_path, tiny_sim):
+    folder, tokenizer = model
+    job = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(shards=3, conditions="all"))
+    job.open_engine(torch_engine)
+    manifest = job.run(progress=False)
+    users = read_user_embeddings(tmp_path / "out")
+    frame = users.to_pandas()
+    n_conditions = len(tokenizer.full_condition_tokens())
+    assert frame.groupby(["user_id", "event_timestamp"]).size().eq(n_conditions).all()
+    assert manifest["complete"] and manifest["totals"]["rows"] == len(frame)
+    events = tiny_sim[0].to_pandas()
+    clicks = events[events.label == 1]
+    for t in (pd.Timestamp("2025-01-10", tz="UTC"), pd.Timestamp("2025-01-25", tz="UTC")):
+        with_history = clicks[clicks.ts < t].user_id.nunique()
+        assert frame[frame.event_timestamp == t].user_id.nunique() == with_history
+    assert manifest["totals"]["queries_without_history"] == 2 * events.user_id.nunique() - frame.groupby("event_timestamp").user_id.nunique().sum()
+    assert set(frame.model_version) == {json.loads((folder / "lum_manifest.json").read_text())["model_version"]}
+    # item vectors are output rows: user . item is the model's own logit for that item
+    items = pq.read_table(tmp_path / "out" / "items.parquet").to_pandas().set_index("item_id")
+    row = frame.iloc[0]
+    item_id = next(i for i in items.index if items.token[i] == f"I:{i}")
+    head = load_model(folder).model.lm_head.weight.detach().numpy()
+    np.testing.assert_allclose(np.asarray(items.embedding[item_id]), head[tokenizer.token_to_id[f"I:{item_id}"]], atol=1e-6)
+    assert np.dot(row.embedding, items.embedding[item_id]) == pytest.approx(float(np.dot(row.embedding, head[tokenizer.token_to_id[f"I:{item_id}"]])), rel=1e-5)
+    # a re-run finds everything done
+    again = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(shards=3))
+    assert again.run(progress=False)["totals"] == manifest["totals"]
+    assert again.engine is None  # nothing was left to compute
+
+
+def test_rolling_mode_gives_one_embedding_per_row_time(model, torch_engine, events_file, tmp_path):
+    folder, _ = model
+    events = pq.read_table(events_file).to_pandas()
+    rows = events[events.user_id.isin(["u1", "u2", "u3"])][["user_id", "ts"]]
+    rows_file = tmp_path / "rows.parquet"
+    rows.to_parquet(rows_file)
+    job = EmbeddingJob(folder, events_file, AsOf.parse(f"rows:{rows_file}"), tmp_path / "rolling", EmbedJobConfig(shards=2, conditions="all"))
+    job.open_engine(torch_engine)
+    job.run(progress=False)
+    frame = read_user_embeddings(tmp_path / "rolling").to_pandas()
+    clicks = events[events.label == 1]
+    expected = {(u, t) for u, t in rows.drop_duplicates().itertuples(index=False) if (clicks[(clicks.user_id == u)].ts < t).any()}
+    assert set(zip(frame.user_id, frame.event_timestamp)) == expected
+
+
+def test_pca_and_float16(model, torch_engine, events_file, tmp_path):
+    folder, _ = model
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "pca", EmbedJobConfig(shards=2, dim=8, output_dtype="float16"))
+    job.open_engine(torch_engine)
+    job.run(progress=False)
+    frame = read_user_embeddings(tmp_path / "pca").to_pandas()
+    vectors = np.stack(frame.embedding)
+    assert vectors.shape[1] == 8
+    assert np.array_equal(vectors, vectors.astype(np.float16).astype(np.float32))
+    components = np.load(tmp_path / "pca" / "pca.npz")["components"]
+    assert components.shape == (8, 64)
+    items = pq.read_table(tmp_path / "pca" / "items.parquet").to_pandas()
+    assert len(items.embedding.iloc[0]) == 8
+
+
+def test_a_killed_job_resumes_to_the_same_result(model, events_file, tmp_path):
+    folder, _ = model
+    args = ["--model", str(folder), "--events", str(events_file), "--as-of", "2025-01-12,2025-01-20,2025-01-28", "--engine", "torch", "--shards", "12"]
+    lum = Path(sys.executable).parent / "lum"
+    straight = subprocess.run([str(lum), "embed", *args, "--out", str(tmp_path / "straight")], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([str(lum), "embed", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = json.loads(manifest.read_text())
+    assert not finished["complete"] and 0 < len(finished["shards"]) < 12, "the job was not interrupted mid-way"
+    final_names = {p.name for p in (out / "users").iterdir() if not p.name.startswith(".")}
+    assert final_names == {s["file"] for s in finished["shards"].values()}  # no partial shard under a final name
+    resumed = subprocess.run([str(lum), "embed", *args, "--out", str(out)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_user_embeddings(out).equals(read_user_embeddings(tmp_path / "straight"))
+
+
+def test_bad_input(model, events_file, tmp_path):
+    folder, tokenizer = model
+    with pytest.raises(ValueError, match=r"unknown query condition\(s\) surface=moon; this model knows: .*surface=home"):
+        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(conditions="surface=moon"))
+    with pytest.raises(EmbedJobError, match="is not a LUM model folder"):
+        EmbeddingJob(tmp_path, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig())
+    with pytest.raises(EmbedJobError, match="not after the first event"):
+        EmbeddingJob(folder, events_file, AsOf.parse("2020-01-01"), tmp_path / "o", EmbedJobConfig())
+    with pytest.raises(EmbedJobError, match="cannot read as-of"):
+        AsOf.parse("yesterday-ish")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vocab_size"] += 5
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EmbedJobError, match="token rows but its tokenizer"):
+        EmbeddingJob(broken, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig())
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(shards=2))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps({"settings": {"other": 1}, "shards": {}}))
+    with pytest.raises(EmbedJobError, match="made with other settings"):
+        job.run(progress=False)
