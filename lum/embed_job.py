@@ -304,7 +304,20 @@ class EmbeddingJob:
         )
 
     # ------------------------------------------------------------------ the run
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    def write_shard(self, shard: int, projection: np.ndarray | None, bar: tqdm | None = None) -> dict[str, Any]:
+        """Embed one shard and write it (temporary name, then rename); fits the projection first if needed."""
+        rows, matrix, counts = self.embed_shard(shard, bar)
+        if self.config.dim and projection is None:
+            projection = self._projection(matrix)
+        _atomic_write_parquet(self._table(rows, matrix, projection), self._shard_path(shard))
+        return {"file": self._shard_path(shard).name, **counts}
+
+    def constructor_args(self) -> dict[str, Any]:
+        """What a worker process needs to rebuild this job (for Ray actors)."""
+        return {"model_dir": str(self.model_dir), "events_path": self.events_path, "as_of": self.as_of, "out_dir": str(self.out_dir), "config": self.config}
+
+    def run(self, progress: bool = True, ray_actors: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
+        """Embed every unfinished shard; with `ray_actors`, on a Ray Data pool of that many engine actors."""
         (self.out_dir / "users").mkdir(parents=True, exist_ok=True)
         manifest_path = self.out_dir / MANIFEST
         settings = self.settings()
@@ -317,18 +330,30 @@ class EmbeddingJob:
             manifest = {"settings": settings, "engine": self.config.engine, "shards": {}, "complete": False,
                         "hidden_size": self.tokenizer_hidden(), "source_model": str(self.model_dir)}
         todo = [s for s in range(self.config.shards) if str(s) not in manifest["shards"] or not self._shard_path(s).exists()]
-        if todo and self.engine is None:
+        needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / "pca.npz").exists())
+        if todo and self.engine is None and needs_local_engine:
             self.open_engine()
         bar = tqdm(desc="embedding", unit="user", disable=not progress)
         started = time.perf_counter()
         projection = np.load(self.out_dir / "pca.npz")["components"] if (self.config.dim and (self.out_dir / "pca.npz").exists()) else None
-        for shard in todo:
-            rows, matrix, counts = self.embed_shard(shard, bar)
-            if self.config.dim and projection is None:
-                projection = self._projection(matrix)
-            _atomic_write_parquet(self._table(rows, matrix, projection), self._shard_path(shard))
-            manifest["shards"][str(shard)] = {"file": self._shard_path(shard).name, **counts}
-            _atomic_write_json(manifest_path, manifest)
+        if ray_actors and todo:
+            from lum.ray_runner import run_shards_with_ray
+
+            if self.config.dim and projection is None:  # the projection is fitted once, on the first shard, here
+                manifest["shards"][str(todo[0])] = self.write_shard(todo[0], None, bar)
+                projection = np.load(self.out_dir / "pca.npz")["components"]
+                _atomic_write_json(manifest_path, manifest)
+                todo = todo[1:]
+            for shard, counts in run_shards_with_ray(self, todo, projection, ray_actors, ray_address):
+                manifest["shards"][str(shard)] = counts
+                _atomic_write_json(manifest_path, manifest)
+                bar.update(counts["users"])
+        else:
+            for shard in todo:
+                manifest["shards"][str(shard)] = self.write_shard(shard, projection, bar)
+                if self.config.dim and projection is None:
+                    projection = np.load(self.out_dir / "pca.npz")["components"]
+                _atomic_write_json(manifest_path, manifest)
         bar.close()
         if not (self.out_dir / "items.parquet").exists() or todo:
             if self.config.dim and projection is None:

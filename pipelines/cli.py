@@ -408,9 +408,12 @@ def evaluate_command(protocol, preset, k, max_users, seed, run_dir) -> None:
 @click.option("--no-prefix-caching", is_flag=True, help="Turn vLLM's prefix caching off (for comparison).")
 @click.option("--threads-bind", default="0-1", help="vLLM CPU thread binding ('' keeps vLLM's default).")
 @click.option("--tensor-parallel", type=int, default=1, help="vLLM tensor parallelism (GPUs).")
+@click.option("--ray", "ray_actors", type=int, default=None, help="Run the shards on Ray Data with this many engine actors.")
+@click.option("--ray-address", default=None, help="Ray cluster address (default: start a local instance).")
 @_friendly_errors
 def embed_command(model_dir, events_path, as_of, conditions, engine, out_dir, dim, output_dtype, shards, max_history, window_stride,
-                  vllm_dtype, block_size, kv_cache_gib, max_batched_tokens, no_prefix_caching, threads_bind, tensor_parallel) -> None:
+                  vllm_dtype, block_size, kv_cache_gib, max_batched_tokens, no_prefix_caching, threads_bind, tensor_parallel,
+                  ray_actors, ray_address) -> None:
     """Embed users per query condition with the behaviour LM (LUM's knowledge querying)."""
     import os
 
@@ -427,7 +430,7 @@ def embed_command(model_dir, events_path, as_of, conditions, engine, out_dir, di
     )
     job = EmbeddingJob(model_dir, events_path, AsOf.parse(as_of), out_dir, config)
     try:
-        manifest = job.run()
+        manifest = job.run(ray_actors=ray_actors, ray_address=ray_address)
     finally:
         job.close()
     totals = manifest["totals"]

@@ -249,3 +249,22 @@ def test_bad_input(model, events_file, tmp_path):
     (tmp_path / "o" / "manifest.json").write_text(json.dumps({"settings": {"other": 1}, "shards": {}}))
     with pytest.raises(EmbedJobError, match="made with other settings"):
         job.run(progress=False)
+
+
+def test_ray_data_run_writes_the_same_shards(model, torch_engine, events_file, tmp_path):
+    import ray
+
+    folder, _ = model
+    config = EmbedJobConfig(shards=4)
+    local = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "local", config)
+    local.open_engine(torch_engine)
+    local.run(progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        distributed = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "ray", config)
+        manifest = distributed.run(progress=False, ray_actors=2)
+    finally:
+        ray.shutdown()
+    assert distributed.engine is None  # every shard was embedded by the actors
+    assert manifest["complete"] and len(manifest["shards"]) == 4
+    assert read_user_embeddings(tmp_path / "ray").equals(read_user_embeddings(tmp_path / "local"))
