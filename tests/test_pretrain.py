@@ -248,3 +248,11 @@ def test_semantic_mode_predicts_every_code_of_the_next_item(tmp_path, tiny_sim):
     assert log[-1]["loss"] < log[0]["loss"]
     with pytest.raises(ValueError, match="supports id item tokenization only"):
         evaluate_next_item(load_model(tmp_path / "sem").model, tokenizer, events.to_pandas(), events.to_pandas(), EvalConfig())
+
+
+def test_bf16_autocast_trains(tmp_path):
+    config = PretrainConfig(preset="tiny", epochs=3, rows_per_batch=4, row_tokens=128, bf16=True)
+    pretrain(cyclic_events(n_users=20), tmp_path / "bf16", config, TokenizerConfig(("mode",), min_condition_count=1), progress=False)
+    log = json.loads((tmp_path / "bf16" / "training_log.json").read_text())
+    assert all(np.isfinite(x["loss"]) for x in log) and log[-1]["loss"] < log[0]["loss"]
+    assert load_model(tmp_path / "bf16").model.dtype == torch.float32  # weights are kept in float32

@@ -1,0 +1,127 @@
+"""Embedding-job throughput: vLLM vs the torch group-query engine vs a naive transformers baseline, K conditions.
+
+    python -m benchmarks.bench_embed                    # small preset, 500 users, K = 1, 2, 4, 8; RSS at 1k, 10k users
+    python -m benchmarks.bench_embed --full             # RSS also at 100k users
+
+Tokens/s counts the tokens of every prompt (history + condition) as a user would submit them, so sharing a
+history across K conditions shows up as a higher rate. The naive baseline pads batches of 32 prompts and runs one
+forward per (user, condition) prompt. The model is a `small` LM trained for a few steps (speed does not depend
+on how well it is trained). Engine start-up is not timed. Peak RSS is measured for whole `lum embed` runs
+(torch engine) in fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from benchmarks.common import write_results
+
+
+def naive_embed(model, prompts: list[np.ndarray], batch: int = 32) -> int:
+    """One padded forward per batch of prompts, no sharing; returns the number of prompts."""
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start : start + batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, p in enumerate(chunk):
+                ids[r, : len(p)] = torch.as_tensor(p)
+                mask[r, : len(p)] = 1
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden[torch.arange(len(chunk)), mask.sum(1) - 1].numpy()
+    return len(prompts)
+
+
+def peak_rss_of_job(model_dir: Path, users: int, tmp: Path) -> tuple[float, float]:
+    from pipelines.sources.simulator import preset, simulate_to_run
+    from pipelines.paths import RunPaths
+
+    paths = RunPaths(tmp / f"rss-{users}")
+    simulate_to_run(preset("default", n_users=users, chunk_users=min(users, 25_000)), paths, progress=False)
+    code = (
+        "import resource, sys\n"
+        "from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig\n"
+        f"job = EmbeddingJob({str(model_dir)!r}, {str(paths.events)!r}, AsOf.parse('2025-02-20'), {str(tmp / f'out-{users}')!r}, "
+        "EmbedJobConfig(conditions='surface=home,surface=search,surface=item_detail,surface=cart', engine='torch', shards=max(1, %d // 2500)))\n"
+        "job.run(progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    ) % users
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--full", action="store_true")
+    args = parser.parse_args()
+
+    from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+    from lum.model import load_model
+    from lum.pretrain import PretrainConfig, pretrain
+    from lum.tokenizer import BehaviourTokenizer, TokenizerConfig
+    from pipelines.sources.simulator import preset, simulate
+
+    events, items = simulate(preset("default", n_users=5000, chunk_users=5000))
+    frame = events.to_pandas()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = tmp / "model"
+        pretrain(frame, model_dir, PretrainConfig(preset=args.preset, max_steps=5, rows_per_batch=8, row_tokens=512),
+                 TokenizerConfig(("surface", "device", "daypart"), max_history=100), items.to_pandas(), progress=False)
+        tokenizer = BehaviourTokenizer.load(model_dir)
+        as_of = pd.Timestamp("2025-02-20", tz="UTC")
+        users = frame.user_id.drop_duplicates().iloc[: args.users]
+        queries = pd.DataFrame({"user_id": users, "ts": as_of, "key": as_of})
+        all_conditions = resolve_conditions(tokenizer, "all")
+        torch_engine = TorchEngine(str(model_dir))
+        vllm_engine = VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings())
+        naive_model = load_model(model_dir).model
+        try:
+            for k in (1, 2, 4, 8):
+                groups, _ = build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16)
+                prompts = [p for g in groups for p in g.prompts()]
+                prompt_tokens = sum(len(p) for p in prompts)
+                for name, run in (
+                    ("vllm", lambda: vllm_engine.embed(groups)),
+                    ("torch", lambda: torch_engine.embed(groups)),
+                    ("naive", lambda: naive_embed(naive_model, prompts)),
+                ):
+                    started = time.perf_counter()
+                    run()
+                    seconds = time.perf_counter() - started
+                    rows.append({"engine": name, "K": k, "users": len(groups), "prompts": len(prompts), "prompt_tokens": prompt_tokens,
+                                 "seconds": round(seconds, 2), "tokens_per_s": round(prompt_tokens / seconds), "users_per_s": round(len(groups) / seconds, 1)})
+                    print(rows[-1], flush=True)
+        finally:
+            vllm_engine.close()
+        for r in rows:
+            base = next(x for x in rows if x["engine"] == r["engine"] and x["K"] == 1)
+            r["time_vs_K1"] = round(r["seconds"] / base["seconds"], 2)
+            naive = next(x for x in rows if x["engine"] == "naive" and x["K"] == r["K"])
+            r["speed_vs_naive"] = round(r["tokens_per_s"] / naive["tokens_per_s"], 2)
+        for n in (1000, 10_000, *((100_000,) if args.full else ())):
+            rss, seconds = peak_rss_of_job(model_dir, n, tmp)
+            rows.append({"engine": "torch job (lum embed)", "K": 4, "users": n, "seconds": round(seconds, 1), "peak_rss_mib": round(rss)})
+            print(rows[-1], flush=True)
+    write_results("embed", rows, notes=f"{args.preset} preset, simulator default world, histories of up to 100 behaviours; "
+                  "vLLM float32 with prefix caching (block 32) bound to both cores; torch engine with 2 threads")
+
+
+if __name__ == "__main__":
+    main()
