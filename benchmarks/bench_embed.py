@@ -1,6 +1,6 @@
 """Embedding-job throughput: vLLM vs the torch group-query engine vs a naive transformers baseline, K conditions.
 
-    python -m benchmarks.bench_embed                    # small preset, 500 users, K = 1, 2, 4, 8; RSS at 1k, 10k users
+    python -m benchmarks.bench_embed                    # small preset, 200 users, K = 1, 2, 4, 8; RSS at 1k, 10k users
     python -m benchmarks.bench_embed --full             # RSS also at 100k users
 
 Tokens/s counts the tokens of every prompt (history + condition) as a user would submit them, so sharing a
@@ -65,7 +65,7 @@ def peak_rss_of_job(model_dir: Path, users: int, tmp: Path) -> tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--full", action="store_true")
     args = parser.parse_args()
