@@ -198,7 +198,9 @@ class VllmSettings:
     """vLLM engine knobs. Defaults measured on the 2-core CPU machine (see STACK.md / benchmarks)."""
 
     dtype: str = "float32"
-    block_size: int = 32  # prefix caching shares whole blocks: 32 gave 2.8-3.3x over caching off, 128 only 1.6x
+    # prefix caching shares whole blocks: 32 gave 2.8-3.3x over caching off, 128 only 1.6x; on CPU vLLM 0.32 takes
+    # multiples of 32 only (16 fails at start: "No common block size for 16 (CPU_ATTN: [MultipleOf(32)])")
+    block_size: int = 32
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB), reserved up front
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
