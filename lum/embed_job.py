@@ -233,9 +233,10 @@ class EmbeddingJob:
             for group, out in zip(chunk, self.engine.embed(chunk)):
                 vectors.append(out)
                 keys += [(group.user_id, key, name) for key, name in group.keys]
-            if bar is not None:
+            if bar is not None:  # users/s is the bar's rate; tokens/s counts history + query tokens computed
+                self._tokens_done += sum(len(g.tokens) + g.n_queries for g in chunk)
                 bar.update(len({g.user_id for g in chunk}))
-                bar.set_postfix(tokens=f"{sum(len(g.tokens) + g.n_queries for g in chunk):,}/call")
+                bar.set_postfix(tok_s=f"{self._tokens_done / max(time.perf_counter() - self._started, 1e-9):,.0f}")
         rows = pd.DataFrame(keys, columns=["user_id", "event_timestamp", "condition"])
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.tokenizer_hidden()), np.float32)
         counts = {"users": int(rows["user_id"].nunique()), "rows": len(rows), "queries_without_history": skipped,
@@ -334,7 +335,8 @@ class EmbeddingJob:
         if todo and self.engine is None and needs_local_engine:
             self.open_engine()
         bar = tqdm(desc="embedding", unit="user", disable=not progress)
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
+        self._tokens_done = 0
         projection = np.load(self.out_dir / "pca.npz")["components"] if (self.config.dim and (self.out_dir / "pca.npz").exists()) else None
         if ray_actors and todo:
             from lum.ray_runner import run_shards_with_ray
