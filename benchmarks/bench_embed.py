@@ -13,7 +13,6 @@ on how well it is trained). Engine start-up is not timed. Peak RSS is measured f
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from benchmarks.common import write_results

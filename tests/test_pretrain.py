@@ -20,7 +20,7 @@ from lum.evaluate import EvalConfig, evaluate_next_item
 from lum.model import ModelFolderError, build_model, count_parameters, load_model, read_manifest
 from lum.pretrain import PretrainConfig, item_index_of, pretrain
 from lum.sequences import make_batch, pack_rows
-from lum.tokenizer import BOS, BehaviourTokenizer, TokenizerConfig, fit_tokenizer
+from lum.tokenizer import BOS, BehaviourTokenizer, TokenizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
