@@ -1,0 +1,1 @@
+"""The behaviour LM: tokenizer, presets, pretraining, evaluation, embedding engines and the batch embedding job."""

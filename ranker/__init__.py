@@ -1,0 +1,1 @@
+"""TorchRec DLRM and LightGBM rankers (issue #6): not built yet."""
