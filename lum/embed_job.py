@@ -148,6 +148,7 @@ class EmbeddingJob:
                 f"{self.model_dir}: the model has {model_config['vocab_size']} token rows but its tokenizer {self.tokenizer.vocab_size} tokens"
             )
         self.max_model_len = int(model_config["max_position_embeddings"])
+        self.hidden_size = int(model_config["hidden_size"])
         self.conditions = resolve_conditions(self.tokenizer, config.conditions)
         self.max_history = config.max_history or self.tokenizer.config.max_history
         tpb = 1 + self.tokenizer.config.tokens_per_item
@@ -178,14 +179,14 @@ class EmbeddingJob:
         elif not Path(self.as_of.rows_path).exists():
             raise EmbedJobError(f"{self.as_of.rows_path}: rows file for rolling embeddings not found")
 
-    def _as_of_rows(self, shard: int) -> pd.DataFrame:
-        """(user_id, ts, key) queries of one shard."""
+    def _as_of_rows(self, shard: int, events: pd.DataFrame) -> pd.DataFrame:
+        """(user_id, ts, key) queries of one shard; snapshot users come from the shard's `events` already read."""
         if self.as_of.rows_path:
             rows = _read_shard(self.as_of.rows_path, ["user_id", "ts"], shard, self.config.shards)
             rows = rows.drop_duplicates(["user_id", "ts"]).reset_index(drop=True)
             rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
             return rows.assign(key=rows["ts"])
-        users = _read_shard(self.events_path, ["user_id"], shard, self.config.shards)["user_id"].astype(str).unique()
+        users = events["user_id"].astype(str).unique()
         frames = [pd.DataFrame({"user_id": users, "ts": t, "key": t}) for t in self.as_of.times]
         return pd.concat(frames, ignore_index=True)
 
@@ -224,7 +225,7 @@ class EmbeddingJob:
     def embed_shard(self, shard: int, bar: tqdm | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
         """Rows (user_id, condition, event_timestamp) and vectors [N, H] of one shard, plus counts."""
         events = _read_shard(self.events_path, self.event_columns, shard, self.config.shards)
-        queries = self._as_of_rows(shard)
+        queries = self._as_of_rows(shard, events)
         groups, skipped = build_queries(self.tokenizer, events, queries, self.conditions, self.max_history, self.config.window_stride)
         keys: list[tuple[str, object, str]] = []
         vectors: list[np.ndarray] = []
@@ -238,13 +239,10 @@ class EmbeddingJob:
                 bar.update(len({g.user_id for g in chunk}))
                 bar.set_postfix(tok_s=f"{self._tokens_done / max(time.perf_counter() - self._started, 1e-9):,.0f}")
         rows = pd.DataFrame(keys, columns=["user_id", "event_timestamp", "condition"])
-        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.tokenizer_hidden()), np.float32)
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.hidden_size), np.float32)
         counts = {"users": int(rows["user_id"].nunique()), "rows": len(rows), "queries_without_history": skipped,
                   "tokens": int(sum(len(g.tokens) + g.n_queries for g in groups))}
         return rows, matrix, counts
-
-    def tokenizer_hidden(self) -> int:
-        return int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
 
     def _table(self, rows: pd.DataFrame, matrix: np.ndarray, projection: np.ndarray | None) -> pa.Table:
         if projection is not None:
@@ -329,7 +327,7 @@ class EmbeddingJob:
             )
         if manifest is None:
             manifest = {"settings": settings, "engine": self.config.engine, "shards": {}, "complete": False,
-                        "hidden_size": self.tokenizer_hidden(), "source_model": str(self.model_dir)}
+                        "hidden_size": self.hidden_size, "source_model": str(self.model_dir)}
         todo = [s for s in range(self.config.shards) if str(s) not in manifest["shards"] or not self._shard_path(s).exists()]
         needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / "pca.npz").exists())
         if todo and self.engine is None and needs_local_engine:
@@ -359,11 +357,11 @@ class EmbeddingJob:
         bar.close()
         if not (self.out_dir / "items.parquet").exists() or todo:
             if self.config.dim and projection is None:
-                projection = self._projection(np.zeros((0, self.tokenizer_hidden())))
+                projection = self._projection(np.zeros((0, self.hidden_size)))
             _atomic_write_parquet(self.item_table(projection), self.out_dir / "items.parquet")
         totals = {k: sum(s[k] for s in manifest["shards"].values()) for k in ("users", "rows", "queries_without_history", "tokens")}
         manifest.update(complete=True, totals=totals, seconds_this_run=round(time.perf_counter() - started, 2),
-                        embedding_dim=self.config.dim or self.tokenizer_hidden())
+                        embedding_dim=self.config.dim or self.hidden_size)
         _atomic_write_json(manifest_path, manifest)
         return manifest
 

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import pandas as pd
 import yaml
 
-from pipelines.contract import ContractError, EventContract, ValidationOptions, read_table, validate_events, METADATA_KEY
+from pipelines.contract import METADATA_KEY, ContractError, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
 from pipelines.paths import RunPaths
 
 DEFAULT_RUN = "runs/main"
@@ -141,9 +140,9 @@ def data_import() -> None:
 def _validation_options(ts_unit: str, min_ts: str | None, max_ts: str | None, on_bad: str) -> ValidationOptions:
     options = ValidationOptions(ts_unit=ts_unit, on_bad=on_bad)  # type: ignore[arg-type]
     if min_ts:
-        options.min_ts = pd.Timestamp(min_ts, tz="UTC") if pd.Timestamp(min_ts).tzinfo is None else pd.Timestamp(min_ts)
+        options.min_ts = utc_timestamp(min_ts)
     if max_ts:
-        options.max_ts = pd.Timestamp(max_ts, tz="UTC") if pd.Timestamp(max_ts).tzinfo is None else pd.Timestamp(max_ts)
+        options.max_ts = utc_timestamp(max_ts)
     return options
 
 

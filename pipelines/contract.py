@@ -73,6 +73,12 @@ DEFAULT_MIN_TS = pd.Timestamp("1990-01-01", tz="UTC")
 MAX_ROWS_IN_MESSAGE = 5
 
 
+def utc_timestamp(value: str | pd.Timestamp) -> pd.Timestamp:
+    """A time given by a user: naive times are read as UTC, zoned ones converted to UTC."""
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
 class ContractError(ValueError):
     """Input that does not follow the contract. The message names file, column, rows and expectation."""
 

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.contract import read_events, write_parquet_atomic
+from pipelines.contract import read_events, utc_timestamp, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
@@ -78,7 +78,7 @@ def assign_windows(table: pa.Table, config: SplitConfig) -> np.ndarray:
     ts = _ts_us(table)
     if config.protocol == "global":
         if config.at is not None:
-            t1, t2 = (pd.Timestamp(t).tz_localize("UTC") if pd.Timestamp(t).tzinfo is None else pd.Timestamp(t) for t in config.at)
+            t1, t2 = (utc_timestamp(t) for t in config.at)
             b1, b2 = t1.value // 1000, t2.value // 1000
             if b1 > b2:
                 raise ValueError(f"split times must be ordered: train start {t1} is after test start {t2}")
