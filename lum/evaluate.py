@@ -55,6 +55,13 @@ def leave_last_out(tokenizer: BehaviourTokenizer, history: pd.DataFrame, test: p
     return targets.reset_index(drop=True)
 
 
+def behaviours_before_targets(tokenizer: BehaviourTokenizer, all_events: pd.DataFrame, targets: pd.DataFrame) -> pd.DataFrame:
+    """Each evaluated user's behaviours strictly before their target's time (what model and baselines may see)."""
+    behaviours = tokenizer.behaviours(all_events)
+    cut = targets.set_index("user_id")["ts"]
+    return behaviours[behaviours["ts"] < behaviours["user_id"].map(cut)]
+
+
 @torch.no_grad()
 def score_model(
     model: LlamaForCausalLM,
@@ -65,7 +72,6 @@ def score_model(
     progress: bool = False,
 ) -> np.ndarray:
     """[U] rank of each target item among all item tokens; histories are the behaviours before each target."""
-    all_beh = tokenizer.behaviours(all_events)
     item_tokens = tokenizer.item_token_ids()
     head = model.lm_head.weight[torch.as_tensor(item_tokens)]  # [V_items, H]
     target_tok = tokenizer.item_ids(targets["item_id"])[:, 0]
@@ -73,8 +79,7 @@ def score_model(
     position_of = {t: i for i, t in enumerate(item_tokens)}
     target_pos = np.array([position_of.get(int(t), -1) for t in target_tok])
     # histories strictly before each target's time
-    cut = targets.set_index("user_id")["ts"]
-    before = all_beh[all_beh["ts"] < all_beh["user_id"].map(cut)]
+    before = behaviours_before_targets(tokenizer, all_events, targets)
     histories = tokenizer.encode_histories(before)
     ranks = np.full(len(targets), np.iinfo(np.int64).max // 2, dtype=np.int64)
     users = targets["user_id"].astype(str).to_numpy()
@@ -100,11 +105,9 @@ def baseline_ranks(
 ) -> dict[str, np.ndarray]:
     """Ranks of the targets in the popularity list (from `history_events`) and in each user's recent items."""
     popular = tokenizer.behaviours(history_events)["item_id"].astype(str).value_counts().index.to_numpy()[: 2 * k]
-    history = tokenizer.behaviours(all_events)
     target_items = targets["item_id"].astype(str).to_numpy()
     pop_lists = np.tile(popular[:k], (len(targets), 1))
-    cut = targets.set_index("user_id")["ts"]
-    before = history[history["ts"] < history["user_id"].map(cut)]
+    before = behaviours_before_targets(tokenizer, all_events, targets)
     recent_by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: list(dict.fromkeys(s.astype(str).to_numpy()[::-1]))[:k])
     recent_lists = []
     for user in targets["user_id"]:
