@@ -1,1 +1,2 @@
-"""The Feast feature store for LUM features (issue #5): not built yet; the embedding job writes its input."""
+"""The Feast feature store for LUM features: the repo template, point-in-time offline tables, ingestion of
+`lum embed` output, training sets, materialization and online lookups (Python SDK, Redis, HTTP)."""

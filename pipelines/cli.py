@@ -19,7 +19,6 @@ Flags given on the command line win over the file.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -29,24 +28,9 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipelines.contract import METADATA_KEY, ContractError, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
+from pipelines.contract import METADATA_KEY, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
+from pipelines.cli_common import DEFAULT_RUN, _friendly_errors, force_option, run_option
 from pipelines.paths import RunPaths
-
-DEFAULT_RUN = "runs/main"
-
-
-def _friendly_errors(fn: Callable) -> Callable:
-    """Turn expected failures (bad input, missing steps) into a one-paragraph error and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ContractError, FileNotFoundError, FileExistsError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
-
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
@@ -80,8 +64,6 @@ def data() -> None:
     """Event logs: make, import, validate, split and describe."""
 
 
-run_option = click.option("--run", "run_dir", default=DEFAULT_RUN, type=click.Path(file_okay=False), help="Run folder.")
-force_option = click.option("--force", is_flag=True, help="Replace what the run folder already holds.")
 
 
 def _check_replace(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
@@ -502,6 +484,10 @@ def _embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Pat
     if done.returncode != 0:
         raise click.ClickException(f"the embedding step failed (exit {done.returncode}): {' '.join(command)}")
 
+
+from pipelines.cli_features import features  # noqa: E402  (command groups kept in their own modules)
+
+main.add_command(features)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,10 @@
       models/<protocol>-<preset>/   the behaviour LM: HF checkpoint, tokenizer, lum_manifest.json, training_log.json
                                     (assembled in models/<protocol>-<preset>.partial/ with its checkpoint)
       evaluations/<protocol>-<preset>.json   next-item HR@10 / NDCG@10 of the model and its baselines
-      (later steps add embeddings/, feature_repo/, rankers/, report/)
+      embeddings/<name>/            output of `lum embed` (users/ shards, items.parquet, manifest.json)
+      feature_repo/                 the Feast repo (feature_store.yaml, definitions.py, lum_features.yaml, data/)
+      training_sets/<protocol>-<window>-<service>.parquet   point-in-time training sets built through Feast
+      (later steps add rankers/, report/)
 """
 
 from __future__ import annotations
@@ -64,3 +67,13 @@ class RunPaths:
 
     def evaluation(self, protocol: str, preset: str) -> Path:
         return self.root / "evaluations" / f"{protocol}-{preset}.json"
+
+    def embeddings(self, name: str) -> Path:
+        return self.root / "embeddings" / name
+
+    @property
+    def feature_repo(self) -> Path:
+        return self.root / "feature_repo"
+
+    def training_set(self, protocol: str, window: str, service: str) -> Path:
+        return self.root / "training_sets" / f"{protocol}-{window}-{service}.parquet"

@@ -1,0 +1,269 @@
+"""Online side: materialization into SQLite or Redis, and lookups for an existing ranking stack.
+
+`get_ranking_features(user_id, conditions, candidate_item_ids)` answers one ranking request with arrays the
+ranker takes as they are: the K user-interest vectors [K, D], the N candidates' LUM vectors [N, D], counters,
+the recent-items history, and a found-mask for each. Unknown users or items give zeros/NaN and a False in the
+mask, never an exception. The same request goes through Feast's Python SDK or its HTTP server (`feast serve`).
+
+Freshness and TTL. `materialize()` writes the newest value of every entity up to the newest timestamp the
+offline data holds (incrementally after the first run), so the online store answers with the newest snapshot
+of the selected model version. Feast does not apply a feature view's TTL on online reads (feast-dev/feast#1802,
+#6821), so this client does: a user-interest vector older than `lum_ttl_days` before the request time is
+treated as missing (`stale` in the answer). The request time defaults to the store's clock: the newest time
+the online store was materialized up to (in production, now). The online store keeps only the newest vector,
+so one stamped after the request time is never served: historical requests belong to the offline store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from feature_store.repo import FeatureRepo, FeatureStoreError, _atomic_write_text
+
+USER_COUNTERS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s"]
+ITEM_COUNTERS = ["item_n_impressions", "item_n_clicks", "item_ctr"]
+TIMESTAMP_SUFFIX = "__ts"
+
+
+# ---------------------------------------------------------------------- materialization
+def _newest_timestamp(store: Any, view: str) -> pd.Timestamp | None:
+    """The newest `event_timestamp` of a feature view's offline source (a file or a folder of files)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    path = store.get_feature_view(view).batch_source.path
+    column = ds.dataset(path, format="parquet").to_table(columns=["event_timestamp"]).column("event_timestamp")
+    newest = pc.max(column).as_py() if len(column) else None
+    return None if newest is None else pd.Timestamp(newest).tz_convert("UTC")
+
+
+def materialize(repo: FeatureRepo, end: pd.Timestamp | None = None, full: bool = False) -> dict[str, Any]:
+    """Write the newest value of every entity into the online store, view by view.
+
+    Each view is materialized up to `end`, or by default up to just after the newest timestamp of its own
+    offline data: a new embedding snapshot is picked up even when the counters already reach further. The first
+    run, a change of the selected model version or of the online store, and `full=True` materialize a view from
+    the start; later runs continue from where that view's last run ended.
+    """
+    store = repo.store()
+    settings = repo.settings()
+    version = settings.get("model_version")
+    if end is not None:
+        end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
+    state = json.loads(repo.materialized_file.read_text()) if repo.materialized_file.exists() else {}
+    same_target = state.get("model_version") == version and state.get("online_store") == settings["online_store"]
+    previous: dict[str, str] = state.get("views", {}) if same_target and not full else {}
+    started = time.perf_counter()
+    ends: dict[str, str] = {}
+    modes: dict[str, str] = {}
+    for view in sorted(fv.name for fv in store.list_feature_views()):
+        newest = _newest_timestamp(store, view)
+        if newest is None:
+            continue
+        view_end = end or newest + pd.Timedelta(microseconds=1)
+        if view in previous and view_end <= pd.Timestamp(previous[view]):
+            ends[view], modes[view] = previous[view], "up to date"
+            continue
+        if view in previous:
+            store.materialize_incremental(end_date=view_end.to_pydatetime(), feature_views=[view])
+            modes[view] = "incremental"
+        else:
+            store.materialize(start_date=pd.Timestamp("1970-01-01", tz="UTC").to_pydatetime(), end_date=view_end.to_pydatetime(),
+                              feature_views=[view])
+            modes[view] = "full"
+        ends[view] = view_end.isoformat()
+    state = {"model_version": version, "online_store": settings["online_store"], "views": ends, "modes": modes,
+             "end": max(ends.values()) if ends else None, "seconds": round(time.perf_counter() - started, 2)}
+    _atomic_write_text(repo.materialized_file, json.dumps(state, indent=2))
+    return state
+
+
+# ---------------------------------------------------------------------- the answer
+@dataclass
+class RankingFeatures:
+    """Features of one ranking request: a user, K query conditions, N candidate items.
+
+    Arrays are ready for the ranker: missing values are zeros (vectors) or NaN (counters) with a False in the
+    matching `*_found` mask.
+    """
+
+    user_id: str
+    conditions: list[str]
+    item_ids: list[str]
+    request_time: pd.Timestamp
+    model_version: str | None
+    user_vectors: np.ndarray  # [K, D] float32
+    user_vector_found: np.ndarray  # [K] bool
+    user_vector_stale: np.ndarray  # [K] bool: found but older than the TTL (then not used)
+    user_vector_as_of: list[pd.Timestamp | None]  # [K]
+    item_vectors: np.ndarray  # [N, D] float32
+    item_vector_found: np.ndarray  # [N] bool
+    user_counters: dict[str, float]  # NaN when the user is unknown
+    user_found: bool
+    item_counters: dict[str, np.ndarray]  # each [N] float64, NaN when unknown
+    item_found: np.ndarray  # [N] bool
+    item_category: list[str | None]  # [N]
+    hist_item_ids: list[str] = field(default_factory=list)
+    hist_categories: list[str] = field(default_factory=list)
+
+    def to_frame(self, context: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One row per candidate in the training-set contract (what `build_training_set` returns offline)."""
+        from feature_store.repo import _slug
+
+        n = len(self.item_ids)
+        frame = pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "user_id": self.user_id, "item_id": self.item_ids,
+                              "ts": self.request_time})
+        for name, value in (context or {}).items():
+            frame[name] = value
+        frame["item_category"] = self.item_category
+        for name in USER_COUNTERS[:-1]:
+            frame[name] = self.user_counters[name]
+        since = (self.request_time - pd.Timestamp("1970-01-01", tz="UTC")).total_seconds() - self.user_counters["user_last_event_s"]
+        frame["user_hours_since_last"] = since / 3600.0
+        for name in ITEM_COUNTERS:
+            frame[name] = self.item_counters[name]
+        frame["hist_item_ids"] = [list(self.hist_item_ids)] * n
+        frame["hist_categories"] = [list(self.hist_categories)] * n
+        for k, condition in enumerate(self.conditions):
+            vector = list(self.user_vectors[k]) if self.user_vector_found[k] else None
+            frame[f"lum_user__{_slug(condition)}"] = [vector] * n
+        frame["lum_item"] = [list(v) if ok else None for v, ok in zip(self.item_vectors, self.item_vector_found)]
+        frame["missing_user_stats"] = np.int8(not self.user_found)
+        frame["missing_item_stats"] = (~self.item_found).astype(np.int8)
+        frame["missing_lum"] = ((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8)
+        return frame
+
+
+# ---------------------------------------------------------------------- transports
+class _PythonTransport:
+    """Feast's Python SDK against the repo's online store (SQLite or Redis)."""
+
+    def __init__(self, repo: FeatureRepo):
+        self.store = repo.store()
+
+    def read(self, features: list[str], entities: dict[str, list[str]]) -> dict[str, list[Any]]:
+        response = self.store.get_online_features(features=features, entity_rows=entities, full_feature_names=True)
+        return response.to_dict(include_event_timestamps=True)
+
+
+class _HttpTransport:
+    """`feast serve`'s `POST /get-online-features` (see README: the request is the same JSON)."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        import requests
+
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.session = requests.Session()
+
+    def read(self, features: list[str], entities: dict[str, list[str]]) -> dict[str, list[Any]]:
+        body = {"features": features, "entities": entities, "full_feature_names": True}
+        reply = self.session.post(f"{self.url}/get-online-features", json=body, timeout=self.timeout_s)
+        if reply.status_code != 200:
+            raise FeatureStoreError(f"{self.url}/get-online-features answered {reply.status_code}: {reply.text[:500]}")
+        payload = reply.json()
+        names = payload["metadata"]["feature_names"]
+        out: dict[str, list[Any]] = {}
+        for name, result in zip(names, payload["results"]):
+            present = [s == "PRESENT" for s in result.get("statuses", ["PRESENT"] * len(result["values"]))]
+            out[name] = [v if ok else None for v, ok in zip(result["values"], present)]
+            stamps = result.get("event_timestamps") or [None] * len(result["values"])
+            out[name + TIMESTAMP_SUFFIX] = [pd.Timestamp(s).timestamp() if s and ok else 0 for s, ok in zip(stamps, present)]
+        return out
+
+
+class FeatureClient:
+    """Online feature lookups for a ranking stack.
+
+    >>> client = FeatureClient("runs/demo/feature_repo")                      # Python SDK, SQLite or Redis
+    >>> client = FeatureClient("runs/demo/feature_repo", http_url="http://127.0.0.1:6566")   # feast serve
+    >>> answer = client.get_ranking_features("u42", ["surface=home"], ["i1", "i2", "i3"])
+    """
+
+    def __init__(self, repo: str | Path | FeatureRepo, http_url: str | None = None):
+        self.repo = repo if isinstance(repo, FeatureRepo) else FeatureRepo(repo)
+        settings = self.repo.settings()
+        self.model_version: str | None = settings.get("model_version")
+        self.conditions: list[str] = list(settings.get("conditions") or [])
+        self.dim = int(settings.get("lum_dim") or 0)
+        self.ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
+        state_file = self.repo.materialized_file
+        if not state_file.exists():
+            raise FeatureStoreError(f"{self.repo.root}: the online store was never materialized; run `lum features materialize`")
+        self.state = json.loads(state_file.read_text())
+        self.clock = pd.Timestamp(self.state["end"])
+        self.transport = _HttpTransport(http_url) if http_url else _PythonTransport(self.repo)
+
+    def get_ranking_features(
+        self,
+        user_id: str,
+        conditions: list[str] | None,
+        candidate_item_ids: list[str],
+        request_time: pd.Timestamp | str | None = None,
+    ) -> RankingFeatures:
+        """Features for one request. `conditions=None` asks every query condition of the selected version."""
+        conditions = list(self.conditions if conditions is None else conditions)
+        unknown = [c for c in conditions if c not in self.conditions]
+        if unknown:
+            raise FeatureStoreError(f"condition(s) {', '.join(unknown)} are not served (served: {', '.join(self.conditions) or 'none'})")
+        now = self.clock if request_time is None else pd.Timestamp(request_time)
+        now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+        items = [str(i) for i in candidate_item_ids]
+        user = str(user_id)
+
+        got = self.transport.read([f"user_stats:{c}" for c in USER_COUNTERS] + ["user_recent_items:hist_item_ids", "user_recent_items:hist_categories"],
+                                  {"user_id": [user]})
+        user_counters = {c: _float(got[f"user_stats__{c}"][0]) for c in USER_COUNTERS}
+        user_found = not np.isnan(user_counters["user_n_events"])
+        hist_items = got["user_recent_items__hist_item_ids"][0] or []
+        hist_cats = got["user_recent_items__hist_categories"][0] or []
+
+        item_features = [f"item_stats:{c}" for c in ITEM_COUNTERS] + ["item_info:item_category"]
+        if self.model_version:
+            item_features += ["lum_item:item_embedding", "lum_item:item_model_version"]
+        got = self.transport.read(item_features, {"item_id": items}) if items else {f.replace(":", "__"): [] for f in item_features}
+        item_counters = {c: np.array([_float(v) for v in got[f"item_stats__{c}"]], dtype=np.float64) for c in ITEM_COUNTERS}
+        item_found = ~np.isnan(item_counters["item_n_impressions"]) if items else np.zeros(0, bool)
+        item_category = list(got["item_info__item_category"])
+        item_vectors = np.zeros((len(items), self.dim), np.float32)
+        item_vector_found = np.zeros(len(items), bool)
+        if self.model_version:
+            for n, (vector, version) in enumerate(zip(got["lum_item__item_embedding"], got["lum_item__item_model_version"])):
+                if vector is not None and version == self.model_version and len(vector) == self.dim:
+                    item_vectors[n], item_vector_found[n] = vector, True
+
+        k = len(conditions)
+        user_vectors = np.zeros((k, self.dim), np.float32)
+        found, stale = np.zeros(k, bool), np.zeros(k, bool)
+        as_of: list[pd.Timestamp | None] = [None] * k
+        if self.model_version and k:
+            got = self.transport.read(["lum_user_interest:embedding", "lum_user_interest:model_version"],
+                                      {"user_id": [user] * k, "condition": conditions})
+            for j, (vector, version, stamp) in enumerate(zip(got["lum_user_interest__embedding"], got["lum_user_interest__model_version"],
+                                                             got["lum_user_interest__embedding" + TIMESTAMP_SUFFIX])):
+                if vector is None or version != self.model_version:
+                    continue
+                as_of[j] = pd.Timestamp(stamp, unit="s", tz="UTC")
+                if as_of[j] > now:  # computed after the request: never served (ask the offline store about the past)
+                    continue
+                if self.ttl > pd.Timedelta(0) and as_of[j] < now - self.ttl:
+                    stale[j] = True
+                    continue
+                user_vectors[j], found[j] = vector, True
+        return RankingFeatures(
+            user_id=user, conditions=conditions, item_ids=items, request_time=now, model_version=self.model_version,
+            user_vectors=user_vectors, user_vector_found=found, user_vector_stale=stale, user_vector_as_of=as_of,
+            item_vectors=item_vectors, item_vector_found=item_vector_found, user_counters=user_counters, user_found=user_found,
+            item_counters=item_counters, item_found=item_found, item_category=item_category,
+            hist_item_ids=list(hist_items), hist_categories=list(hist_cats),
+        )
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)

@@ -1,0 +1,285 @@
+"""A run's Feast feature repo: create it, build the offline tables, ingest embeddings, apply, materialize.
+
+    feature_repo/
+      feature_store.yaml          Feast's config: local provider, file offline store, SQLite or Redis online store
+      definitions.py              the Feast objects (copied from feature_store/repo_template/)
+      lum_features.yaml           what varies: the selected model version, its query conditions, TTLs
+      data/
+        registry.db               Feast's registry (written by apply)
+        online.db                 the SQLite online store (written by materialize)
+        stats/*.parquet           ordinary features, point-in-time (see offline_tables.py)
+        lum_user/<version>/*.parquet   ingested user embeddings of each model version (several coexist)
+        lum_item/<version>/items.parquet
+        ingested.json             every ingested embedding job, by version: dimension, conditions, as-of times
+        materialized.json         what the online store holds: model version and materialized-until time
+
+Every file is written under a temporary name and renamed; ingestion checks everything (dimension against the
+job's manifest, NaN, duplicate as-of times) before it moves a single file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parent / "repo_template"
+PROJECT = "lum"
+
+
+class FeatureStoreError(ValueError):
+    """Bad input or a missing step; the message says what was expected or which command to run."""
+
+
+@dataclass(frozen=True)
+class OnlineStoreConfig:
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "localhost:6379"  # host:port[,db=N,...] (Feast's connection_string)
+
+    def yaml(self) -> dict[str, Any]:
+        if self.kind == "redis":
+            return {"type": "redis", "connection_string": self.redis_url}
+        if self.kind == "sqlite":
+            return {"type": "sqlite", "path": "data/online.db"}
+        raise FeatureStoreError(f"online store must be sqlite or redis, got '{self.kind}'")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _slug(condition: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in condition)
+
+
+class FeatureRepo:
+    """One Feast repo folder; every command of `lum features` goes through this class."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.data = self.root / "data"
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "lum_features.yaml"
+
+    @property
+    def ingested_file(self) -> Path:
+        return self.data / "ingested.json"
+
+    @property
+    def materialized_file(self) -> Path:
+        return self.data / "materialized.json"
+
+    def settings(self) -> dict[str, Any]:
+        if not self.settings_file.exists():
+            raise FeatureStoreError(f"{self.root} is not a LUM feature repo (no lum_features.yaml): run `lum features apply` first")
+        return yaml.safe_load(self.settings_file.read_text()) or {}
+
+    def ingested(self) -> dict[str, Any]:
+        return json.loads(self.ingested_file.read_text()) if self.ingested_file.exists() else {}
+
+    # ------------------------------------------------------------------ create / configure
+    def init(self, online: OnlineStoreConfig | None = None, lum_ttl_days: float | None = None, stats_ttl_days: float | None = None) -> None:
+        """Create or update the repo files (never the data): feature_store.yaml, definitions.py, lum_features.yaml."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        existing = yaml.safe_load(self.settings_file.read_text()) if self.settings_file.exists() else {}
+        settings = {"model_version": None, "conditions": [], "lum_dim": None, "lum_ttl_days": 30, "stats_ttl_days": 0,
+                    "online_store": asdict(OnlineStoreConfig()), **(existing or {})}
+        if online is not None:
+            settings["online_store"] = asdict(online)
+        if lum_ttl_days is not None:
+            settings["lum_ttl_days"] = lum_ttl_days
+        if stats_ttl_days is not None:
+            settings["stats_ttl_days"] = stats_ttl_days
+        self._write_settings(settings)
+        shutil.copyfile(TEMPLATE / "definitions.py", self.root / ".definitions.py.tmp")
+        (self.root / ".definitions.py.tmp").replace(self.root / "definitions.py")
+        (self.root / ".feastignore").write_text("data/\n")
+
+    def _write_settings(self, settings: dict[str, Any]) -> None:
+        online = OnlineStoreConfig(**settings["online_store"])
+        store_yaml = {
+            "project": PROJECT,
+            "provider": "local",
+            "registry": "data/registry.db",
+            "offline_store": {"type": "file"},
+            "online_store": online.yaml(),
+            "entity_key_serialization_version": 3,
+        }
+        header = "# Written by `lum features apply`; edit lum_features.yaml or pass options to that command instead.\n"
+        _atomic_write_text(self.root / "feature_store.yaml", header + yaml.safe_dump(store_yaml, sort_keys=False))
+        _atomic_write_text(self.settings_file, yaml.safe_dump(settings, sort_keys=False))
+
+    def select_version(self, version: str) -> None:
+        versions = self.ingested()
+        if version not in versions:
+            known = ", ".join(sorted(versions)) or "none"
+            raise FeatureStoreError(f"model version '{version}' was never ingested into {self.root} (ingested: {known}); run `lum features ingest` first")
+        settings = self.settings()
+        entry = versions[version]
+        settings.update(model_version=version, conditions=entry["conditions"], lum_dim=entry["dim"])
+        self._write_settings(settings)
+
+    def store(self):
+        """The Feast `FeatureStore` of this repo (raises a clear error when `apply` has not run)."""
+        from feast import FeatureStore
+
+        if not (self.root / "feature_store.yaml").exists():
+            raise FeatureStoreError(f"{self.root} has no feature_store.yaml: run `lum features apply` first")
+        if not (self.data / "registry.db").exists():
+            raise FeatureStoreError(f"{self.root} has no Feast registry (data/registry.db): run `lum features apply` first")
+        return FeatureStore(repo_path=str(self.root))
+
+    # ------------------------------------------------------------------ offline tables
+    def build_stats(self, events: pd.DataFrame, items: pd.DataFrame | None, config: Any = None) -> dict[str, int]:
+        from feature_store.offline_tables import StatsConfig, write_stats_tables
+
+        return write_stats_tables(events, items, self.data / "stats", config or StatsConfig())
+
+    def apply(self) -> list[str]:
+        """Run the real `feast apply` in the repo folder; returns the feature views registered.
+
+        A subprocess on purpose: Feast imports `definitions.py` as a module named after the file, relative to
+        the working directory, so in-process applies of two repos would share one cached module.
+        """
+        import subprocess
+        import sys
+
+        if not (self.data / "stats" / "user_stats.parquet").exists():
+            raise FeatureStoreError(f"{self.root} has no offline tables yet (data/stats/): build them with `lum features apply --run RUN`")
+        feast_cli = Path(sys.executable).with_name("feast")
+        command = [str(feast_cli) if feast_cli.exists() else "feast", "apply"]
+        done = subprocess.run(command, cwd=self.root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FeatureStoreError(f"`feast apply` failed in {self.root} (exit {done.returncode}):\n{done.stderr[-3000:] or done.stdout[-3000:]}")
+        return sorted(fv.name for fv in self.store().list_feature_views())
+
+    # ------------------------------------------------------------------ ingestion
+    def ingest(self, embed_dir: str | Path, item_valid_from: str | pd.Timestamp | None = None, select: bool | None = None) -> dict[str, Any]:
+        """Register the Parquet output of `lum embed` for its model version.
+
+        Checks, before anything is written: the job finished; every vector has the dimension its manifest states
+        and no NaN; the version's dimension and item vectors agree with earlier ingests; no as-of time of the job
+        was ingested before for that version. Item vectors get `item_valid_from` as their timestamp (default:
+        the end of the model's training data, when it first existed).
+        """
+        embed_dir = Path(embed_dir)
+        manifest_path = embed_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise FeatureStoreError(f"{embed_dir} is not the output of `lum embed` (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text())
+        if not manifest.get("complete"):
+            raise FeatureStoreError(f"{embed_dir}: the embedding job has not finished; re-run `lum embed` with the same --out to resume it")
+        settings = manifest["settings"]
+        version, dim = settings["model_version"], int(manifest["embedding_dim"])
+        job_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        versions = self.ingested()
+        entry = versions.get(version, {"dim": dim, "conditions": [], "jobs": {}, "item_valid_from": None})
+        if job_id in entry["jobs"]:
+            return {"version": version, "job": job_id, "rows": 0, "skipped": True}
+        if entry["dim"] != dim:
+            raise FeatureStoreError(f"{embed_dir}: embeddings of dimension {dim}, but version {version} was ingested with dimension {entry['dim']}")
+
+        shard_files = [embed_dir / "users" / s["file"] for _, s in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
+        as_of_times: set[pd.Timestamp] = set()
+        rows = 0
+        for path in shard_files:
+            table = pq.read_table(path)
+            rows += table.num_rows
+            self._check_vectors(table, "embedding", dim, path, manifest_path)
+            as_of_times |= set(pd.to_datetime(table.column("event_timestamp").to_pandas(), utc=True).unique()) if settings.get("rows") is None else set()
+        if settings.get("rows") is None:
+            clash = sorted(t for t in as_of_times if t.isoformat() in set(entry.get("as_of", [])))
+            if clash:
+                raise FeatureStoreError(
+                    f"{embed_dir}: as-of time(s) {', '.join(t.isoformat() for t in clash[:5])} of version {version} were already ingested "
+                    "from another job; two embeddings for one (user, condition, time) would make the join ambiguous"
+                )
+        items = pq.read_table(embed_dir / "items.parquet")
+        self._check_vectors(items, "embedding", dim, embed_dir / "items.parquet", manifest_path)
+        valid_from = self._item_valid_from(manifest, item_valid_from) if entry["item_valid_from"] is None else pd.Timestamp(entry["item_valid_from"])
+        item_table = pa.table({
+            "item_id": items.column("item_id"),
+            "item_embedding": items.column("embedding"),
+            "item_model_version": items.column("model_version"),
+            "event_timestamp": pa.array(np.full(items.num_rows, valid_from.value // 1000, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC")),
+        })
+        item_path = self.data / "lum_item" / version / "items.parquet"
+        if item_path.exists() and not pq.read_table(item_path).select(["item_id", "item_embedding"]).equals(item_table.select(["item_id", "item_embedding"])):
+            raise FeatureStoreError(
+                f"{embed_dir}: its item vectors differ from those already ingested for version {version} (another --dim projection?); "
+                "embed every job of a version with the same settings, or ingest it as its own version"
+            )
+
+        # all checks passed: copy shards (temporary name, then rename), then record the job
+        user_dir = self.data / "lum_user" / version
+        user_dir.mkdir(parents=True, exist_ok=True)
+        for path in shard_files:
+            tmp = user_dir / f".{job_id}-{path.name}.tmp"
+            shutil.copyfile(path, tmp)
+            tmp.replace(user_dir / f"{job_id}-{path.name}")
+        if not item_path.exists():
+            item_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = item_path.with_name(".items.parquet.tmp")
+            pq.write_table(item_table, tmp)
+            tmp.replace(item_path)
+        conditions = settings["conditions"]
+        entry["conditions"] = entry["conditions"] + [c for c in conditions if c not in entry["conditions"]]
+        entry["item_valid_from"] = valid_from.isoformat()
+        entry["as_of"] = sorted(set(entry.get("as_of", [])) | {t.isoformat() for t in as_of_times})
+        entry["jobs"][job_id] = {"source": str(embed_dir.resolve()), "as_of": settings["as_of"], "rows": rows, "conditions": conditions,
+                                 "mode": "rolling" if settings.get("rows") else "snapshot"}
+        versions[version] = entry
+        _atomic_write_text(self.ingested_file, json.dumps(versions, indent=2))
+        if select or (select is None and not self.settings().get("model_version")):
+            self.select_version(version)
+        return {"version": version, "job": job_id, "rows": rows, "skipped": False, "dim": dim, "conditions": conditions}
+
+    @staticmethod
+    def _check_vectors(table: pa.Table, column: str, dim: int, path: Path, manifest_path: Path) -> None:
+        vectors = table.column(column)
+        lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != dim).any():
+            bad = int(np.flatnonzero(lengths != dim)[0])
+            raise FeatureStoreError(
+                f"{path}: row {bad + 1} has a vector of length {int(lengths[bad])}, but {manifest_path} says the embedding dimension is {dim}"
+            )
+        flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False)
+        n_nan = int(np.isnan(flat).sum())
+        if n_nan:
+            raise FeatureStoreError(f"{path}: column '{column}' holds {n_nan} NaN value(s); nothing was ingested")
+
+    @staticmethod
+    def _item_valid_from(manifest: dict[str, Any], override: str | pd.Timestamp | None) -> pd.Timestamp:
+        if override is not None:
+            ts = pd.Timestamp(override)
+            return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        model_manifest = Path(manifest.get("source_model", "")) / "lum_manifest.json"
+        if model_manifest.exists():
+            data_end = json.loads(model_manifest.read_text()).get("training_window", {}).get("ts_max")
+            if data_end:
+                ts = pd.Timestamp(data_end)
+                return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")) + pd.Timedelta(microseconds=1)
+        raise FeatureStoreError(
+            "cannot tell when the model's item vectors became valid (its lum_manifest.json has no data end); pass --item-valid-from"
+        )
+
+    # ------------------------------------------------------------------ helpers for readers
+    def lum_columns(self) -> dict[str, str]:
+        """slug -> condition name of the selected version's query conditions."""
+        return {_slug(c): c for c in self.settings().get("conditions") or []}

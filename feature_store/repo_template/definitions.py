@@ -1,0 +1,107 @@
+"""Feast definitions of the LUM feature repo (read by `feast apply` and by `lum features apply`).
+
+This file is copied into every run's feature repo (`runs/<name>/feature_repo/`); what varies between runs -
+which model version is selected, its query conditions, the TTLs - is read from `lum_features.yaml` beside it,
+so the plain `feast` CLI works in that folder too (`cd runs/demo/feature_repo && feast apply`).
+
+Entities:      user (user_id), item (item_id), condition (condition: a query-condition name, e.g. surface=home)
+Feature views: lum_user_interest  (user, condition) -> embedding Array(Float32), model_version
+               lum_item           item -> item_embedding Array(Float32), item_model_version
+               user_stats         user -> counters of the user's events strictly before the request
+               item_stats         item -> counters of the item's impressions strictly before the request
+               user_recent_items  user -> the last engaged items and their categories (newest last)
+               item_info          item -> item_category
+Services:      ranker_base, ranker_pooled, ranker_lum, ranker_lum_pooled (the ranker variants)
+"""
+
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Float32, Float64, String
+
+REPO = Path(__file__).resolve().parent
+DATA = REPO / "data"
+SETTINGS = yaml.safe_load((REPO / "lum_features.yaml").read_text()) if (REPO / "lum_features.yaml").exists() else {}
+MODEL_VERSION = SETTINGS.get("model_version")
+
+
+def _days(value) -> timedelta:
+    """A TTL in days; 0 means forever (Feast's convention)."""
+    return timedelta(days=float(value or 0))
+
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="A user of the event log")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING, description="An item of the catalogue")
+condition = Entity(name="condition", join_keys=["condition"], value_type=ValueType.STRING,
+                   description="A LUM query condition, e.g. surface=home or surface=home|device=mobile")
+
+
+def _source(name: str, path: Path) -> FileSource:
+    return FileSource(name=f"{name}_source", path=str(path), timestamp_field="event_timestamp")
+
+
+stats_ttl = _days(SETTINGS.get("stats_ttl_days", 0))
+user_stats = FeatureView(
+    name="user_stats",
+    entities=[user],
+    ttl=stats_ttl,
+    schema=[Field(name=n, dtype=Float64) for n in ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s")],
+    source=_source("user_stats", DATA / "stats" / "user_stats.parquet"),
+    description="Counters of the user's events strictly before the request (a row per moment they changed, stamped 1 us after it)",
+)
+item_stats = FeatureView(
+    name="item_stats",
+    entities=[item],
+    ttl=stats_ttl,
+    schema=[Field(name=n, dtype=Float64) for n in ("item_n_impressions", "item_n_clicks", "item_ctr")],
+    source=_source("item_stats", DATA / "stats" / "item_stats.parquet"),
+    description="Impressions, clicks and smoothed CTR of the item strictly before the request",
+)
+user_recent_items = FeatureView(
+    name="user_recent_items",
+    entities=[user],
+    ttl=stats_ttl,
+    schema=[Field(name="hist_item_ids", dtype=Array(String)), Field(name="hist_categories", dtype=Array(String))],
+    source=_source("user_recent_items", DATA / "stats" / "user_recent_items.parquet"),
+    description="The user's last engaged items strictly before the request, newest last",
+)
+item_info = FeatureView(
+    name="item_info",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[Field(name="item_category", dtype=String)],
+    source=_source("item_info", DATA / "stats" / "item_info.parquet"),
+    description="Static item content",
+)
+
+ranker_base = FeatureService(name="ranker_base", features=[user_stats, item_stats, item_info],
+                             description="The baseline ranker: ids, context and counters")
+ranker_pooled = FeatureService(name="ranker_pooled", features=[user_stats, item_stats, item_info, user_recent_items],
+                               description="Baseline + the user's recent items (pooled-history)")
+
+if MODEL_VERSION:
+    lum_user_interest = FeatureView(
+        name="lum_user_interest",
+        entities=[user, condition],
+        ttl=_days(SETTINGS.get("lum_ttl_days", 30)),
+        schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="model_version", dtype=String)],
+        source=_source("lum_user_interest", DATA / "lum_user" / MODEL_VERSION),
+        description="LUM user-interest vector per (user, query condition); event_timestamp is the as-of time",
+        tags={"model_version": MODEL_VERSION},
+    )
+    lum_item = FeatureView(
+        name="lum_item",
+        entities=[item],
+        ttl=timedelta(0),
+        schema=[Field(name="item_embedding", dtype=Array(Float32)), Field(name="item_model_version", dtype=String)],
+        source=_source("lum_item", DATA / "lum_item" / MODEL_VERSION / "items.parquet"),
+        description="The LM's own vector of each item (its output row): user . item is the model's logit",
+        tags={"model_version": MODEL_VERSION},
+    )
+    ranker_lum = FeatureService(name="ranker_lum", features=[user_stats, item_stats, item_info, lum_user_interest, lum_item],
+                                description="Baseline + LUM user-interest vectors and item vectors", tags={"model_version": MODEL_VERSION})
+    ranker_lum_pooled = FeatureService(
+        name="ranker_lum_pooled", features=[user_stats, item_stats, item_info, user_recent_items, lum_user_interest, lum_item],
+        description="Baseline + LUM + pooled-history", tags={"model_version": MODEL_VERSION})

@@ -1,0 +1,217 @@
+"""Point-in-time training sets through Feast: exactly one row per impression, in input order.
+
+Feast's file offline store drops entity rows that have no feature row inside [t - ttl, t] and returns the rest
+in another order. So every call here carries a `row_id` through Feast and joins the answer back onto our own
+table: a row is never lost or reordered, and a feature Feast did not find is null with a `missing_*` flag.
+
+Output (the training-set contract read by `ranker/`):
+
+    row_id, user_id, item_id, ts, [label], request-context columns, item_category,
+    user_n_events, user_n_clicks, user_ctr, user_recent_ctr, user_hours_since_last,
+    item_n_impressions, item_n_clicks, item_ctr,
+    hist_item_ids, hist_categories                      (services with user_recent_items)
+    lum_user__<slug> (one per query condition), lum_item (services with LUM)
+    missing_user_stats, missing_item_stats, missing_lum  (int8 flags)
+
+and schema metadata `lum.training_set` (JSON) naming the column groups, the conditions and the model version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from feature_store.repo import FeatureRepo, FeatureStoreError, _slug
+
+METADATA_KEY = b"lum.training_set"
+COUNTER_COLUMNS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last",
+                   "item_n_impressions", "item_n_clicks", "item_ctr"]
+SEQUENCE_COLUMNS = ["hist_item_ids", "hist_categories"]
+SERVICES = ("ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled")
+
+
+@dataclass(frozen=True)
+class TrainingSetConfig:
+    feature_service: str = "ranker_lum_pooled"
+    context_columns: tuple[str, ...] = ()  # request-time columns of the impressions to pass through as features
+    conditions: tuple[str, ...] | None = None  # LUM query conditions (default: the selected version's)
+    chunk_rows: int = 100_000  # entity rows per Feast call (bounds memory)
+
+
+def _check_impressions(impressions: pd.DataFrame, context_columns: Iterable[str]) -> pd.DataFrame:
+    missing = [c for c in ("user_id", "item_id", "ts") if c not in impressions.columns]
+    if missing:
+        hint = " (an entity frame needs its request times in `ts`)" if "ts" in missing else ""
+        raise FeatureStoreError(f"impressions lack column(s) {', '.join(missing)}{hint}; have: {', '.join(map(str, impressions.columns))}")
+    absent = [c for c in context_columns if c not in impressions.columns]
+    if absent:
+        raise FeatureStoreError(f"context column(s) {', '.join(absent)} are not in the impressions (have: {', '.join(map(str, impressions.columns))})")
+    ts = pd.to_datetime(impressions["ts"], utc=True)
+    if ts.isna().any():
+        raise FeatureStoreError(f"impressions: {int(ts.isna().sum())} row(s) have no timestamp in `ts` (row {int(np.flatnonzero(ts.isna())[0]) + 1} first)")
+    return impressions.assign(ts=ts, user_id=impressions["user_id"].astype(str), item_id=impressions["item_id"].astype(str))
+
+
+def _service_views(store: Any, name: str) -> dict[str, list[str]]:
+    """view name -> feature names of a feature service (clear error when the service does not exist)."""
+    try:
+        service = store.get_feature_service(name)
+    except Exception as exc:  # Feast raises FeatureServiceNotFoundException
+        known = sorted(s.name for s in store.list_feature_services())
+        hint = " (the LUM services appear once embeddings are ingested: run `lum features ingest`, then `lum features apply`)" if "lum" in name else ""
+        raise FeatureStoreError(f"feature service '{name}' does not exist in the registry (known: {', '.join(known)}){hint}") from exc
+    return {p.name: [f.name for f in p.features] for p in service.feature_view_projections}
+
+
+def _known_keys(store: Any, view: str, keys: list[str]) -> pd.DataFrame:
+    """The distinct join keys present in a feature view's offline source (a file or a folder of files)."""
+    import pyarrow.dataset as ds
+
+    path = store.get_feature_view(view).batch_source.path
+    return ds.dataset(path, format="parquet").to_table(columns=keys).to_pandas().drop_duplicates()
+
+
+def _historical(store: Any, entity: pd.DataFrame, refs: list[str], chunk_rows: int, desc: str, progress: bool) -> pd.DataFrame:
+    """Feast's point-in-time join in chunks; returns the answer keyed by `row_id` (rows Feast dropped are absent).
+
+    Entity rows whose key never occurs in the view's source are left out before Feast sees them: they cannot
+    have a value, and Feast's Dask join fails on the empty timestamps they produce when a source has several
+    files ("Divisions calculation failed ... nulls").
+    """
+    view = refs[0].split(":")[0]
+    keys = [c for c in ("user_id", "item_id", "condition") if c in entity.columns]
+    entity = entity.merge(_known_keys(store, view, keys), on=keys, how="inner")
+    parts = []
+    for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=not progress or len(entity) <= chunk_rows, unit="chunk"):
+        chunk = entity.iloc[start : start + chunk_rows]
+        parts.append(store.get_historical_features(entity_df=chunk, features=refs, full_feature_names=True).to_df())
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])
+    prefixes = tuple(f"{ref.split(':')[0]}__" for ref in refs)
+    features = {c: c.split("__", 1)[1] for c in out.columns if isinstance(c, str) and c.startswith(prefixes)}
+    return out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
+
+
+def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: TrainingSetConfig, progress: bool = False) -> pa.Table:
+    """One row per impression (same order) with every feature of `config.feature_service`, point-in-time correct."""
+    frame = _check_impressions(impressions, config.context_columns).reset_index(drop=True)
+    store = repo.store()
+    views = _service_views(store, config.feature_service)
+    settings = repo.settings()
+    uses_lum = "lum_user_interest" in views
+    conditions = list(config.conditions or settings.get("conditions") or [])
+    if uses_lum and not conditions:
+        raise FeatureStoreError(f"{repo.root}: no LUM query conditions are selected; run `lum features ingest` then `lum features apply`")
+    if uses_lum:
+        known = set(settings.get("conditions") or [])
+        unknown = [c for c in conditions if c not in known]
+        if unknown:
+            raise FeatureStoreError(f"condition(s) {', '.join(unknown)} were not ingested for {settings.get('model_version')}; ingested: {', '.join(sorted(known))}")
+
+    base_cols = ["user_id", "item_id", "ts"] + (["label"] if "label" in frame.columns else [])
+    out = frame[base_cols + [c for c in config.context_columns if c not in base_cols]].copy()
+    out.insert(0, "row_id", np.arange(len(frame), dtype=np.int64))
+
+    # user-keyed views: one Feast row per distinct (user, request time), since a slate shares both
+    user_views = [v for v in ("user_stats", "user_recent_items") if v in views]
+    requests = out[["user_id", "ts"]].drop_duplicates().reset_index(drop=True)
+    requests["row_id"] = np.arange(len(requests), dtype=np.int64)
+    # one Feast call per view: the file store drops an entity row from the whole answer when any view of the
+    # call lacks a value for it, so views asked together would lose each other's values
+    for view in user_views:
+        got = _historical(store, requests.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
+                          config.chunk_rows, view, progress)
+        answer = requests.join(got, on="row_id")
+        out = out.merge(answer.drop(columns="row_id"), on=["user_id", "ts"], how="left", validate="many_to_one")
+
+    # item-keyed views: one Feast row per distinct (item, request time)
+    item_views = [v for v in ("item_stats", "item_info", "lum_item") if v in views]
+    if item_views:
+        pairs = out[["item_id", "ts"]].drop_duplicates().reset_index(drop=True)
+        pairs["row_id"] = np.arange(len(pairs), dtype=np.int64)
+        for view in item_views:
+            got = _historical(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
+                              config.chunk_rows, view, progress)
+            answer = pairs.join(got, on="row_id")
+            out = out.merge(answer.drop(columns="row_id"), on=["item_id", "ts"], how="left", validate="many_to_one")
+
+    # LUM user interests: (user, condition, request time), pivoted to one column per condition
+    if uses_lum:
+        expanded = pd.concat([requests.assign(condition=c) for c in conditions], ignore_index=True)
+        expanded["key"] = np.arange(len(expanded), dtype=np.int64)
+        entity = expanded.rename(columns={"ts": "event_timestamp", "row_id": "request", "key": "row_id"})
+        got = _historical(store, entity, ["lum_user_interest:embedding", "lum_user_interest:model_version"], config.chunk_rows, "LUM features", progress)
+        expanded = expanded.join(got, on="key")
+        selected = settings.get("model_version")
+        stale = expanded["model_version"].notna() & (expanded["model_version"] != selected)
+        expanded.loc[stale, "embedding"] = None
+        wide = requests[["user_id", "ts"]].copy()
+        for c in conditions:
+            part = expanded[expanded["condition"] == c].set_index("row_id")["embedding"]
+            wide[f"lum_user__{_slug(c)}"] = part.reindex(requests["row_id"]).to_numpy()
+        out = out.merge(wide, on=["user_id", "ts"], how="left", validate="many_to_one")
+        out = out.rename(columns={"item_embedding": "lum_item"}).drop(columns=["item_model_version"], errors="ignore")
+
+    return _finish(out, frame, config, settings, views, conditions if uses_lum else [])
+
+
+def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, settings: dict[str, Any], views: dict[str, list[str]],
+            conditions: list[str]) -> pa.Table:
+    """Derived columns, flags, list defaults and the contract metadata."""
+    out = out.sort_values("row_id", kind="stable").reset_index(drop=True)
+    assert len(out) == len(frame) and (out["row_id"].to_numpy() == np.arange(len(frame))).all(), "a training row was lost or reordered"
+    if "user_stats" in views:
+        since = (out["ts"] - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds() - out.pop("user_last_event_s")
+        out["user_hours_since_last"] = since / 3600.0
+        out["missing_user_stats"] = out["user_n_events"].isna().astype(np.int8)
+    if "item_stats" in views:
+        out["missing_item_stats"] = out["item_n_impressions"].isna().astype(np.int8)
+    for column in SEQUENCE_COLUMNS:
+        if column in out.columns:
+            out[column] = [v if isinstance(v, (list, np.ndarray)) else [] for v in out[column]]
+    lum_user_cols = [f"lum_user__{_slug(c)}" for c in conditions]
+    if conditions:
+        missing = out[lum_user_cols + ["lum_item"]].isna().any(axis=1)
+        out["missing_lum"] = missing.astype(np.int8)
+    dim = settings.get("lum_dim")
+    fields = []
+    for name in out.columns:
+        if name in lum_user_cols or name == "lum_item":
+            fields.append(pa.field(name, pa.list_(pa.float32())))
+        elif name in SEQUENCE_COLUMNS:
+            fields.append(pa.field(name, pa.list_(pa.string())))
+    types = {f.name: f.type for f in fields}
+    arrays = {}
+    for name in out.columns:
+        if name in types:
+            arrays[name] = pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else list(v) for v in out[name]], types[name])
+        elif name == "ts":
+            arrays[name] = pa.array(out[name]).cast(pa.timestamp("us", tz="UTC"))
+        elif name == "label":
+            arrays[name] = pa.array(out[name].astype(np.int8))
+        else:
+            arrays[name] = pa.array(out[name])
+    metadata = {
+        "context_columns": list(config.context_columns),
+        "counter_columns": [c for c in COUNTER_COLUMNS if c in out.columns],
+        "sequence_columns": [c for c in SEQUENCE_COLUMNS if c in out.columns],
+        "lum_conditions": {_slug(c): c for c in conditions},
+        "lum_dim": dim if conditions else None,
+        "model_version": settings.get("model_version") if conditions else None,
+        "feature_service": config.feature_service,
+        "label": "label", "user": "user_id", "item": "item_id", "time": "ts",
+    }
+    table = pa.table(arrays)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def training_set_metadata(table: pa.Table) -> dict[str, Any]:
+    meta = table.schema.metadata or {}
+    if METADATA_KEY not in meta:
+        raise FeatureStoreError("this table is not a LUM training set (no lum.training_set metadata)")
+    return json.loads(meta[METADATA_KEY])

@@ -1,0 +1,93 @@
+"""Run-folder steps of the feature store: prepare the Feast repo, ingest embeddings, build training sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from feature_store.offline_tables import StatsConfig
+from feature_store.repo import FeatureRepo, OnlineStoreConfig
+from feature_store.training_set import TrainingSetConfig, build_training_set
+from pipelines.contract import read_events, write_parquet_atomic
+from pipelines.lm_steps import default_history_events
+from pipelines.paths import RunPaths
+from pipelines.sources.base import read_dataset_info
+from pipelines.split import dataset_fingerprint
+
+# Request-time columns that are not ranking features: ids of a session or request do not generalise, and the
+# slot `position` is decided by the ranker itself (learning from it would copy the logging policy's order).
+NOT_FEATURES = ("session_id", "request_id", "position")
+
+
+def prepare_repo(
+    paths: RunPaths,
+    online: OnlineStoreConfig | None = None,
+    lum_ttl_days: float | None = None,
+    model_version: str | None = None,
+    rebuild_stats: bool = False,
+) -> tuple[FeatureRepo, list[str], bool]:
+    """Create/update the run's Feast repo, (re)build the offline tables when the events changed, `feast apply`.
+
+    Returns the repo, the registered feature views, and whether the offline tables were rebuilt.
+    """
+    read_dataset_info(paths)  # a clear error when the run has no data yet
+    repo = FeatureRepo(paths.feature_repo)
+    repo.init(online=online, lum_ttl_days=lum_ttl_days)
+    stamp = repo.data / "stats" / "stats.json"
+    fingerprint = dataset_fingerprint(paths)
+    rebuilt = False
+    if rebuild_stats or not stamp.exists() or json.loads(stamp.read_text()).get("dataset_fingerprint") != fingerprint:
+        events, _ = read_events(paths.events)
+        items = pq.read_table(paths.items).to_pandas() if paths.items.exists() else None
+        history = "all" if default_history_events(paths) == "all" else "positive"
+        counts = repo.build_stats(events.to_pandas(), items, StatsConfig(history_labels=history))
+        stamp.write_text(json.dumps({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history}, indent=2))
+        rebuilt = True
+    if model_version:
+        repo.select_version(model_version)
+    return repo, repo.apply(), rebuilt
+
+
+def context_columns(events_path: Path, exclude: tuple[str, ...] = NOT_FEATURES) -> tuple[str, ...]:
+    """The event columns a ranker may use for the row itself: those the contract marks as known at request time."""
+    _, contract = read_events(events_path)
+    return tuple(c for c in contract.ranker_feature_columns() if c not in exclude)
+
+
+def build_window_training_set(
+    paths: RunPaths, protocol: str, window: str, service: str, conditions: tuple[str, ...] | None = None, progress: bool = True
+) -> Path:
+    """The training set of a split window (train or test) for one feature service, written to the run folder."""
+    split_file = paths.split_file(protocol, window)
+    if not split_file.exists():
+        raise FileNotFoundError(f"{split_file} not found: run `lum data split --protocol {protocol}` first")
+    impressions, _ = read_events(split_file)
+    repo = FeatureRepo(paths.feature_repo)
+    config = TrainingSetConfig(feature_service=service, context_columns=context_columns(split_file), conditions=conditions)
+    table = build_training_set(repo, impressions.to_pandas(), config, progress=progress)
+    out = paths.training_set(protocol, window, service)
+    write_parquet_atomic(table, out)
+    return out
+
+
+def training_set_summary(path: Path) -> dict[str, Any]:
+    table = pq.read_table(path)
+    frame = table.select([c for c in table.column_names if c.startswith("missing_") or c == "label"]).to_pandas()
+    summary: dict[str, Any] = {"rows": table.num_rows, "columns": table.num_columns}
+    if "label" in frame:
+        summary["positive_rate"] = round(float(frame["label"].mean()), 4)
+    for column in frame.columns:
+        if column.startswith("missing_"):
+            summary[f"{column}_share"] = round(float(frame[column].mean()), 4)
+    return summary
+
+
+def utc(ts: str | None) -> pd.Timestamp | None:
+    if ts is None:
+        return None
+    value = pd.Timestamp(ts)
+    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")

@@ -1,0 +1,365 @@
+"""The Feast feature store: point-in-time training sets, ingestion checks, versions, online lookups (SQLite,
+Redis, HTTP through `feast serve`), incremental freshness and the TTL.
+
+One Feast repo is built once for the module (a tiny simulated run, a tiny LM, torch-engine embeddings at two
+snapshot times plus rolling embeddings) and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from feature_store.online import FeatureClient, materialize
+from feature_store.repo import FeatureRepo, FeatureStoreError, OnlineStoreConfig
+from feature_store.serve import FeatureServer, free_port
+from feature_store.training_set import TrainingSetConfig, build_training_set, training_set_metadata
+from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig
+from pipelines.contract import read_events
+from pipelines.feature_steps import build_window_training_set, context_columns, prepare_repo
+from pipelines.paths import RunPaths
+from pipelines.sources.simulator import preset, simulate_to_run
+from pipelines.split import SplitConfig, split_run
+
+T1 = pd.Timestamp("2025-01-15", tz="UTC")
+T2 = pd.Timestamp("2025-01-22", tz="UTC")
+CONDITIONS = "surface=home,surface=search"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _embed(model_dir: Path, events: Path, as_of: AsOf, out: Path, engine) -> Path:
+    job = EmbeddingJob(model_dir, events, as_of, out, EmbedJobConfig(conditions=CONDITIONS, engine="torch", shards=2))
+    job.open_engine(engine)
+    job.run(progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tiny_lm):
+    from lum.embed import TorchEngine
+
+    return TorchEngine(str(tiny_lm[0]))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_lm, torch_engine):
+    """A tiny simulated run with its Feast repo: offline tables, snapshot T1 materialized, then T2 incrementally."""
+    paths = RunPaths(tmp_path_factory.mktemp("features") / "run")
+    simulate_to_run(preset("tiny"), paths, progress=False)
+    split_run(paths, SplitConfig("per-user"))
+    split_run(paths, SplitConfig("global"))
+    model_dir = tiny_lm[0]
+    snap1 = _embed(model_dir, paths.events, AsOf(times=(T1,)), paths.embeddings("snap1"), torch_engine)
+    snap2 = _embed(model_dir, paths.events, AsOf(times=(T2,)), paths.embeddings("snap2"), torch_engine)
+    rolling = _embed(model_dir, paths.events, AsOf(rows_path=str(paths.split_file("per-user", "test"))), paths.embeddings("rolling"), torch_engine)
+
+    repo = FeatureRepo(paths.feature_repo)
+    repo.init(lum_ttl_days=5)
+    first = repo.ingest(snap1, item_valid_from="2025-01-01")
+    repo, views, _ = prepare_repo(paths)
+    materialize(repo)
+    client = FeatureClient(repo)
+    user = pq.read_table(paths.events, columns=["user_id"]).column("user_id")[0].as_py()
+    after_t1 = client.get_ranking_features(user, None, ["i1"], request_time=T1 + pd.Timedelta(days=1))
+    repo.ingest(snap2)
+    repo.ingest(rolling)
+    prepare_repo(paths)
+    state = materialize(repo)
+    return {"paths": paths, "repo": repo, "version": first["version"], "views": views, "after_t1": after_t1, "user": user,
+            "state": state, "snap1": snap1, "snap2": snap2, "rolling": rolling, "model_dir": model_dir}
+
+
+def _vectors(embed_dir: Path) -> pd.DataFrame:
+    frame = pd.concat([pq.read_table(p).to_pandas() for p in sorted((embed_dir / "users").glob("*.parquet"))], ignore_index=True)
+    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+    return frame
+
+
+# ---------------------------------------------------------------------- offline: training sets
+def test_repo_registers_the_views_and_the_plain_feast_cli_reads_it(run):
+    assert {"lum_user_interest", "lum_item", "user_stats", "item_stats", "user_recent_items", "item_info"} <= set(run["views"])
+    feast = Path(sys.executable).with_name("feast")
+    listed = subprocess.run([str(feast), "feature-services", "list"], cwd=run["repo"].root, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    for service in ("ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled"):
+        assert service in listed.stdout
+
+
+def test_training_set_keeps_every_row_in_input_order(run):
+    paths = run["paths"]
+    test_rows = read_events(paths.split_file("global", "test"))[0].to_pandas()
+    rng = np.random.default_rng(0)
+    impressions = test_rows.iloc[rng.permutation(len(test_rows))[:1500]].reset_index(drop=True)
+    extra = impressions.iloc[:3].copy()
+    extra["user_id"] = ["nobody", impressions.user_id[0], impressions.user_id[1]]
+    extra["item_id"] = [impressions.item_id[0], "no-such-item", impressions.item_id[1]]
+    extra.loc[extra.index[2], "ts"] = pd.Timestamp("2024-06-01", tz="UTC")  # before any data at all
+    impressions = pd.concat([impressions, extra, impressions.iloc[:5]], ignore_index=True)  # duplicates too
+    table = build_training_set(run["repo"], impressions, TrainingSetConfig("ranker_lum_pooled", context_columns=("surface", "device")))
+    out = table.to_pandas()
+    assert len(out) == len(impressions)
+    assert (out.user_id.to_numpy() == impressions.user_id.astype(str).to_numpy()).all()
+    assert (out.item_id.to_numpy() == impressions.item_id.astype(str).to_numpy()).all()
+    assert (out.ts == impressions.ts).all()
+    n = len(impressions) - 5
+    unknown_user, unknown_item, too_early = out.iloc[n - 3], out.iloc[n - 2], out.iloc[n - 1]
+    assert unknown_user.missing_user_stats == 1 and unknown_user.missing_lum == 1 and list(unknown_user.hist_item_ids) == []
+    assert unknown_item.missing_item_stats == 1 and unknown_item.missing_lum == 1 and unknown_item.lum_item is None
+    assert too_early.missing_user_stats == 1 and too_early.missing_item_stats == 1
+    meta = training_set_metadata(table)
+    assert meta["lum_conditions"] == {"surface_home": "surface=home", "surface_search": "surface=search"}
+    assert meta["context_columns"] == ["surface", "device"] and meta["model_version"] == run["version"]
+
+
+def test_counters_and_history_use_only_events_strictly_before_the_row(run):
+    paths = run["paths"]
+    events = read_events(paths.events)[0].to_pandas()
+    rows = events.sample(400, random_state=1).reset_index(drop=True)
+    out = build_training_set(run["repo"], rows, TrainingSetConfig("ranker_pooled")).to_pandas()
+    for row, got in zip(rows.itertuples(), out.itertuples()):
+        before = events[(events.user_id == row.user_id) & (events.ts < row.ts)]
+        if len(before) == 0:
+            assert got.missing_user_stats == 1
+            continue
+        assert got.user_n_events == len(before) and got.user_n_clicks == before.label.sum()
+        clicks = before[before.label == 1].sort_values("ts", kind="stable")
+        assert list(got.hist_item_ids) == list(clicks.item_id.astype(str).iloc[-20:])
+        assert got.user_hours_since_last == pytest.approx((row.ts - before.ts.max()).total_seconds() / 3600, abs=1e-6)
+        day = row.ts.floor("1D")
+        item_before = events[(events.item_id == row.item_id) & (events.ts < day)]
+        if len(item_before):
+            assert got.item_n_impressions == len(item_before) and got.item_n_clicks == item_before.label.sum()
+        else:
+            assert got.missing_item_stats == 1
+
+
+def test_embeddings_join_point_in_time_and_respect_the_ttl(run):
+    """Every joined vector is the newest ingested one with as-of <= the row's time and within the 5-day TTL."""
+    paths = run["paths"]
+    events = read_events(paths.events)[0].to_pandas()
+    users = events.user_id.drop_duplicates().iloc[:30]
+    times = [T1 - pd.Timedelta(hours=1), T1, T1 + pd.Timedelta(days=2), T2 + pd.Timedelta(hours=3), T2 + pd.Timedelta(days=6)]
+    rows = pd.DataFrame([(u, "i1", t) for u in users for t in times], columns=["user_id", "item_id", "ts"])
+    out = build_training_set(run["repo"], rows, TrainingSetConfig("ranker_lum")).to_pandas()
+    ingested = pd.concat([_vectors(run[name]) for name in ("snap1", "snap2", "rolling")])
+    home = ingested[ingested.condition == "surface=home"]
+    outcomes = {"joined": 0, "none": 0, "expired": 0}
+    for row in out.itertuples():
+        mine = home[(home.user_id == row.user_id) & (home.event_timestamp <= row.ts)].sort_values("event_timestamp")
+        got = row.lum_user__surface_home
+        if len(mine) == 0 or mine.event_timestamp.iloc[-1] < row.ts - pd.Timedelta(days=5):
+            assert got is None and row.missing_lum == 1
+            outcomes["expired" if len(mine) else "none"] += 1
+            continue
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(mine.embedding.iloc[-1]))
+        outcomes["joined"] += 1
+    assert min(outcomes.values()) >= 5, outcomes  # every case occurred
+
+
+def test_rolling_embeddings_join_exactly_on_the_row_time(run):
+    paths = run["paths"]
+    build = build_window_training_set(paths, "per-user", "test", "ranker_lum", progress=False)
+    out = pq.read_table(build).to_pandas()
+    rolling = _vectors(run["rolling"])
+    search = rolling[rolling.condition == "surface=search"].set_index(["user_id", "event_timestamp"])["embedding"]
+    found = out[out.lum_user__surface_search.notna()]
+    assert len(found) > 0.5 * len(out)
+    for row in found.sample(200, random_state=0).itertuples():
+        # the snapshot at T1/T2 may be newer than nothing, but a rolling vector stamped at the row's own time wins
+        if (row.user_id, row.ts) in search.index:
+            np.testing.assert_array_equal(np.asarray(row.lum_user__surface_search), np.asarray(search[(row.user_id, row.ts)]))
+
+
+def test_request_columns_only_become_context_features(run):
+    columns = context_columns(run["paths"].events)
+    assert set(columns) == {"surface", "device", "daypart", "hour"}  # truth and ids are never features
+
+
+# ---------------------------------------------------------------------- ingestion: checks and versions
+def test_ingest_refuses_a_dimension_that_disagrees_with_the_manifest(run, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(run["snap1"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["embedding_dim"] += 1
+    manifest["settings"]["as_of"] = "changed"  # another job as far as ingestion knows
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    before = run["repo"].ingested_file.read_text()
+    with pytest.raises(FeatureStoreError, match="dimension"):
+        run["repo"].ingest(bad)
+    assert run["repo"].ingested_file.read_text() == before
+
+
+def test_ingest_refuses_nan_and_writes_nothing(run, tmp_path):
+    bad = tmp_path / "nan"
+    shutil.copytree(run["snap1"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["settings"]["as_of"] = "2025-01-10T00:00:00+00:00"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    shard = sorted((bad / "users").glob("*.parquet"))[0]
+    frame = pq.read_table(shard).to_pandas()
+    frame.at[0, "embedding"] = np.full(len(frame.embedding[0]), np.nan, np.float32)
+    frame["event_timestamp"] = pd.Timestamp("2025-01-10", tz="UTC")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pandas(frame, schema=pq.read_schema(shard), preserve_index=False), shard)
+    files_before = sorted(p.name for p in (run["repo"].data / "lum_user" / run["version"]).iterdir())
+    with pytest.raises(FeatureStoreError, match="NaN"):
+        run["repo"].ingest(bad)
+    assert sorted(p.name for p in (run["repo"].data / "lum_user" / run["version"]).iterdir()) == files_before
+
+
+def test_ingesting_the_same_job_twice_is_a_no_op(run):
+    assert run["repo"].ingest(run["snap1"])["skipped"] is True
+
+
+def test_selecting_an_unknown_version_says_what_to_run(run):
+    with pytest.raises(FeatureStoreError, match="lum features ingest"):
+        run["repo"].select_version("lum-does-not-exist")
+
+
+def test_unknown_feature_service_and_missing_timestamps_are_clear_errors(run):
+    rows = pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "ts": [T2]})
+    with pytest.raises(FeatureStoreError, match="does not exist"):
+        build_training_set(run["repo"], rows, TrainingSetConfig("ranker_nope"))
+    with pytest.raises(FeatureStoreError, match="ts"):
+        build_training_set(run["repo"], rows.drop(columns="ts"), TrainingSetConfig("ranker_base"))
+
+
+def test_missing_registry_names_the_command(tmp_path):
+    repo = FeatureRepo(tmp_path / "empty")
+    with pytest.raises(FeatureStoreError, match="lum features apply"):
+        repo.store()
+    with pytest.raises(FeatureStoreError, match="lum features apply"):
+        repo.settings()
+
+
+# ---------------------------------------------------------------------- online
+def test_online_store_answers_with_the_newest_embedding_after_incremental_materialization(run):
+    assert run["state"]["modes"]["lum_user_interest"] == "incremental"
+    assert run["state"]["modes"]["user_stats"] == "up to date"
+    client = FeatureClient(run["repo"])
+    first = _vectors(run["snap1"])
+    later = pd.concat([_vectors(run["snap2"]), _vectors(run["rolling"])])  # everything ingested after the first materialization
+    for frame, answer_at in ((first, run["after_t1"]), (later, None)):
+        mine = frame[(frame.user_id == run["user"]) & (frame.condition == "surface=home")].sort_values("event_timestamp")
+        newest = mine.iloc[-1]
+        if frame is later:
+            answer_at = client.get_ranking_features(run["user"], None, ["i1"], request_time=newest.event_timestamp)
+        np.testing.assert_allclose(answer_at.user_vectors[0], np.asarray(newest.embedding), rtol=1e-6)
+        assert answer_at.user_vector_as_of[0] == newest.event_timestamp.floor("s")
+    assert run["after_t1"].user_vector_as_of[0] == T1
+
+
+def test_online_lookup_of_unknown_user_and_items_gives_flags_not_exceptions(run):
+    client = FeatureClient(run["repo"])
+    answer = client.get_ranking_features("nobody", ["surface=home"], ["i1", "no-such-item", "i2"])
+    assert not answer.user_found and not answer.user_vector_found.any()
+    assert np.isnan(answer.user_counters["user_n_events"])
+    assert answer.item_found.tolist() == [True, False, True]
+    assert answer.item_vector_found.tolist() == [True, False, True]
+    assert answer.item_vectors.shape == (3, client.dim) and not answer.item_vectors[1].any()
+    frame = answer.to_frame({"surface": "home"})
+    assert len(frame) == 3 and frame.missing_lum.tolist() == [1, 1, 1] and frame.missing_item_stats.tolist() == [0, 1, 0]
+
+
+def test_online_ttl_is_enforced_and_future_vectors_are_never_served(run):
+    client = FeatureClient(run["repo"])
+    as_of = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=pd.Timestamp("2030-01-01", tz="UTC")).user_vector_as_of[0]
+    fresh = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=1))
+    stale = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=6))
+    early = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of - pd.Timedelta(seconds=1))
+    assert fresh.user_vector_found[0] and not fresh.user_vector_stale[0]
+    assert not stale.user_vector_found[0] and stale.user_vector_stale[0]
+    assert not early.user_vector_found[0] and not early.user_vector_stale[0]
+
+
+def test_online_matches_offline_for_the_same_moment(run):
+    client = FeatureClient(run["repo"])
+    at = pd.Timestamp(run["state"]["end"])
+    answer = client.get_ranking_features(run["user"], None, ["i1", "i2"], request_time=at)
+    rows = pd.DataFrame({"user_id": run["user"], "item_id": ["i1", "i2"], "ts": at})
+    offline = build_training_set(run["repo"], rows, TrainingSetConfig("ranker_lum_pooled")).to_pandas()
+    online = answer.to_frame()
+    for column in ("user_n_events", "user_ctr", "item_n_impressions", "item_ctr"):
+        np.testing.assert_allclose(online[column].to_numpy(float), offline[column].to_numpy(float), rtol=1e-9)
+    assert list(online.hist_item_ids[0]) == list(offline.hist_item_ids[0])
+    np.testing.assert_allclose(np.asarray(online.lum_user__surface_home[0]), np.asarray(offline.lum_user__surface_home[0]), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_redis_online_store_gives_the_same_answer_as_sqlite(run, redis_url, tmp_path):
+    # a second repo over the same offline data, with the real Redis server as its online store
+    paths = RunPaths(tmp_path / "redis-run")
+    shutil.copytree(run["paths"].root, paths.root)
+    repo = FeatureRepo(paths.feature_repo)
+    repo.materialized_file.unlink()
+    repo.init(online=OnlineStoreConfig("redis", redis_url))
+    prepare_repo(paths)
+    state = materialize(repo)
+    assert state["online_store"]["kind"] == "redis" and set(state["modes"].values()) == {"full"}
+    items = ["i1", "i2", "no-such-item"]
+    from_redis = FeatureClient(repo).get_ranking_features(run["user"], None, items)
+    from_sqlite = FeatureClient(run["repo"]).get_ranking_features(run["user"], None, items)
+    np.testing.assert_array_equal(from_redis.user_vectors, from_sqlite.user_vectors)
+    np.testing.assert_array_equal(from_redis.item_vectors, from_sqlite.item_vectors)
+    assert from_redis.item_found.tolist() == from_sqlite.item_found.tolist() == [True, True, False]
+    assert from_redis.hist_item_ids == from_sqlite.hist_item_ids
+
+
+def test_http_route_through_feast_serve_matches_the_python_client(run):
+    with FeatureServer(run["repo"]) as server:
+        via_http = FeatureClient(run["repo"], http_url=server.url).get_ranking_features(run["user"], None, ["i1", "no-such-item"])
+        port = server.port
+    via_python = FeatureClient(run["repo"]).get_ranking_features(run["user"], None, ["i1", "no-such-item"])
+    np.testing.assert_allclose(via_http.user_vectors, via_python.user_vectors, rtol=1e-6)
+    np.testing.assert_allclose(via_http.item_vectors, via_python.item_vectors, rtol=1e-6)
+    assert via_http.item_found.tolist() == [True, False]
+    assert via_http.user_counters["user_n_events"] == via_python.user_counters["user_n_events"]
+    import socket
+
+    with socket.socket() as sock:  # the server is gone
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_cli_get_prints_the_request_and_apply_errors_without_data(run, tmp_path):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    result = CliRunner().invoke(main, ["features", "get", "--run", str(run["paths"].root), "--user", run["user"], "--items", "i1,zzz"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert [i["found"] for i in payload["items"]] == [True, False]
+    assert payload["conditions"][0]["condition"] == "surface=home" and payload["conditions"][0]["found"]
+    result = CliRunner().invoke(main, ["features", "apply", "--run", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "lum data make" in result.output
