@@ -41,7 +41,7 @@ class TrainingSetConfig:
     feature_service: str = "ranker_lum_pooled"
     context_columns: tuple[str, ...] = ()  # request-time columns of the impressions to pass through as features
     conditions: tuple[str, ...] | None = None  # LUM query conditions (default: the selected version's)
-    chunk_rows: int = 100_000  # entity rows per Feast call (bounds memory)
+    merge_budget: int = 4_000_000  # entity x source rows Feast may merge in one call (bounds memory)
 
 
 def _check_impressions(impressions: pd.DataFrame, context_columns: Iterable[str]) -> pd.DataFrame:
@@ -69,16 +69,49 @@ def _service_views(store: Any, name: str) -> dict[str, list[str]]:
     return {p.name: [f.name for f in p.features] for p in service.feature_view_projections}
 
 
-def _known_keys(store: Any, view: str, keys: list[str]) -> pd.DataFrame:
-    """The distinct join keys present in a feature view's offline source (a file or a folder of files)."""
+def _fast_dask_tokens_for_nested_columns() -> None:
+    """Make Dask name object arrays of lists/arrays (our embedding and history columns) without pickling them.
+
+    Dask names every intermediate result by hashing its data; for an object array it pickles the whole array,
+    up to three times, to prove the hash is deterministic. Feast's file store renames and persists the source
+    several times per join, so a 150k-row embedding column cost about a minute per join. A random token is
+    correct here: these frames are computed once, in this process, and never looked up by name again.
+    """
+    import uuid
+
+    from dask.tokenize import normalize_token
+
+    numpy_normalizer = normalize_token.dispatch(np.ndarray)
+    if getattr(numpy_normalizer, "_lum_nested", False):
+        return
+
+    def normalize(x: np.ndarray):
+        if x.dtype.hasobject and x.shape:
+            try:
+                "-".join(x.flat)  # all strings: Dask's own fast path hashes them
+            except TypeError:  # lists, arrays, None: what Dask would pickle
+                return ("lum-nested", uuid.uuid4().hex, x.shape)
+        return numpy_normalizer(x)
+
+    normalize._lum_nested = True  # type: ignore[attr-defined]
+    normalize_token.register(np.ndarray)(normalize)
+
+
+def _known_keys(store: Any, view: str, keys: list[str]) -> tuple[pd.DataFrame, int]:
+    """The distinct join keys present in a feature view's offline source, and the source's number of rows."""
     import pyarrow.dataset as ds
 
     path = store.get_feature_view(view).batch_source.path
-    return ds.dataset(path, format="parquet").to_table(columns=keys).to_pandas().drop_duplicates()
+    table = ds.dataset(path, format="parquet").to_table(columns=keys)
+    return table.to_pandas().drop_duplicates(), table.num_rows
 
 
-def _historical(store: Any, entity: pd.DataFrame, refs: list[str], chunk_rows: int, desc: str, progress: bool) -> pd.DataFrame:
+def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget: int, desc: str, progress: bool) -> pd.DataFrame:
     """Feast's point-in-time join in chunks; returns the answer keyed by `row_id` (rows Feast dropped are absent).
+
+    Feast's file store merges every entity row with every source row of its key before filtering by time, so
+    a chunk holds about `merge_budget / (source rows per key)` entity rows: memory stays bounded, and chunks
+    are as large as that allows because each call re-reads the whole source.
 
     Entity rows whose key never occurs in the view's source are left out before Feast sees them: they cannot
     have a value, and Feast's Dask join fails on the empty timestamps they produce when a source has several
@@ -86,20 +119,25 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], chunk_rows: i
     """
     view = refs[0].split(":")[0]
     keys = [c for c in ("user_id", "item_id", "condition") if c in entity.columns]
-    entity = entity.merge(_known_keys(store, view, keys), on=keys, how="inner")
+    known, source_rows = _known_keys(store, view, keys)
+    entity = entity.merge(known, on=keys, how="inner")
+    chunk_rows = max(10_000, merge_budget * max(len(known), 1) // max(source_rows, 1))
     parts = []
-    for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=not progress or len(entity) <= chunk_rows, unit="chunk"):
+    for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=not progress, unit="chunk", leave=False):
         chunk = entity.iloc[start : start + chunk_rows]
         parts.append(store.get_historical_features(entity_df=chunk, features=refs, full_feature_names=True).to_df())
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])
     prefixes = tuple(f"{ref.split(':')[0]}__" for ref in refs)
     features = {c: c.split("__", 1)[1] for c in out.columns if isinstance(c, str) and c.startswith(prefixes)}
+    if not len(out):
+        return pd.DataFrame(columns=[f.split(":")[1] for f in refs], index=pd.Index([], name="row_id"))
     return out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
 
 
 def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: TrainingSetConfig, progress: bool = False) -> pa.Table:
     """One row per impression (same order) with every feature of `config.feature_service`, point-in-time correct."""
     frame = _check_impressions(impressions, config.context_columns).reset_index(drop=True)
+    _fast_dask_tokens_for_nested_columns()
     store = repo.store()
     views = _service_views(store, config.feature_service)
     settings = repo.settings()
@@ -125,7 +163,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
     # call lacks a value for it, so views asked together would lose each other's values
     for view in user_views:
         got = _historical(store, requests.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
-                          config.chunk_rows, view, progress)
+                          config.merge_budget, view, progress)
         answer = requests.join(got, on="row_id")
         out = out.merge(answer.drop(columns="row_id"), on=["user_id", "ts"], how="left", validate="many_to_one")
 
@@ -136,7 +174,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
         pairs["row_id"] = np.arange(len(pairs), dtype=np.int64)
         for view in item_views:
             got = _historical(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
-                              config.chunk_rows, view, progress)
+                              config.merge_budget, view, progress)
             answer = pairs.join(got, on="row_id")
             out = out.merge(answer.drop(columns="row_id"), on=["item_id", "ts"], how="left", validate="many_to_one")
 
@@ -145,7 +183,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
         expanded = pd.concat([requests.assign(condition=c) for c in conditions], ignore_index=True)
         expanded["key"] = np.arange(len(expanded), dtype=np.int64)
         entity = expanded.rename(columns={"ts": "event_timestamp", "row_id": "request", "key": "row_id"})
-        got = _historical(store, entity, ["lum_user_interest:embedding", "lum_user_interest:model_version"], config.chunk_rows, "LUM features", progress)
+        got = _historical(store, entity, ["lum_user_interest:embedding", "lum_user_interest:model_version"], config.merge_budget, "LUM features", progress)
         expanded = expanded.join(got, on="key")
         selected = settings.get("model_version")
         stale = expanded["model_version"].notna() & (expanded["model_version"] != selected)
