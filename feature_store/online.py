@@ -150,7 +150,7 @@ class _PythonTransport:
 
     def read(self, features: list[str], entities: dict[str, list[str]]) -> dict[str, list[Any]]:
         response = self.store.get_online_features(features=features, entity_rows=entities, full_feature_names=True)
-        return response.to_dict(include_event_timestamps=True)
+        return _response_values(response.proto)
 
 
 class _HttpTransport:
@@ -277,6 +277,34 @@ class FeatureClient:
             features += ["lum_user_interest:embedding", "lum_user_interest:model_version"]
             entities["condition"] = [conditions[r % len(conditions)] for r in range(rows)]
         return features, entities
+
+
+_PRESENT = 1  # feast.protos FieldStatus.PRESENT
+
+
+def _proto_value(value: Any) -> Any:
+    """A Feast `Value` proto as a Python value, for the types our views hold (a leaner `OnlineResponse.to_dict`,
+    which spent about a quarter of a request converting 100 item vectors)."""
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    if kind == "float_list_val":
+        return np.asarray(value.float_list_val.val, dtype=np.float32)
+    if kind == "string_list_val":
+        return list(value.string_list_val.val)
+    if kind == "double_list_val":
+        return np.asarray(value.double_list_val.val, dtype=np.float64)
+    return getattr(value, kind)
+
+
+def _response_values(proto: Any) -> dict[str, list[Any]]:
+    """feature name -> values (None when not PRESENT), plus name + `__ts` -> event timestamps in seconds."""
+    out: dict[str, list[Any]] = {}
+    for name, vector in zip(proto.metadata.feature_names.val, proto.results):
+        statuses = vector.statuses
+        out[name] = [_proto_value(v) if statuses[i] == _PRESENT else None for i, v in enumerate(vector.values)]
+        out[name + TIMESTAMP_SUFFIX] = [t.seconds for t in vector.event_timestamps]
+    return out
 
 
 def _float(value: Any) -> float:
