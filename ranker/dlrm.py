@@ -1,0 +1,357 @@
+"""The DLRM ranker: `torchrec.models.dlrm.DLRM` (or DLRM_DCN) trained through DistributedModelParallel.
+
+Two engines compute the same model and the same updates (row-wise Adagrad for the tables, Adam for the rest):
+  dmp    TorchRec DistributedModelParallel on gloo: the planner shards the tables over the ranks (table-wise on
+         CPU) and fbgemm's fused kernel applies EXACT_ROWWISE_ADAGRAD inside the backward pass, so the tables never
+         hold a gradient. One process, or many under `torchrun` (each rank takes its slice of every batch).
+  plain  an unsharded EmbeddingBagCollection with `torchrec.optim.RowWiseAdagrad` as an ordinary optimizer: the
+         reference the fast path is compared with (and 4-5x slower on CPU, see STACK.md).
+Both start from the same seeded weights (the DMP tables are overwritten with them), so a seed fixes the run.
+
+Model selection: after every epoch the model scores the validation rows (the last part of the training window
+in time, chosen by the caller); the epoch with the best AUC is kept, and training stops after `patience` epochs
+without a better one. The kept weights are gathered to plain tensors, so scoring needs neither DMP nor a process
+group: `scoring_model(...)` rebuilds an unsharded DLRM from them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import log_loss, roc_auc_score
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+
+from ranker.features import DLRMInputs
+
+SPARSE_PREFIX = "sparse_arch."  # parameters under it are embedding tables; the rest is the dense part
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    embedding_dim: int = 64
+    dense_arch_layers: tuple[int, ...] = (256, 128)  # then embedding_dim: DLRM projects the dense input to D
+    over_arch_layers: tuple[int, ...] = (256, 128)  # then 1: the logit
+    interaction: Literal["dot", "dcn"] = "dot"  # DLRM's pairwise dot products, or DLRM_DCN's low-rank cross net
+    dcn_layers: int = 3
+    dcn_low_rank: int = 64
+    batch_size: int = 2048  # global batch: under torchrun every rank takes batch_size / world rows of it
+    epochs: int = 10
+    patience: int = 2  # epochs without a better validation AUC before stopping
+    dense_lr: float = 1e-3  # Adam
+    embedding_lr: float = 0.05  # row-wise Adagrad
+    embedding_eps: float = 1e-8
+    engine: Literal["dmp", "plain"] = "dmp"
+    eval_batch_size: int = 16_384
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("dmp", "plain"):
+            raise ValueError(f"engine must be 'dmp' or 'plain', got '{self.engine}'")
+        if self.interaction not in ("dot", "dcn"):
+            raise ValueError(f"interaction must be 'dot' or 'dcn', got '{self.interaction}'")
+        if min(self.embedding_dim, self.batch_size, self.epochs, self.eval_batch_size) < 1 or self.patience < 0:
+            raise ValueError("embedding_dim, batch_size, epochs and eval_batch_size must be positive, patience >= 0")
+
+
+def build_dlrm(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig) -> DLRM:
+    """An unsharded DLRM on CPU; weights drawn from `config.seed`."""
+    torch.manual_seed(config.seed)
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    dense_layers = [*config.dense_arch_layers, config.embedding_dim]
+    over_layers = [*config.over_arch_layers, 1]
+    if config.interaction == "dcn":
+        return DLRM_DCN(ebc, dense_in, dense_layers, over_layers, dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_low_rank)
+    return DLRM(ebc, dense_in, dense_layers, over_layers)
+
+
+def scoring_model(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig, state: dict[str, torch.Tensor]) -> DLRM:
+    """An unsharded DLRM in eval mode holding `state` (as gathered by training)."""
+    model = build_dlrm(tables, dense_in, config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, inputs: DLRMInputs, batch_size: int = 16_384) -> np.ndarray:
+    """[N] click probabilities of an unsharded model, in row order."""
+    if len(inputs) <= batch_size:
+        dense, kjt, _ = inputs.batch()
+        return torch.sigmoid(model(dense, kjt).squeeze(-1)).numpy().astype(np.float64)
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        dense, kjt, _ = inputs.batch(np.arange(start, min(start + batch_size, len(inputs))))
+        out.append(torch.sigmoid(model(dense, kjt).squeeze(-1)).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    created: bool  # this module started the process group and ends it
+
+    def close(self) -> None:
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed() -> DistContext:
+    """The gloo process group: torchrun's (RANK / WORLD_SIZE set) or a private one-process group."""
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    else:
+        # an in-memory store: no port to pick, nothing to clash with other jobs on the machine
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return DistContext(dist.get_rank(), dist.get_world_size(), True)
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+
+
+class PlainEngine:
+    """Unsharded model, RowWiseAdagrad for the tables and Adam for the dense part, as ordinary optimizers."""
+
+    def __init__(self, model: DLRM, config: DLRMConfig):
+        from torchrec.optim import RowWiseAdagrad
+
+        self.model = model
+        sparse = [p for n, p in model.named_parameters() if n.startswith(SPARSE_PREFIX)]
+        dense = [p for n, p in model.named_parameters() if not n.startswith(SPARSE_PREFIX)]
+        self.optimizers = [
+            RowWiseAdagrad(sparse, lr=config.embedding_lr, eps=config.embedding_eps),
+            torch.optim.Adam(dense, lr=config.dense_lr),
+        ]
+
+    def train_step(self, dense: torch.Tensor, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        loss = F.binary_cross_entropy_with_logits(self.model(dense, kjt).squeeze(-1), labels)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return float(loss.detach())
+
+    @torch.inference_mode()
+    def logits(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        self.model.eval()
+        return self.model(dense, kjt).squeeze(-1)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+class DMPEngine:
+    """DistributedModelParallel: planned sharding, fused row-wise Adagrad in the backward, Adam (DDP) for the rest."""
+
+    def __init__(self, model: DLRM, config: DLRMConfig, context: DistContext):
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+        from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        self.context = context
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(SPARSE_PREFIX)}
+        sharder = EmbeddingBagCollectionSharder(
+            fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": config.embedding_lr, "eps": config.embedding_eps}
+        )
+        topology = TopologyFactory.create_topology(
+            TrainerConfig(world_size=context.world, local_world_size=context.world), kernel_config=KernelConfig(compute_device="cpu")
+        )
+        # every table table-wise on the fused kernel: left alone, the planner makes small tables data-parallel,
+        # and those would be trained by the dense optimizer instead of row-wise Adagrad
+        constraints = {
+            table.name: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])
+            for table in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+        }
+        planner = EmbeddingShardingPlanner(
+            topology=topology, batch_size=config.batch_size, constraints=constraints,
+            storage_reservation=FixedPercentageStorageReservation(0.15),  # the default heuristic warns it misestimates
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torchrec's own deprecation notices, not ours to act on
+            plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+            self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+        self.plan = plan
+        # the sharded tables were freshly initialised: put the seeded weights back so every engine and every world
+        # size starts from the same point
+        self._load_tables(initial)
+        dense = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        self.optimizer = torch.optim.Adam(list(dense.values()), lr=config.dense_lr)
+
+    def train_step(self, dense: torch.Tensor, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        loss = F.binary_cross_entropy_with_logits(self.model(dense, kjt).squeeze(-1), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        # The tables are updated inside backward (fused optimizer). DDP averages the dense gradients over ranks;
+        # the tables receive the sum of every rank's row gradients, each rank's loss being a mean over its
+        # batch_size / world rows, i.e. world x the 1-process gradient. Row-wise Adagrad divides by the root of
+        # the accumulated squared gradients, so that scale cancels (up to eps) and no correction is needed.
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def logits(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        self.model.eval()
+        return self.model(dense, kjt).squeeze(-1)
+
+    def _load_tables(self, full: dict[str, torch.Tensor]) -> None:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            for key, value in self.model.state_dict().items():
+                if isinstance(value, ShardedTensor):
+                    for shard in value.local_shards():
+                        (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                        shard.tensor.copy_(full[key][r : r + h, c : c + w])
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor unsharded, on every rank (gathered to rank 0, then broadcast)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # DMP's state_dict holds ShardedTensors, which warn
+            return self._gather_state()
+
+    def _gather_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        out = {}
+        for key, value in self.model.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                full = torch.empty(value.shape, dtype=value.dtype)
+                value.gather(dst=0, out=full if self.context.rank == 0 else None)
+                if self.context.world > 1:
+                    dist.broadcast(full, src=0)
+                out[key] = full
+            else:
+                out[key] = value.detach().clone()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _local(rows: np.ndarray, world: int, rank: int, pad: bool) -> np.ndarray:
+    """This rank's equal share of a global batch: padded with its last row (pad) or trimmed to a multiple of world."""
+    if world == 1:
+        return rows
+    extra = (-len(rows)) % world
+    rows = np.concatenate([rows, np.repeat(rows[-1:], extra)]) if pad else rows[: len(rows) - len(rows) % world]
+    return rows.reshape(world, -1)[rank]
+
+
+def _all_gather(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def _all_sum(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def evaluate_logits(engine: PlainEngine | DMPEngine, inputs: DLRMInputs, batch_size: int, world: int, rank: int) -> np.ndarray:
+    """[N] logits of every row, every rank scoring its share of each batch (all ranks get all of them)."""
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(inputs)))
+        dense, kjt, _ = inputs.batch(_local(rows, world, rank, pad=True))
+        out.append(_all_gather(engine.logits(dense, kjt), world)[: len(rows)])
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@dataclass
+class DLRMResult:
+    state: dict[str, torch.Tensor]  # the selected epoch's weights, unsharded
+    best_epoch: int
+    log: list[dict]  # one entry per epoch
+    plan: str | None  # the sharding plan (dmp engine)
+    world: int  # processes that trained it
+
+
+def train_dlrm(
+    fit: DLRMInputs,
+    valid: DLRMInputs | None,
+    tables: list[EmbeddingBagConfig],
+    config: DLRMConfig,
+    progress: bool = False,
+) -> DLRMResult:
+    """Trains on `fit`, selects the epoch by AUC on `valid` (None: keep the last epoch)."""
+    if config.engine == "plain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the plain engine runs in one process; use engine='dmp' under torchrun")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = build_dlrm(tables, fit.dense.shape[1], config)
+    context = init_distributed() if config.engine == "dmp" else DistContext(0, 1, False)
+    try:
+        engine = DMPEngine(model, config, context) if config.engine == "dmp" else PlainEngine(model, config)
+        rank, world = context.rank, context.world
+        if config.batch_size < world:
+            raise ValueError(f"batch_size ({config.batch_size}) is smaller than the number of processes ({world})")
+        log: list[dict] = []
+        best_auc, best_epoch, best_state, waited = -np.inf, 0, None, 0
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(fit))
+            loss_sum, seen = 0.0, 0
+            for start in range(0, len(order), config.batch_size):
+                rows = _local(order[start : start + config.batch_size], world, rank, pad=False)
+                if len(rows) == 0:
+                    continue
+                dense, kjt, labels = fit.batch(rows)
+                loss_sum += engine.train_step(dense, kjt, labels) * len(rows)
+                seen += len(rows)
+            seconds = time.perf_counter() - started
+            entry = {
+                "epoch": epoch,
+                "train_loss": _all_sum(loss_sum, world) / max(_all_sum(seen, world), 1),
+                "examples": int(_all_sum(seen, world)),
+                "seconds": round(seconds, 3),
+                "examples_per_s": round(_all_sum(seen, world) / max(seconds, 1e-9), 1),
+            }
+            if valid is not None:
+                probs = 1.0 / (1.0 + np.exp(-evaluate_logits(engine, valid, config.eval_batch_size, world, rank)))
+                truth = valid.labels.numpy()
+                entry["valid_auc"] = float(roc_auc_score(truth, probs))
+                entry["valid_logloss"] = float(log_loss(truth, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
+            log.append(entry)
+            if progress and rank == 0:
+                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
+            if valid is None or entry["valid_auc"] > best_auc:
+                best_auc, best_epoch, best_state, waited = entry.get("valid_auc", -np.inf), epoch, engine.full_state(), 0
+            else:
+                waited += 1
+                if waited > config.patience:
+                    break
+        plan = str(engine.plan) if isinstance(engine, DMPEngine) else None
+        return DLRMResult(best_state, best_epoch, log, plan, world)
+    finally:
+        context.close()
+        torch.set_num_threads(threads)

@@ -1,0 +1,433 @@
+"""From a training-set table to model inputs: vocabularies, dense normalisation, LUM "interest matching", KJTs.
+
+Shapes: N rows, K LUM conditions, D the LUM dimension, F_dense dense features, B a batch.
+
+DLRM inputs
+  sparse   one KeyedJaggedTensor key per single-valued categorical column (user, item, the item's category, every
+           request-context column) with one id per row; the pooled-history variants add `hist_item_ids` and
+           `hist_categories` as multi-valued keys that share the embedding table of `item_id` / `item_category`
+           (one EmbeddingBagConfig with two feature names, MEAN pooling), so a history item and a target item are
+           the same vector. Ids come from vocabularies fitted on the training rows; 0 is the out-of-vocabulary id
+           (unseen, rare or null values), a trained row of its own.
+  dense    counters (signed log1p, then standardised with training statistics), the counter flags, and for the
+           LUM variants the K user vectors flattened, the item vector, the K similarities dot(user_k, item) (the
+           LM's own logit: item vectors are its output rows) and `lum_sim_request`, the similarity under the
+           condition that matches the row's request context (most specific match wins). A missing value becomes 0
+           after standardisation (the training mean) and a flag says so.
+LightGBM inputs
+  The same information as one float matrix: categorical codes (declared categorical), raw counters and vectors
+  (NaN for missing: LightGBM routes missing values itself), and the pooled history as numbers a tree can use
+  (its length, the share of its items in the target's category, whether the target item is in it).
+
+Only columns the FeatureSchema lists are read; nothing else in the table can reach the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from ranker.schema import (
+    FLAG_COLUMNS,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    LUM_ITEM_COLUMN,
+    LUM_USER_PREFIX,
+    FeatureSchema,
+    RankerInputError,
+    parse_condition,
+    variant_parts,
+)
+
+OOV = 0  # id of unseen / rare / null values in every vocabulary
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    history_len: int = 50  # most recent history items pooled (the column is newest last)
+    min_count: int = 1  # values seen fewer times in the training rows share the OOV id
+    max_vocab: int | None = None  # keep only the most frequent values of each vocabulary
+
+    def __post_init__(self) -> None:
+        if self.history_len < 1 or self.min_count < 1:
+            raise ValueError("history_len and min_count must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------------- arrow reads
+
+
+def _strings(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one string array (dictionary-decoded, numbers printed), nulls kept."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if not pa.types.is_string(array.type):
+        array = pc.cast(array, pa.string())
+    return array
+
+
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    """[N] float64, NaN for null."""
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _lists(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """A list column as (flat values, offsets [N + 1]); a null list is an empty one."""
+    array = column.combine_chunks()
+    if pa.types.is_null(array.type):  # every row null (a DataFrame of cold rows): all lists empty
+        return pa.array([], pa.string()), np.zeros(len(array) + 1, dtype=np.int64)
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return array.flatten(), offsets
+
+
+def _last(offsets: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the last `keep` elements of every row of a jagged array, and the new offsets [N + 1]."""
+    lengths = np.minimum(np.diff(offsets), keep)
+    starts = offsets[1:] - lengths
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(lengths, out=new_offsets[1:])
+    positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return positions, new_offsets
+
+
+def _vectors(column: pa.ChunkedArray, dim: int, name: str) -> np.ndarray:
+    """A list<float> column as [N, D] float32 with NaN rows where the vector is null."""
+    array = column.combine_chunks()
+    if pa.types.is_null(array.type):  # every row null: all vectors missing
+        return np.full((len(array), dim), np.nan, dtype=np.float32)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    out = np.full((len(array), dim), np.nan, dtype=np.float32)
+    if values.size != int(valid.sum()) * dim:
+        raise RankerInputError(f"column {name} holds vectors whose length is not lum_dim = {dim}")
+    out[valid] = values.reshape(-1, dim)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- vocabularies
+
+
+class Vocabulary:
+    """String values -> ids 1..V (most frequent first); everything else -> OOV (0). Table rows: V + 1."""
+
+    def __init__(self, values: list[str]):
+        self.values = list(values)
+        self._lookup = pa.array(self.values, pa.string())
+
+    @classmethod
+    def fit(cls, arrays: list[pa.Array], min_count: int = 1, max_vocab: int | None = None) -> Vocabulary:
+        counts = pc.value_counts(pa.concat_arrays([_strings(a) for a in arrays])).flatten()
+        frame = pd.DataFrame({"value": counts[0].to_pandas(), "count": counts[1].to_numpy()}).dropna()
+        frame = frame[frame["count"] >= min_count].sort_values(["count", "value"], ascending=[False, True], kind="stable")
+        if max_vocab is not None:
+            frame = frame.iloc[:max_vocab]
+        return cls(frame["value"].tolist())
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.values) + 1
+
+    def ids(self, array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """[N] int64 ids, OOV for unknown and null."""
+        index = pc.index_in(_strings(array), value_set=self._lookup)
+        return index.fill_null(-1).to_numpy().astype(np.int64) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- LUM features
+
+
+@dataclass
+class LumFeatures:
+    """The LUM block of N rows; NaN marks what is missing."""
+
+    users: np.ndarray  # [N, K, D] user-interest vectors, one per query condition
+    item: np.ndarray  # [N, D] the target item's vector
+    sims: np.ndarray  # [N, K] dot(users[:, k], item): the LM's logit for the item under condition k
+    sim_request: np.ndarray  # [N] the similarity under the condition matching the row's request context
+    request_missing: np.ndarray  # [N] 1.0 when no condition matches the row or a vector is missing
+    missing: np.ndarray  # [N] 1.0 when any LUM vector of the row is null
+
+
+def request_condition(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
+    """[N] index k of the condition matching each row's request context (the most specific one), -1 when none.
+
+    A condition such as `surface=home|device=mobile` matches a row when every pair equals the row's column. Only
+    feature columns (request context, item category) are compared, so a condition on a post-event column never
+    lets that column in through the back door.
+    """
+    allowed = set(schema.context_columns) | {schema.category}
+    best = np.full(table.num_rows, -1, dtype=np.int64)
+    best_size = np.zeros(table.num_rows, dtype=np.int64)
+    for k, name in enumerate(schema.lum_conditions.values()):
+        pairs = parse_condition(name)
+        if not set(pairs) <= allowed or not set(pairs) <= set(table.column_names):
+            continue
+        match = np.ones(table.num_rows, dtype=bool)
+        for column, value in pairs.items():
+            match &= pc.equal(_strings(table.column(column)), value).fill_null(False).to_numpy(zero_copy_only=False)
+        better = match & (len(pairs) > best_size)
+        best[better], best_size[better] = k, len(pairs)
+    return best
+
+
+def lum_features(table: pa.Table, schema: FeatureSchema) -> LumFeatures:
+    dim = int(schema.lum_dim or 0)
+    if dim <= 0:
+        raise RankerInputError("the training set's metadata gives no lum_dim: rebuild it after `lum features ingest`")
+    users = np.stack([_vectors(table.column(LUM_USER_PREFIX + s), dim, LUM_USER_PREFIX + s) for s in schema.lum_conditions], axis=1)
+    item = _vectors(table.column(LUM_ITEM_COLUMN), dim, LUM_ITEM_COLUMN)
+    sims = np.einsum("nkd,nd->nk", users, item)  # NaN wherever either vector is missing
+    which = request_condition(table, schema)
+    rows = np.arange(table.num_rows)
+    sim_request = np.where(which >= 0, sims[rows, np.maximum(which, 0)], np.nan).astype(np.float32)
+    missing = (np.isnan(users).any(axis=(1, 2)) | np.isnan(item).any(axis=1)).astype(np.float32)
+    return LumFeatures(users, item, sims.astype(np.float32), sim_request, np.isnan(sim_request).astype(np.float32), missing)
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    key: str  # KeyedJaggedTensor key (the column name)
+    table: str  # vocabulary and embedding table it reads
+    sequence: bool  # multi-valued (a pooled history) or one id per row
+
+
+@dataclass
+class DLRMInputs:
+    """DLRM inputs of N rows: dense [N, F_dense], one id array per sparse key, labels [N] (None when scoring)."""
+
+    dense: torch.Tensor  # [N, F_dense] float32
+    keys: list[str]
+    ids: list[np.ndarray]  # per key: [N] ids (single-valued) or the flat ids of all rows (sequence)
+    offsets: list[np.ndarray | None]  # per key: None (single-valued) or [N + 1] offsets into ids
+    labels: torch.Tensor | None  # [N] float32
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def batch(self, rows: np.ndarray | None = None) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor | None]:
+        """(dense [B, F_dense], KJT with B rows per key, labels [B]) for `rows` (None: all rows, in order)."""
+        values, lengths = [], []
+        for ids, offsets in zip(self.ids, self.offsets):
+            if offsets is None:
+                picked = ids if rows is None else ids[rows]
+                values.append(picked)
+                lengths.append(np.ones(len(picked), dtype=np.int64))
+            elif rows is None:
+                values.append(ids)
+                lengths.append(np.diff(offsets))
+            else:
+                count = offsets[rows + 1] - offsets[rows]
+                ends = np.cumsum(count)
+                values.append(ids[np.repeat(offsets[rows] - (ends - count), count) + np.arange(ends[-1] if len(ends) else 0)])
+                lengths.append(count)
+        kjt = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
+        if rows is None:
+            return self.dense, kjt, self.labels
+        index = torch.from_numpy(rows)
+        return self.dense[index], kjt, None if self.labels is None else self.labels[index]
+
+
+class FeaturePipeline:
+    """Vocabularies and dense statistics fitted on training rows; turns any table of the schema into inputs."""
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        variant: str,
+        config: FeatureConfig,
+        vocabularies: dict[str, Vocabulary],
+        dense_names: list[str],
+        dense_mean: np.ndarray,
+        dense_std: np.ndarray,
+    ):
+        self.schema, self.variant, self.config = schema, variant, config
+        self.use_lum, self.use_history = variant_parts(variant)
+        self.vocabularies = vocabularies
+        self.dense_names = dense_names
+        self.dense_mean = np.asarray(dense_mean, dtype=np.float32)
+        self.dense_std = np.asarray(dense_std, dtype=np.float32)
+
+    # ---- fitting and saving
+
+    @classmethod
+    def fit(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig = FeatureConfig()) -> FeaturePipeline:
+        pipeline = cls(schema, variant, config, {}, [], np.zeros(0), np.ones(0))
+        for feature in pipeline.sparse_features:
+            if feature.table in pipeline.vocabularies:
+                continue
+            arrays = [_strings(table.column(feature.table))]
+            history = {schema.item: HISTORY_ITEMS, schema.category: HISTORY_CATEGORIES}.get(feature.table)
+            if pipeline.use_history and history is not None:
+                # items seen only in histories still get rows: they are trained through the pooled feature
+                arrays.append(_lists(table.column(history))[0])
+            pipeline.vocabularies[feature.table] = Vocabulary.fit(arrays, config.min_count, config.max_vocab)
+        raw, names, scaled = pipeline._raw_dense(table)
+        with np.errstate(invalid="ignore"):
+            mean = np.where(scaled, np.nan_to_num(np.nanmean(raw, axis=0)), 0.0)
+            std = np.where(scaled, np.nan_to_num(np.nanstd(raw, axis=0)), 1.0)
+        pipeline.dense_names, pipeline.dense_mean, pipeline.dense_std = names, mean, np.where(std > 1e-6, std, 1.0)
+        return pipeline
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "config": asdict(self.config),
+            "vocabularies": {name: v.values for name, v in self.vocabularies.items()},
+            "dense_names": self.dense_names,
+            "dense_mean": self.dense_mean.tolist(),
+            "dense_std": self.dense_std.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], schema: FeatureSchema) -> FeaturePipeline:
+        return cls(
+            schema,
+            data["variant"],
+            FeatureConfig(**data["config"]),
+            {name: Vocabulary(values) for name, values in data["vocabularies"].items()},
+            data["dense_names"],
+            np.asarray(data["dense_mean"]),
+            np.asarray(data["dense_std"]),
+        )
+
+    # ---- what the model sees
+
+    @property
+    def sparse_features(self) -> list[SparseFeature]:
+        features = [SparseFeature(c, c, False) for c in self.schema.categorical_columns]
+        if self.use_history:
+            features += [SparseFeature(HISTORY_ITEMS, self.schema.item, True), SparseFeature(HISTORY_CATEGORIES, self.schema.category, True)]
+        return features
+
+    def embedding_tables(self, dim: int) -> list[EmbeddingBagConfig]:
+        """One table per vocabulary; a history key joins its target's table. MEAN pooling: the history becomes
+        the average of its items' vectors (for a single id MEAN is that id's vector)."""
+        tables: dict[str, list[str]] = {}
+        for feature in self.sparse_features:
+            tables.setdefault(feature.table, []).append(feature.key)
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{name}",
+                embedding_dim=dim,
+                num_embeddings=self.vocabularies[name].num_embeddings,
+                feature_names=keys,
+                pooling=PoolingType.MEAN,
+            )
+            for name, keys in tables.items()
+        ]
+
+    @property
+    def lightgbm_categorical(self) -> list[str]:
+        return list(self.schema.categorical_columns)
+
+    # ---- building inputs
+
+    def dlrm_inputs(self, table: pa.Table, with_labels: bool = True) -> DLRMInputs:
+        keys, ids, offsets = [], [], []
+        for feature in self.sparse_features:
+            vocab = self.vocabularies[feature.table]
+            keys.append(feature.key)
+            if feature.sequence:
+                values, row_offsets = _lists(table.column(feature.key))
+                positions, row_offsets = _last(row_offsets, self.config.history_len)
+                ids.append(vocab.ids(values.take(pa.array(positions))))
+                offsets.append(row_offsets)
+            else:
+                ids.append(vocab.ids(table.column(feature.key)))
+                offsets.append(None)
+        raw, _, _ = self._raw_dense(table)
+        dense = np.nan_to_num((raw - self.dense_mean) / self.dense_std, nan=0.0, posinf=0.0, neginf=0.0)
+        labels = None
+        if with_labels and self.schema.label in table.column_names:
+            labels = torch.from_numpy(_numbers(table.column(self.schema.label)).astype(np.float32))
+        return DLRMInputs(torch.from_numpy(dense.astype(np.float32, copy=False)), keys, ids, offsets, labels)
+
+    def lightgbm_inputs(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
+        """([N, F] float32 with NaN for missing, feature names); the categorical ones are `lightgbm_categorical`."""
+        schema = self.schema
+        blocks = [np.stack([self.vocabularies[c].ids(table.column(c)) for c in schema.categorical_columns], axis=1).astype(np.float32)]
+        names = list(schema.categorical_columns)
+        blocks.append(np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1) if schema.counter_columns else np.zeros((table.num_rows, 0)))
+        names += list(schema.counter_columns)
+        blocks.append(self._flags(table))
+        names += list(FLAG_COLUMNS)
+        if self.use_history:
+            blocks.append(self._history_numbers(table))
+            names += ["hist_len", "hist_share_in_category", "hist_has_item"]
+        if self.use_lum:
+            lum = lum_features(table, schema)
+            n, k, d = lum.users.shape
+            blocks += [lum.users.reshape(n, k * d), lum.item, lum.sims, lum.sim_request[:, None], lum.missing[:, None]]
+            names += [f"lum_user__{s}__{j}" for s in schema.lum_conditions for j in range(d)]
+            names += [f"lum_item__{j}" for j in range(d)] + [f"lum_sim__{s}" for s in schema.lum_conditions]
+            names += ["lum_sim_request", "missing_lum"]
+        return np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=1), names
+
+    # ---- pieces
+
+    def _flags(self, table: pa.Table) -> np.ndarray:
+        """[N, 2] the counter flags (a null flag counts as missing)."""
+        return np.stack([np.nan_to_num(_numbers(table.column(c)), nan=1.0) for c in FLAG_COLUMNS], axis=1)
+
+    def _history_numbers(self, table: pa.Table) -> np.ndarray:
+        """[N, 3] history length, share of its items in the target's category, whether the target item is in it."""
+        out = []
+        for column, target in ((HISTORY_CATEGORIES, self.schema.category), (HISTORY_ITEMS, self.schema.item)):
+            values, offsets = _lists(table.column(column))
+            positions, offsets = _last(offsets, self.config.history_len)
+            lengths = np.diff(offsets)
+            parent = np.repeat(np.arange(table.num_rows), lengths)
+            same = pc.equal(_strings(values.take(pa.array(positions))), _strings(table.column(target)).take(pa.array(parent)))
+            hits = np.bincount(parent, weights=same.fill_null(False).to_numpy(zero_copy_only=False), minlength=table.num_rows)
+            out.append((lengths, hits))
+        (lengths, in_category), (_, has_item) = out
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(lengths > 0, in_category / np.maximum(lengths, 1), np.nan)
+        return np.stack([lengths.astype(np.float64), share, (has_item > 0).astype(np.float64)], axis=1)
+
+    def _raw_dense(self, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """([N, F_dense] float32 before standardisation, names, which columns get standardised)."""
+        schema = self.schema
+        blocks: list[np.ndarray] = []
+        names: list[str] = []
+        scaled: list[bool] = []
+
+        def add(block: np.ndarray, block_names: list[str], scale: bool) -> None:
+            blocks.append(block.astype(np.float32, copy=False).reshape(table.num_rows, -1))
+            names.extend(block_names)
+            scaled.extend([scale] * len(block_names))
+
+        if schema.counter_columns:
+            counters = np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1)
+            add(np.sign(counters) * np.log1p(np.abs(counters)), [f"counter:{c}" for c in schema.counter_columns], True)
+        add(self._flags(table), [f"flag:{c}" for c in FLAG_COLUMNS], False)
+        if self.use_history:
+            lengths = np.minimum(np.diff(_lists(table.column(HISTORY_ITEMS))[1]), self.config.history_len)
+            add(np.log1p(lengths.astype(np.float64)), ["hist_len"], True)
+        if self.use_lum:
+            lum = lum_features(table, schema)
+            n, k, d = lum.users.shape
+            add(lum.users.reshape(n, k * d), [f"lum_user:{s}:{j}" for s in schema.lum_conditions for j in range(d)], True)
+            add(lum.item, [f"lum_item:{j}" for j in range(d)], True)
+            add(lum.sims, [f"lum_sim:{s}" for s in schema.lum_conditions], True)
+            add(lum.sim_request, ["lum_sim_request"], True)
+            add(lum.request_missing, ["flag:lum_sim_request_missing"], False)
+            add(lum.missing, ["flag:missing_lum"], False)
+        return np.concatenate(blocks, axis=1), names, np.asarray(scaled)

@@ -1,0 +1,293 @@
+"""Ranker inputs: the schema contract, vocabularies, KJTs with shared tables, LUM interest matching, the time split,
+and bad input. No training here (test_ranker_train.py trains)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection
+
+from ranker.features import OOV, FeatureConfig, FeaturePipeline, Vocabulary, lum_features, request_condition
+from ranker.schema import (
+    METADATA_KEY,
+    FeatureSchema,
+    RankerInputError,
+    as_arrow,
+    check_table,
+    read_metadata,
+    slug,
+    validate_training_table,
+)
+from ranker.synthetic import SyntheticConfig, synthetic_training_set
+from ranker.train import time_split
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return synthetic_training_set(SyntheticConfig(rows=2_000, users=100, items=300, lum_dim=8, seed=3))
+
+
+@pytest.fixture(scope="module")
+def schema(table) -> FeatureSchema:
+    return FeatureSchema.from_table(table)
+
+
+def with_metadata(table: pa.Table, **changes) -> pa.Table:
+    meta = {**read_metadata(table), **changes}
+    return table.replace_schema_metadata({METADATA_KEY.encode(): json.dumps(meta).encode()})
+
+
+def replace_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, values)
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+
+
+def test_metadata_from_arrow_schema_and_pandas_attrs(table, schema):
+    frame = table.to_pandas()
+    assert read_metadata(frame) is None
+    frame.attrs[METADATA_KEY] = read_metadata(table)
+    assert FeatureSchema.from_table(frame) == schema
+    frame.attrs[METADATA_KEY] = json.dumps(read_metadata(table))  # a JSON string works too
+    assert FeatureSchema.from_table(as_arrow(frame)) == schema
+    assert schema.lum_dim == 8 and schema.context_columns == ("surface", "device", "daypart", "hour")
+    assert schema.lum_conditions["surface_home_device_mobile"] == "surface=home|device=mobile"
+    assert slug("surface=home|device=mobile") == "surface_home_device_mobile"
+    assert FeatureSchema.from_json(json.loads(json.dumps(schema.to_json()))) == schema
+
+
+def test_table_without_metadata_is_a_clear_error(table):
+    with pytest.raises(RankerInputError, match="no 'lum.training_set' metadata"):
+        FeatureSchema.from_table(table.replace_schema_metadata({}))
+
+
+def test_columns_not_listed_as_features_never_reach_the_inputs(table, schema):
+    """`feedback` (post-event, derived from the label), `p_click` and `relevance` (ground truth) sit in the table;
+    scrambling them, or adding a perfect label copy, changes no input of any variant."""
+    rng = np.random.default_rng(0)
+    label = pc.cast(table.column("label"), pa.int64()).to_numpy()
+    scrambled = table
+    for name in ("feedback", "p_click", "relevance", "row_id"):
+        scrambled = replace_column(scrambled, name, pa.array(rng.permutation(table.column(name).to_numpy())))
+    scrambled = scrambled.append_column("label_copy", pa.array(label))
+    for variant in ("base", "lum", "pooled-history", "lum+pooled"):
+        pipeline = FeaturePipeline.fit(table, schema, variant)
+        assert not {"feedback", "p_click", "relevance", "row_id", "label", "ts", "label_copy"} & set(schema.feature_columns(variant))
+        a, b = pipeline.dlrm_inputs(table), pipeline.dlrm_inputs(scrambled)
+        assert torch.equal(a.dense, b.dense) and a.keys == b.keys
+        assert all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
+        (xa, names), (xb, _) = pipeline.lightgbm_inputs(table), pipeline.lightgbm_inputs(scrambled)
+        assert np.array_equal(xa, xb, equal_nan=True)
+        assert not [n for n in names + pipeline.dense_names if any(bad in n for bad in ("feedback", "p_click", "relevance", "label"))]
+
+
+def test_condition_on_a_column_that_is_not_a_feature_never_matches(table, schema):
+    """A LUM condition on `feedback` must not let the post-event column in through lum_sim_request."""
+    leaky = FeatureSchema.from_metadata({**read_metadata(table), "lum_conditions": {"feedback_5": "feedback=5"}})
+    assert (request_condition(table, leaky) == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------------- sparse
+
+
+def test_vocabulary_orders_by_frequency_and_maps_unknown_and_null_to_oov():
+    vocab = Vocabulary.fit([pa.array(["b", "a", "b", None, "c", "b", "a"])], min_count=2)
+    assert vocab.values == ["b", "a"] and vocab.num_embeddings == 3
+    assert vocab.ids(pa.array(["a", "b", "c", None, "zzz"])).tolist() == [2, 1, OOV, OOV, OOV]
+    assert Vocabulary.fit([pa.array(["x", "y", "y"])], max_vocab=1).values == ["y"]
+    assert Vocabulary.fit([pa.array([7, 7, 3])]).ids(pa.array([3, 7])).tolist() == [2, 1]  # int columns as strings
+
+
+def test_history_shares_the_item_table_with_mean_pooling(table, schema):
+    pipeline = FeaturePipeline.fit(table, schema, "pooled-history")
+    tables = {t.name: t for t in pipeline.embedding_tables(4)}
+    assert tables["t_item_id"].feature_names == ["item_id", "hist_item_ids"]
+    assert tables["t_item_category"].feature_names == ["item_category", "hist_categories"]
+    assert tables["t_user_id"].feature_names == ["user_id"]
+    assert tables["t_item_id"].pooling.name == "MEAN"
+    # one table serves both keys: the pooled history is the mean of the history items' own rows
+    ebc = EmbeddingBagCollection(tables=list(tables.values()))
+    inputs = pipeline.dlrm_inputs(table)
+    rows = np.array([i for i in range(20) if inputs.offsets[-2][i + 1] > inputs.offsets[-2][i]][:5])
+    _, kjt, _ = inputs.batch(rows)
+    pooled = ebc(kjt).to_dict()
+    weight = ebc.embedding_bags["t_item_id"].weight.detach()
+    hist = inputs.keys.index("hist_item_ids")
+    for j, row in enumerate(rows):
+        ids = inputs.ids[hist][inputs.offsets[hist][row] : inputs.offsets[hist][row + 1]]
+        torch.testing.assert_close(pooled["hist_item_ids"][j], weight[torch.from_numpy(ids)].mean(0))
+    item = inputs.keys.index("item_id")
+    torch.testing.assert_close(pooled["item_id"][0], weight[int(inputs.ids[item][rows[0]])])
+
+
+def test_history_keeps_the_newest_items(schema):
+    t = synthetic_training_set(SyntheticConfig(rows=50, users=5, items=30, lum_dim=4, seed=1))
+    pipeline = FeaturePipeline.fit(t, FeatureSchema.from_table(t), "pooled-history", FeatureConfig(history_len=2))
+    inputs = pipeline.dlrm_inputs(t)
+    hist = inputs.keys.index("hist_item_ids")
+    vocab = pipeline.vocabularies["item_id"]
+    for row, items in enumerate(t.column("hist_item_ids").to_pylist()):
+        got = inputs.ids[hist][inputs.offsets[hist][row] : inputs.offsets[hist][row + 1]]
+        assert got.tolist() == vocab.ids(pa.array(items[-2:], pa.string())).tolist()
+
+
+def test_batch_gathers_the_requested_rows(table, schema):
+    pipeline = FeaturePipeline.fit(table, schema, "lum+pooled")
+    inputs = pipeline.dlrm_inputs(table)
+    rows = np.array([5, 0, 17, 17, 3])
+    dense, kjt, labels = inputs.batch(rows)
+    assert dense.shape == (5, len(pipeline.dense_names)) and torch.equal(dense, inputs.dense[rows])
+    assert torch.equal(labels, inputs.labels[rows])
+    whole = inputs.batch()[1].to_dict()
+    for key, jt in kjt.to_dict().items():
+        assert [x.tolist() for x in jt.to_dense()] == [whole[key].to_dense()[r].tolist() for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------- dense / LUM
+
+
+def test_lum_similarities_and_the_request_condition(table, schema):
+    lum = lum_features(table, schema)
+    names = list(schema.lum_conditions)
+    user_vectors = [table.column(f"lum_user__{s}").to_pylist() for s in names]
+    item_vectors = table.column("lum_item").to_pylist()
+    surfaces, devices = table.column("surface").to_pylist(), table.column("device").to_pylist()
+    seen_combined = seen_none = 0
+    for row in range(200):
+        expected_k = {"home": 0, "search": 1, "item_detail": 2}[surfaces[row]]
+        if surfaces[row] == "home" and devices[row] == "mobile":
+            expected_k, seen_combined = 3, seen_combined + 1  # the most specific condition wins
+        missing = item_vectors[row] is None or user_vectors[0][row] is None
+        assert lum.missing[row] == float(missing)
+        if missing:
+            seen_none += 1
+            assert np.isnan(lum.sim_request[row]) and lum.request_missing[row] == 1.0
+            continue
+        for k in range(len(names)):
+            assert lum.sims[row, k] == pytest.approx(np.dot(user_vectors[k][row], item_vectors[row]), rel=1e-5, abs=1e-6)
+        assert lum.sim_request[row] == lum.sims[row, expected_k] and lum.request_missing[row] == 0.0
+    assert seen_combined > 0 and seen_none > 0
+
+
+def test_no_matching_condition_gives_zero_and_a_flag(table, schema):
+    """Rows on a surface no condition names: lum_sim_request is 0 after standardisation, its flag 1; a missing
+    vector gives zeros and missing_lum = 1."""
+    cart = replace_column(table, "surface", pa.array(["cart"] * table.num_rows))
+    pipeline = FeaturePipeline.fit(table, schema, "lum")
+    dense = pipeline.dlrm_inputs(cart).dense
+    at = {name: i for i, name in enumerate(pipeline.dense_names)}
+    assert (dense[:, at["lum_sim_request"]] == 0).all() and (dense[:, at["flag:lum_sim_request_missing"]] == 1).all()
+    missing = pc.cast(table.column("missing_lum"), pa.int64()).to_numpy() == 1
+    own = pipeline.dlrm_inputs(table).dense
+    assert missing.any() and (own[missing][:, at["flag:missing_lum"]] == 1).all()
+    assert (own[~missing][:, at["flag:missing_lum"]] == 0).all()
+    lum_cols = [i for n, i in at.items() if n.startswith("lum_item:")]
+    assert (own[pc.is_null(table.column("lum_item")).to_numpy(zero_copy_only=False)][:, lum_cols] == 0).all()
+
+
+def test_counters_are_log_scaled_and_standardised_on_training_rows(table, schema):
+    pipeline = FeaturePipeline.fit(table, schema, "base")
+    dense = pipeline.dlrm_inputs(table).dense.numpy()
+    j = pipeline.dense_names.index("counter:item_n_impressions")
+    raw = table.column("item_n_impressions").to_numpy(zero_copy_only=False)
+    known = ~np.isnan(raw)
+    assert dense[known, j].mean() == pytest.approx(0, abs=1e-3) and dense[known, j].std() == pytest.approx(1, abs=1e-3)
+    assert (dense[~known, j] == 0).all()
+    order = np.argsort(raw[known])
+    assert (np.diff(dense[known, j][order]) >= 0).all()  # monotone transform
+
+
+def test_lightgbm_history_numbers():
+    t = synthetic_training_set(SyntheticConfig(rows=300, users=10, items=40, lum_dim=4, seed=2))
+    pipeline = FeaturePipeline.fit(t, FeatureSchema.from_table(t), "pooled-history")
+    x, names = pipeline.lightgbm_inputs(t)
+    col = {n: i for i, n in enumerate(names)}
+    for row, (cats, items, cat, item) in enumerate(zip(*(t.column(c).to_pylist() for c in ("hist_categories", "hist_item_ids", "item_category", "item_id")))):
+        assert x[row, col["hist_len"]] == len(cats)
+        if cats:
+            assert x[row, col["hist_share_in_category"]] == pytest.approx(sum(c == cat for c in cats) / len(cats))
+        else:
+            assert np.isnan(x[row, col["hist_share_in_category"]])
+        assert x[row, col["hist_has_item"]] == float(item in items)
+    assert set(pipeline.lightgbm_categorical) <= set(names)
+
+
+# ---------------------------------------------------------------------------------------------------- time split
+
+
+def test_time_split_takes_the_latest_rows(table):
+    times = pc.cast(table.column("ts"), pa.int64()).to_numpy()
+    assert (np.diff(times) < 0).any()  # the table is not in time order: the split must sort
+    split = time_split(table, 0.1)
+    assert times[split.valid].min() > times[split.fit].max()
+    assert abs(len(split.valid) - 0.1 * table.num_rows) <= 1
+    assert np.array_equal(np.sort(np.concatenate([split.fit, split.valid])), np.arange(table.num_rows))
+    assert split.cut == pd.Timestamp(int(times[split.valid].min()), unit="us", tz="UTC")
+
+
+def test_time_split_keeps_a_timestamp_on_one_side():
+    ts = pd.to_datetime(["2025-01-01"] * 6 + ["2025-01-02"] * 4, utc=True)
+    split = time_split(pd.DataFrame({"ts": ts}), 0.3)
+    assert split.valid.tolist() == [6, 7, 8, 9]  # the cut time's rows all go to validation
+    with pytest.raises(RankerInputError, match="same 'ts'"):
+        time_split(pd.DataFrame({"ts": ts[:3]}), 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_training_set_without_positives_or_negatives(table, schema):
+    for value, word in ((0, "no positives"), (1, "no negatives")):
+        one_class = replace_column(table, "label", pa.array(np.full(table.num_rows, value, dtype=np.int8)))
+        with pytest.raises(RankerInputError, match=word):
+            validate_training_table(one_class, schema, "base")
+
+
+def test_feature_null_for_every_row(table, schema):
+    nulls = replace_column(table, "user_ctr", pa.nulls(table.num_rows, pa.float64()))
+    with pytest.raises(RankerInputError, match="null .* for every row: user_ctr"):
+        validate_training_table(nulls, schema, "base")
+    no_lum = table
+    for name in schema.lum_user_columns + ["lum_item"]:
+        no_lum = replace_column(no_lum, name, pa.nulls(table.num_rows, pa.list_(pa.float32())))
+    validate_training_table(no_lum, schema, "base")  # base does not read them
+    with pytest.raises(RankerInputError, match="lum features ingest"):
+        validate_training_table(no_lum, schema, "lum")
+    empty = replace_column(table, "hist_item_ids", pa.array([[]] * table.num_rows, pa.list_(pa.string())))
+    with pytest.raises(RankerInputError, match="hist_item_ids"):
+        validate_training_table(empty, schema, "pooled-history")
+
+
+def test_variant_whose_features_are_absent(table, schema):
+    no_lum = table.drop_columns(schema.lum_user_columns + ["lum_item"])
+    no_lum_schema = FeatureSchema.from_table(with_metadata(no_lum, lum_conditions={}, lum_dim=None))
+    with pytest.raises(RankerInputError, match="run `lum features ingest` for a model version, then rebuild the training set"):
+        validate_training_table(no_lum, no_lum_schema, "lum")
+    no_history = table.drop_columns(["hist_item_ids", "hist_categories"])
+    with pytest.raises(RankerInputError, match="hist_item_ids"):
+        validate_training_table(no_history, schema, "lum+pooled")
+    with pytest.raises(RankerInputError, match="unknown variant 'lum2'"):
+        validate_training_table(table, schema, "lum2")
+
+
+def test_scoring_table_that_does_not_match_the_schema(table, schema):
+    check_table(table, schema, "lum+pooled")
+    with pytest.raises(RankerInputError, match="lum_user__surface_search.*surface=search"):
+        check_table(table.drop_columns(["lum_user__surface_search"]), schema, "lum")
+    with pytest.raises(RankerInputError, match="missing columns: item_ctr"):
+        check_table(table.drop_columns(["item_ctr"]), schema, "base")
+    with pytest.raises(RankerInputError, match="lum_dim is 4 in the table but the ranker was trained with 8"):
+        check_table(with_metadata(table, lum_dim=4), schema, "lum")
+    with pytest.raises(RankerInputError, match="model version 'other'"):
+        check_table(with_metadata(table, model_version="other"), schema, "lum")
+    short = [None if v is None else v[:4] for v in table.column("lum_item").to_pylist()]
+    with pytest.raises(RankerInputError, match="lum_item holds vectors of length 4"):
+        check_table(replace_column(table.replace_schema_metadata({}), "lum_item", pa.array(short, pa.list_(pa.float32()))), schema, "lum")
+    check_table(table.drop_columns(["lum_item"]), schema, "base")  # base does not need it

@@ -1,0 +1,215 @@
+"""Training rankers on the synthetic training set: LUM lift, determinism, save/load/score, the fused DMP path
+against the plain reference, time-based validation, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ranker.dlrm import DLRMConfig, train_dlrm
+from ranker.features import FeaturePipeline
+from ranker.gbdt import LightGBMConfig
+from ranker.metrics import auc
+from ranker.schema import METADATA_KEY, FeatureSchema, RankerInputError, read_metadata
+from ranker.synthetic import SyntheticConfig, split_by_time, synthetic_training_set
+from ranker.train import RankerConfig, TrainedRanker, time_split, train_ranker
+
+REPO = Path(__file__).resolve().parents[1]
+# small and regularised for 16k training rows: a low table learning rate keeps ids from being memorised
+DLRM = DLRMConfig(
+    embedding_dim=16, dense_arch_layers=(64,), over_arch_layers=(64, 32), batch_size=256, epochs=4, patience=1,
+    embedding_lr=0.003, dense_lr=1e-3, threads=1,
+)
+LGBM = LightGBMConfig(num_leaves=31, n_estimators=300, early_stopping_rounds=20, threads=1)
+
+
+def config(model: str, variant: str) -> RankerConfig:
+    return RankerConfig(model=model, variant=variant, dlrm=DLRM, lightgbm=LGBM)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pa.Table, pa.Table]:
+    """(training window, later test window) of 20,000 synthetic impressions."""
+    return split_by_time(synthetic_training_set(SyntheticConfig(rows=20_000)), 0.2)
+
+
+@pytest.fixture(scope="module")
+def rankers(data) -> dict[tuple[str, str], TrainedRanker]:
+    train, _ = data
+    wanted = [("dlrm", "base"), ("dlrm", "lum"), ("dlrm", "pooled-history"), ("dlrm", "lum+pooled"), ("lightgbm", "base"), ("lightgbm", "lum")]
+    return {key: train_ranker(train, config(*key)) for key in wanted}
+
+
+def test_auc(ranker: TrainedRanker, table: pa.Table) -> float:
+    return auc(table.column("label").to_numpy(), ranker.score(table))
+
+
+test_auc.__test__ = False  # a helper, not a test
+
+
+def test_lum_features_beat_base(rankers, data):
+    _, test = data
+    got = {key: test_auc(r, test) for key, r in rankers.items()}
+    print({f"{m}/{v}": round(a, 4) for (m, v), a in got.items()})
+    assert got[("dlrm", "lum")] > got[("dlrm", "base")] + 0.05
+    assert got[("lightgbm", "lum")] > got[("lightgbm", "base")] + 0.05
+    assert got[("dlrm", "pooled-history")] > got[("dlrm", "base")] + 0.01  # the history reveals the taste
+    assert got[("dlrm", "lum+pooled")] > got[("dlrm", "pooled-history")] + 0.05  # LUM adds to the history
+    assert got[("dlrm", "base")] > 0.6  # the base model learns something too
+
+
+def test_training_is_deterministic(rankers, data):
+    train, test = data
+    again = train_ranker(train, config("dlrm", "lum"))
+    first = rankers[("dlrm", "lum")]
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("seconds", "examples_per_s")} for e in log]
+    assert strip(again.training["log"]) == strip(first.training["log"])
+    assert np.array_equal(again.score(test), first.score(test))
+    booster = train_ranker(train, config("lightgbm", "lum"))
+    assert np.array_equal(booster.score(test), rankers[("lightgbm", "lum")].score(test))
+
+
+def test_validation_is_the_latest_part_of_the_window(rankers, data):
+    train, _ = data
+    split = time_split(train, 0.1)
+    for ranker in rankers.values():
+        assert ranker.training["valid_from"] == str(split.cut)
+        assert ranker.training["valid_rows"] == len(split.valid) and ranker.training["fit_rows"] == len(split.fit)
+    log = rankers[("dlrm", "lum")].training["log"]
+    best = rankers[("dlrm", "lum")].training["best_epoch"]
+    assert max(e["valid_auc"] for e in log) == next(e["valid_auc"] for e in log if e["epoch"] == best)
+    # vocabularies see only the fitting rows: users that appear only in the validation window are OOV
+    fit_users = set(train.take(pa.array(split.fit)).column("user_id").to_pylist())
+    assert set(rankers[("dlrm", "lum")].pipeline.vocabularies["user_id"].values) == fit_users
+
+
+@pytest.mark.parametrize("key", [("dlrm", "lum"), ("lightgbm", "lum"), ("dlrm", "pooled-history")])
+def test_save_load_score_gives_the_same_scores(rankers, data, tmp_path, key):
+    _, test = data
+    ranker = rankers[key]
+    folder = ranker.save(tmp_path / "ranker")
+    assert (folder / "ranker.json").exists() and (folder / "features.json").exists()
+    assert (folder / ("dlrm.pt" if key[0] == "dlrm" else "lightgbm.txt")).exists()
+    loaded = TrainedRanker.load(folder)
+    assert loaded.config == ranker.config and loaded.schema == ranker.schema and loaded.variant == key[1]
+    expected = ranker.score(test)
+    assert np.array_equal(loaded.score(test), expected)
+    assert np.array_equal(loaded.score(loaded.featurize(test)), expected)
+    frame = test.to_pandas()
+    frame.attrs[METADATA_KEY] = read_metadata(test)
+    np.testing.assert_allclose(loaded.score(frame), expected, rtol=1e-6)
+    facts = json.loads((folder / "ranker.json").read_text())
+    assert facts["variant"] == key[1] and facts["schema"]["lum_dim"] == 16
+
+
+def test_scoring_a_mismatched_table_fails_clearly(rankers, data):
+    _, test = data
+    ranker = rankers[("dlrm", "lum")]
+    with pytest.raises(RankerInputError, match="missing columns: lum_user__surface_home "):
+        ranker.score(test.drop_columns(["lum_user__surface_home"]))
+    meta = {**read_metadata(test), "lum_dim": 32}
+    with pytest.raises(RankerInputError, match="lum_dim is 32"):
+        ranker.score(test.replace_schema_metadata({METADATA_KEY.encode(): json.dumps(meta).encode()}))
+    with pytest.raises(RankerInputError, match="missing columns: user_ctr"):
+        rankers[("lightgbm", "base")].score(test.drop_columns(["user_ctr"]))
+    rankers[("dlrm", "base")].score(test.drop_columns(["lum_item"]))  # base never reads LUM columns
+
+
+def test_training_with_absent_features_says_what_to_run(data):
+    train, _ = data
+    no_lum = train.drop_columns([c for c in train.column_names if c.startswith("lum_")])
+    with pytest.raises(RankerInputError, match="lum features ingest"):
+        train_ranker(no_lum, config("dlrm", "lum"))
+    with pytest.raises(RankerInputError, match="hist_item_ids"):
+        train_ranker(train.drop_columns(["hist_item_ids"]), config("lightgbm", "pooled-history"))
+
+
+def test_fused_dmp_path_matches_the_plain_path():
+    """The same seeded start and the same batches: DMP's fused row-wise Adagrad + Adam and the unsharded model with
+    torchrec's RowWiseAdagrad + Adam end at the same weights."""
+    table = synthetic_training_set(SyntheticConfig(rows=3_000, users=200, items=400, lum_dim=8, seed=5))
+    pipeline = FeaturePipeline.fit(table, FeatureSchema.from_table(table), "lum+pooled")
+    inputs = pipeline.dlrm_inputs(table)
+    small = replace(DLRM, embedding_dim=8, dense_arch_layers=(16,), over_arch_layers=(16, 8), epochs=2, embedding_lr=0.05)
+    tables = pipeline.embedding_tables(8)
+    fused = train_dlrm(inputs, None, tables, replace(small, engine="dmp"))
+    plain = train_dlrm(inputs, None, tables, replace(small, engine="plain"))
+    assert "fused" in fused.plan and "table_wise" in fused.plan
+    assert fused.state.keys() == plain.state.keys()
+    for name in fused.state:
+        torch.testing.assert_close(fused.state[name], plain.state[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert fused.log[-1]["train_loss"] == pytest.approx(plain.log[-1]["train_loss"], abs=1e-5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_torchrun_matches_one_process(rankers, data, tmp_path):
+    train, test = data
+    pq.write_table(train, tmp_path / "train.parquet")
+    one = rankers[("dlrm", "lum")]
+    (tmp_path / "config.json").write_text(json.dumps(replace(one.config, dlrm=replace(DLRM, threads=None)).to_json()))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run(
+        [
+            str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "ranker.train_dist",
+            "--train", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "two"), "--config", str(tmp_path / "config.json"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = TrainedRanker.load(tmp_path / "two")
+    assert two.training["world_size"] == 2
+    plan = two.training["sharding_plan"]
+    assert "rank:0/cpu" in plan and "rank:1/cpu" in plan  # the tables really were spread over both processes
+    auc_one, auc_two = test_auc(one, test), test_auc(two, test)
+    print(f"1 process {auc_one:.4f}, 2 processes {auc_two:.4f}")
+    assert abs(auc_two - auc_one) < 0.02
+
+
+def test_scoring_a_cold_user_from_a_dataframe(rankers, data):
+    """One new user's candidates with no LUM vectors, no history and no counters: every such column is None in
+    the DataFrame (pyarrow's null type, not list<float>); it scores like the typed table does."""
+    _, test = data
+    frame = test.slice(0, 50).to_pandas()
+    frame.attrs[METADATA_KEY] = read_metadata(test)
+    frame["user_id"] = "a-new-user"
+    for name in frame.columns:
+        if name.startswith(("lum_user__", "hist_")):
+            frame[name] = None
+        elif name.startswith("user_"):
+            frame[name] = np.nan
+    frame["missing_user_stats"] = 1
+    typed = pa.Table.from_pandas(frame, schema=test.schema, preserve_index=False)
+    for key in (("dlrm", "lum+pooled"), ("lightgbm", "lum")):
+        scores = rankers[key].score(frame)
+        assert np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+        np.testing.assert_allclose(scores, rankers[key].score(typed), rtol=1e-6)
+
+
+def test_dcn_interaction_trains(data):
+    train, test = data
+    dcn = replace(DLRM, interaction="dcn", dcn_layers=2, dcn_low_rank=8, epochs=2)
+    ranker = train_ranker(train, RankerConfig(model="dlrm", variant="lum", dlrm=dcn))
+    assert type(ranker.model).__name__ == "DLRM_DCN"
+    print(f"DCN lum AUC {test_auc(ranker, test):.4f}")
+    assert test_auc(ranker, test) > 0.7
