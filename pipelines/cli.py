@@ -486,8 +486,10 @@ def _embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Pat
 
 
 from pipelines.cli_features import features  # noqa: E402  (command groups kept in their own modules)
+from pipelines.cli_ranker import ranker  # noqa: E402
 
 main.add_command(features)
+main.add_command(ranker)
 
 if __name__ == "__main__":
     main()
