@@ -6,7 +6,11 @@
     lum data validate PATH
     lum data split --protocol global|per-user
     lum data describe [RUN_OR_FILE]
-    lum demo
+    lum pretrain | evaluate | embed                 the behaviour LM and its embeddings
+    lum features apply | ingest | materialize | get | serve | training-set    the Feast feature store
+    lum ranker train | evaluate | score             DLRM and LightGBM rankers
+    lum run --config run.yaml                       every step, data to report, resumable
+    lum demo                                        `lum run` on the embedded simulator
 
 A YAML config file gives defaults for any option, nested by command name, e.g.
 
@@ -427,69 +431,14 @@ def embed_command(model_dir, events_path, as_of, conditions, engine, out_dir, di
         os._exit(0)
 
 
-@main.command("demo")
-@click.option("--run", "run_dir", default="runs/demo", type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
-@click.option("--lm-preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", help="Behaviour-LM size.")
-@click.option("--epochs", type=int, default=10, help="Pretraining epochs.")
-@click.option("--engine", type=click.Choice(["vllm", "torch"]), default="vllm", help="Embedding engine.")
-@click.pass_context
-def demo(ctx: click.Context, run_dir: str, preset: str, lm_preset: str, epochs: int, engine: str) -> None:
-    """Run the whole job end to end on the embedded simulator, resuming finished steps.
-
-    Steps so far: simulate -> split (global, per-user) -> pretrain the behaviour LM on the per-user pretraining
-    window -> next-item evaluation -> user embeddings as of the start of the global test window (vLLM).
-    """
-    started = time.perf_counter()
-    durations: dict[str, float] = {}
-
-    def step(name: str, fn: Callable[[], Any]) -> None:
-        click.echo(f"--- {name}")
-        t0 = time.perf_counter()
-        fn()
-        durations[name] = round(time.perf_counter() - t0, 1)
-
-    step("data", lambda: ctx.invoke(data_make, preset=preset, seed=0, n_users=None, run_dir=run_dir, force=False))
-    for protocol in ("global", "per-user"):
-        step(f"split {protocol}", lambda protocol=protocol: ctx.invoke(
-            data_split, protocol=protocol, fractions=(0.6, 0.2, 0.2), at=None, last_k=None, run_dir=run_dir, force=False))
-    paths = RunPaths(run_dir)
-    step("pretrain", lambda: ctx.invoke(
-        pretrain_command, protocol="per-user", preset=lm_preset, epochs=epochs, max_steps=None, row_tokens=512,
-        rows_per_batch=8, packing=True, lr=3e-3, bf16=False, seed=0, checkpoint_every=100, item_tokenization="id",
-        conditions=(), history_events="auto", max_history=100, min_item_count=5, min_condition_count=5,
-        text_columns=(), categorical_columns=(), numeric_columns=(), vector_column=None, init_from=None,
-        run_dir=run_dir, force=False))
-    step("evaluate", lambda: ctx.invoke(evaluate_command, protocol="per-user", preset=lm_preset, k=10, max_users=2000, seed=0, run_dir=run_dir))
-    # the production snapshot: embeddings as of the first moment of the global test window (today's traffic)
-    test_start = json.loads(paths.split_summary("global").read_text())["windows"]["test"]["ts_min"]
-    embed_dir = paths.root / "embeddings" / f"per-user-{lm_preset}-snapshot"
-    step("embed", lambda: _embed_in_subprocess(paths.model_dir("per-user", lm_preset), paths.events, test_start, embed_dir, engine))
-    click.echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in durations.items()))
-    click.echo(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {run_dir}")
-
-
-# The demo queries one condition per surface (the coarse tokens every model has); `--conditions all` asks all
-# 48 surface x device x daypart combinations.
-DEMO_CONDITIONS = "surface=home,surface=search,surface=item_detail,surface=cart"
-
-
-def _embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, engine: str) -> None:
-    """`lum embed` as its own process: vLLM's engine processes then never outlive or disturb the caller."""
-    import subprocess
-
-    command = [sys.executable, "-m", "pipelines.cli", "embed", "--model", str(model_dir), "--events", str(events),
-               "--as-of", as_of, "--engine", engine, "--out", str(out_dir), "--conditions", DEMO_CONDITIONS]
-    done = subprocess.run(command)
-    if done.returncode != 0:
-        raise click.ClickException(f"the embedding step failed (exit {done.returncode}): {' '.join(command)}")
-
-
 from pipelines.cli_features import features  # noqa: E402  (command groups kept in their own modules)
 from pipelines.cli_ranker import ranker  # noqa: E402
+from pipelines.cli_run import demo, run_command  # noqa: E402
 
 main.add_command(features)
 main.add_command(ranker)
+main.add_command(run_command)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

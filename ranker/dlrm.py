@@ -17,10 +17,11 @@ group: `scoring_model(...)` rebuilds an unsharded DLRM from them.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -102,10 +103,13 @@ class DistContext:
     rank: int
     world: int
     created: bool  # this module started the process group and ends it
+    excepthook: Any = None  # sys.excepthook before init_process_group wrapped it (it prefixes "[rank0]:")
 
     def close(self) -> None:
         if self.created and dist.is_initialized():
             dist.destroy_process_group()
+            if self.excepthook is not None:  # one-process training inside a longer job: leave the hook as it was
+                sys.excepthook = self.excepthook
 
 
 def init_distributed() -> DistContext:
@@ -113,12 +117,13 @@ def init_distributed() -> DistContext:
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    hook = sys.excepthook
     if world > 1:
         dist.init_process_group("gloo")
     else:
         # an in-memory store: no port to pick, nothing to clash with other jobs on the machine
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return DistContext(dist.get_rank(), dist.get_world_size(), True)
+    return DistContext(dist.get_rank(), dist.get_world_size(), True, hook if world == 1 else None)
 
 
 # ---------------------------------------------------------------------------------------------------- engines

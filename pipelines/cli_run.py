@@ -1,0 +1,175 @@
+"""`lum run --config run.yaml` and `lum demo`: the whole job end to end, resumable (see pipelines/run.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipelines.cli_common import _friendly_errors
+from pipelines.paths import RunPaths
+from pipelines.run import (
+    ProtocolConfig,
+    RunConfig,
+    RunState,
+    config_dict,
+    embed_in_subprocess,
+    embedding_rows,
+    load_run_config,
+    query_conditions,
+    snapshot_times,
+)
+
+# The simulator demo: the production view (a global split by time) with rolling LUM features.
+DEMO_TARGETS = {"gauc_lift_min": 0.01, "ctr_lift_min": 0.03}
+
+
+def execute(ctx: click.Context, config: RunConfig, echo=click.echo) -> dict[str, Any]:
+    """Run every step of `config`; returns the report summary."""
+    from pipelines import cli as base  # imported here: pipelines.cli registers this module's commands
+
+    paths = RunPaths(config.run_dir)
+    state = RunState(paths, config)
+    started = time.perf_counter()
+    data = config.data
+    if data.source == "simulator":
+        state.step("data", lambda: ctx.invoke(base.data_make, preset=data.preset, seed=data.seed, n_users=data.n_users,
+                                              run_dir=config.run_dir, force=False), echo)
+    elif data.source == "movielens":
+        if not data.path or not Path(data.path).exists():
+            raise click.ClickException(f"data.path must name a MovieLens folder (got {data.path!r})")
+        state.step("data", lambda: ctx.invoke(base.data_import_movielens, path=data.path, like_threshold=data.like_threshold,
+                                              on_bad="fail", run_dir=config.run_dir, force=False), echo)
+    else:
+        raise click.ClickException(f"data.source must be simulator or movielens, got {data.source!r} (import other files with `lum data import files` first)")
+
+    scored: list[tuple[ProtocolConfig, Path]] = []
+    for protocol in config.protocols:
+        scored.append((protocol, run_protocol(ctx, config, protocol, paths, state, echo)))
+    summary = state.step("report", lambda: make_report(config, paths, scored, state), echo)
+    echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
+    echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
+    return summary
+
+
+def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo) -> Path:
+    from pipelines import cli as base
+    from pipelines.feature_steps import prepare_repo
+    from pipelines.ranker_steps import evaluate_step, score_test_window, train_step
+    from pipelines.cli_ranker import ranker_config
+
+    split, lm = protocol.split, config.lm
+    name = protocol.name
+    state.step(f"{name}: split", lambda: ctx.invoke(base.data_split, protocol=split, fractions=tuple(protocol.fractions), at=None,
+                                                    last_k=None, run_dir=config.run_dir, force=False), echo)
+    state.step(f"{name}: pretrain", lambda: ctx.invoke(
+        base.pretrain_command, protocol=split, preset=lm.preset, epochs=lm.epochs, max_steps=None, row_tokens=lm.row_tokens,
+        rows_per_batch=lm.rows_per_batch, packing=True, lr=lm.lr, bf16=False, seed=lm.seed, checkpoint_every=100,
+        item_tokenization="id", conditions=(), history_events=lm.history_events, max_history=lm.max_history,
+        min_item_count=lm.min_item_count, min_condition_count=lm.min_condition_count, text_columns=(), categorical_columns=(),
+        numeric_columns=(), vector_column=None, init_from=None, run_dir=config.run_dir, force=False), echo)
+    model_dir = paths.model_dir(split, lm.preset)
+    if not paths.evaluation(split, lm.preset).exists():
+        state.step(f"{name}: evaluate LM", lambda: ctx.invoke(base.evaluate_command, protocol=split, preset=lm.preset, k=10,
+                                                              max_users=2000, seed=0, run_dir=config.run_dir), echo)
+
+    embed_dir = paths.embeddings(f"{split}-{lm.preset}-{protocol.features}")
+    conditions = query_conditions(model_dir, tuple(config.embed.conditions))
+    if protocol.features == "rolling":
+        as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
+    else:
+        as_of = snapshot_times(paths, split, protocol.snapshot_every)
+    if not (embed_dir / "manifest.json").exists() or not json.loads((embed_dir / "manifest.json").read_text()).get("complete"):
+        state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.engine, conditions), echo)
+
+    def features() -> None:
+        repo, _, _ = prepare_repo(paths)
+        # under the per-user split, rows of some users predate the model's training end by design of the protocol
+        valid_from = first_event_time(paths) if split == "per-user" else None
+        result = repo.ingest(embed_dir, item_valid_from=valid_from, select=True)
+        repo.select_version(result["version"])
+        prepare_repo(paths)
+        how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
+        echo(f"features: model version {result['version']} selected ({how})")
+
+    state.step(f"{name}: features", features, echo)
+    rk = config.rankers
+    for model in rk.models:
+        for variant in rk.variants:
+            cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads)
+
+            def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> None:
+                out, trained = train_step(paths, split, cfg)
+                result = evaluate_step(paths, split, model, variant)["overall"]
+                echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
+
+            state.step(f"{name}: {model} {variant}", train_and_evaluate, echo)
+    return state.step(f"{name}: score test window", lambda: score_test_window(paths, split), echo)
+
+
+def first_event_time(paths: RunPaths) -> str:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return pc.min(pq.read_table(paths.events, columns=["ts"]).column("ts")).as_py().isoformat()
+
+
+def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], state: RunState) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from pipelines.report import ReportConfig, build_report
+    from pipelines.sources.base import read_dataset_info
+
+    frames, protocols = [], []
+    for protocol, path in scored:
+        frame = pq.read_table(path).to_pandas()
+        frames.append(frame)
+        summary = json.loads(paths.split_summary(protocol.split).read_text())
+        protocols.append({"name": protocol.name, "split": protocol.split, "feature_mode": protocol.features,
+                          "cold_share": float(frame["user_no_history"].mean()), "split_summary": summary.get("windows", {})})
+    info = read_dataset_info(paths)
+    meta = {
+        "run": paths.root.name, "protocols": protocols, "data": {k: v for k, v in info.items() if k not in ("contract",)},
+        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.preset) / "lum_manifest.json").read_text())["model_version"]
+                           for p, _ in scored},
+        "config": config_dict(config), "durations": state.durations(), "targets": dict(config.targets),
+        "slice_columns": [c for c in ("surface", "device", "daypart", "feedback") if c in frames[0].columns],
+    }
+    if info["source"].get("name") == "simulator":
+        meta["position_decay"] = info["source"]["config"].get("position_decay", 0.6)
+    lm_evals = {p.name: json.loads(paths.evaluation(p.split, config.lm.preset).read_text()) for p, _ in scored if paths.evaluation(p.split, config.lm.preset).exists()}
+    meta["lm_evaluation"] = {k: {m: v.get(m) for m in ("model", "popularity", "recent_items") if m in v} for k, v in lm_evals.items()}
+    out = paths.root / "report"
+    return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(bootstrap=config.report.bootstrap, seed=config.report.seed))
+
+
+@click.command("run")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Run config (YAML); see `pipelines/run.py`.")
+@click.option("--run", "run_dir", default=None, help="Override run_dir.")
+@click.pass_context
+@_friendly_errors
+def run_command(ctx: click.Context, config_path: str | None, run_dir: str | None) -> None:
+    """Run every step (data ... report) from a config; finished steps are skipped, so it resumes after a failure."""
+    execute(ctx, load_run_config(config_path, {"run_dir": run_dir}))
+
+
+@click.command("demo")
+@click.option("--run", "run_dir", default="runs/demo", type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
+@click.option("--lm-preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", help="Behaviour-LM size.")
+@click.option("--epochs", type=int, default=10, help="Pretraining epochs.")
+@click.option("--engine", type=click.Choice(["vllm", "torch"]), default="vllm", help="Embedding engine.")
+@click.pass_context
+@_friendly_errors
+def demo(ctx: click.Context, run_dir: str, preset: str, lm_preset: str, epochs: int, engine: str) -> None:
+    """`lum run` on the embedded simulator: global split by time, rolling LUM features, every ranker, the report."""
+    config = load_run_config(None, {
+        "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
+        "protocols": [{"split": "global", "features": "rolling"}],
+        "lm": {"preset": lm_preset, "epochs": epochs}, "embed": {"engine": engine},
+        "targets": DEMO_TARGETS,
+    })
+    execute(ctx, config)

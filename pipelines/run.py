@@ -1,0 +1,234 @@
+"""`lum run --config run.yaml`: every step from events to the A/B report, resumable.
+
+    data -> split -> pretrain the LM -> next-item evaluation -> embed (rolling or snapshot) -> Feast
+         -> training sets -> rankers (DLRM, LightGBM x variants) -> evaluation -> scored test window -> report
+
+Each step keeps its output in the run folder and is skipped when that output is up to date, so running the
+same config again after a failure resumes at the failed step. `run_state.json` records each step's duration.
+
+A config (YAML; every key optional, defaults below):
+
+    run_dir: runs/demo
+    data: {source: simulator, preset: default, seed: 0}       # or {source: movielens, path: ../shared/data/ml-latest-small}
+    protocols:                                                # one or more; distinct splits
+      - {split: global, features: rolling}                    # features: rolling | snapshot (snapshot_every: 1D)
+    lm: {preset: tiny, epochs: 10, max_history: 100}
+    embed: {engine: vllm, conditions: [surface=home, surface=search, surface=item_detail, surface=cart]}
+    rankers: {models: [dlrm, lightgbm], variants: [base, lum, pooled-history, lum+pooled], epochs: 5}
+    report: {bootstrap: 200}
+    targets: {gauc_lift_min: 0.01, ctr_lift_min: 0.03}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipelines.paths import RunPaths
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "simulator"  # simulator | movielens
+    preset: str = "default"  # simulator preset
+    seed: int = 0
+    n_users: int | None = None
+    path: str | None = None  # movielens folder
+    like_threshold: float = 4.0
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    split: str = "global"  # global | per-user
+    features: str = "rolling"  # rolling: one embedding per (user, request time); snapshot: one per user per period
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    snapshot_every: str = "1D"
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}+{self.features}"
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    preset: str = "tiny"
+    epochs: int = 10
+    row_tokens: int = 512
+    rows_per_batch: int = 8
+    lr: float = 3e-3
+    max_history: int = 100
+    min_item_count: int = 5
+    min_condition_count: int = 5
+    history_events: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    engine: str = "vllm"
+    conditions: tuple[str, ...] = ()  # empty: one condition per value of the first condition column
+
+
+@dataclass(frozen=True)
+class RankersConfig:
+    models: tuple[str, ...] = ("dlrm", "lightgbm")
+    variants: tuple[str, ...] = ("base", "lum", "pooled-history", "lum+pooled")
+    epochs: int = 5
+    batch_size: int = 2048
+    embedding_dim: int = 32
+    embedding_lr: float | None = None
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReportRunConfig:
+    bootstrap: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    protocols: tuple[ProtocolConfig, ...] = (ProtocolConfig(),)
+    lm: LMConfig = field(default_factory=LMConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    rankers: RankersConfig = field(default_factory=RankersConfig)
+    report: ReportRunConfig = field(default_factory=ReportRunConfig)
+    targets: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        splits = [p.split for p in self.protocols]
+        if len(set(splits)) != len(splits):
+            # one LM per split; two feature modes of one LM would share its model version in the feature store
+            raise ValueError(f"protocols must have distinct splits (got {splits}); run a second config for another feature mode")
+        for p in self.protocols:
+            if p.split not in ("global", "per-user") or p.features not in ("rolling", "snapshot"):
+                raise ValueError(f"protocol {p}: split must be global|per-user and features rolling|snapshot")
+
+
+def _build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """A dataclass from a YAML mapping; unknown keys are an error that names them."""
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        kind = known[name].type
+        if name == "protocols":
+            values[name] = tuple(_build(ProtocolConfig, p, f"{where}.protocols[{i}]") for i, p in enumerate(value))
+        elif isinstance(kind, str) and kind in {"DataConfig", "LMConfig", "EmbedConfig", "RankersConfig", "ReportRunConfig"}:
+            values[name] = _build(globals()[kind], value, f"{where}.{name}")
+        elif isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping (see `lum run --help`)")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            section, _, name = key.partition(".")
+            if name:
+                data.setdefault(section, {})[name] = value
+            else:
+                data[section] = value
+    return _build(RunConfig, data, str(path or "config"))
+
+
+def config_dict(config: Any) -> Any:
+    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class RunState:
+    """`run_state.json`: the config and each step's duration and status, updated as steps finish."""
+
+    def __init__(self, paths: RunPaths, config: RunConfig):
+        self.path = paths.root / "run_state.json"
+        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.state = {"config": config_dict(config), "steps": previous.get("steps", {})}
+
+    def step(self, name: str, fn: Callable[[], Any], echo: Callable[[str], None]) -> Any:
+        echo(f"--- {name}")
+        started = time.perf_counter()
+        self.state["steps"][name] = {"status": "running"}
+        self._write()
+        try:
+            result = fn()
+        except BaseException:
+            self.state["steps"][name] = {"status": "failed", "seconds": round(time.perf_counter() - started, 1)}
+            self._write()
+            raise
+        self.state["steps"][name] = {"status": "done", "seconds": round(time.perf_counter() - started, 1)}
+        self._write()
+        return result
+
+    def durations(self) -> dict[str, float]:
+        return {k: v.get("seconds", 0.0) for k, v in self.state["steps"].items()}
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".run_state.json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.path)
+
+
+def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, engine: str, conditions: str) -> None:
+    """`lum embed` as its own process: vLLM's engine processes then never outlive or disturb the caller."""
+    command = [sys.executable, "-m", "pipelines.cli", "embed", "--model", str(model_dir), "--events", str(events),
+               "--as-of", as_of, "--engine", engine, "--out", str(out_dir), "--conditions", conditions]
+    done = subprocess.run(command)
+    if done.returncode != 0:
+        raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command)}")
+
+
+def query_conditions(model_dir: Path, configured: tuple[str, ...]) -> str:
+    """The configured query conditions, or one per value of the model's first condition column."""
+    if configured:
+        return ",".join(configured)
+    from lum.tokenizer import BehaviourTokenizer
+
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    first = manifest["condition_columns"][0]
+    tokenizer = BehaviourTokenizer.load(model_dir, expected_fingerprint=manifest["tokenizer_fingerprint"])
+    names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
+    if not names:
+        raise ValueError(f"{model_dir}: no condition token of the form {first}=VALUE; set embed.conditions in the run config")
+    return ",".join(sorted(names))
+
+
+def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
+    """(user_id, ts) of the ranker-training and test windows: the moments a rolling embedding is needed."""
+    tables = [pq.read_table(paths.split_file(split, w), columns=["user_id", "ts"]) for w in ("train", "test")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(pa.concat_tables(tables), tmp)
+        tmp.replace(out)
+    return out
+
+
+def snapshot_times(paths: RunPaths, split: str, every: str) -> str:
+    """Period boundaries from the start of the training window to the end of the test window."""
+    summary = json.loads(paths.split_summary(split).read_text())["windows"]
+    start = pd.Timestamp(summary["train"]["ts_min"]).floor(every)
+    end = pd.Timestamp(summary["test"]["ts_max"])
+    return ",".join(t.isoformat() for t in pd.date_range(start, end, freq=every))

@@ -1,0 +1,113 @@
+"""`lum run` end to end on the tiny simulator (torch engine), resume after a failure, and the ranker CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.run import load_run_config
+
+TINY_RUN = {
+    "data": {"source": "simulator", "preset": "tiny"},
+    "protocols": [{"split": "global", "features": "rolling"}],
+    "lm": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4},
+    "embed": {"engine": "torch", "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
+    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "epochs": 2, "threads": 1},
+    "report": {"bootstrap": 20},
+    "targets": {"gauc_lift_min": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), **TINY_RUN}))
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root / "run", config, result.output
+
+
+def test_run_writes_every_step_and_the_report(tiny_run):
+    run, _, output = tiny_run
+    state = json.loads((run / "run_state.json").read_text())
+    steps = state["steps"]
+    for name in ("data", "global+rolling: pretrain", "global+rolling: embed", "global+rolling: features",
+                 "global+rolling: dlrm lum", "global+rolling: lightgbm base", "global+rolling: score test window", "report"):
+        assert steps[name]["status"] == "done", name
+    scored = pq.read_table(run / "scores" / "global.parquet").to_pandas()
+    test = pq.read_table(run / "splits" / "global" / "test.parquet")
+    assert len(scored) == test.num_rows
+    assert {"score__dlrm__base", "score__dlrm__lum", "score__lightgbm__base", "score__lightgbm__lum"} <= set(scored.columns)
+    assert scored[[c for c in scored.columns if c.startswith("score__")]].notna().all().all()
+    for name in ("report.html", "report.json", "report.md"):
+        assert (run / "report" / name).stat().st_size > 500
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert "global+rolling" in json.dumps(report)
+
+
+def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
+    run, config, _ = tiny_run
+    shutil.rmtree(run / "rankers" / "global-dlrm-lum")  # as if that step had failed midway
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "dlrm/lum: trained" in result.output
+    assert "dlrm/base: up to date" in result.output and "lightgbm/lum: up to date" in result.output
+    assert "skipped" in result.output  # data, split and pretraining were not redone
+
+
+def test_run_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"lm": {"preset": "tiny", "epoch": 3}}))
+    with pytest.raises(ValueError, match="unknown key.*epoch"):
+        load_run_config(bad)
+    bad.write_text(yaml.safe_dump({"protocols": [{"split": "global"}, {"split": "global", "features": "snapshot"}]}))
+    with pytest.raises(ValueError, match="distinct splits"):
+        load_run_config(bad)
+
+
+def test_ranker_cli_says_what_to_run_when_lum_features_were_never_ingested(tmp_path):
+    run = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(main, ["data", "make", "--preset", "tiny", "--run", str(run)]).exit_code == 0
+    assert runner.invoke(main, ["data", "split", "--protocol", "global", "--run", str(run)]).exit_code == 0
+    result = runner.invoke(main, ["ranker", "train", "--variant", "lum", "--run", str(run)])
+    assert result.exit_code == 1 and "lum features apply" in result.output  # no feature repo yet
+    assert runner.invoke(main, ["features", "apply", "--run", str(run)]).exit_code == 0
+    result = runner.invoke(main, ["ranker", "train", "--variant", "lum", "--epochs", "1", "--run", str(run)])
+    assert result.exit_code == 1 and "lum features ingest" in result.output
+    result = runner.invoke(main, ["ranker", "evaluate", "--run", str(run)])
+    assert result.exit_code == 1 and "lum ranker train" in result.output
+
+
+def test_ranker_score_reads_offline_and_online_features(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    test = pq.read_table(run / "splits" / "global" / "test.parquet").slice(0, 40)
+    requests = tmp_path / "requests.parquet"
+    pq.write_table(test.select(["user_id", "item_id", "ts", "surface", "device", "daypart", "hour"]), requests)
+    runner = CliRunner()
+    ranker = run / "rankers" / "global-dlrm-lum"
+    offline = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(requests),
+                                   "--out", str(tmp_path / "offline.parquet")])
+    assert offline.exit_code == 0, offline.output
+    scored = pq.read_table(tmp_path / "offline.parquet").to_pandas()
+    # the offline route is the training-set join: the same scores as the scored test window
+    window = pq.read_table(run / "scores" / "global.parquet").to_pandas().iloc[:40]
+    assert scored.score.to_numpy() == pytest.approx(window.score__dlrm__lum.to_numpy(), rel=1e-5)
+    assert runner.invoke(main, ["features", "materialize", "--run", str(run)]).exit_code == 0
+    online = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(requests),
+                                  "--source", "online", "--out", str(tmp_path / "online.parquet")])
+    assert online.exit_code == 0, online.output
+    scores = pq.read_table(tmp_path / "online.parquet").column("score").to_numpy()
+    assert len(scores) == 40 and ((scores > 0) & (scores < 1)).all()
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(test.select(["user_id", "item_id", "ts"]), bad)
+    result = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(bad), "--out", str(tmp_path / "x.parquet")])
+    assert result.exit_code == 1 and "surface" in result.output
