@@ -31,6 +31,10 @@ import torch
 from lum.tokenizer import BOS, PAD, BehaviourTokenizer
 
 
+REQUEST = "request"  # the query condition taken from each as-of row's own context
+REQUEST_TOKEN = -1  # its placeholder id until the row's token is known
+
+
 @dataclass
 class QueryGroup:
     """One history and the queries asked against its prefixes.
@@ -59,12 +63,16 @@ class QueryGroup:
 def resolve_conditions(tokenizer: BehaviourTokenizer, conditions: str | list[str]) -> list[tuple[str, int]]:
     """`all` (every full-combination condition token) or a list of names like `surface=home|device=mobile`.
 
+    The name `request` asks, for every as-of row, the condition of that row itself (its own surface, device,
+    ... : "what this user wants in the context of this request"); its rows must carry the condition columns.
+
     Returns (name, token id) pairs. Unknown names fail with the list of known ones.
     """
     known = {t[2:]: tokenizer.token_to_id[t] for t in tokenizer.condition_tokens}
     if conditions == "all" or conditions == ["all"]:
         return [(t[2:], tokenizer.token_to_id[t]) for t in tokenizer.full_condition_tokens()]
     names = conditions.split(",") if isinstance(conditions, str) else list(conditions)
+    known[REQUEST] = REQUEST_TOKEN
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(
@@ -96,6 +104,9 @@ def build_queries(
     skipped = 0
     cond_ids = np.array([c for _, c in conditions], dtype=np.int64)
     cond_names = [n for n, _ in conditions]
+    per_row = cond_ids == REQUEST_TOKEN
+    if per_row.any():
+        as_of = as_of.assign(request_token=tokenizer.condition_ids(as_of))  # a clear error when the columns are missing
     for user, rows in as_of.groupby("user_id", sort=True):
         a, b = spans.get(str(user), (0, 0))
         times = rows["ts"].to_numpy()
@@ -105,6 +116,7 @@ def build_queries(
         if not has.any():
             continue
         counts, keys = counts[has], rows["key"].to_numpy()[has]
+        row_tokens = rows["request_token"].to_numpy()[has] if per_row.any() else np.zeros(len(keys), np.int64)
         over = np.maximum(counts - max_history, 0)
         starts = -(-over // window_stride) * window_stride  # ceil to a multiple of the stride
         for start in np.unique(starts):
@@ -117,7 +129,7 @@ def build_queries(
                     user_id=str(user),
                     tokens=tokens,
                     prefix_lengths=np.repeat(prefix, len(cond_ids)),
-                    conditions=np.tile(cond_ids, int(sel.sum())),
+                    conditions=np.where(per_row[None, :], row_tokens[sel][:, None], cond_ids[None, :]).ravel(),
                     keys=[(k, name) for k in keys[sel] for name in cond_names],
                 )
             )

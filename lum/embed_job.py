@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from lum.embed import QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
 from lum.model import read_manifest
 from lum.tokenizer import BehaviourTokenizer
 
@@ -178,11 +178,20 @@ class EmbeddingJob:
                 )
         elif not Path(self.as_of.rows_path).exists():
             raise EmbedJobError(f"{self.as_of.rows_path}: rows file for rolling embeddings not found")
+        if REQUEST in dict(self.conditions):
+            if self.as_of.rows_path is None:
+                raise EmbedJobError("the `request` condition takes each row's own context: it needs rolling mode (--as-of rows:PATH)")
+            names = pq.read_schema(self.as_of.rows_path).names
+            lacking = [c for c in self.tokenizer.config.condition_columns if c not in names]
+            if lacking:
+                raise EmbedJobError(f"{self.as_of.rows_path}: the `request` condition needs the condition column(s) {', '.join(lacking)} in the rows file")
 
     def _as_of_rows(self, shard: int, events: pd.DataFrame) -> pd.DataFrame:
         """(user_id, ts, key) queries of one shard; snapshot users come from the shard's `events` already read."""
         if self.as_of.rows_path:
-            rows = _read_shard(self.as_of.rows_path, ["user_id", "ts"], shard, self.config.shards)
+            # the `request` condition needs each row's own context; a (user, time) is one request, one context
+            context = list(self.tokenizer.config.condition_columns) if REQUEST in dict(self.conditions) else []
+            rows = _read_shard(self.as_of.rows_path, ["user_id", "ts", *context], shard, self.config.shards)
             rows = rows.drop_duplicates(["user_id", "ts"]).reset_index(drop=True)
             rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
             return rows.assign(key=rows["ts"])

@@ -77,7 +77,7 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
                                                               max_users=2000, seed=0, run_dir=config.run_dir), echo)
 
     embed_dir = paths.embeddings(f"{split}-{lm.preset}-{protocol.features}")
-    conditions = query_conditions(model_dir, tuple(config.embed.conditions))
+    conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling")
     if protocol.features == "rolling":
         as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
     else:

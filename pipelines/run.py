@@ -13,7 +13,7 @@ A config (YAML; every key optional, defaults below):
     protocols:                                                # one or more; distinct splits
       - {split: global, features: rolling}                    # features: rolling | snapshot (snapshot_every: 1D)
     lm: {preset: tiny, epochs: 10, max_history: 100}
-    embed: {engine: vllm, conditions: [surface=home, surface=search, surface=item_detail, surface=cart]}
+    embed: {engine: vllm, conditions: [request, surface=home, surface=cart]}   # default: request + one per surface
     rankers: {models: [dlrm, lightgbm], variants: [base, lum, pooled-history, lum+pooled], epochs: 5}
     report: {bootstrap: 200}
     targets: {gauc_lift_min: 0.01, ctr_lift_min: 0.03}
@@ -200,8 +200,9 @@ def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path
         raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command)}")
 
 
-def query_conditions(model_dir: Path, configured: tuple[str, ...]) -> str:
-    """The configured query conditions, or one per value of the model's first condition column."""
+def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool) -> str:
+    """The configured query conditions, or by default: in rolling mode `request` (each row's own context, the
+    condition LUM's ranker features are about), plus one per value of the model's first condition column."""
     if configured:
         return ",".join(configured)
     from lum.tokenizer import BehaviourTokenizer
@@ -212,12 +213,17 @@ def query_conditions(model_dir: Path, configured: tuple[str, ...]) -> str:
     names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
     if not names:
         raise ValueError(f"{model_dir}: no condition token of the form {first}=VALUE; set embed.conditions in the run config")
-    return ",".join(sorted(names))
+    return ",".join((["request"] if rolling else []) + sorted(names))
 
 
 def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
-    """(user_id, ts) of the ranker-training and test windows: the moments a rolling embedding is needed."""
-    tables = [pq.read_table(paths.split_file(split, w), columns=["user_id", "ts"]) for w in ("train", "test")]
+    """(user_id, ts, condition columns) of the ranker-training and test windows: the moments (and contexts) a
+    rolling embedding is needed for."""
+    from pipelines.contract import read_events
+
+    _, contract = read_events(paths.split_file(split, "train"))
+    columns = ["user_id", "ts", *contract.condition_names()]
+    tables = [pq.read_table(paths.split_file(split, w), columns=columns) for w in ("train", "test")]
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         tmp = out.with_name(f".{out.name}.tmp")

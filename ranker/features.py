@@ -43,6 +43,7 @@ from ranker.schema import (
     LUM_USER_PREFIX,
     FeatureSchema,
     RankerInputError,
+    REQUEST_CONDITION,
     parse_condition,
     variant_parts,
 )
@@ -161,6 +162,8 @@ class LumFeatures:
 def request_condition(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
     """[N] index k of the condition matching each row's request context (the most specific one), -1 when none.
 
+    The condition named `request` (the embedding job's query under each row's own context) matches every row.
+
     A condition such as `surface=home|device=mobile` matches a row when every pair equals the row's column. Only
     feature columns (request context, item category) are compared, so a condition on a post-event column never
     lets that column in through the back door.
@@ -168,7 +171,10 @@ def request_condition(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
     allowed = set(schema.context_columns) | {schema.category}
     best = np.full(table.num_rows, -1, dtype=np.int64)
     best_size = np.zeros(table.num_rows, dtype=np.int64)
-    for k, name in enumerate(schema.lum_conditions.values()):
+    names = list(schema.lum_conditions.values())
+    if REQUEST_CONDITION in names:  # the embedding job already asked each row's own context: it matches every row
+        return np.full(table.num_rows, names.index(REQUEST_CONDITION), dtype=np.int64)
+    for k, name in enumerate(names):
         pairs = parse_condition(name)
         if not set(pairs) <= allowed or not set(pairs) <= set(table.column_names):
             continue

@@ -48,6 +48,9 @@ def slug(condition: str) -> str:
     return re.sub(r"[^0-9A-Za-z]", "_", condition)
 
 
+REQUEST_CONDITION = "request"  # a query under each row's own request context (see lum/embed.py)
+
+
 def parse_condition(condition: str) -> dict[str, str]:
     """`surface=home|device=mobile` -> {"surface": "home", "device": "mobile"}."""
     pairs = {}

@@ -267,3 +267,34 @@ def test_ray_data_run_writes_the_same_shards(model, torch_engine, events_file, t
     assert distributed.engine is None  # every shard was embedded by the actors
     assert manifest["complete"] and len(manifest["shards"]) == 4
     assert read_user_embeddings(tmp_path / "ray").equals(read_user_embeddings(tmp_path / "local"))
+
+
+def test_request_condition_queries_each_rows_own_context(model, torch_engine, tiny_sim):
+    """`request` asks each row's own condition: the same vector as naming that condition explicitly."""
+    _, tokenizer = model
+    events = tiny_sim[0].to_pandas()
+    rows = events.drop_duplicates(["user_id", "ts"]).iloc[:60][["user_id", "ts", "surface", "device", "daypart"]]
+    rows = rows.assign(key=rows.ts)
+    requested, _ = build_queries(tokenizer, events, rows, resolve_conditions(tokenizer, "request"), max_history=40, window_stride=8)
+    got = {(g.user_id, k): v for g in requested for (k, _), v in zip(g.keys, torch_engine.embed([g])[0])}
+    own = tokenizer.condition_ids(rows)
+    assert len(set(own.tolist())) > 3  # the rows really have different contexts
+    checked = 0
+    for (_, row), token in zip(rows.iterrows(), own):
+        name = tokenizer.vocab[token][2:]
+        single, _ = build_queries(tokenizer, events, rows.loc[[row.name]], resolve_conditions(tokenizer, [name]), 40, 8)
+        if not single:
+            continue  # no history before this row
+        np.testing.assert_allclose(got[(row.user_id, row.ts)], torch_engine.embed(single)[0][0], atol=1e-5)
+        checked += 1
+    assert checked > 20
+
+
+def test_request_condition_needs_rows_with_context(model, events_file, tmp_path):
+    folder, _ = model
+    with pytest.raises(EmbedJobError, match="rolling mode"):
+        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(conditions="request"))
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(pq.read_table(events_file, columns=["user_id", "ts"]), rows)
+    with pytest.raises(EmbedJobError, match="condition column"):
+        EmbeddingJob(folder, events_file, AsOf(rows_path=str(rows)), tmp_path / "o", EmbedJobConfig(conditions="request"))

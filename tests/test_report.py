@@ -1,0 +1,509 @@
+"""The A/B lift report and the simulated online A/B: exact small cases, statistical properties on synthetic
+scored tables with a known winner, and the page itself in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import math
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.ab_sim import LOGGED, ORACLE, ABConfig, examination, simulate_ab
+from pipelines.report import ReportConfig, SortedAUC, UserBootstrap, build_report, verdict
+from ranker.metrics import auc, paired_bootstrap, ranking_metrics
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+DECAY = 0.8
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def make_scored(n_users: int = 300, requests_per_user: int = 8, slate: int = 10, seed: int = 0, identical: bool = False) -> pd.DataFrame:
+    """A scored test table like the pipeline's, with simulator ground truth and a known winner.
+
+    Every row's true relevance = sigmoid(user bias + item appeal). The `base` variants know the user bias and only
+    a faint trace of the item appeal (they tell users apart but barely rank within a user); the `lum` variants see
+    the item appeal clearly (they rank within users). With `identical`, every lum score equals its baseline's.
+    """
+    rng = np.random.default_rng(seed)
+    n_requests = n_users * requests_per_user
+    n = n_requests * slate
+    request = np.repeat(np.arange(n_requests), slate)
+    user = np.repeat(np.repeat(np.arange(n_users), requests_per_user), slate)
+    user_bias = rng.normal(-1.0, 0.8, n_users)[user]
+    appeal = rng.normal(0.0, 1.2, n)
+    relevance = _sigmoid(user_bias + appeal)
+    # the logging policy orders each slate by a noisy guess of the appeal
+    noisy = appeal + rng.normal(0, 2.0, n)
+    position = pd.Series(-noisy).groupby(request).rank(method="first").to_numpy().astype(int) - 1
+    label = (rng.random(n) < relevance * examination(position, DECAY)).astype(np.int8)
+    n_items = 400
+    item = np.minimum(rng.zipf(1.6, n) - 1, n_items - 1)
+    frame = pd.DataFrame(
+        {
+            "user_id": [f"u{u:04d}" for u in user],
+            "item_id": [f"i{i:03d}" for i in item],
+            "ts": pd.Timestamp("2025-01-01", tz="UTC") + pd.to_timedelta(request, unit="min"),
+            "label": label,
+            "surface": rng.choice(["home", "search", "cart"], n_requests)[request],
+            "device": rng.choice(["mobile", "desktop"], n_requests)[request],
+            "request_id": [f"r{r:05d}" for r in request],
+            "position": position,
+            "relevance": relevance,
+        }
+    )
+    # a quarter of the users start in the test window with no history; the others have some before it
+    prior = np.where(rng.random(n_users) < 0.25, 0, rng.integers(1, 80, n_users))[user]
+    frame["user_history_len"] = prior + frame.groupby("user_id").cumcount().to_numpy() // slate * 2
+    frame["user_no_history"] = frame["user_history_len"] == 0
+    frame["item_popularity"] = (frame.groupby("item_id").cumcount() + rng.integers(0, 5, n)).astype(float)
+    frame.loc[rng.random(n) < 0.02, "item_popularity"] = np.nan
+    frame["item_is_new"] = item >= 300
+    for model, noise in (("dlrm", 1.0), ("lightgbm", 1.2)):
+        base = _sigmoid(user_bias + 0.15 * appeal + rng.normal(0, noise, n))
+        lum = base if identical else _sigmoid(user_bias + 1.0 * appeal + rng.normal(0, noise, n))
+        pooled = _sigmoid(user_bias + 0.3 * appeal + rng.normal(0, noise, n))
+        lum_pooled = pooled if identical else _sigmoid(user_bias + 1.0 * appeal + rng.normal(0, noise, n))
+        frame[f"score__{model}__base"] = base
+        frame[f"score__{model}__lum"] = lum
+        frame[f"score__{model}__pooled-history"] = pooled
+        frame[f"score__{model}__lum+pooled"] = lum_pooled
+    return frame
+
+
+def _meta(**extra) -> dict:
+    return {"run": "test", "slice_columns": ["surface", "device"], "position_decay": DECAY, **extra}
+
+
+def _no_nan(text: str) -> dict:
+    def reject(constant: str) -> None:
+        raise ValueError(f"report.json holds {constant}: not valid JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+# ---------------------------------------------------------------------------------------------------- A/B simulation
+
+
+def test_ab_hand_computed_two_requests():
+    # decay 1: examination at slots 0, 1, 2 = 1, 1/2, 1/3
+    frame = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "b", "b", "b"],
+            "request_id": ["r1", "r1", "r1", "r2", "r2", "r2"],
+            "relevance": [0.2, 0.8, 0.5, 0.6, 0.1, 0.3],
+            "score": [0.1, 0.9, 0.3, 0.5, 0.5, 0.9],  # r2: the tie .5/.5 keeps row order (0.6 before 0.1)
+            "position": [0, 1, 2, 2, 0, 1],
+        }
+    )
+    sim = simulate_ab(frame, {"ranker": "score"}, ABConfig(ks=(1, 3), position_decay=1.0, n_bootstrap=10))
+    assert sim.policies == ("ranker", LOGGED, ORACLE)
+    assert sim.n_requests == 2 and list(sim.users) == ["a", "b"]
+    # ranker: r1 shows .8, .5, .2; r2 shows .3, .6, .1
+    assert sim.ctr("ranker", 1) == pytest.approx((0.8 + 0.3) / 2)
+    assert sim.ctr("ranker", 3) == pytest.approx(((0.8 + 0.5 / 2 + 0.2 / 3) + (0.3 + 0.6 / 2 + 0.1 / 3)) / 2 / 3)
+    # logged: r1 in row order .2, .8, .5; r2 by position: .1, .3, .6
+    assert sim.ctr(LOGGED, 1) == pytest.approx((0.2 + 0.1) / 2)
+    assert sim.ctr(LOGGED, 3) == pytest.approx(((0.2 + 0.8 / 2 + 0.5 / 3) + (0.1 + 0.3 / 2 + 0.6 / 3)) / 2 / 3)
+    # oracle: r1 .8, .5, .2; r2 .6, .3, .1
+    assert sim.ctr(ORACLE, 1) == pytest.approx((0.8 + 0.6) / 2)
+    assert sim.ctr(ORACLE, 3) == pytest.approx(((0.8 + 0.5 / 2 + 0.2 / 3) + (0.6 + 0.3 / 2 + 0.1 / 3)) / 2 / 3)
+    lift = sim.lift("ranker", LOGGED, 1)
+    assert lift.lift == pytest.approx(0.55 / 0.15 - 1)
+    table = sim.ctr_table()
+    assert list(table.columns) == ["ctr@1", "ctr@3"] and table.loc[ORACLE, "ctr@1"] == pytest.approx(0.7)
+
+
+def test_ab_oracle_is_the_best_and_a_relevance_score_matches_it():
+    frame = make_scored(n_users=150)
+    frame["score__truth"] = frame["relevance"]
+    rankers = {c: c for c in frame.columns if c.startswith("score__")}
+    sim = simulate_ab(frame, rankers, ABConfig(position_decay=DECAY))
+    for k in (1, 5, 10):
+        best = sim.ctr(ORACLE, k)
+        assert all(best >= sim.ctr(p, k) - 1e-12 for p in sim.policies)
+        assert sim.ctr("score__truth", k) == pytest.approx(best, abs=1e-12)
+        # the within-user signal of the lum scores shows up as expected clicks
+        assert sim.ctr("score__dlrm__lum", k) > sim.ctr("score__dlrm__base", k)
+
+
+def test_ab_random_order_gets_mean_relevance_times_mean_examination():
+    rng = np.random.default_rng(3)
+    n_requests, slate = 20_000, 10
+    frame = pd.DataFrame(
+        {
+            "user_id": np.repeat(rng.integers(0, 4000, n_requests), slate).astype(str),
+            "request_id": np.repeat(np.arange(n_requests), slate),
+            "relevance": rng.beta(2, 5, n_requests * slate),
+            "random": rng.random(n_requests * slate),
+        }
+    )
+    sim = simulate_ab(frame, {"random": "random"}, ABConfig(position_decay=DECAY))
+    mean_relevance = frame["relevance"].mean()
+    for k in (1, 5, 10):
+        expected = mean_relevance * examination(np.arange(k), DECAY).mean()
+        assert sim.ctr("random", k) == pytest.approx(expected, rel=0.02)
+
+
+def test_ab_lift_intervals():
+    frame = make_scored(n_users=300)
+    sim = simulate_ab(frame, {"base": "score__dlrm__base", "same": "score__dlrm__base", "lum": "score__dlrm__lum"}, ABConfig(n_bootstrap=300))
+    same = sim.lift("same", "base", 10)
+    assert same.lift == 0.0 and same.low == 0.0 and same.high == 0.0 and same.n == 300
+    better = sim.lift("lum", "base", 10)
+    assert better.low > 0 and better.low <= better.lift <= better.high
+    assert better.ctr_variant == pytest.approx(sim.ctr("lum", 10))
+    with pytest.raises(KeyError):
+        sim.lift("lum", "base", 7)
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def test_sorted_auc_equals_weighted_sklearn_auc_with_ties():
+    rng = np.random.default_rng(0)
+    n, n_users = 3000, 60
+    labels = (rng.random(n) < 0.2).astype(np.float64)
+    scores = np.round(rng.random(n) + 0.3 * labels, 1)  # rounding makes many ties
+    users = rng.integers(0, n_users, n)
+    sorted_auc = SortedAUC(labels, scores, users)
+    for _ in range(5):
+        counts = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users).astype(np.float64)
+        weights = counts[users]
+        keep = weights > 0
+        assert sorted_auc(counts) == pytest.approx(auc(labels[keep], scores[keep], weights[keep]), abs=1e-12)
+    assert math.isnan(SortedAUC(np.zeros(4), np.arange(4.0), np.zeros(4, dtype=int))(np.ones(1)))
+
+
+def test_user_bootstrap_agrees_with_ranker_metrics():
+    frame = make_scored(n_users=80, requests_per_user=4)
+    a, b = "score__dlrm__base", "score__dlrm__lum"
+    boot = UserBootstrap(frame, [a, b])
+    point = boot.point()
+    for column in (a, b):
+        expected = ranking_metrics(frame, column)
+        for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
+            assert point[column][metric] == pytest.approx(expected[metric], abs=1e-10), metric
+    # the same draws as paired_bootstrap: the same interval for the pair
+    samples = boot.resample(40, seed=7)
+    for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
+        reference = paired_bootstrap(frame, a, b, metric=metric, n=40, seed=7)
+        deltas = samples[b][metric] - samples[a][metric]
+        assert np.percentile(deltas, 2.5) == pytest.approx(reference.low, abs=1e-10), metric
+        assert np.percentile(deltas, 97.5) == pytest.approx(reference.high, abs=1e-10), metric
+
+
+def test_verdict_wording():
+    text, outcome = verdict(0.012, 0.008, 0.016, "GAUC")
+    assert outcome == "gain" and text == "LUM features improve GAUC by +0.0120 (95% CI +0.0080 to +0.0160): a clear gain"
+    text, outcome = verdict(0.001, -0.002, 0.004, "AUC")
+    assert outcome == "none" and text.endswith("no clear difference (the interval includes 0)")
+    text, outcome = verdict(-0.01, -0.02, -0.005, "AUC")
+    assert outcome == "loss" and text.endswith("a clear loss")
+    text, outcome = verdict(0.041, 0.03, 0.052, "CTR@10", relative=True)
+    assert outcome == "gain" and "+4.1% (95% CI +3.0% to +5.2%)" in text
+    assert verdict(float("nan"), float("nan"), float("nan"), "GAUC")[1] == "n/a"
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+@pytest.fixture(scope="module")
+def gain_report(tmp_path_factory) -> tuple[dict, Path, pd.DataFrame]:
+    frame = make_scored(n_users=250)
+    out = tmp_path_factory.mktemp("gain")
+    targets = {"gauc_lift_min": 0.01, "ctr_lift_min": 0.03, "auc_lift_min": 0.5, "pooled_gauc_no_loss": True}
+    report = build_report(frame, _meta(targets=targets), out, ReportConfig(n_bootstrap=60, ab_bootstrap=200))
+    return report, out, frame
+
+
+def test_report_shows_a_clear_gain_when_lum_ranks_better_within_users(gain_report):
+    report, out, _ = gain_report
+    (protocol,) = report["protocols"]
+    lift = next(x for x in protocol["lifts"] if (x["model"], x["variant"], x["metric"]) == ("dlrm", "lum", "gauc"))
+    assert lift["delta"] > 0.05 and lift["low"] > 0 and lift["outcome"] == "gain"
+    assert lift["verdict"].startswith("LUM features improve GAUC by +") and lift["verdict"].endswith("a clear gain")
+    assert {x["comparison"] for x in protocol["lifts"]} == {"+LUM vs base", "LUM+pooled vs pooled-history"}
+    ab = next(x for x in protocol["ab"]["lifts"] if (x["model"], x["variant"], x["k"]) == ("lightgbm", "lum", 10))
+    assert ab["low"] > 0 and ab["outcome"] == "gain"
+    # every file written, none left under a temporary name, the JSON is the returned report and has no NaN
+    names = {p.name for p in out.iterdir()}
+    assert {"report.html", "report.md", "report.json", "roc_default.png", "calibration_default.png", "slice_lift_default.png", "ab_ctr_default.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert _no_nan((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    html_text = (out / "report.html").read_text()
+    assert "a clear gain" in html_text and "<script" not in html_text.lower()
+    assert "http://" not in html_text and "https://" not in html_text  # nothing to fetch: it renders offline
+    markdown = (out / "report.md").read_text()
+    assert "| model | variant | AUC | GAUC |" in markdown and "![ROC curves per variant](roc_default.png)" in markdown
+
+
+def test_report_variants_table_and_intervals_match_paired_bootstrap(gain_report):
+    report, _, frame = gain_report
+    variants = {(v["model"], v["variant"]): v for v in report["protocols"][0]["variants"]}
+    assert len(variants) == 8
+    base, lum = variants["dlrm", "base"], variants["dlrm", "lum"]
+    assert base["vs_base"] is None and lum["vs_base"] is not None
+    expected = ranking_metrics(frame, "score__dlrm__lum")
+    for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
+        assert lum[metric]["value"] == pytest.approx(expected[metric])
+        assert lum[metric]["low"] <= lum[metric]["value"] <= lum[metric]["high"]
+    assert lum["gauc"]["skipped_users"] == expected["gauc_skipped_users"]
+    reference = paired_bootstrap(frame, "score__dlrm__base", "score__dlrm__lum", metric="auc", n=60, seed=0)
+    assert lum["vs_base"]["auc"]["delta"] == pytest.approx(reference.delta)
+    assert (lum["vs_base"]["auc"]["low"], lum["vs_base"]["auc"]["high"]) == pytest.approx((reference.low, reference.high), abs=1e-10)
+    assert lum["rela_impr"]["value"] > 0
+
+
+def test_report_targets_met_and_missed(gain_report):
+    report, _, _ = gain_report
+    status = {(t["target"], t["model"]): t["met"] for t in report["protocols"][0]["targets"]}
+    assert status["gauc_lift_min", "dlrm"] is True and status["ctr_lift_min", "dlrm"] is True
+    assert status["auc_lift_min", "lightgbm"] is False  # an AUC lift of +0.5 is out of reach
+    assert status["pooled_gauc_no_loss", "dlrm"] is True
+
+
+def test_report_slices(gain_report):
+    report, _, frame = gain_report
+    slices = report["protocols"][0]["slices"]
+    families = {}
+    for s in slices:
+        families.setdefault(s["family"], {})[s["value"]] = s
+    assert set(families) == {"surface", "device", "user history", "earlier user history", "item popularity", "new item"}
+    assert list(families["user history"]) == ["0", "1-9", "10-49", "50+"]
+    for values in families.values():
+        assert sum(s["rows"] for s in values.values()) == len(frame)
+    popularity = families["item popularity"]
+    assert popularity["unknown"]["rows"] == frame["item_popularity"].isna().sum()
+    known = len(frame) - popularity["unknown"]["rows"]
+    assert 0.1 < popularity["head"]["rows"] / known <= 0.2 + 0.1  # ties keep a popularity value in one bucket
+    assert popularity["tail"]["rows"] / known <= 0.5
+    cold = families["earlier user history"]["none (cold user)"]
+    assert cold["rows"] == frame["user_no_history"].sum()
+    assert report["protocols"][0]["data"]["cold_share"] == pytest.approx(frame["user_no_history"].mean())
+    home = families["surface"]["home"]
+    lift = next(x for x in home["lifts"] if (x["model"], x["variant"]) == ("dlrm", "lum"))
+    assert lift["metric"] == "gauc" and lift["low"] > 0
+
+
+def test_report_with_identical_scores_says_no_clear_difference(tmp_path):
+    frame = make_scored(n_users=120, identical=True)
+    report = build_report(frame, _meta(), tmp_path, ReportConfig(n_bootstrap=40, ab_bootstrap=100))
+    protocol = report["protocols"][0]
+    for lift in [*protocol["lifts"], *protocol["ab"]["lifts"]]:
+        value = lift.get("delta", lift.get("lift"))
+        assert value == 0.0 and lift["low"] <= 0 <= lift["high"] and lift["outcome"] == "none"
+        assert lift["verdict"].endswith("no clear difference (the interval includes 0)")
+
+
+def test_report_protocols_side_by_side_and_partial_score_columns(tmp_path):
+    first = make_scored(n_users=100, seed=1).drop(columns=["score__lightgbm__lum", "relevance"])
+    second = make_scored(n_users=100, seed=2)[["user_id", "item_id", "label", "score__dlrm__base", "score__dlrm__lum"]]
+    protocols = [{"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"}, {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling", "cold_share": 0.0}]
+    meta = _meta(protocols=protocols, durations={"data": 1.5, "pretrain": 75.0}, lm_scaling=[{"preset": "tiny", "params": 3e5, "gauc_lift": 0.01, "low": 0.0, "high": 0.02}, {"preset": "small", "params": 3e6, "gauc_lift": 0.02, "low": 0.01, "high": 0.03}])
+    report = build_report([first, second], meta, tmp_path, ReportConfig(n_bootstrap=20, ab_bootstrap=50))
+    a, b = report["protocols"]
+    assert (a["name"], a["split"], a["feature_mode"], b["name"]) == ("global+snapshot", "global", "snapshot", "per-user+rolling")
+    assert a["ab"] is None and b["ab"] is None  # no ground truth in either
+    assert b["data"]["cold_share"] == 0.0 and b["slices"] == []  # nothing to slice by in the second table
+    assert [x["comparison"] for x in a["lifts"] if x["model"] == "lightgbm"] == ["LUM+pooled vs pooled-history"] * 2
+    html_text = (tmp_path / "report.html").read_text()
+    assert "Protocols side by side" in html_text and "lm_scaling.png" in html_text and "1 min 15 s" in html_text
+    assert (tmp_path / "lm_scaling.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="describes 2 protocols"):
+        build_report([first], meta, tmp_path / "bad", ReportConfig(n_bootstrap=5))
+
+
+# ---------------------------------------------------------------------------------------------------- in a real browser
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _chromium_binary() -> str | None:
+    """$CHROMIUM, or the first Chromium/Chrome on PATH (Debian: apt-get install chromium)."""
+    names = (os.environ["CHROMIUM"],) if os.environ.get("CHROMIUM") else CHROMIUM_NAMES
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def _fd_above_9(fd: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
+class DevToolsPipe:
+    """Headless Chromium driven over the Chrome DevTools protocol on a pipe (--remote-debugging-pipe).
+
+    Chromium reads NUL-terminated JSON commands on its fd 3 and writes replies and events on fd 4; nothing else is
+    needed (no driver, no websocket library, nothing downloaded at run time). Events that arrive while waiting for
+    a reply are kept in `events`.
+    """
+
+    def __init__(self, binary: str, profile_dir: Path, timeout: float = 20.0):
+        self.timeout = timeout
+        self.log = profile_dir / "chromium.log"
+        to_browser_read, self._to_browser = os.pipe()
+        self._from_browser, from_browser_write = os.pipe()
+        # move Chromium's ends above 9 so that placing them on fds 3 and 4 cannot overwrite one another
+        to_browser_read, from_browser_write = (_fd_above_9(fd) for fd in (to_browser_read, from_browser_write))
+        flags = [
+            "--headless",
+            "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
+            "--disable-gpu",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile_dir}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--mute-audio",
+            "about:blank",
+        ]
+        # bash puts the pipe ends on the fds 3 and 4 that Chromium expects, then becomes Chromium
+        script = f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write} {to_browser_read}<&- {from_browser_write}>&-'
+        with open(self.log, "wb") as log:  # a file, not a pipe that nobody drains
+            self.process = subprocess.Popen(
+                ["bash", "-c", script, binary, *flags], pass_fds=(to_browser_read, from_browser_write), stdout=subprocess.DEVNULL, stderr=log
+            )
+        os.close(to_browser_read)
+        os.close(from_browser_write)
+        self._buffer = bytearray()
+        self._next_id = 0
+        self.events: list[dict] = []
+
+    def __enter__(self) -> "DevToolsPipe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.send("Browser.close")
+        except Exception:  # already gone: fall through to the kill
+            pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        for fd in (self._to_browser, self._from_browser):
+            os.close(fd)
+
+    def _read_message(self, deadline: float) -> dict:
+        while (end := self._buffer.find(b"\0")) < 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no answer from Chromium")
+            ready, _, _ = select.select([self._from_browser], [], [], remaining)
+            if ready:
+                chunk = os.read(self._from_browser, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"Chromium closed the pipe (exit code {self.process.poll()}); see {self.log}")
+                self._buffer += chunk
+        message = json.loads(bytes(self._buffer[:end]))
+        del self._buffer[: end + 1]
+        return message
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        """Send a command and wait for its reply (its `result`)."""
+        self._next_id += 1
+        command = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            command["sessionId"] = session
+        os.write(self._to_browser, json.dumps(command).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            message = self._read_message(deadline)
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, event: str) -> dict:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            found = next((e for e in self.events if e.get("method") == event), None)
+            if found:
+                return found
+            self.events.append(self._read_message(deadline))
+
+    def console_errors(self) -> list[str]:
+        """Console errors, uncaught exceptions and browser log errors (e.g. a resource that failed to load)."""
+        errors = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                errors.append("console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+            elif method == "Runtime.exceptionThrown":
+                errors.append("exception: " + json.dumps(params.get("exceptionDetails", {}))[:500])
+            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+                entry = params["entry"]
+                errors.append(f"log ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}")
+        return errors
+
+
+def open_in_chromium(page: Path, screenshot: Path, width: int = 1280) -> dict:
+    """Load `page` in headless Chromium; return its console errors and images, and save a full-page screenshot."""
+    binary = _chromium_binary()
+    with tempfile.TemporaryDirectory() as profile, DevToolsPipe(binary, Path(profile)) as browser:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            browser.send(f"{domain}.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session)
+        browser.send("Page.navigate", {"url": page.resolve().as_uri()}, session)
+        browser.wait_for("Page.loadEventFired")
+        script = "JSON.stringify(Array.from(document.images, i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})))"
+        images = json.loads(browser.send("Runtime.evaluate", {"expression": script, "returnByValue": True}, session)["result"]["value"])
+        size = browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
+        height = int(math.ceil(size["height"]))
+        scale = min(1.0, 16_000 / height)  # a long page is shrunk to stay under Chromium's 16k-pixel texture limit
+        shot = browser.send(
+            "Page.captureScreenshot",
+            {"format": "png", "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": scale}},
+            session,
+        )
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return {"errors": browser.console_errors(), "images": images, "height": size["height"]}
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path):
+    if _chromium_binary() is None:
+        pytest.skip("no Chromium binary found (Debian: apt-get install chromium; or set $CHROMIUM); .ci/run installs it")
+    protocols = [{"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"}, {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling"}]
+    meta = _meta(
+        run="browser-test",
+        protocols=protocols,
+        data={"source": "synthetic", "users": 200, "events": 16000},
+        model_versions={"lm": "tiny-0123abcd", "dlrm": "v1", "lightgbm": "v1"},
+        config={"seed": 0, "lm": {"preset": "tiny"}},
+        durations={"data": 2.1, "pretrain": 95.0, "embed": 31.4, "rankers": 140.2, "report": 8.0},
+        targets={"gauc_lift_min": 0.01, "ctr_lift_min": 0.03},
+        lm_scaling=[{"preset": "tiny", "params": 3e5, "gauc_lift": 0.011, "low": 0.006, "high": 0.016}, {"preset": "small", "params": 3.2e6, "gauc_lift": 0.018, "low": 0.012, "high": 0.024}],
+    )
+    frames = [make_scored(n_users=200, seed=1), make_scored(n_users=200, seed=2)]
+    report = build_report(frames, meta, tmp_path, ReportConfig(n_bootstrap=30, ab_bootstrap=100))
+    screenshot = ARTIFACTS / "report.png"
+    seen = open_in_chromium(tmp_path / "report.html", screenshot)
+    assert seen["errors"] == []
+    pngs = [name for name in report["files"] if name.endswith(".png")]
+    assert len(seen["images"]) == len(pngs) == 9  # 4 plots per protocol + LM size vs lift
+    assert all(image["complete"] and image["width"] > 0 and image["height"] > 0 for image in seen["images"]), seen["images"]
+    assert screenshot.stat().st_size > 50_000
