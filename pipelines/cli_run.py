@@ -77,12 +77,16 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
                                                               max_users=2000, seed=0, run_dir=config.run_dir), echo)
 
     embed_dir = paths.embeddings(f"{split}-{lm.preset}-{protocol.features}")
-    conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling")
+    conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling", events=paths.events)
     if protocol.features == "rolling":
         as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
     else:
         as_of = snapshot_times(paths, split, protocol.snapshot_every)
-    if not (embed_dir / "manifest.json").exists() or not json.loads((embed_dir / "manifest.json").read_text()).get("complete"):
+    made = json.loads((embed_dir / "manifest.json").read_text()) if (embed_dir / "manifest.json").exists() else None
+    if made and made["settings"]["conditions"] != conditions.split(","):
+        raise click.ClickException(f"{embed_dir} holds embeddings for the conditions {made['settings']['conditions']}, not {conditions.split(',')}; "
+                                   "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
+    if not made or not made.get("complete"):
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.engine, conditions), echo)
 
     def features() -> None:
@@ -143,7 +147,7 @@ def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolC
     lm_evals = {p.name: json.loads(paths.evaluation(p.split, config.lm.preset).read_text()) for p, _ in scored if paths.evaluation(p.split, config.lm.preset).exists()}
     meta["lm_evaluation"] = {k: {m: v.get(m) for m in ("model", "popularity", "recent_items") if m in v} for k, v in lm_evals.items()}
     out = paths.root / "report"
-    return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(bootstrap=config.report.bootstrap, seed=config.report.seed))
+    return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed))
 
 
 @click.command("run")

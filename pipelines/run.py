@@ -200,10 +200,13 @@ def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path
         raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command)}")
 
 
-def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool) -> str:
+def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool, events: Path) -> str:
     """The configured query conditions, or by default: in rolling mode `request` (each row's own context, the
     condition LUM's ranker features are about), plus one per value of the model's first condition column."""
     if configured:
+        if "request" in configured and not request_time_conditions(model_dir, events):
+            raise ValueError("embed.conditions asks `request`, but the model's condition columns are not all known at request time "
+                             "(querying a row's own post-event context would leak its label)")
         return ",".join(configured)
     from lum.tokenizer import BehaviourTokenizer
 
@@ -213,7 +216,18 @@ def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool
     names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
     if not names:
         raise ValueError(f"{model_dir}: no condition token of the form {first}=VALUE; set embed.conditions in the run config")
-    return ",".join((["request"] if rolling else []) + sorted(names))
+    return ",".join((["request"] if rolling and request_time_conditions(model_dir, events) else []) + sorted(names))
+
+
+def request_time_conditions(model_dir: Path, events: Path) -> bool:
+    """Whether every condition column of the model is known at request time. Only then may a row's own context be
+    a query condition: MovieLens' feedback level is derived from the rating, so querying it would leak the label."""
+    from pipelines.contract import METADATA_KEY, EventContract
+
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    contract = EventContract.from_json(pq.read_schema(events).metadata[METADATA_KEY])
+    known = {c.name: c.known_at for c in contract.conditions}
+    return all(known.get(c) == "request" for c in manifest["condition_columns"])
 
 
 def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
