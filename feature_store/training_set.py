@@ -134,6 +134,13 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     return out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
 
 
+def _distinct(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The distinct (key, ts) pairs of `frame`, numbered in `row_id`."""
+    pairs = frame[[key, "ts"]].drop_duplicates().reset_index(drop=True)
+    pairs["row_id"] = np.arange(len(pairs), dtype=np.int64)
+    return pairs
+
+
 def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: TrainingSetConfig, progress: bool = False) -> pa.Table:
     """One row per impression (same order) with every feature of `config.feature_service`, point-in-time correct."""
     frame = _check_impressions(impressions, config.context_columns).reset_index(drop=True)
@@ -155,28 +162,17 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
     out = frame[base_cols + [c for c in config.context_columns if c not in base_cols]].copy()
     out.insert(0, "row_id", np.arange(len(frame), dtype=np.int64))
 
-    # user-keyed views: one Feast row per distinct (user, request time), since a slate shares both
-    user_views = [v for v in ("user_stats", "user_recent_items") if v in views]
-    requests = out[["user_id", "ts"]].drop_duplicates().reset_index(drop=True)
-    requests["row_id"] = np.arange(len(requests), dtype=np.int64)
-    # one Feast call per view: the file store drops an entity row from the whole answer when any view of the
-    # call lacks a value for it, so views asked together would lose each other's values
-    for view in user_views:
-        got = _historical(store, requests.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
+    # One Feast call per view, each on the distinct (key, request time) pairs (a slate shares its user and time):
+    # the file store drops an entity row from the whole answer when any view of the call lacks a value for it,
+    # so views asked together would lose each other's values.
+    requests = _distinct(out, "user_id")
+    for view in [v for v in ("user_stats", "user_recent_items", "item_stats", "item_info", "lum_item") if v in views]:
+        key = "item_id" if view in ("item_stats", "item_info", "lum_item") else "user_id"
+        pairs = requests if key == "user_id" else _distinct(out, key)
+        got = _historical(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
                           config.merge_budget, view, progress)
-        answer = requests.join(got, on="row_id")
-        out = out.merge(answer.drop(columns="row_id"), on=["user_id", "ts"], how="left", validate="many_to_one")
-
-    # item-keyed views: one Feast row per distinct (item, request time)
-    item_views = [v for v in ("item_stats", "item_info", "lum_item") if v in views]
-    if item_views:
-        pairs = out[["item_id", "ts"]].drop_duplicates().reset_index(drop=True)
-        pairs["row_id"] = np.arange(len(pairs), dtype=np.int64)
-        for view in item_views:
-            got = _historical(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
-                              config.merge_budget, view, progress)
-            answer = pairs.join(got, on="row_id")
-            out = out.merge(answer.drop(columns="row_id"), on=["item_id", "ts"], how="left", validate="many_to_one")
+        answer = pairs.join(got, on="row_id")
+        out = out.merge(answer.drop(columns="row_id"), on=[key, "ts"], how="left", validate="many_to_one")
 
     # LUM user interests: (user, condition, request time), pivoted to one column per condition
     if uses_lum:

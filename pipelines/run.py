@@ -236,7 +236,7 @@ def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
     from pipelines.contract import read_events
 
     _, contract = read_events(paths.split_file(split, "train"))
-    columns = ["user_id", "ts", *contract.condition_names()]
+    columns = ["user_id", "ts", *contract.condition_names]
     tables = [pq.read_table(paths.split_file(split, w), columns=columns) for w in ("train", "test")]
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
