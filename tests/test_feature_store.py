@@ -363,3 +363,33 @@ def test_cli_get_prints_the_request_and_apply_errors_without_data(run, tmp_path)
     assert payload["conditions"][0]["condition"] == "surface=home" and payload["conditions"][0]["found"]
     result = CliRunner().invoke(main, ["features", "apply", "--run", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "lum data make" in result.output
+
+
+def test_two_model_versions_coexist_and_the_selected_one_is_served(run, tmp_path):
+    """A second version (here: snap1's vectors relabelled) lives beside the first; selection decides what is joined."""
+    import pyarrow as pa
+
+    paths = RunPaths(tmp_path / "versions")
+    shutil.copytree(run["paths"].root, paths.root)
+    repo = FeatureRepo(paths.feature_repo)
+    other = tmp_path / "other-version"
+    shutil.copytree(run["snap1"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["model_version"] = "lum-other"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    for path in [*sorted((other / "users").glob("*.parquet")), other / "items.parquet"]:
+        table = pq.read_table(path)
+        doubled = pa.array([list(np.asarray(v) * 2) for v in table.column("embedding").to_pylist()], pa.list_(pa.float32()))
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", doubled)
+        table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(["lum-other"] * table.num_rows))
+        pq.write_table(table, path)
+    assert repo.ingest(other, item_valid_from="2025-01-01", select=False)["version"] == "lum-other"
+    assert set(repo.ingested()) == {run["version"], "lum-other"}
+    rows = pd.DataFrame({"user_id": [run["user"]], "item_id": ["i1"], "ts": [T1 + pd.Timedelta(hours=1)]})
+    before = build_training_set(repo, rows, TrainingSetConfig("ranker_lum"))
+    repo.select_version("lum-other")
+    prepare_repo(paths)
+    after = build_training_set(repo, rows, TrainingSetConfig("ranker_lum"))
+    assert training_set_metadata(after)["model_version"] == "lum-other"
+    first, second = before.column("lum_user__surface_home")[0].as_py(), after.column("lum_user__surface_home")[0].as_py()
+    np.testing.assert_allclose(np.asarray(second), 2 * np.asarray(first), rtol=1e-6)
