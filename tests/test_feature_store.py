@@ -341,6 +341,11 @@ def test_http_route_through_feast_serve_matches_the_python_client(run):
         via_http = FeatureClient(run["repo"], http_url=server.url).get_ranking_features(run["user"], None, ["i1", "no-such-item"])
         port = server.port
     via_python = FeatureClient(run["repo"]).get_ranking_features(run["user"], None, ["i1", "no-such-item"])
+    via_sdk = FeatureClient(run["repo"], sdk=True).get_ranking_features(run["user"], None, ["i1", "no-such-item"])
+    np.testing.assert_array_equal(via_sdk.user_vectors, via_python.user_vectors)
+    np.testing.assert_array_equal(via_sdk.item_vectors, via_python.item_vectors)
+    assert via_sdk.user_vector_as_of == via_python.user_vector_as_of and via_sdk.hist_item_ids == via_python.hist_item_ids
+    assert via_sdk.item_found.tolist() == via_python.item_found.tolist()
     np.testing.assert_allclose(via_http.user_vectors, via_python.user_vectors, rtol=1e-6)
     np.testing.assert_allclose(via_http.item_vectors, via_python.item_vectors, rtol=1e-6)
     assert via_http.item_found.tolist() == [True, False]
