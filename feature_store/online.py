@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,15 +185,19 @@ class _DirectTransport:
             tuples = list(zip(*(entities[k] for k in keys)))
             unique = list(dict.fromkeys(tuples))
             protos = [EntityKey(join_keys=keys, entity_values=[Value(string_val=v) for v in t]) for t in unique]
-            answers = dict(zip(unique, self.provider.online_read(config=self.store.config, table=view, entity_keys=protos, requested_features=names)))
+            read = self.provider.online_read(config=self.store.config, table=view, entity_keys=protos, requested_features=names)
+            # convert each distinct key's answer once (a request repeats keys to pad its rows)
+            decoded: dict[tuple, tuple[int, dict[str, Any]]] = {}
+            for key, (stamp, data) in zip(unique, read):
+                if data is None:
+                    decoded[key] = (0, {})
+                    continue
+                seconds = int((stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()) if stamp else 0
+                decoded[key] = (seconds, {n: _proto_value(v) for n, v in data.items()})
+            answers = [decoded[t] for t in tuples]
             for name in names:
-                values, stamps = [], []
-                for t in tuples:
-                    stamp, data = answers[t]
-                    proto = None if data is None else data.get(name)
-                    values.append(None if proto is None else _proto_value(proto))
-                    stamps.append(0 if stamp is None or proto is None else int(pd.Timestamp(stamp).timestamp()))
-                out[f"{view_name}__{name}"], out[f"{view_name}__{name}{TIMESTAMP_SUFFIX}"] = values, stamps
+                out[f"{view_name}__{name}"] = [values.get(name) for _, values in answers]
+                out[f"{view_name}__{name}{TIMESTAMP_SUFFIX}"] = [seconds if name in values else 0 for seconds, values in answers]
         assert all(len(v) == rows for v in out.values())
         return out
 
