@@ -8,9 +8,9 @@ random (dimension 64, K=4 conditions, weekly snapshots): latency does not depend
 they go through the real path (`lum embed`'s output layout -> ingest -> apply -> materialize).
 
 Online: one ranking request = 1 user x 4 conditions + 100 candidate items, answered by
-`FeatureClient.get_ranking_features` (three Feast reads: user views, user x condition, items). The floor is the
-same three reads made directly against the online store through Feast's provider (`online_read`), without the
-response assembly; HTTP goes through a real `feast serve` on localhost.
+`FeatureClient.get_ranking_features` (one `online_read` per view, then the arrays assembled). The floor is the
+same reads made directly against the online store through Feast's provider (`online_read`), without decoding or
+assembly; HTTP goes through a real `feast serve` on localhost.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ def time_requests(fn, requests: list[tuple[str, list[str]]], warmup: int = 10) -
 
 
 def floor_reader(repo: FeatureRepo):
-    """The three reads of a request straight through Feast's online store (`online_read`), no response assembly."""
-    from feast.infra.key_encoding_utils import serialize_entity_key  # noqa: F401  (documents what online_read takes)
+    """The reads of a request straight through Feast's online store (`online_read`), no decoding or assembly."""
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from feature_store.repo import _atomic_write_parquet
 
 ONE_US = pd.Timedelta(microseconds=1)
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
@@ -152,8 +153,6 @@ def write_stats_tables(events: pd.DataFrame, items: pd.DataFrame | None, out_dir
     counts = {}
     for name, frame in tables.items():
         table = pa.Table.from_pandas(frame, schema=STATS_SCHEMAS[name], preserve_index=False)
-        tmp = out_dir / f".{name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(out_dir / f"{name}.parquet")
+        _atomic_write_parquet(table, out_dir / f"{name}.parquet")
         counts[name] = table.num_rows
     return counts

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feature_store.repo import FeatureRepo, FeatureStoreError, _atomic_write_text
+from feature_store.repo import FeatureRepo, FeatureStoreError, _atomic_write_text, read_view_source
 
 USER_COUNTERS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s"]
 ITEM_COUNTERS = ["item_n_impressions", "item_n_clicks", "item_ctr"]
@@ -37,10 +37,8 @@ TIMESTAMP_SUFFIX = "__ts"
 def _newest_timestamp(store: Any, view: str) -> pd.Timestamp | None:
     """The newest `event_timestamp` of a feature view's offline source (a file or a folder of files)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
-    path = store.get_feature_view(view).batch_source.path
-    column = ds.dataset(path, format="parquet").to_table(columns=["event_timestamp"]).column("event_timestamp")
+    column = read_view_source(store, view, ["event_timestamp"]).column("event_timestamp")
     newest = pc.max(column).as_py() if len(column) else None
     return None if newest is None else pd.Timestamp(newest).tz_convert("UTC")
 
@@ -115,8 +113,10 @@ class RankingFeatures:
     hist_categories: list[str] = field(default_factory=list)
 
     def to_frame(self, context: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row per candidate in the training-set contract (what `build_training_set` returns offline)."""
+        """One row per candidate in the training-set contract (what `build_training_set` returns offline),
+        its metadata in `frame.attrs["lum.training_set"]`."""
         from feature_store.repo import _slug
+        from feature_store.training_set import METADATA_KEY, contract_metadata
 
         n = len(self.item_ids)
         frame = pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "user_id": self.user_id, "item_id": self.item_ids,
@@ -139,6 +139,9 @@ class RankingFeatures:
         frame["missing_user_stats"] = np.int8(not self.user_found)
         frame["missing_item_stats"] = (~self.item_found).astype(np.int8)
         frame["missing_lum"] = ((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8)
+        dim = self.user_vectors.shape[1] if self.model_version else None
+        frame.attrs[METADATA_KEY.decode()] = contract_metadata(frame.columns, (context or {}).keys(), self.conditions, dim,
+                                                               self.model_version, None)
         return frame
 
 

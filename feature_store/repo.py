@@ -54,11 +54,33 @@ class OnlineStoreConfig:
         raise FeatureStoreError(f"online store must be sqlite or redis, got '{self.kind}'")
 
 
+# Every file of the repo is written under a temporary name beside its final one, then renamed into place.
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _atomic_copy(source: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(path)
+
+
+def read_view_source(store: Any, view: str, columns: list[str]) -> pa.Table:
+    """Columns of a feature view's offline source (its Parquet file, or the folder of files of an ingested version)."""
+    import pyarrow.dataset as ds
+
+    return ds.dataset(store.get_feature_view(view).batch_source.path, format="parquet").to_table(columns=columns)
 
 
 def _slug(condition: str) -> str:
@@ -107,8 +129,7 @@ class FeatureRepo:
         if stats_ttl_days is not None:
             settings["stats_ttl_days"] = stats_ttl_days
         self._write_settings(settings)
-        shutil.copyfile(TEMPLATE / "definitions.py", self.root / ".definitions.py.tmp")
-        (self.root / ".definitions.py.tmp").replace(self.root / "definitions.py")
+        _atomic_copy(TEMPLATE / "definitions.py", self.root / "definitions.py")
         (self.root / ".feastignore").write_text("data/\n")
 
     def _write_settings(self, settings: dict[str, Any]) -> None:
@@ -191,6 +212,8 @@ class FeatureRepo:
         versions = self.ingested()
         entry = versions.get(version, {"dim": dim, "conditions": [], "jobs": {}, "item_valid_from": None})
         if job_id in entry["jobs"]:
+            if select:
+                self.select_version(version)
             return {"version": version, "job": job_id, "rows": 0, "skipped": True}
         if entry["dim"] != dim:
             raise FeatureStoreError(f"{embed_dir}: embeddings of dimension {dim}, but version {version} was ingested with dimension {entry['dim']}")
@@ -230,14 +253,9 @@ class FeatureRepo:
         user_dir = self.data / "lum_user" / version
         user_dir.mkdir(parents=True, exist_ok=True)
         for path in shard_files:
-            tmp = user_dir / f".{job_id}-{path.name}.tmp"
-            shutil.copyfile(path, tmp)
-            tmp.replace(user_dir / f"{job_id}-{path.name}")
+            _atomic_copy(path, user_dir / f"{job_id}-{path.name}")
         if not item_path.exists():
-            item_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = item_path.with_name(".items.parquet.tmp")
-            pq.write_table(item_table, tmp)
-            tmp.replace(item_path)
+            _atomic_write_parquet(item_table, item_path)
         conditions = settings["conditions"]
         entry["conditions"] = entry["conditions"] + [c for c in conditions if c not in entry["conditions"]]
         entry["item_valid_from"] = valid_from.isoformat()

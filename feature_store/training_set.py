@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from feature_store.repo import FeatureRepo, FeatureStoreError, _slug
+from feature_store.repo import FeatureRepo, FeatureStoreError, _slug, read_view_source
 
 METADATA_KEY = b"lum.training_set"
 COUNTER_COLUMNS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last",
@@ -99,10 +99,7 @@ def _fast_dask_tokens_for_nested_columns() -> None:
 
 def _known_keys(store: Any, view: str, keys: list[str]) -> tuple[pd.DataFrame, int]:
     """The distinct join keys present in a feature view's offline source, and the source's number of rows."""
-    import pyarrow.dataset as ds
-
-    path = store.get_feature_view(view).batch_source.path
-    table = ds.dataset(path, format="parquet").to_table(columns=keys)
+    table = read_view_source(store, view, keys)
     return table.to_pandas().drop_duplicates(), table.num_rows
 
 
@@ -230,18 +227,25 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
             arrays[name] = pa.array(out[name].astype(np.int8))
         else:
             arrays[name] = pa.array(out[name])
-    metadata = {
-        "context_columns": list(config.context_columns),
-        "counter_columns": [c for c in COUNTER_COLUMNS if c in out.columns],
-        "sequence_columns": [c for c in SEQUENCE_COLUMNS if c in out.columns],
-        "lum_conditions": {_slug(c): c for c in conditions},
-        "lum_dim": dim if conditions else None,
-        "model_version": settings.get("model_version") if conditions else None,
-        "feature_service": config.feature_service,
-        "label": "label", "user": "user_id", "item": "item_id", "time": "ts",
-    }
+    metadata = contract_metadata(out.columns, config.context_columns, conditions, dim, settings.get("model_version"), config.feature_service)
     table = pa.table(arrays)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def contract_metadata(columns: Iterable[str], context_columns: Iterable[str], conditions: list[str], dim: int | None,
+                      model_version: str | None, feature_service: str | None) -> dict[str, Any]:
+    """The `lum.training_set` metadata naming a training-set table's column groups (offline and online rows)."""
+    columns = set(columns)
+    return {
+        "context_columns": list(context_columns),
+        "counter_columns": [c for c in COUNTER_COLUMNS if c in columns],
+        "sequence_columns": [c for c in SEQUENCE_COLUMNS if c in columns],
+        "lum_conditions": {_slug(c): c for c in conditions},
+        "lum_dim": dim if conditions else None,
+        "model_version": model_version if conditions else None,
+        "feature_service": feature_service,
+        "label": "label", "user": "user_id", "item": "item_id", "time": "ts",
+    }
 
 
 def training_set_metadata(table: pa.Table) -> dict[str, Any]:

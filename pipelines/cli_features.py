@@ -59,19 +59,14 @@ def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild
 @_friendly_errors
 def features_ingest(embed_dir, item_valid_from, select, run_dir) -> None:
     """Register the Parquet output of `lum embed` (user and item vectors) for its model version."""
-    from feature_store.repo import FeatureRepo
-    from pipelines.feature_steps import prepare_repo
+    from pipelines.feature_steps import ingest_embeddings
 
-    paths = RunPaths(run_dir)
-    repo = FeatureRepo(paths.feature_repo)
-    repo.init()
-    result = repo.ingest(embed_dir, item_valid_from=item_valid_from, select=select)
+    repo, result, views = ingest_embeddings(RunPaths(run_dir), embed_dir, item_valid_from, select)
     if result["skipped"]:
         click.echo(f"{embed_dir} was already ingested for {result['version']}: skipped")
     else:
         click.echo(f"ingested {result['rows']:,} user embeddings (dimension {result['dim']}, conditions {', '.join(result['conditions'])}) "
                    f"for model version {result['version']}")
-    _, views, _ = prepare_repo(paths)
     click.echo(f"selected version: {repo.settings().get('model_version')}; registered {', '.join(views)}")
 
 
@@ -84,9 +79,9 @@ def features_materialize(end, full, run_dir) -> None:
     """Write the newest feature values into the online store (incremental after the first run)."""
     from feature_store.online import materialize
     from feature_store.repo import FeatureRepo
-    from pipelines.feature_steps import utc
+    from pipelines.contract import utc_timestamp
 
-    state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc(end), full=full)
+    state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc_timestamp(end) if end else None, full=full)
     kind = state["online_store"]["kind"]
     for view, mode in state["modes"].items():
         click.echo(f"  {view}: {mode} (up to {state['views'][view]})")

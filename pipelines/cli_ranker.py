@@ -73,6 +73,7 @@ def ranker_evaluate(protocol, model, variant, run_dir) -> None:
     from tabulate import tabulate
 
     from pipelines.ranker_steps import evaluate_step, evaluation_file
+    from ranker.metrics import rela_impr
 
     paths = RunPaths(run_dir)
     trained = sorted(p.name[len(protocol) + 1 :].split("-", 1) for p in (paths.root / "rankers").glob(f"{protocol}-*") if (p / "ranker.json").exists())
@@ -86,7 +87,7 @@ def ranker_evaluate(protocol, model, variant, run_dir) -> None:
                      "rows": result["rows"], "gauc_skipped_users": result["gauc_skipped_users"]})
     base = {r["model"]: r["auc"] for r in rows if r["variant"] == "base"}
     for r in rows:
-        r["rela_impr"] = round((r["auc"] - 0.5) / (base[r["model"]] - 0.5) - 1, 4) if r["model"] in base else None
+        r["rela_impr"] = round(rela_impr(r["auc"], base[r["model"]]), 4) if r["model"] in base else None
     click.echo(tabulate(rows, headers="keys", tablefmt="github"))
     click.echo(f"per-condition tables: {evaluation_file(paths, protocol, '*', '*').parent}")
 

@@ -57,7 +57,7 @@ def execute(ctx: click.Context, config: RunConfig, echo=click.echo) -> dict[str,
 
 def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo) -> Path:
     from pipelines import cli as base
-    from pipelines.feature_steps import prepare_repo
+    from pipelines.feature_steps import ingest_embeddings
     from pipelines.ranker_steps import evaluate_step, score_test_window, train_step
     from pipelines.cli_ranker import ranker_config
 
@@ -90,12 +90,9 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.engine, conditions), echo)
 
     def features() -> None:
-        repo, _, _ = prepare_repo(paths)
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
-        result = repo.ingest(embed_dir, item_valid_from=valid_from, select=True)
-        repo.select_version(result["version"])
-        prepare_repo(paths)
+        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True)
         how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
         echo(f"features: model version {result['version']} selected ({how})")
 
@@ -144,8 +141,6 @@ def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolC
     }
     if info["source"].get("name") == "simulator":
         meta["position_decay"] = info["source"]["config"].get("position_decay", 0.6)
-    lm_evals = {p.name: json.loads(paths.evaluation(p.split, config.lm.preset).read_text()) for p, _ in scored if paths.evaluation(p.split, config.lm.preset).exists()}
-    meta["lm_evaluation"] = {k: {m: v.get(m) for m in ("model", "popularity", "recent_items") if m in v} for k, v in lm_evals.items()}
     out = paths.root / "report"
     return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed))
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -254,6 +254,15 @@ def read_events(path: str | Path) -> tuple[pa.Table, EventContract]:
             "`lum data import files` on it first"
         )
     return table, EventContract.from_json(meta[METADATA_KEY])
+
+
+def write_json_atomic(payload: Any, path: str | Path) -> None:
+    """JSON to a temporary file beside `path`, renamed into place (numpy scalars written as floats)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
 
 
 def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow.parquet as pq
 
 from feature_store.offline_tables import StatsConfig
 from feature_store.repo import FeatureRepo, OnlineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
-from pipelines.contract import read_events, write_parquet_atomic
+from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.lm_steps import default_history_events
 from pipelines.paths import RunPaths
 from pipelines.sources.base import read_dataset_info
@@ -45,11 +44,21 @@ def prepare_repo(
         items = pq.read_table(paths.items).to_pandas() if paths.items.exists() else None
         history = "all" if default_history_events(paths) == "all" else "positive"
         counts = repo.build_stats(events.to_pandas(), items, StatsConfig(history_labels=history))
-        stamp.write_text(json.dumps({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history}, indent=2))
+        write_json_atomic({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history}, stamp)
         rebuilt = True
     if model_version:
         repo.select_version(model_version)
     return repo, repo.apply(), rebuilt
+
+
+def ingest_embeddings(paths: RunPaths, embed_dir: Path, item_valid_from: str | None = None,
+                      select: bool | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
+    """Ingest a `lum embed` output into the run's repo, then rebuild what changed and `feast apply` once."""
+    repo = FeatureRepo(paths.feature_repo)
+    repo.init()
+    result = repo.ingest(embed_dir, item_valid_from=item_valid_from, select=select)
+    _, views, _ = prepare_repo(paths)
+    return repo, result, views
 
 
 def context_columns(events_path: Path, exclude: tuple[str, ...] = NOT_FEATURES) -> tuple[str, ...]:
@@ -84,10 +93,3 @@ def training_set_summary(path: Path) -> dict[str, Any]:
         if column.startswith("missing_"):
             summary[f"{column}_share"] = round(float(frame[column].mean()), 4)
     return summary
-
-
-def utc(ts: str | None) -> pd.Timestamp | None:
-    if ts is None:
-        return None
-    value = pd.Timestamp(ts)
-    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipelines.contract import read_events
+from pipelines.contract import read_events, write_json_atomic
 from pipelines.paths import RunPaths
 from pipelines.sources.base import read_dataset_info
 
@@ -77,9 +76,5 @@ def run_evaluate(paths: RunPaths, protocol: str, preset: str, eval_config: Any, 
     result = evaluate_next_item(loaded.model, tokenizer, history, _window(paths, protocol, "test"), eval_config, progress)
     result["model_version"] = loaded.manifest["model_version"]
     result["config"] = asdict(eval_config)
-    out = paths.evaluation(protocol, preset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json_atomic(result, paths.evaluation(protocol, preset))
     return result

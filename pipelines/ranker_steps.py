@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_store.repo import FeatureRepo
-from pipelines.contract import read_events, write_parquet_atomic
+from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.feature_steps import build_window_training_set
 from pipelines.paths import RunPaths
 from ranker.metrics import metrics_by, ranking_metrics
@@ -60,7 +60,7 @@ def ensure_training_set(paths: RunPaths, protocol: str, window: str, progress: b
         return out
     started = time.perf_counter()
     build_window_training_set(paths, protocol, window, service, progress=progress)
-    stamp.write_text(json.dumps({"fingerprint": fingerprint, "service": service, "seconds": round(time.perf_counter() - started, 1)}))
+    write_json_atomic({"fingerprint": fingerprint, "service": service, "seconds": round(time.perf_counter() - started, 1)}, stamp)
     return out
 
 
@@ -87,13 +87,14 @@ def train_step(paths: RunPaths, protocol: str, config: RankerConfig, force: bool
     table = pq.read_table(train)
     ranker = train_ranker(table, config, progress=progress)
     ranker.save(out)
-    done.write_text(json.dumps(stamp))
+    write_json_atomic(stamp, done)
     return out, True
 
 
 def condition_columns(table: pa.Table) -> list[str]:
+    """The categorical (string) request-context columns: the conditions metrics are broken down by."""
     meta = json.loads((table.schema.metadata or {}).get(b"lum.training_set", b"{}"))
-    return [c for c in meta.get("context_columns", []) if c != "hour"]
+    return [c for c in meta.get("context_columns", []) if pa.types.is_string(table.schema.field(c).type)]
 
 
 def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, progress: bool = True) -> dict[str, Any]:
@@ -107,11 +108,7 @@ def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, prog
     frame["score"] = ranker.score(test)
     result: dict[str, Any] = {"protocol": protocol, "model": model, "variant": variant, "overall": ranking_metrics(frame)}
     result["by_condition"] = {c: metrics_by(frame, c).reset_index().to_dict(orient="records") for c in condition_columns(test)}
-    out = evaluation_file(paths, protocol, model, variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(out)
+    write_json_atomic(result, evaluation_file(paths, protocol, model, variant))
     return result
 
 
@@ -170,17 +167,7 @@ def score_requests(paths: RunPaths, ranker_folder: Path, requests: pd.DataFrame,
             answer = client.get_ranking_features(str(first.user_id), None, rows.item_id.astype(str).tolist(),
                                                  request_time=first.ts if "ts" in rows else None)
             frame = answer.to_frame({c: first[c] for c in context})
-            frame.attrs["lum.training_set"] = _online_metadata(client, context)
             scores[rows.index.to_numpy()] = ranker.score(frame)
     else:
         raise ValueError(f"source must be 'offline' or 'online', got '{source}'")
     return requests.assign(score=scores)
-
-
-def _online_metadata(client: Any, context: tuple[str, ...]) -> dict[str, Any]:
-    from feature_store.repo import _slug
-    from feature_store.training_set import COUNTER_COLUMNS, SEQUENCE_COLUMNS
-
-    return {"context_columns": list(context), "counter_columns": COUNTER_COLUMNS, "sequence_columns": SEQUENCE_COLUMNS,
-            "lum_conditions": {_slug(c): c for c in client.conditions}, "lum_dim": client.dim or None,
-            "model_version": client.model_version, "label": "label", "user": "user_id", "item": "item_id", "time": "ts"}

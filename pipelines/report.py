@@ -35,7 +35,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import pandas as pd
@@ -159,6 +159,15 @@ def _find(columns: list[ScoreColumn], model: str, variant: str) -> ScoreColumn |
 
 def _models(columns: list[ScoreColumn]) -> list[str]:
     return list(dict.fromkeys(c.model for c in columns))
+
+
+def _comparisons(columns: list[ScoreColumn]) -> Iterator[tuple[str, Any, ScoreColumn, ScoreColumn]]:
+    """(model, comparison, variant column, baseline column) for every comparison whose two columns exist."""
+    for model in _models(columns):
+        for comparison in COMPARISONS:
+            a, b = _find(columns, model, comparison.variant), _find(columns, model, comparison.baseline)
+            if a is not None and b is not None:
+                yield model, comparison, a, b
 
 
 # ---------------------------------------------------------------------------------------------------- bootstrap
@@ -444,30 +453,26 @@ def _variants(columns: list[ScoreColumn], points: dict[str, dict[str, Any]], sam
 def _pair_deltas(columns: list[ScoreColumn], points: Points, samples: Samples, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
     """For each model and each comparison whose two columns exist: the paired delta, its interval and a verdict."""
     out = []
-    for model in _models(columns):
-        for comparison in COMPARISONS:
-            a, b = _find(columns, model, comparison.variant), _find(columns, model, comparison.baseline)
-            if a is None or b is None:
-                continue
-            for metric in metrics:
-                delta = points[a.column][metric] - points[b.column][metric]
-                stats = interval(samples[a.column][metric] - samples[b.column][metric])
-                sentence, outcome = verdict(delta, stats["low"], stats["high"], METRIC_LABELS[metric], comparison.subject)
-                out.append(
-                    {
-                        "model": model,
-                        "variant": comparison.variant,
-                        "baseline": comparison.baseline,
-                        "comparison": comparison.title,
-                        "metric": metric,
-                        "delta": delta,
-                        **stats,
-                        "variant_value": points[a.column][metric],
-                        "baseline_value": points[b.column][metric],
-                        "verdict": sentence,
-                        "outcome": outcome,
-                    }
-                )
+    for model, comparison, a, b in _comparisons(columns):
+        for metric in metrics:
+            delta = points[a.column][metric] - points[b.column][metric]
+            stats = interval(samples[a.column][metric] - samples[b.column][metric])
+            sentence, outcome = verdict(delta, stats["low"], stats["high"], METRIC_LABELS[metric], comparison.subject)
+            out.append(
+                {
+                    "model": model,
+                    "variant": comparison.variant,
+                    "baseline": comparison.baseline,
+                    "comparison": comparison.title,
+                    "metric": metric,
+                    "delta": delta,
+                    **stats,
+                    "variant_value": points[a.column][metric],
+                    "baseline_value": points[b.column][metric],
+                    "verdict": sentence,
+                    "outcome": outcome,
+                }
+            )
     return out
 
 
@@ -515,25 +520,21 @@ def _ab(frame: pd.DataFrame, columns: list[ScoreColumn], position_decay: float, 
         label = column.label if column else {LOGGED: "logged policy", ORACLE: "oracle (true relevance)"}[policy]
         ctr.append({"policy": policy, "label": label, **{f"ctr@{k}": sim.ctr(policy, k) for k in ab_config.ks}})
     lifts = []
-    for model in _models(columns):
-        for comparison in COMPARISONS:
-            a, b = _find(columns, model, comparison.variant), _find(columns, model, comparison.baseline)
-            if a is None or b is None:
-                continue
-            for lift in sim.lifts([(a.policy, b.policy)]):
-                sentence, outcome = verdict(lift.lift, lift.low, lift.high, f"CTR@{lift.k}", comparison.subject, relative=True)
-                numbers = {k: v for k, v in asdict(lift).items() if k not in ("variant", "baseline")}  # policy names
-                lifts.append(
-                    {
-                        "model": model,
-                        "variant": comparison.variant,
-                        "baseline": comparison.baseline,
-                        "comparison": comparison.title,
-                        **numbers,
-                        "verdict": sentence,
-                        "outcome": outcome,
-                    }
-                )
+    for model, comparison, a, b in _comparisons(columns):
+        for lift in sim.lifts([(a.policy, b.policy)]):
+            sentence, outcome = verdict(lift.lift, lift.low, lift.high, f"CTR@{lift.k}", comparison.subject, relative=True)
+            numbers = {k: v for k, v in asdict(lift).items() if k not in ("variant", "baseline")}  # policy names
+            lifts.append(
+                {
+                    "model": model,
+                    "variant": comparison.variant,
+                    "baseline": comparison.baseline,
+                    "comparison": comparison.title,
+                    **numbers,
+                    "verdict": sentence,
+                    "outcome": outcome,
+                }
+            )
     return {"ks": list(ab_config.ks), "position_decay": position_decay, "requests": sim.n_requests, "users": len(sim.users), "ctr": ctr, "lifts": lifts}
 
 

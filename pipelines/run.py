@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 
@@ -185,10 +186,7 @@ class RunState:
         return {k: v.get("seconds", 0.0) for k, v in self.state["steps"].items()}
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".run_state.json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        tmp.replace(self.path)
+        write_json_atomic(self.state, self.path)
 
 
 def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, engine: str, conditions: str) -> None:
@@ -233,16 +231,11 @@ def request_time_conditions(model_dir: Path, events: Path) -> bool:
 def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
     """(user_id, ts, condition columns) of the ranker-training and test windows: the moments (and contexts) a
     rolling embedding is needed for."""
-    from pipelines.contract import read_events
-
-    _, contract = read_events(paths.split_file(split, "train"))
-    columns = ["user_id", "ts", *contract.condition_names]
-    tables = [pq.read_table(paths.split_file(split, w), columns=columns) for w in ("train", "test")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists():
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(pa.concat_tables(tables), tmp)
-        tmp.replace(out)
+    if not out.exists():  # kept once written: the embedding job's resume check fingerprints this file
+        _, contract = read_events(paths.split_file(split, "train"))
+        columns = ["user_id", "ts", *contract.condition_names]
+        tables = [pq.read_table(paths.split_file(split, w), columns=columns) for w in ("train", "test")]
+        write_parquet_atomic(pa.concat_tables(tables), out)
     return out
 
 

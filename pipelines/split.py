@@ -24,7 +24,6 @@ test rows with no event in an earlier window; a per-user split leaves none.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -33,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.contract import read_events, utc_timestamp, write_parquet_atomic
+from pipelines.contract import read_events, utc_timestamp, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
@@ -173,9 +172,7 @@ def split_run(paths: RunPaths, config: SplitConfig) -> dict[str, Any]:
     paths.split_summary(config.protocol).unlink(missing_ok=True)
     for name, window_table in tables.items():
         write_parquet_atomic(window_table, paths.split_file(config.protocol, name))
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(paths.split_summary(config.protocol))
+    write_json_atomic(summary, paths.split_summary(config.protocol))
     return summary
 
 
