@@ -10,7 +10,14 @@ condition c"). Several conditions share one history (LUM's group query), so:
   of all of a user's rows sit behind one copy of the user's history, each seeing its own prefix (KV reuse);
 * the **vLLM engine** submits the prompts of one history adjacently and lets prefix caching compute it once.
 
-Both engines see exactly the same prompts, built by `build_queries`. History window: the last `max_history`
+Both engines see exactly the same prompts, built by `build_queries`. In snapshot mode a history is left-filled with
+extra [BOS] tokens to a multiple of the tokenizer's `prompt_align` (32, vLLM's CPU block size): prefix caching
+shares whole blocks only, so without the fill every further condition recomputes the history's last partial block
+(on ~120-token prompts K=4 cost 1.4x K=1; with the fill about 1.2x). Pretraining puts 0..31 such [BOS] before
+every segment, so any fill is familiar to the model; the fill of a query depends on its own history's length only.
+Rolling mode does not fill (rows of a user share their history across rows instead, and a fill that fits one row's
+prefix would break that sharing), so a snapshot and a rolling vector of the same user and time differ slightly.
+History window: the last `max_history`
 behaviours before the as-of time. In rolling mode the window start moves in steps of `window_stride`
 behaviours (never more than `max_history` behaviours, never fewer than `max_history - window_stride + 1` once the
 history is that long), so consecutive rows of a user share a prefix.
@@ -88,8 +95,13 @@ def build_queries(
     conditions: list[tuple[str, int]],
     max_history: int,
     window_stride: int,
+    align: int = 1,
 ) -> tuple[list[QueryGroup], int]:
     """Query groups for every (user, as-of time) in `as_of` (columns user_id, ts, key).
+
+    align: left-fill every history with extra [BOS] to a multiple of this many tokens (the snapshot mode of the
+    embedding job passes the tokenizer's `prompt_align`; 1 = no fill). A query's fill then depends on the length
+    of its own history only (never on a later row's), so each distinct history gets a group of its own.
 
     Returns the groups and the number of (user, as-of) pairs skipped for having no history before the as-of time.
     """
@@ -120,19 +132,24 @@ def build_queries(
         over = np.maximum(counts - max_history, 0)
         starts = -(-over // window_stride) * window_stride  # ceil to a multiple of the stride
         for start in np.unique(starts):
-            sel = starts == start
-            end = int(counts[sel].max())
-            tokens = np.concatenate([[BOS], body_tokens[a + start : a + end].ravel()]).astype(np.int64)
-            prefix = 1 + (counts[sel] - start) * tpb
-            groups.append(
-                QueryGroup(
-                    user_id=str(user),
-                    tokens=tokens,
-                    prefix_lengths=np.repeat(prefix, len(cond_ids)),
-                    conditions=np.where(per_row[None, :], row_tokens[sel][:, None], cond_ids[None, :]).ravel(),
-                    keys=[(k, name) for k in keys[sel] for name in cond_names],
+            in_window = starts == start
+            ends = [None] if align == 1 else np.unique(counts[in_window])
+            for end_count in ends:
+                sel = in_window if end_count is None else in_window & (counts == end_count)
+                end = int(counts[sel].max())
+                history = body_tokens[a + start : a + end].ravel()
+                fill = -(1 + len(history)) % align  # extra [BOS] so the history fills whole prefix-cache blocks
+                tokens = np.concatenate([np.full(1 + fill, BOS), history]).astype(np.int64)
+                prefix = 1 + fill + (counts[sel] - start) * tpb
+                groups.append(
+                    QueryGroup(
+                        user_id=str(user),
+                        tokens=tokens,
+                        prefix_lengths=np.repeat(prefix, len(cond_ids)),
+                        conditions=np.where(per_row[None, :], row_tokens[sel][:, None], cond_ids[None, :]).ravel(),
+                        keys=[(k, name) for k in keys[sel] for name in cond_names],
+                    )
                 )
-            )
     return groups, skipped
 
 

@@ -152,7 +152,8 @@ class EmbeddingJob:
         self.conditions = resolve_conditions(self.tokenizer, config.conditions)
         self.max_history = config.max_history or self.tokenizer.config.max_history
         tpb = 1 + self.tokenizer.config.tokens_per_item
-        self.max_history = min(self.max_history, (self.max_model_len - 2) // tpb)
+        fill = self.tokenizer.config.prompt_align - 1  # the longest left fill of a prompt (see build_queries)
+        self.max_history = min(self.max_history, (self.max_model_len - 2 - fill) // tpb)
         self.model_version = self.manifest_in["model_version"]
         self.engine: Any = None
         self._check_inputs()
@@ -222,6 +223,7 @@ class EmbeddingJob:
             "rows": None if not self.as_of.rows_path else _file_fingerprint(self.as_of.rows_path),
             "conditions": [n for n, _ in self.conditions],
             "max_history": self.max_history,
+            "prompt_align": 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align,
             "window_stride": self.config.window_stride,
             "shards": self.config.shards,
             "output_dtype": self.config.output_dtype,
@@ -235,7 +237,9 @@ class EmbeddingJob:
         """Rows (user_id, condition, event_timestamp) and vectors [N, H] of one shard, plus counts."""
         events = _read_shard(self.events_path, self.event_columns, shard, self.config.shards)
         queries = self._as_of_rows(shard, events)
-        groups, skipped = build_queries(self.tokenizer, events, queries, self.conditions, self.max_history, self.config.window_stride)
+        # snapshots fill prompts to whole prefix-cache blocks; rolling rows share their history across rows instead
+        align = 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align
+        groups, skipped = build_queries(self.tokenizer, events, queries, self.conditions, self.max_history, self.config.window_stride, align)
         keys: list[tuple[str, object, str]] = []
         vectors: list[np.ndarray] = []
         for start in range(0, len(groups), self.config.groups_per_call):

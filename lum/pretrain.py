@@ -195,9 +195,12 @@ def pretrain(
             raise ValueError("a tokenizer config is needed to pretrain from scratch")
         tokenizer, base_model, base_manifest = fit_tokenizer(events, tokenizer_config, items), None, None
     tpb = 1 + tokenizer.config.tokens_per_item
-    max_behaviours = min(tokenizer.config.max_history, (config.row_tokens - 1) // tpb)
+    fill = tokenizer.config.prompt_align
+    max_behaviours = min(tokenizer.config.max_history, (config.row_tokens - fill) // tpb)  # room for the longest fill
+    if max_behaviours < 1:
+        raise ValueError(f"row_tokens ({config.row_tokens}) leaves no room for a behaviour after a prompt fill of up to {fill - 1} tokens")
     histories = tokenizer.encode_histories(events, max_history=10**9)
-    segments = user_segments(histories, tpb, max_behaviours)
+    segments = user_segments(histories, tpb, max_behaviours, fill=fill, seed=config.seed)
     if not segments:
         raise ValueError("the pretraining window holds no behaviours to learn from")
     batches = plan_epochs(segments, config.row_tokens, config.rows_per_batch, config.packing, config.seed, config.epochs)
@@ -245,7 +248,8 @@ def pretrain(
     bar = tqdm(total=run_steps, initial=step, desc="pretraining", unit="step", disable=not progress or rank != 0)
     started, tokens_done = time.perf_counter(), 0
     while step < run_steps:
-        batch = make_batch(segments, batches[step], item_index, config.packing, config.row_tokens)
+        rows = batches[step] + [[]] * (-len(batches[step]) % world)  # an epoch's last batch may be short: empty rows keep every rank busy
+        batch = make_batch(segments, rows, item_index, config.packing, config.row_tokens)
         local = batch.rows(my_rows)
         n_targets = _all_sum(local.n_targets)
         with autocast:

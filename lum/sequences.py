@@ -43,14 +43,23 @@ class Batch:
         return Batch(ids, self.position_ids[index], mask, self.targets[index], int((ids != PAD).sum()))
 
 
-def user_segments(histories: dict[str, np.ndarray], tokens_per_behaviour: int, max_behaviours: int) -> list[np.ndarray]:
-    """Cut each history ([BOS] + behaviours) into segments of at most `max_behaviours` behaviours, each with [BOS]."""
+def user_segments(
+    histories: dict[str, np.ndarray], tokens_per_behaviour: int, max_behaviours: int, fill: int = 1, seed: int = 0
+) -> list[np.ndarray]:
+    """Cut each history ([BOS] + behaviours) into segments of at most `max_behaviours` behaviours, each with [BOS].
+
+    With `fill` > 1 every segment starts with a random number (0 to fill-1, fixed by `seed`) of extra [BOS]
+    tokens: the embedding job left-fills its prompts to a multiple of `fill` tokens (see TokenizerConfig.prompt_align),
+    and the model must have seen such fills. Segments are then at most fill - 1 + 1 + max_behaviours * tpb long.
+    """
+    rng = np.random.default_rng([seed, 7])
     step = tokens_per_behaviour * max_behaviours
     segments = []
     for user in sorted(histories):
         body = histories[user][1:]
         for start in range(0, len(body), step):
-            segments.append(np.concatenate([[BOS], body[start : start + step]]).astype(np.int64))
+            extra = int(rng.integers(0, fill)) if fill > 1 else 0
+            segments.append(np.concatenate([np.full(extra + 1, BOS), body[start : start + step]]).astype(np.int64))
     return segments
 
 
@@ -92,7 +101,7 @@ def epoch_rows(segments: list[np.ndarray], row_tokens: int, packing: bool, seed:
 
 def make_batch(segments: list[np.ndarray], rows: list[list[int]], item_index: np.ndarray, packing: bool, row_tokens: int) -> Batch:
     """Tensors for `rows`. `item_index` [V]: item-side index of each token id, -1 for other tokens."""
-    width = row_tokens if packing else max(len(segments[row[0]]) for row in rows)
+    width = row_tokens if packing else max((len(segments[row[0]]) for row in rows if row), default=1)  # a row may be empty
     ids = np.full((len(rows), width), PAD, dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
     tgt = np.full((len(rows), width), -1, dtype=np.int64)
@@ -109,6 +118,8 @@ def make_batch(segments: list[np.ndarray], rows: list[list[int]], item_index: np
         pos[r, start:] = np.arange(width - start)  # padding: a separate "sequence" of its own, never a target
     input_ids = torch.from_numpy(ids)
     mask = None if packing else (input_ids != PAD).long()
+    if mask is not None:
+        mask[:, 0] = 1  # an empty row (see pretrain) must attend somewhere, or attention gives NaN; real rows start with [BOS]
     return Batch(input_ids, torch.from_numpy(pos), mask, torch.from_numpy(tgt), int((ids != PAD).sum()))
 
 

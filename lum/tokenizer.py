@@ -67,8 +67,16 @@ class TokenizerConfig:
     numeric_columns: tuple[str, ...] = ()
     vector_column: str | None = None
     seed: int = 0
+    # Queries are left-filled with extra [BOS] tokens to a multiple of this many tokens, so that vLLM's prefix cache
+    # (which shares whole blocks: 32 tokens on CPU) holds a user's entire history and every further query condition
+    # costs one token instead of the history's last partial block. Pretraining puts 0..prompt_align-1 extra [BOS]
+    # before every segment at random, so the model has seen every fill. 1 turns it off (and is what a tokenizer
+    # saved before this option existed means).
+    prompt_align: int = 32
 
     def __post_init__(self) -> None:
+        if self.prompt_align < 1:
+            raise TokenizerError(f"prompt_align must be at least 1, got {self.prompt_align}")
         if self.item_tokenization not in ("id", "semantic"):
             raise TokenizerError(f"item tokenization must be 'id' or 'semantic', got '{self.item_tokenization}'")
         if self.history_events not in ("positive", "all"):
@@ -223,6 +231,7 @@ class BehaviourTokenizer:
                 f"{FORMAT_VERSION}; rebuild it with this version of lum"
             )
         raw = payload["config"]
+        raw.setdefault("prompt_align", 1)  # saved before prompt filling existed: its model never saw a fill
         for key in ("condition_columns", "text_columns", "categorical_columns", "numeric_columns"):
             raw[key] = tuple(raw[key])
         semantic = None

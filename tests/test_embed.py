@@ -59,7 +59,8 @@ def _groups(model, events: pd.DataFrame, users: int = 40, conditions: int = 4, r
         queries = events[events.user_id.isin(picked)][["user_id", "ts"]].drop_duplicates().assign(key=lambda f: f.ts)
     else:
         queries = pd.DataFrame({"user_id": events.user_id.drop_duplicates().iloc[:users], "ts": AS_OF, "key": AS_OF})
-    return build_queries(tokenizer, events, queries, conds, max_history=40, window_stride=8)
+    align = 1 if rolling else tokenizer.config.prompt_align  # as the job does: snapshots fill whole cache blocks
+    return build_queries(tokenizer, events, queries, conds, max_history=40, window_stride=8, align=align)
 
 
 def _min_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -79,6 +80,36 @@ def test_torch_group_query_equals_one_plain_forward_per_prompt(model, torch_engi
             with torch.no_grad():
                 plain = lm.model(input_ids=torch.as_tensor(prompt)[None]).last_hidden_state[0, -1].numpy()
             np.testing.assert_allclose(vector, plain, atol=1e-4)
+
+
+def test_snapshot_prompts_fill_whole_cache_blocks_from_their_own_history_only(model, tiny_sim):
+    _, tokenizer = model
+    events = tiny_sim[0].to_pandas()
+    assert tokenizer.config.prompt_align == 32
+    plain, _ = build_queries(tokenizer, events, pd.DataFrame({"user_id": events.user_id.drop_duplicates().iloc[:40], "ts": AS_OF, "key": AS_OF}),
+                             resolve_conditions(tokenizer, "all")[:2], max_history=40, window_stride=8)
+    filled, _ = _groups(model, events, conditions=2)
+    assert len(plain) == len(filled) > 20
+    fills = []
+    for p, f in zip(plain, filled):
+        fill = len(f.tokens) - len(p.tokens)
+        assert len(f.tokens) % 32 == 0 and 0 <= fill < 32
+        assert (f.tokens[: fill + 1] == 1).all() and (f.tokens[fill:] == p.tokens).all()  # [BOS] * fill, then the same history
+        assert (f.prefix_lengths == p.prefix_lengths + fill).all()
+        fills.append(fill)
+    assert len(set(fills)) > 5  # histories of many lengths, so many different fills
+
+    # two snapshot times: the earlier query's prompt is the same whether or not the later one is asked
+    users = events.user_id.drop_duplicates().iloc[:10]
+    later = AS_OF + pd.Timedelta(days=5)
+    conds = resolve_conditions(tokenizer, "all")[:1]
+    early_only, _ = build_queries(tokenizer, events, pd.DataFrame({"user_id": users, "ts": AS_OF, "key": AS_OF}), conds, 40, 8, align=32)
+    both, _ = build_queries(tokenizer, events, pd.DataFrame({"user_id": list(users) * 2, "ts": [AS_OF] * 10 + [later] * 10, "key": [AS_OF] * 10 + [later] * 10}),
+                            conds, 40, 8, align=32)
+    early_both = [g for g in both if g.keys[0][0] == AS_OF]
+    assert len(early_both) == len(early_only) and len(both) > len(early_only)
+    for a, b in zip(early_only, early_both):
+        assert (a.tokens == b.tokens).all() and (a.prefix_lengths == b.prefix_lengths).all()
 
 
 def test_vllm_matches_the_torch_engine_on_every_row(model, torch_engine, vllm_engine, tiny_sim):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lum.evaluate import EvalConfig, evaluate_next_item
 from lum.model import ModelFolderError, build_model, count_parameters, load_model, read_manifest
 from lum.pretrain import PretrainConfig, item_index_of, pretrain
-from lum.sequences import make_batch, pack_rows
+from lum.sequences import make_batch, pack_rows, user_segments
 from lum.tokenizer import BOS, BehaviourTokenizer, TokenizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,23 @@ def test_packing_isolates_users():
     head = model.lm_head.weight[6:]
     losses = [torch.nn.functional.cross_entropy(h[b1][t[b1] >= 0] @ head.T, t[b1][t[b1] >= 0]) for h, t in ((h1, t1), (h2, t2))]
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_segments_start_with_a_random_fill_of_bos_the_embedding_job_may_use():
+    histories = {f"u{i}": np.concatenate([[BOS], np.arange(10, 10 + 2 * (5 + i))]) for i in range(200)}
+    segments = user_segments(histories, tokens_per_behaviour=2, max_behaviours=8, fill=32, seed=0)
+    again = user_segments(histories, 2, 8, fill=32, seed=0)
+    assert len(again) == len(segments) and all(np.array_equal(a, b) for a, b in zip(segments, again))  # deterministic
+    fills = []
+    for seg in segments:
+        bos = int(np.argmax(seg != BOS))  # length of the leading [BOS] run
+        assert 1 <= bos <= 32 and len(seg) - bos <= 16 and (seg[bos:] >= 10).all()
+        fills.append(bos - 1)
+    assert min(fills) == 0 and max(fills) == 31 and len(set(fills)) == 32  # every fill the job may ask is seen
+    body = np.concatenate([s[int(np.argmax(s != BOS)):] for s in segments])
+    assert len(body) == sum(len(h) - 1 for h in histories.values())  # no behaviour lost
+    plain = user_segments(histories, 2, 8)
+    assert all(s[0] == BOS and s[1] != BOS for s in plain)  # fill=1: one [BOS], as before
 
 
 def cyclic_events(n_users: int = 60, length: int = 30, n_items: int = 40, seed: int = 0) -> pd.DataFrame:
