@@ -27,6 +27,8 @@ import torch
 
 from benchmarks.common import write_results
 
+KS = (1, 2, 4, 8)
+
 
 def naive_embed(model, prompts: list[np.ndarray], batch: int = 32) -> int:
     """One padded forward per batch of prompts, no sharing; returns the number of prompts."""
@@ -40,7 +42,7 @@ def naive_embed(model, prompts: list[np.ndarray], batch: int = 32) -> int:
                 ids[r, : len(p)] = torch.as_tensor(p)
                 mask[r, : len(p)] = 1
             hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            hidden[torch.arange(len(chunk)), mask.sum(1) - 1].numpy()
+            hidden[torch.arange(len(chunk)), mask.sum(1) - 1].float().numpy()
     return len(prompts)
 
 
@@ -69,9 +71,10 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell; the table shows the median")
+    parser.add_argument("--naive-repeats", type=int, default=1, help="the naive baseline is slow and steady (spread < 5%% here)")
     args = parser.parse_args()
 
-    from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+    from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions, resolve_vllm_dtype
     from lum.model import load_model
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import BehaviourTokenizer, TokenizerConfig
@@ -90,45 +93,60 @@ def main() -> None:
         users = frame.user_id.drop_duplicates().iloc[: args.users]
         queries = pd.DataFrame({"user_id": users, "ts": as_of, "key": as_of})
         all_conditions = resolve_conditions(tokenizer, "all")
-        torch_engine = TorchEngine(str(model_dir))
-        vllm_engine = VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings())
-        naive_model = load_model(model_dir).model
         align = tokenizer.config.prompt_align
-        try:
-            warm, _ = build_queries(tokenizer, frame, queries, all_conditions[:2], 100, 16, align)
-            vllm_engine.embed(warm), torch_engine.embed(warm), naive_embed(naive_model, [p for g in warm[:100] for p in g.prompts()])  # one full pass each
-            for k in (1, 2, 4, 8):
-                # what a user asks: plain prompts (the naive baseline runs these); our engines get the snapshot
-                # job's prompts, filled with [BOS] to whole prefix-cache blocks. Tokens/s counts the plain tokens for all.
-                plain, _ = build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16)
-                groups, _ = build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16, align)
-                prompts = [p for g in plain for p in g.prompts()]
-                prompt_tokens = sum(len(p) for p in prompts)
-                fill_tokens = sum(len(g.tokens) for g in groups) - sum(len(g.tokens) for g in plain)
-                for name, run in (
-                    ("vllm", lambda: vllm_engine.embed(groups)),
-                    ("torch", lambda: torch_engine.embed(groups)),
-                    ("naive", lambda: naive_embed(naive_model, prompts)),
-                ):
+        # what a user asks: plain prompts (the naive baseline runs these); our engines get the snapshot job's
+        # prompts, filled with [BOS] to whole prefix-cache blocks. Tokens/s counts the plain tokens for all.
+        plain = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16)[0] for k in KS}
+        filled = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16, align)[0] for k in KS}
+
+        def vllm(dtype: str):
+            engine = VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings(dtype=dtype))
+            def run(k: int) -> None:
+                engine.llm.reset_prefix_cache()  # every measurement starts cold: no history cached by the last one
+                engine.embed(filled[k])
+            return run, engine.close
+
+        def torch_engine():
+            engine = TorchEngine(str(model_dir))
+            return (lambda k: engine.embed(filled[k])), engine.close
+
+        def naive(dtype: torch.dtype):
+            model = load_model(model_dir).model.to(dtype)
+            return (lambda k: naive_embed(model, [p for g in plain[k] for p in g.prompts()])), (lambda: None)
+
+        engines = [
+            (f"vllm ({resolve_vllm_dtype('auto')}, default)", lambda: vllm("auto"), args.repeats),
+            ("vllm (float32)", lambda: vllm("float32"), args.repeats),
+            ("torch group query (float32)", torch_engine, args.repeats),
+            ("naive (float32)", lambda: naive(torch.float32), args.naive_repeats),
+            ("naive (bfloat16)", lambda: naive(torch.bfloat16), args.naive_repeats),
+        ]
+        for name, build, repeats in engines:
+            run, close = build()
+            try:
+                run(2)  # one full warm-up pass
+                for k in KS:
                     times = []
-                    for _ in range(args.repeats):
-                        vllm_engine.llm.reset_prefix_cache()  # every measurement starts cold: no history cached by the last one
+                    for _ in range(repeats):
                         started = time.perf_counter()
-                        run()
+                        run(k)
                         times.append(time.perf_counter() - started)
                     seconds = float(np.median(times))
-                    rows.append({"engine": name, "K": k, "users": len(plain), "prompts": len(prompts), "prompt_tokens": prompt_tokens,
-                                 "fill_tokens": 0 if name == "naive" else fill_tokens, "seconds": round(seconds, 2),
-                                 "seconds_min_max": f"{min(times):.2f}-{max(times):.2f}",
-                                 "tokens_per_s": round(prompt_tokens / seconds), "users_per_s": round(len(plain) / seconds, 1)})
+                    tokens = sum(len(p) for g in plain[k] for p in g.prompts())
+                    fill = 0 if name.startswith("naive") else sum(len(g.tokens) for g in filled[k]) - sum(len(g.tokens) for g in plain[k])
+                    rows.append({"engine": name, "K": k, "users": len(plain[k]), "prompts": sum(g.n_queries for g in plain[k]),
+                                 "prompt_tokens": tokens, "fill_tokens": fill, "seconds": round(seconds, 2),
+                                 "seconds_min_max": f"{min(times):.2f}-{max(times):.2f}", "tokens_per_s": round(tokens / seconds),
+                                 "users_per_s": round(len(plain[k]) / seconds, 1)})
                     print(rows[-1], flush=True)
-        finally:
-            vllm_engine.close()
+            finally:
+                close()
         for r in rows:
             base = next(x for x in rows if x["engine"] == r["engine"] and x["K"] == 1)
             r["time_vs_K1"] = round(r["seconds"] / base["seconds"], 2)
-            naive = next(x for x in rows if x["engine"] == "naive" and x["K"] == r["K"])
-            r["speed_vs_naive"] = round(r["tokens_per_s"] / naive["tokens_per_s"], 2)
+            for dtype in ("float32", "bfloat16"):
+                naive_row = next(x for x in rows if x["engine"] == f"naive ({dtype})" and x["K"] == r["K"])
+                r[f"speed_vs_naive_{dtype}"] = round(r["tokens_per_s"] / naive_row["tokens_per_s"], 2)
         # memory against users: the job's streaming matters here, not the model, so a tiny model keeps it quick
         tiny_dir = tmp / "tiny"
         pretrain(frame, tiny_dir, PretrainConfig(preset="tiny", max_steps=5, rows_per_batch=8, row_tokens=512),
@@ -138,7 +156,7 @@ def main() -> None:
             rows.append({"engine": "torch job (lum embed), tiny", "K": 4, "users": n, "seconds": round(seconds, 1), "peak_rss_mib": round(rss)})
             print(rows[-1], flush=True)
     write_results("embed", rows, notes=f"{args.preset} preset, simulator default world, histories of up to 100 behaviours (every impression is a behaviour here; prompts average about 120 tokens); "
-                  f"median of {args.repeats} runs per cell; vLLM float32 with prefix caching (block 32) bound to both cores; torch engine with 2 threads")
+                  f"median of {args.repeats} runs per cell ({args.naive_repeats} for naive); vLLM with prefix caching (block 32) bound to both cores; torch engine with 2 threads")
 
 
 if __name__ == "__main__":

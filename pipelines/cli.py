@@ -386,7 +386,8 @@ def evaluate_command(protocol, preset, k, max_users, seed, run_dir) -> None:
 @click.option("--shards", type=int, default=8, help="Output shards by user hash (the unit of resume).")
 @click.option("--max-history", type=int, default=None, help="Behaviours per prompt [default: the model's].")
 @click.option("--window-stride", type=int, default=16, help="Rolling: the history window moves in steps of this many behaviours.")
-@click.option("--vllm-dtype", default="float32", help="vLLM compute dtype.")
+@click.option("--vllm-dtype", default="auto", show_default=True,
+              help="vLLM compute dtype: auto = bfloat16 on GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
 @click.option("--block-size", type=int, default=32, help="vLLM KV block size (prefix caching shares whole blocks).")
 @click.option("--kv-cache-gib", type=int, default=1, help="vLLM CPU KV-cache space in GiB (reserved up front).")
 @click.option("--max-batched-tokens", type=int, default=8192, help="vLLM max tokens per scheduler step.")
