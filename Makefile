@@ -1,6 +1,9 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv if missing, install, run the main job end to end on the embedded simulator
 #   make test   create .venv if missing, install, run the test suite
+# and one measures the stack:
+#   make bench  create .venv if missing, install, run every benchmark at quick sizes (FULL=1: full sizes;
+#               ONLY=embed,data: a subset) and write benchmarks/results/SUMMARY.md
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: install demo test lock clean
+.PHONY: install demo test bench lock clean
 
 install: $(STAMP)
 
@@ -28,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all $(if $(filter 1,$(FULL)),--full,--quick) $(if $(ONLY),--only $(ONLY))
 
 # Re-resolve the CPU lock from the top-level pins in constraints/cpu-top.txt.
 lock:

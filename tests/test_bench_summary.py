@@ -1,0 +1,164 @@
+"""The benchmark summary: tables, provenance, run records and the README block, on small JSON files in a tmp dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run_all import BENCHES, parse_only
+from benchmarks.summary import BEGIN, END, RunRecord, build_summary, save_run
+
+MACHINE = {"cores": 2, "ram_gib": 23.5, "cpu": "x86_64", "python": "3.11.7", "date": "2026-11-25T05:56:51+00:00"}
+
+
+def write(folder: Path, name: str, rows: list[dict], command: str, date: str = MACHINE["date"], notes: str = "") -> None:
+    payload = {"benchmark": name, "command": command, "machine": {**MACHINE, "date": date}, "notes": notes, "rows": rows}
+    (folder / f"{name}.json").write_text(json.dumps(payload))
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write(folder, "embed", [
+        {"engine": "vllm", "K": 1, "users": 200, "prompt_tokens": 24000, "tokens_per_s": 14198, "time_vs_K1": 1.0,
+         "speed_vs_naive_float32": 1.3, "speed_vs_naive_bfloat16": 2.1},
+        {"engine": "vllm", "K": 8, "users": 200, "prompt_tokens": 192000, "tokens_per_s": 101221, "time_vs_K1": 1.12,
+         "speed_vs_naive_float32": 8.92, "speed_vs_naive_bfloat16": 12.5},
+        {"engine": "torch job (lum embed), tiny", "K": 4, "users": 10000, "seconds": 11.4, "peak_rss_mib": 1825},
+    ], "python /x/benchmarks/bench_embed.py --users 200 --repeats 1", notes="median of 1 run per cell")
+    write(folder, "features", [
+        {"measure": "training-set join, 200,000 impressions", "value": 6146, "unit": "rows/s", "seconds": 32.5},
+        {"measure": "online python/sqlite: 1 user x 4 conditions + 100 items", "value": 7.8, "unit": "p99 ms", "p50_ms": 6.0,
+         "floor_p50_ms": 4.05, "floor_p99_ms": 4.68, "p99_vs_floor": 1.67, "target_p99_ms": 20},
+    ], "python /x/benchmarks/bench_features.py --quick", date="2026-11-24T04:33:16+00:00")
+    write(folder, "mystery", [{"alpha": 1, "beta": "x|y"}, {"alpha": 2, "gamma": True}], "python /x/benchmarks/bench_mystery.py")
+    (folder / "_runs.json").write_text("{}")
+    return folder
+
+
+def section(text: str, name: str) -> str:
+    return text.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_tables_and_provenance(results: Path) -> None:
+    text = build_summary(results, readme=None).read_text()
+    assert text.startswith("# Benchmark summary")
+    # overview, in pipeline order, unknown benchmarks last
+    assert "| embed | 2026-11-25T05:56:51+00:00 | 2 cores, 23.5 GiB |  |  | ok |" in text
+    assert text.index("## embed") < text.index("## features") < text.index("## mystery")
+
+    embed = section(text, "embed")
+    assert "| engine | K | users | tokens/s | time vs K=1 | speed_vs_naive_float32 | speed_vs_naive_bfloat16 |" in embed
+    assert "| vllm | 8 | 200 | 101,221 | 1.12 | 8.92 | 12.5 |" in embed
+    assert "prompt_tokens" not in embed  # not a headline column
+    assert "| torch job (lum embed), tiny | 4 | 10,000 | 11.4 | 1,825 |" in embed
+    assert ("`python /x/benchmarks/bench_embed.py --users 200 --repeats 1` on 2 cores, 23.5 GiB RAM, x86_64, "
+            "Python 3.11.7, 2026-11-25T05:56:51+00:00.") in embed
+    assert "median of 1 run per cell" in embed
+
+    features = section(text, "features")
+    assert "| route | p50 ms | p99 ms | target p99 ms | floor p99 ms | p99 / floor |" in features
+    assert "| online python/sqlite: 1 user x 4 conditions + 100 items | 6.0 | 7.8 | 20 | 4.68 | 1.67 |" in features
+    assert "| training-set join, 200,000 impressions | 6,146 | rows/s |" in features
+    assert "`python /x/benchmarks/bench_features.py --quick`" in features and "2026-11-24T04:33:16+00:00" in features
+
+
+def test_unknown_benchmark_shows_all_rows_and_columns(results: Path) -> None:
+    mystery = section(build_summary(results, readme=None).read_text(), "mystery")
+    assert "| alpha | beta | gamma |" in mystery
+    assert "| 1 | x\\|y |  |" in mystery
+    assert "| 2 |  | yes |" in mystery
+    assert "`python /x/benchmarks/bench_mystery.py` on 2 cores, 23.5 GiB RAM" in mystery
+
+
+def test_known_benchmark_with_unexpected_rows_falls_back(results: Path) -> None:
+    write(results, "data", [{"preset": "tiny", "users": 300, "events_per_s": 287122}, {"something": "new", "n": 12345}],
+          "python /x/benchmarks/bench_data.py")
+    write(results, "ranker", [{"renamed": 1}], "python /x/benchmarks/bench_ranker.py")
+    (results / "stray.json").write_text("[1, 2]")
+    text = build_summary(results, readme=None).read_text()
+    data = section(text, "data")
+    assert "| preset | users | events/s |" in data and "| tiny | 300 | 287,122 |" in data
+    assert "Other rows:\n\n| something | n |" in data and "| new | 12,345 |" in data
+    assert "| renamed |" in section(text, "ranker") and "| 1 |" in section(text, "ranker")
+    assert "stray" not in text
+
+
+def test_run_records_wall_time_and_failure(results: Path) -> None:
+    save_run(results, "embed", RunRecord(mode="quick", args=["--users", "200"], exit_code=0, wall_s=187.4,
+                                         started="2026-11-25T05:53:00+00:00", json_date=MACHINE["date"]))
+    save_run(results, "features", RunRecord(mode="full", args=[], exit_code=3, wall_s=42.0, started="2026-11-25T06:00:00+00:00"))
+    save_run(results, "ranker", RunRecord(mode="quick", args=[], exit_code=-9, wall_s=5.0, started="2026-11-25T06:10:00+00:00"))
+    text = build_summary(results, readme=None).read_text()
+    assert "| embed | 2026-11-25T05:56:51+00:00 | 2 cores, 23.5 GiB | quick | 187 | ok |" in text
+    assert "wall time 187 s (quick run)" in section(text, "embed")
+    assert "| features | 2026-11-24T04:33:16+00:00 | 2 cores, 23.5 GiB |  |  | failed (exit 3) |" in text
+    assert ("**last run failed**: exit code 3 after 42 s (full run started 2026-11-25T06:00:00+00:00) "
+            "(the figures above are from an earlier run)") in text
+    assert "| ranker |  |  |  |  | failed (exit -9) |" in text
+    assert "No results file." in section(text, "ranker")
+    assert "_runs" not in text  # the run records are not a benchmark
+
+
+def test_failure_older_than_the_json_is_not_flagged(results: Path) -> None:
+    save_run(results, "features", RunRecord(mode="quick", args=[], exit_code=1, wall_s=3.0, started="2026-11-20T00:00:00+00:00"))
+    text = build_summary(results, readme=None).read_text()
+    assert "failed" not in text
+
+
+def test_readme_block_is_replaced(results: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n## Benchmarks\n\n{BEGIN}\nold table\n{END}\n\nAfter.\n")
+    build_summary(results, readme)
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith(f"# Project\n\n## Benchmarks\n\n{BEGIN}\n")
+    assert text.endswith(f"\n{END}\n\nAfter.\n")
+    block = text.split(BEGIN)[1].split(END)[0]
+    assert "### embed" in block and "## embed" not in block.replace("### embed", "")  # one level below the README's heading
+    assert "| vllm | 8 | 200 | 101,221 | 1.12 | 8.92 | 12.5 |" in block
+    assert "# Benchmark summary" not in block
+    # rebuilding is stable
+    build_summary(results, readme)
+    assert readme.read_text() == text
+
+
+@pytest.mark.parametrize("content", ["# Project\n\nNo markers.\n", f"# Project\n{BEGIN}\nonly the begin marker\n",
+                                     f"# Project\n{END}\nwrong order\n{BEGIN}\n"])
+def test_readme_without_both_markers_is_untouched(results: Path, tmp_path: Path, content: str) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(content)
+    before = readme.stat().st_mtime_ns
+    build_summary(results, readme)
+    assert readme.read_text() == content
+    assert readme.stat().st_mtime_ns == before
+
+
+def test_only_selects_in_pipeline_order() -> None:
+    assert [b.name for b in parse_only("ranker, bench_data")] == ["data", "ranker"]
+    assert parse_only(None) == list(BENCHES)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        parse_only("embed,nope")
+
+
+def test_run_all_records_a_failure_and_goes_on(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two benchmarks whose modules do not exist: both are tried, both recorded, the summary built, exit code 1."""
+    import benchmarks.run_all as run_all
+
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    fakes = (run_all.Bench("missing_one", quick=("--x",), full=()), run_all.Bench("missing_two", quick=(), full=()))
+    monkeypatch.setattr(run_all, "BENCHES", fakes)
+    monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
+    monkeypatch.setattr(run_all, "RESULTS_DIR", results)
+    monkeypatch.setattr(run_all, "README", readme)
+    assert run_all.main([]) == 1
+    runs = json.loads((results / "_runs.json").read_text())
+    assert set(runs) == {"missing_one", "missing_two"}
+    assert runs["missing_one"]["exit_code"] != 0 and runs["missing_one"]["args"] == ["--x"] and runs["missing_one"]["mode"] == "quick"
+    text = (results / "SUMMARY.md").read_text()
+    assert "## missing_one" in text and "## missing_two" in text and "## embed" in text
+    assert readme.read_text() == "no markers\n"
