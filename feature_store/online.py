@@ -31,6 +31,7 @@ from feature_store.repo import FeatureRepo, FeatureStoreError, _atomic_write_tex
 USER_COUNTERS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s"]
 ITEM_COUNTERS = ["item_n_impressions", "item_n_clicks", "item_ctr"]
 TIMESTAMP_SUFFIX = "__ts"
+ITEM_VIEW_PREFIXES = ("item_stats__", "item_info__", "lum_item__")  # the item-keyed views: what the client caches
 
 
 # ---------------------------------------------------------------------- materialization
@@ -238,24 +239,61 @@ class FeatureClient:
     >>> answer = client.get_ranking_features("u42", ["surface=home"], ["i1", "i2", "i3"])
     """
 
-    def __init__(self, repo: str | Path | FeatureRepo, http_url: str | None = None, sdk: bool = False):
+    def __init__(self, repo: str | Path | FeatureRepo, http_url: str | None = None, sdk: bool = False,
+                 item_cache: bool = True, item_cache_size: int = 200_000):
         """`http_url`: ask a running `feast serve`; `sdk`: Feast's `get_online_features` instead of the direct
-        provider read (the same answers, slower; kept as the reference)."""
+        provider read (the same answers, slower; kept as the reference).
+
+        `item_cache`: keep the candidates' features (item counters, category, LUM item vector) in this process
+        between requests, up to `item_cache_size` items. The online store only changes when it is materialized,
+        and every request first checks the repo's materialization record (one `stat`): when it changed, the cache
+        is emptied and the store's clock re-read, so a cached answer is always the one the store would give.
+        User features are never cached."""
         self.repo = repo if isinstance(repo, FeatureRepo) else FeatureRepo(repo)
-        settings = self.repo.settings()
-        self.model_version: str | None = settings.get("model_version")
-        self.conditions: list[str] = list(settings.get("conditions") or [])
-        self.dim = int(settings.get("lum_dim") or 0)
-        self.ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
-        state_file = self.repo.materialized_file
-        if not state_file.exists():
+        if not self.repo.materialized_file.exists():
             raise FeatureStoreError(f"{self.repo.root}: the online store was never materialized; run `lum features materialize`")
-        self.state = json.loads(state_file.read_text())
-        self.clock = pd.Timestamp(self.state["end"])
+        self.item_cache_size = item_cache_size if item_cache else 0
+        self._item_rows: dict[str, dict[str, Any]] = {}  # item id -> its answer, for every item-keyed feature
+        self._state_stamp: tuple[int, int] | None = None
+        self._refresh()
         if http_url:
             self.transport: Any = _HttpTransport(http_url)
         else:
             self.transport = _PythonTransport(self.repo) if sdk else _DirectTransport(self.repo)
+
+    def _refresh(self) -> None:
+        """Re-read the materialization record (the store's clock) and the repo settings (selected version,
+        conditions, TTL), and drop cached items, whenever the record changed: a materialization happened."""
+        info = self.repo.materialized_file.stat()
+        stamp = (info.st_mtime_ns, info.st_size)
+        if stamp != self._state_stamp:
+            settings = self.repo.settings()  # the selected version may have changed with it
+            self.model_version: str | None = settings.get("model_version")
+            self.conditions: list[str] = list(settings.get("conditions") or [])
+            self.dim = int(settings.get("lum_dim") or 0)
+            self.ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
+            self.state = json.loads(self.repo.materialized_file.read_text())
+            self.clock = pd.Timestamp(self.state["end"])
+            self._item_rows.clear()
+            self._state_stamp = stamp
+
+    def _read(self, user: str, conditions: list[str], items: list[str]) -> dict[str, list[Any]]:
+        """One store read for the user's views and the items not cached; item answers come back in `items` order."""
+        distinct = list(dict.fromkeys(items))
+        to_read = [i for i in distinct if i not in self._item_rows] if self.item_cache_size else distinct
+        got = self.transport.read(*self._one_read(user, conditions, to_read))
+        item_names = [name for name in got if name.startswith(ITEM_VIEW_PREFIXES)]
+        fresh = {item: {name: got[name][j] for name in item_names} for j, item in enumerate(to_read)}
+        rows = {**{i: self._item_rows[i] for i in distinct if i in self._item_rows}, **fresh}
+        if self.item_cache_size:
+            for item, row in fresh.items():
+                if len(self._item_rows) >= self.item_cache_size:
+                    self._item_rows.pop(next(iter(self._item_rows)))  # the oldest entry
+                self._item_rows[item] = row
+        names = item_names or (list(next(iter(rows.values()))) if rows else [])
+        for name in names:
+            got[name] = [rows[i][name] for i in items]
+        return got
 
     def get_ranking_features(
         self,
@@ -269,12 +307,13 @@ class FeatureClient:
         unknown = [c for c in conditions if c not in self.conditions]
         if unknown:
             raise FeatureStoreError(f"condition(s) {', '.join(unknown)} are not served (served: {', '.join(self.conditions) or 'none'})")
+        self._refresh()
         now = self.clock if request_time is None else pd.Timestamp(request_time)
         now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
         items = [str(i) for i in candidate_item_ids]
         user = str(user_id)
 
-        got = self.transport.read(*self._one_read(user, conditions, items))
+        got = self._read(user, conditions, items)
         user_counters = {c: _float(got[f"user_stats__{c}"][0]) for c in USER_COUNTERS}
         user_found = not np.isnan(user_counters["user_n_events"])
         hist_items = got["user_recent_items__hist_item_ids"][0] or []

@@ -398,3 +398,49 @@ def test_two_model_versions_coexist_and_the_selected_one_is_served(run, tmp_path
     assert training_set_metadata(after)["model_version"] == "lum-other"
     first, second = before.column("lum_user__surface_home")[0].as_py(), after.column("lum_user__surface_home")[0].as_py()
     np.testing.assert_allclose(np.asarray(second), 2 * np.asarray(first), rtol=1e-6)
+
+
+def test_item_cache_serves_repeated_candidates_and_follows_a_new_materialization(run, tmp_path):
+    """Cached candidates are not read again; after a version switch and materialization a long-lived client
+    serves the new item vectors (the cache is dropped when the materialization record changes)."""
+    paths = RunPaths(tmp_path / "cache")
+    shutil.copytree(run["paths"].root, paths.root)
+    repo = FeatureRepo(paths.feature_repo)
+    client = FeatureClient(repo)
+    uncached = FeatureClient(repo, item_cache=False)
+    asked: list[list[str]] = []
+    read = client.transport.read
+    client.transport.read = lambda features, entities: asked.append(list(entities.get("item_id", []))) or read(features, entities)
+    items = ["i1", "no-such-item", "i2", "i1"]
+    first = client.get_ranking_features(run["user"], None, items)
+    second = client.get_ranking_features(run["user"], None, ["i2", "i3", "i1"])
+    assert set(asked[0]) == {"i1", "no-such-item", "i2"} and set(asked[1]) == {"i3"}  # only the new candidate is read
+    reference = uncached.get_ranking_features(run["user"], None, ["i2", "i3", "i1"])
+    for got, want in ((first, uncached.get_ranking_features(run["user"], None, items)), (second, reference)):
+        np.testing.assert_array_equal(got.item_vectors, want.item_vectors)
+        assert got.item_found.tolist() == want.item_found.tolist() and got.item_category == want.item_category
+        for name in got.item_counters:
+            np.testing.assert_array_equal(got.item_counters[name], want.item_counters[name])
+    assert first.item_vector_found.tolist() == [True, False, True, True]
+
+    # a second version (doubled vectors) selected and materialized: the same client now serves it
+    other = tmp_path / "other-version"
+    shutil.copytree(run["snap1"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["model_version"] = "lum-cache-test"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    import pyarrow as pa
+
+    for path in [*sorted((other / "users").glob("*.parquet")), other / "items.parquet"]:
+        table = pq.read_table(path)
+        doubled = pa.array([list(np.asarray(v) * 2) for v in table.column("embedding").to_pylist()], pa.list_(pa.float32()))
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", doubled)
+        table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(["lum-cache-test"] * table.num_rows))
+        pq.write_table(table, path)
+    repo.ingest(other, item_valid_from="2025-01-01", select=False)
+    repo.select_version("lum-cache-test")
+    prepare_repo(paths)
+    materialize(repo, full=True)
+    after = client.get_ranking_features(run["user"], None, ["i1"])
+    assert client.model_version == "lum-cache-test" and set(asked[-1]) == {"i1"}  # read again, not served from the old cache
+    np.testing.assert_allclose(after.item_vectors[0], 2 * first.item_vectors[0], rtol=1e-6)
