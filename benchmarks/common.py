@@ -12,7 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# full-size results (what the README quotes); `make bench` in quick mode points this at results/quick instead
+RESULTS_DIR = Path(os.environ.get("LUM_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def machine_facts() -> dict[str, Any]:

@@ -9,8 +9,9 @@ Each benchmark runs as `python -m benchmarks.bench_<name> <args>` from the repos
 streamed; its wall time, mode and exit code go to benchmarks/results/_runs.json and into the summary. A failed
 benchmark is recorded and the others still run; the exit code is 1 if any failed.
 
-Quick and full runs write the same benchmarks/results/<name>.json (the bench scripts have no output option;
-each JSON records its own command, so the summary shows which sizes produced it).
+Full runs write benchmarks/results/<name>.json and SUMMARY.md there, and refresh README.md's benchmark block;
+quick runs write the same files under benchmarks/results/quick/ (through LUM_BENCH_RESULTS_DIR), so a quick run
+never replaces the full figures the README quotes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
 from benchmarks.summary import README, REPO_ROOT, RunRecord, build_summary, save_run
@@ -55,10 +58,14 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def json_date(name: str) -> str | None:
-    """The date in benchmarks/results/<name>.json, None when there is no readable file."""
+def results_dir(mode: str) -> Path:
+    return RESULTS_DIR if mode == "full" else RESULTS_DIR / "quick"
+
+
+def json_date(name: str, folder: Path = RESULTS_DIR) -> str | None:
+    """The date in <folder>/<name>.json, None when there is no readable file."""
     try:
-        return json.loads((RESULTS_DIR / f"{name}.json").read_text())["machine"]["date"]
+        return json.loads((folder / f"{name}.json").read_text())["machine"]["date"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -68,14 +75,15 @@ def run_bench(bench: Bench, mode: str) -> RunRecord:
     args = list(bench.full if mode == "full" else bench.quick)
     command = [sys.executable, "-m", bench.module, *args]
     print(f"\n=== {bench.name} ({mode}): {' '.join(command)}", flush=True)
-    before, started_at, started = json_date(bench.name), now(), time.perf_counter()
+    folder = results_dir(mode)
+    before, started_at, started = json_date(bench.name, folder), now(), time.perf_counter()
     try:
-        code = subprocess.run(command, cwd=REPO_ROOT).returncode
+        code = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "LUM_BENCH_RESULTS_DIR": str(folder)}).returncode
     except OSError as error:  # the interpreter could not be started at all
         print(f"could not start {bench.module}: {error}", file=sys.stderr, flush=True)
         code = 127
     wall = time.perf_counter() - started
-    after = json_date(bench.name)
+    after = json_date(bench.name, folder)
     # a successful run must have written a new JSON; otherwise the figures shown would be an older run's
     if code == 0 and (after is None or after == before):
         print(f"{bench.module} exited 0 but wrote no new {bench.name}.json", file=sys.stderr, flush=True)
@@ -115,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         lines = []
         for bench in benches:
             record = run_bench(bench, args.mode)
-            save_run(RESULTS_DIR, bench.name, record)
+            save_run(results_dir(args.mode), bench.name, record)
             lines.append(f"{bench.name}: {record.wall_s:,.0f} s" + ("" if record.ok else f", failed (exit code {record.exit_code})"))
             if not record.ok:
                 failed.append((bench.name, record.exit_code))
         print(f"\n=== {args.mode} run: " + "; ".join(lines), flush=True)
 
-    summary = build_summary(RESULTS_DIR, README)
+    # only full-size figures go into the README
+    summary = build_summary(results_dir(args.mode), README if args.mode == "full" else None)
     print(f"wrote {summary}", flush=True)
     if failed:
         print("failed: " + ", ".join(f"{name} (exit code {code})" for name, code in failed), file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from benchmarks.common import RESULTS_DIR
 
-REPO_ROOT = RESULTS_DIR.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 SUMMARY_NAME = "SUMMARY.md"
 RUNS_NAME = "_runs.json"

@@ -150,15 +150,20 @@ def test_run_all_records_a_failure_and_goes_on(results: Path, tmp_path: Path, mo
 
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
-    fakes = (run_all.Bench("missing_one", quick=("--x",), full=()), run_all.Bench("missing_two", quick=(), full=()))
+    fakes = (run_all.Bench("missing_one", quick=("--x",), full=("--y",)), run_all.Bench("missing_two", quick=(), full=()))
     monkeypatch.setattr(run_all, "BENCHES", fakes)
     monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
     monkeypatch.setattr(run_all, "RESULTS_DIR", results)
     monkeypatch.setattr(run_all, "README", readme)
-    assert run_all.main([]) == 1
+    assert run_all.main(["--full"]) == 1
     runs = json.loads((results / "_runs.json").read_text())
     assert set(runs) == {"missing_one", "missing_two"}
-    assert runs["missing_one"]["exit_code"] != 0 and runs["missing_one"]["args"] == ["--x"] and runs["missing_one"]["mode"] == "quick"
+    assert runs["missing_one"]["exit_code"] != 0 and runs["missing_one"]["args"] == ["--y"] and runs["missing_one"]["mode"] == "full"
     text = (results / "SUMMARY.md").read_text()
     assert "## missing_one" in text and "## missing_two" in text and "## embed" in text
+    # quick mode keeps its records and summary apart, never touching the full figures
+    assert run_all.main([]) == 1
+    quick = json.loads((results / "quick" / "_runs.json").read_text())
+    assert quick["missing_one"]["mode"] == "quick" and quick["missing_one"]["args"] == ["--x"]
+    assert (results / "quick" / "SUMMARY.md").exists() and (results / "SUMMARY.md").read_text() == text
     assert readme.read_text() == "no markers\n"
