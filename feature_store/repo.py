@@ -183,12 +183,39 @@ class FeatureRepo:
 
         if not (self.data / "stats" / "user_stats.parquet").exists():
             raise FeatureStoreError(f"{self.root} has no offline tables yet (data/stats/): build them with `lum features apply --run RUN`")
+        self._forget_other_repos_tables()
         feast_cli = Path(sys.executable).with_name("feast")
         command = [str(feast_cli) if feast_cli.exists() else "feast", "apply"]
         done = subprocess.run(command, cwd=self.root, capture_output=True, text=True)
         if done.returncode != 0:
             raise FeatureStoreError(f"`feast apply` failed in {self.root} (exit {done.returncode}):\n{done.stderr[-3000:] or done.stdout[-3000:]}")
         return sorted(fv.name for fv in self.store().list_feature_views())
+
+    def _forget_other_repos_tables(self) -> None:
+        """Drop registry records of SQLite online tables that live in another folder's online store.
+
+        Feast's registry records each SQLite online table with the absolute path of its database. In a copied or
+        moved repo those records still name the original folder, and `feast apply` "replaces" them by tearing the
+        original's tables down (DROP TABLE in the other repo's online.db), or fails when that folder is gone. The
+        records are plain protos, edited here without opening the other database.
+        """
+        from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+        registry_path = self.data / "registry.db"
+        if not registry_path.exists():
+            return
+        registry = RegistryProto()
+        registry.ParseFromString(registry_path.read_bytes())
+        own = str((self.data / "online.db").resolve())
+        objects = list(registry.infra.infra_objects)
+        keep = [o for o in objects if o.WhichOneof("infra_object") != "sqlite_table" or str(Path(o.sqlite_table.path).resolve()) == own]
+        if len(keep) == len(objects):
+            return
+        del registry.infra.infra_objects[:]
+        registry.infra.infra_objects.extend(keep)
+        tmp = registry_path.with_name(f".{registry_path.name}.tmp")
+        tmp.write_bytes(registry.SerializeToString())
+        tmp.replace(registry_path)
 
     # ------------------------------------------------------------------ ingestion
     def ingest(self, embed_dir: str | Path, item_valid_from: str | pd.Timestamp | None = None, select: bool | None = None) -> dict[str, Any]:

@@ -444,3 +444,21 @@ def test_item_cache_serves_repeated_candidates_and_follows_a_new_materialization
     after = client.get_ranking_features(run["user"], None, ["i1"])
     assert client.model_version == "lum-cache-test" and set(asked[-1]) == {"i1"}  # read again, not served from the old cache
     np.testing.assert_allclose(after.item_vectors[0], 2 * first.item_vectors[0], rtol=1e-6)
+
+
+def test_applying_a_copied_repo_leaves_the_original_online_store_intact(run, tmp_path):
+    """Feast's registry names each SQLite online table by absolute path; a copied repo's `feast apply` used to
+    drop the original's tables. The copy must forget those records and keep to its own online store."""
+    def answer(repo: FeatureRepo):
+        return FeatureClient(repo, item_cache=False).get_ranking_features(run["user"], None, ["i1"])
+
+    before = answer(run["repo"])
+    assert before.user_found and before.item_found.all()
+    copy = RunPaths(tmp_path / "copy")
+    shutil.copytree(run["paths"].root, copy.root)
+    prepare_repo(copy)  # runs `feast apply` in the copy
+    after = answer(run["repo"])
+    assert after.user_found and after.item_found.all()
+    np.testing.assert_array_equal(after.item_vectors, before.item_vectors)
+    copied = answer(FeatureRepo(copy.feature_repo))  # the copy keeps its own (copied) online tables
+    np.testing.assert_array_equal(copied.item_vectors, before.item_vectors)
