@@ -100,7 +100,8 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
     rk = config.rankers
     for model in rk.models:
         for variant in rk.variants:
-            cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads)
+            cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
+                                rk.lum_inputs, rk.lightgbm_ids)
 
             def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> None:
                 out, trained = train_step(paths, split, cfg)

@@ -89,6 +89,8 @@ class RankersConfig:
     embedding_dim: int = 32
     embedding_lr: float | None = None
     threads: int | None = None
+    lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
+    lightgbm_ids: bool = False
     seed: int = 0
 
 

@@ -171,8 +171,11 @@ def test_lum_similarities_and_the_request_condition(table, schema):
             assert np.isnan(lum.sim_request[row]) and lum.request_missing[row] == 1.0
             continue
         for k in range(len(names)):
-            assert lum.sims[row, k] == pytest.approx(np.dot(user_vectors[k][row], item_vectors[row]), rel=1e-5, abs=1e-6)
+            user, item = np.asarray(user_vectors[k][row]), np.asarray(item_vectors[row])
+            assert lum.sims[row, k] == pytest.approx(np.dot(user, item), rel=1e-5, abs=1e-6)
+            assert lum.cosines[row, k] == pytest.approx(np.dot(user, item) / np.linalg.norm(user) / np.linalg.norm(item), rel=1e-4, abs=1e-6)
         assert lum.sim_request[row] == lum.sims[row, expected_k] and lum.request_missing[row] == 0.0
+        assert lum.cos_request[row] == lum.cosines[row, expected_k]
     assert seen_combined > 0 and seen_none > 0
 
 
@@ -188,8 +191,39 @@ def test_no_matching_condition_gives_zero_and_a_flag(table, schema):
     own = pipeline.dlrm_inputs(table).dense
     assert missing.any() and (own[missing][:, at["flag:missing_lum"]] == 1).all()
     assert (own[~missing][:, at["flag:missing_lum"]] == 0).all()
-    lum_cols = [i for n, i in at.items() if n.startswith("lum_item:")]
-    assert (own[pc.is_null(table.column("lum_item")).to_numpy(zero_copy_only=False)][:, lum_cols] == 0).all()
+    with_vectors = FeaturePipeline.fit(table, schema, "lum", FeatureConfig(lum_inputs="vectors"))
+    vectors_dense = with_vectors.dlrm_inputs(table).dense
+    lum_cols = [i for i, n in enumerate(with_vectors.dense_names) if n.startswith("lum_item:")]
+    assert len(lum_cols) == schema.lum_dim
+    assert (vectors_dense[pc.is_null(table.column("lum_item")).to_numpy(zero_copy_only=False)][:, lum_cols] == 0).all()
+
+
+def test_lum_inputs_scores_or_vectors(table, schema):
+    """"scores" (the default) gives K dot products and K cosines plus the request ones; "vectors" adds K * D + D."""
+    k, d = len(schema.lum_conditions), schema.lum_dim
+    scores = FeaturePipeline.fit(table, schema, "lum")
+    vectors = FeaturePipeline.fit(table, schema, "lum", FeatureConfig(lum_inputs="vectors"))
+    base = FeaturePipeline.fit(table, schema, "base")
+    lum_names = [n for n in scores.dense_names if n not in base.dense_names]
+    assert sorted(lum_names) == sorted([f"lum_sim:{s}" for s in schema.lum_conditions] + [f"lum_cos:{s}" for s in schema.lum_conditions]
+                                       + ["lum_sim_request", "lum_cos_request", "flag:lum_sim_request_missing", "flag:missing_lum"])
+    assert len(vectors.dense_names) == len(scores.dense_names) + k * d + d
+    x_scores, names_scores = scores.lightgbm_inputs(table)
+    x_vectors, names_vectors = vectors.lightgbm_inputs(table)
+    assert x_vectors.shape[1] == x_scores.shape[1] + k * d + d and set(names_scores) < set(names_vectors)
+    with pytest.raises(ValueError, match="lum_inputs"):
+        FeatureConfig(lum_inputs="everything")
+
+
+def test_lightgbm_gets_the_ids_only_when_asked(table, schema):
+    plain = FeaturePipeline.fit(table, schema, "base")
+    with_ids = FeaturePipeline.fit(table, schema, "base", FeatureConfig(lightgbm_ids=True))
+    assert schema.user not in plain.lightgbm_categorical and schema.item not in plain.lightgbm_categorical
+    assert schema.category in plain.lightgbm_categorical
+    assert plain.lightgbm_inputs(table)[1][: len(plain.lightgbm_categorical)] == plain.lightgbm_categorical
+    names = with_ids.lightgbm_inputs(table)[1]
+    assert schema.user in names and schema.item in names and set(with_ids.lightgbm_categorical) == set(schema.categorical_columns)
+    assert len(plain.dense_names) == len(with_ids.dense_names)  # the DLRM always has its id tables
 
 
 def test_counters_are_log_scaled_and_standardised_on_training_rows(table, schema):
