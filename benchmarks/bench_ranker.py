@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per training run (each one is a sample)")
     parser.add_argument("--repeats", type=int, default=2, help="training runs per engine, taking turns")
+    parser.add_argument("--batch-curve", type=lambda t: [int(x) for x in t.split(",") if x], default=[256, 1024, 2048, 8192],
+                        help="batch sizes for the DMP throughput curve (comma-separated; empty to skip)")
     args = parser.parse_args()
 
     from ranker.dlrm import DLRMConfig
@@ -103,6 +105,18 @@ def main() -> None:
             "examples_per_s_worst": round(min(samples[engine])), "target": ">= 20k/s" if engine == "dmp" else "", **facts[engine],
             "tables": ", ".join(f"{t.name}:{t.num_embeddings}" for t in tables), "dense_features": len(ranker.pipeline.dense_names),
         })
+
+    # DLRM training throughput against batch size (#8's cost curve): DMP path, one run of `--epochs` epochs per size
+    curve = [b for b in args.batch_curve if b != args.batch]
+    for batch in sorted([*curve, args.batch] if curve else []):
+        if batch == args.batch:
+            speed = float(np.median(samples["dmp"]))
+        else:
+            trained = train_ranker(table, RankerConfig(model="dlrm", variant=args.variant, dlrm=replace(dlrm, engine="dmp", batch_size=batch)))
+            speed = float(np.median([e["examples_per_s"] for e in trained.training["log"]]))
+        rows.append({"what": f"DLRM train, dmp, batch {batch} (batch-size curve)", "variant": args.variant, "batch": batch,
+                     "examples_per_s": round(speed), "load_avg_1m": round(os.getloadavg()[0], 2)})
+        print(rows[-1], flush=True)
 
     request = one_request(table, args.candidates)
     inputs = ranker.featurize(request)

@@ -46,10 +46,11 @@ class Bench:
 # pipeline order; the quick sizes use each script's own small options
 BENCHES = (
     Bench("data", quick=(), full=("--full",)),
-    Bench("pretrain", quick=("--users", "1000", "--steps", "15"), full=()),
+    Bench("pretrain", quick=("--users", "1000", "--steps", "15"), full=("--presets", "tiny,small,base")),
     Bench("embed", quick=("--users", "200", "--repeats", "1"), full=("--full",)),
     Bench("features", quick=("--quick",), full=()),
-    Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1"), full=()),
+    Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
+    Bench("scaling", quick=("--quick",), full=("--full",)),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 

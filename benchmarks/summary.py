@@ -30,7 +30,7 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "features", "ranker")
+ORDER = ("data", "pretrain", "embed", "features", "ranker", "scaling")
 
 Row = dict[str, Any]
 
@@ -75,6 +75,13 @@ TABLES: dict[str, list[Table]] = {
                ("load_avg_1m", "load 1m")), when=lambda row: "p99_ms" in row, title="Scoring latency"),
         Table((("what", "what"), ("seconds", "s"), ("best_iteration", "best iteration"), ("valid_auc", "valid AUC"),
                ("features", "features")), when=lambda row: row.get("what") == "LightGBM train", title="LightGBM"),
+    ],
+    "scaling": [
+        Table((("curve", "curve"), ("engine", "engine"), ("preset", "preset"), ("params", "parameters"), ("history", "history"),
+               ("K", "K"), ("users", "users"), ("seconds", "s"), ("users_per_s", "users/s"), ("history_tokens_per_s", "history tokens/s"),
+               ("peak_rss_mib", "peak RSS MiB")), when=lambda row: "seconds" in row, title="Embedding cost curves"),
+        Table((("curve", "curve"), ("engine", "engine"), ("variable", "against"), ("fit", "fit"), ("growth", "growth")),
+              when=lambda row: "growth" in row, title="Growth"),
     ],
 }
 
