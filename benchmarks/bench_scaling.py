@@ -72,12 +72,13 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def random_model(out: Path, preset: str, frame: pd.DataFrame, items: pd.DataFrame) -> Path:
+def random_model(out: Path, preset: str, frame: pd.DataFrame, items: pd.DataFrame, max_history: int = 1000,
+                 history_events: str = "all") -> Path:
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import TokenizerConfig
 
     pretrain(frame, out, PretrainConfig(preset=preset, max_steps=1, rows_per_batch=2, row_tokens=2048),
-             TokenizerConfig(CONDITION_COLUMNS, max_history=1000, history_events="all"), items, progress=False)
+             TokenizerConfig(CONDITION_COLUMNS, max_history=max_history, history_events=history_events), items, progress=False)
     return out
 
 
@@ -196,12 +197,7 @@ def main() -> None:
                 rows.append({**r, "curve": curve})
         # the users curve: a tiny model over clicks with the job's default history (100 behaviours), as production
         # would run it; the curves above used histories of every impression at exact lengths instead
-        from lum.pretrain import PretrainConfig, pretrain
-        from lum.tokenizer import TokenizerConfig
-
-        tiny_dir = tmp / "tiny-job"
-        pretrain(frame, tiny_dir, PretrainConfig(preset="tiny", max_steps=5, rows_per_batch=8, row_tokens=512),
-                 TokenizerConfig(CONDITION_COLUMNS, max_history=100), item_frame, progress=False)
+        tiny_dir = random_model(tmp / "tiny-job", "tiny", frame, item_frame, max_history=100, history_events="positive")
         for n in job_users:
             seconds, rss, written = job_in_fresh_process(tiny_dir, n, tmp)
             rows.append({"curve": "users (lum embed job)", "engine": "torch (float32)", "preset": "tiny", "history": 100, "K": 4,

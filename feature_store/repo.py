@@ -35,6 +35,7 @@ import yaml
 
 TEMPLATE = Path(__file__).resolve().parent / "repo_template"
 PROJECT = "lum"
+SQLITE_ONLINE_PATH = "data/online.db"  # relative to the repo root, as feature_store.yaml names it
 
 
 class FeatureStoreError(ValueError):
@@ -50,16 +51,20 @@ class OnlineStoreConfig:
         if self.kind == "redis":
             return {"type": "redis", "connection_string": self.redis_url}
         if self.kind == "sqlite":
-            return {"type": "sqlite", "path": "data/online.db"}
+            return {"type": "sqlite", "path": SQLITE_ONLINE_PATH}
         raise FeatureStoreError(f"online store must be sqlite or redis, got '{self.kind}'")
 
 
 # Every file of the repo is written under a temporary name beside its final one, then renamed into place.
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
 
 
 def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
@@ -206,16 +211,14 @@ class FeatureRepo:
             return
         registry = RegistryProto()
         registry.ParseFromString(registry_path.read_bytes())
-        own = str((self.data / "online.db").resolve())
+        own = str((self.root / SQLITE_ONLINE_PATH).resolve())
         objects = list(registry.infra.infra_objects)
         keep = [o for o in objects if o.WhichOneof("infra_object") != "sqlite_table" or str(Path(o.sqlite_table.path).resolve()) == own]
         if len(keep) == len(objects):
             return
         del registry.infra.infra_objects[:]
         registry.infra.infra_objects.extend(keep)
-        tmp = registry_path.with_name(f".{registry_path.name}.tmp")
-        tmp.write_bytes(registry.SerializeToString())
-        tmp.replace(registry_path)
+        _atomic_write_bytes(registry_path, registry.SerializeToString())
 
     # ------------------------------------------------------------------ ingestion
     def ingest(self, embed_dir: str | Path, item_valid_from: str | pd.Timestamp | None = None, select: bool | None = None) -> dict[str, Any]:

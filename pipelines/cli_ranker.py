@@ -29,8 +29,8 @@ def ranker() -> None:
 
 
 def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int | None, embedding_dim: int | None,
-                  embedding_lr: float | None, seed: int, threads: int | None, lum_inputs: str = "scores",
-                  lightgbm_ids: bool = False):
+                  embedding_lr: float | None, seed: int, threads: int | None, lum_inputs: str,
+                  lightgbm_ids: bool):
     from ranker.features import FeatureConfig
     from ranker.train import RankerConfig
 

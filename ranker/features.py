@@ -13,12 +13,13 @@ DLRM inputs
            LUM variants the K similarities dot(user_k, item) (the LM's own logit: item vectors are its output
            rows), the K cosines, and `lum_sim_request` / `lum_cos_request`, the ones under the condition that
            matches the row's request context (most specific match wins); with `lum_inputs="vectors"` also the K
-           user vectors flattened and the item vector. A missing value becomes 0
-           after standardisation (the training mean) and a flag says so.
+           user vectors flattened and the item vector. A missing value becomes 0 after standardisation (the
+           training mean) and a flag says so.
 LightGBM inputs
   The same information as one float matrix: categorical codes (declared categorical; the user and item ids
-  only with `lightgbm_ids`), raw counters and LUM scores (NaN for missing: LightGBM routes missing values itself), and the pooled history as numbers a tree can use
-  (its length, the share of its items in the target's category, whether the target item is in it).
+  only with `lightgbm_ids`), raw counters and LUM scores (NaN for missing: LightGBM routes missing values
+  itself), and the pooled history as numbers a tree can use (its length, the share of its items in the target's
+  category, whether the target item is in it).
 
 Only columns the FeatureSchema lists are read; nothing else in the table can reach the model.
 """
@@ -209,11 +210,15 @@ def lum_features(table: pa.Table, schema: FeatureSchema) -> LumFeatures:
     sims = np.einsum("nkd,nd->nk", users, item)  # NaN wherever either vector is missing
     which = request_condition(table, schema)
     rows = np.arange(table.num_rows)
-    sim_request = np.where(which >= 0, sims[rows, np.maximum(which, 0)], np.nan).astype(np.float32)
+
+    def at_request(per_condition: np.ndarray) -> np.ndarray:
+        """[N, K] -> [N]: each row's value under its request condition, NaN where none matches."""
+        return np.where(which >= 0, per_condition[rows, np.maximum(which, 0)], np.nan).astype(np.float32)
+
     with np.errstate(invalid="ignore", divide="ignore"):
         norms = np.linalg.norm(users, axis=2) * np.linalg.norm(item, axis=1)[:, None]
         cosines = (sims / np.where(norms > 0, norms, np.nan)).astype(np.float32)
-    cos_request = np.where(which >= 0, cosines[rows, np.maximum(which, 0)], np.nan).astype(np.float32)
+    sim_request, cos_request = at_request(sims), at_request(cosines)
     missing = (np.isnan(users).any(axis=(1, 2)) | np.isnan(item).any(axis=1)).astype(np.float32)
     return LumFeatures(users, item, sims.astype(np.float32), sim_request, cosines, cos_request,
                        np.isnan(sim_request).astype(np.float32), missing)
