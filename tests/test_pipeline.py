@@ -111,3 +111,44 @@ def test_ranker_score_reads_offline_and_online_features(tiny_run, tmp_path):
     pq.write_table(test.select(["user_id", "item_id", "ts"]), bad)
     result = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(bad), "--out", str(tmp_path / "x.parquet")])
     assert result.exit_code == 1 and "surface" in result.output
+
+
+def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves(tiny_run, tmp_path, monkeypatch):
+    """bench_quality's LUM columns from the run's own LM at the run's history length are the training set's own
+    (embedding job + feature store); a shorter history changes them; the benchmark writes its rows and plot."""
+    import numpy as np
+    import pandas as pd
+
+    import benchmarks.bench_quality as quality
+    import benchmarks.common as common
+    from pipelines.contract import read_events
+    from ranker.schema import FeatureSchema
+
+    run, _, _ = tiny_run
+    train = pq.read_table(next((run / "training_sets").glob("global-train-*.parquet")))
+    events = pd.concat([read_events(run / "splits" / "global" / f"{w}.parquet")[0].to_pandas() for w in ("pretrain", "train", "test")])
+    schema = FeatureSchema.from_table(train)
+    model = run / "models" / "global-tiny"
+    again = quality.lum_columns(model, train, events, schema, history=100)
+    for column in [c for c in train.column_names if c.startswith("lum_user__")] + ["lum_item"]:
+        old, new = train.column(column).to_pylist(), again.column(column).to_pylist()
+        assert [v is None for v in old] == [v is None for v in new], column
+        have = [i for i, v in enumerate(old) if v is not None]
+        assert len(have) > 100
+        np.testing.assert_allclose(np.array([new[i] for i in have]), np.array([old[i] for i in have]), atol=2e-2, rtol=2e-2)
+    short = quality.lum_columns(model, train, events, schema, history=1)
+    column = next(c for c in train.column_names if c.startswith("lum_user__"))
+    pairs = [(a, b) for a, b in zip(train.column(column).to_pylist(), short.column(column).to_pylist()) if a is not None]
+    assert np.mean([not np.allclose(a, b, atol=2e-2) for a, b in pairs]) > 0.3  # longer histories are cut to one behaviour
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr("sys.argv", ["bench_quality", "--run", str(run), "--presets", "tiny", "--histories", "1,100",
+                                     "--users", "200", "--bootstrap", "20"])
+    quality.main()
+    rows = json.loads((tmp_path / "quality-run.json").read_text())["rows"]
+    assert [(r["curve"], r["history"]) for r in rows] == [("preset", 100), ("history", 1), ("history", 100)]
+    for r in rows:
+        assert r["low"] <= r["gauc_lift"] <= r["high"] and r["lum_gauc"] == pytest.approx(r["base_gauc"] + r["gauc_lift"], abs=2e-4)
+    assert rows[0]["gauc_lift"] == rows[2]["gauc_lift"]  # the same LM, history and sample: one point on both curves
+    assert (tmp_path / "quality-run.png").stat().st_size > 5000
