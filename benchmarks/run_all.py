@@ -37,6 +37,12 @@ class Bench:
     name: str
     quick: tuple[str, ...]
     full: tuple[str, ...]
+    needs: str | None = None  # "path: why" - a path (from the repository root) without which it is skipped
+    result: str | None = None  # the name of the JSON it writes, when not its own name
+
+    @property
+    def result_name(self) -> str:
+        return self.result or self.name
 
     @property
     def module(self) -> str:
@@ -51,6 +57,10 @@ BENCHES = (
     Bench("features", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
     Bench("scaling", quick=("--quick",), full=("--full",)),
+    # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users
+    Bench("quality", quick=("--run", "runs/demo", "--presets", "tiny", "--histories", "5,100", "--users", "1000", "--bootstrap", "50"),
+          full=("--run", "runs/demo", "--presets", "tiny,small", "--epochs", "small=3", "--histories", "5,20,50,100"),
+          needs="runs/demo/run_state.json: run `make demo` first", result="quality-demo"),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 
@@ -77,17 +87,18 @@ def run_bench(bench: Bench, mode: str) -> RunRecord:
     command = [sys.executable, "-m", bench.module, *args]
     print(f"\n=== {bench.name} ({mode}): {' '.join(command)}", flush=True)
     folder = results_dir(mode)
-    before, started_at, started = json_date(bench.name, folder), now(), time.perf_counter()
+    name = bench.result_name
+    before, started_at, started = json_date(name, folder), now(), time.perf_counter()
     try:
         code = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "LUM_BENCH_RESULTS_DIR": str(folder)}).returncode
     except OSError as error:  # the interpreter could not be started at all
         print(f"could not start {bench.module}: {error}", file=sys.stderr, flush=True)
         code = 127
     wall = time.perf_counter() - started
-    after = json_date(bench.name, folder)
+    after = json_date(name, folder)
     # a successful run must have written a new JSON; otherwise the figures shown would be an older run's
     if code == 0 and (after is None or after == before):
-        print(f"{bench.module} exited 0 but wrote no new {bench.name}.json", file=sys.stderr, flush=True)
+        print(f"{bench.module} exited 0 but wrote no new {name}.json", file=sys.stderr, flush=True)
         code = 1
     print(f"=== {bench.name}: exit code {code}, {wall:,.0f} s", flush=True)
     return RunRecord(mode=mode, args=args, exit_code=code, wall_s=round(wall, 1), started=started_at,
@@ -123,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary_only:
         lines = []
         for bench in benches:
+            if bench.needs and not (REPO_ROOT / bench.needs.split(":")[0]).exists():
+                print(f"\n=== {bench.name}: skipped, it needs {bench.needs}", flush=True)
+                lines.append(f"{bench.name}: skipped (needs {bench.needs.split(':')[0]})")
+                continue
             record = run_bench(bench, args.mode)
-            save_run(results_dir(args.mode), bench.name, record)
+            save_run(results_dir(args.mode), bench.result_name, record)
             lines.append(f"{bench.name}: {record.wall_s:,.0f} s" + ("" if record.ok else f", failed (exit code {record.exit_code})"))
             if not record.ok:
                 failed.append((bench.name, record.exit_code))

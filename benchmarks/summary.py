@@ -30,7 +30,7 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "features", "ranker", "scaling")
+ORDER = ("data", "pretrain", "embed", "features", "ranker", "scaling", "quality-demo", "quality-movielens")
 
 Row = dict[str, Any]
 
@@ -84,6 +84,11 @@ TABLES: dict[str, list[Table]] = {
               when=lambda row: "growth" in row, title="Growth"),
     ],
 }
+# the quality curves, one JSON per run folder they were measured on (bench_quality --run runs/<name>)
+QUALITY_TABLE = Table((("curve", "curve"), ("preset", "preset"), ("params", "parameters"), ("epochs", "epochs"),
+                       ("history", "history"), ("users", "users"), ("base_gauc", "base GAUC"), ("lum_gauc", "+LUM GAUC"),
+                       ("gauc_lift", "lift"), ("low", "low"), ("high", "high"), ("pretrain_s", "pretrain s")))
+TABLES.update({"quality-demo": [QUALITY_TABLE], "quality-movielens": [QUALITY_TABLE]})
 
 
 @dataclass

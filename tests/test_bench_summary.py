@@ -167,3 +167,22 @@ def test_run_all_records_a_failure_and_goes_on(results: Path, tmp_path: Path, mo
     assert quick["missing_one"]["mode"] == "quick" and quick["missing_one"]["args"] == ["--x"]
     assert (results / "quick" / "SUMMARY.md").exists() and (results / "SUMMARY.md").read_text() == text
     assert readme.read_text() == "no markers\n"
+
+
+def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A benchmark that needs a finished run is skipped with the reason, not run and not recorded as a failure."""
+    import benchmarks.run_all as run_all
+
+    fakes = (run_all.Bench("missing_one", quick=(), full=(), needs="no/such/run_state.json: run `make demo` first",
+                           result="missing_one-demo"),)
+    monkeypatch.setattr(run_all, "BENCHES", fakes)
+    monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
+    monkeypatch.setattr(run_all, "RESULTS_DIR", results)
+    monkeypatch.setattr(run_all, "README", tmp_path / "README.md")
+    assert run_all.main(["--full"]) == 0
+    assert "missing_one: skipped, it needs no/such/run_state.json: run `make demo` first" in capsys.readouterr().out
+    assert "missing_one" not in json.loads((results / "_runs.json").read_text())
+    # the quality benchmark is listed with the run it needs and the JSON it writes
+    quality = next(b for b in BENCHES if b.name == "quality")
+    assert quality.needs.startswith("runs/demo/") and quality.result_name == "quality-demo"
