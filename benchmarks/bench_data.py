@@ -3,19 +3,18 @@
     python benchmarks/bench_data.py            # quick: tiny, default, 100k users of `large`
     python benchmarks/bench_data.py --full     # adds the full `large` preset (1M users)
 
-Each case runs in a fresh process so its peak resident memory (ru_maxrss) is its own.
+Each case runs in a fresh process so its peak resident memory (VmHWM, see common.peak_rss_mib) is its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import peak_rss_mib, write_results
 
 
 def _run_case(preset_name: str, n_users: int | None, queue: mp.Queue) -> None:
@@ -37,7 +36,7 @@ def _run_case(preset_name: str, n_users: int | None, queue: mp.Queue) -> None:
             "events": info["n_events"],
             "seconds": round(seconds, 2),
             "events_per_s": round(info["n_events"] / seconds),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mib": round(peak_rss_mib()),
             "parquet_mib": round(size_mb, 1),
         }
     )

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import REPO_ROOT, write_results
 
 KS = (1, 2, 4, 8)
 
@@ -53,15 +53,15 @@ def peak_rss_of_job(model_dir: Path, users: int, tmp: Path) -> tuple[float, floa
     paths = RunPaths(tmp / f"rss-{users}")
     simulate_to_run(preset("default", n_users=users, chunk_users=min(users, 25_000)), paths, progress=False)
     code = (
-        "import resource, sys\n"
+        "from benchmarks.common import peak_rss_mib\n"
         "from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig\n"
         f"job = EmbeddingJob({str(model_dir)!r}, {str(paths.events)!r}, AsOf.parse('2025-02-20'), {str(tmp / f'out-{users}')!r}, "
         "EmbedJobConfig(conditions='surface=home,surface=search,surface=item_detail,surface=cart', engine='torch', shards=max(1, %d // 2500)))\n"
         "job.run(progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(peak_rss_mib())\n"
     ) % users
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     return float(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 

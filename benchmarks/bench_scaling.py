@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import RESULTS_DIR, write_results
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
 
 CONDITION_COLUMNS = ("surface", "device", "daypart")
 
@@ -125,15 +125,16 @@ def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[floa
     paths = RunPaths(tmp / f"world-{n_users}")
     simulate_to_run(preset(world, n_users=n_users, chunk_users=min(n_users, 25_000)), paths, progress=False)
     code = (
-        "import json, resource, time\n"
+        "import json, time\n"
+        "from benchmarks.common import peak_rss_mib\n"
         "from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig\n"
         f"job = EmbeddingJob({str(model_dir)!r}, {str(paths.events)!r}, AsOf.parse('2025-02-20'), {str(tmp / f'out-{n_users}')!r}, "
         f"EmbedJobConfig(conditions='surface=home,surface=search,surface=item_detail,surface=cart', engine='torch', shards={max(1, n_users // 5000)}))\n"
         "started = time.perf_counter()\n"
         "manifest = job.run(progress=False)\n"
-        "print(json.dumps([time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, manifest['totals']['rows']]))\n"
+        "print(json.dumps([time.perf_counter() - started, peak_rss_mib(), manifest['totals']['rows']]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"the {n_users}-user job failed:\n{done.stderr[-3000:]}")
     seconds, rss, rows = __import__("json").loads(done.stdout.strip().splitlines()[-1])

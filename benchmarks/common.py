@@ -13,7 +13,25 @@ from typing import Any
 import pandas as pd
 
 # full-size results (what the README quotes); `make bench` in quick mode points this at results/quick instead
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(os.environ.get("LUM_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Read from VmHWM in /proc/self/status (the high-water mark of this process's own address space). Not
+    ru_maxrss: on Linux a process started by fork + exec (subprocess, multiprocessing's spawn) inherits its
+    parent's ru_maxrss, so a small job started from a benchmark that holds an engine reports the benchmark's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # no /proc (macOS): ru_maxrss, in bytes there
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def machine_facts() -> dict[str, Any]:

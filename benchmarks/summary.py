@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import REPO_ROOT, RESULTS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 SUMMARY_NAME = "SUMMARY.md"
 RUNS_NAME = "_runs.json"

@@ -33,7 +33,7 @@ import click
 import yaml
 
 from pipelines.contract import METADATA_KEY, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
-from pipelines.cli_common import DEFAULT_RUN, _friendly_errors, force_option, run_option
+from pipelines.cli_common import DEFAULT_RUN, UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.paths import RunPaths
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -111,7 +111,7 @@ def data_make(preset: str, seed: int, n_users: int | None, run_dir: str, force: 
     paths = RunPaths(run_dir)
     if _check_replace(paths, {"name": "simulator", "config": asdict(config)}, force):
         click.echo(f"{paths.events} is up to date (simulator preset {preset}, seed {seed}): skipped")
-        return
+        return UP_TO_DATE
     started = time.perf_counter()
     info = simulator.simulate_to_run(config, paths)
     _report_written(info, paths)
@@ -190,7 +190,7 @@ def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir
     output = load_movielens(path, like_threshold=like_threshold, on_bad=on_bad)
     if _check_replace(paths, output.source, force):
         click.echo(f"{paths.events} is up to date ({path}): skipped")
-        return
+        return UP_TO_DATE
     _report_written(write_source_output(output, paths), paths)
 
 
@@ -218,7 +218,7 @@ def data_import_files(events, items, conditions, extras, mappings, ignored, ts_u
     )
     if _check_replace(paths, output.source, force) and not len(output.rejected):
         click.echo(f"{paths.events} is up to date ({events}): skipped")
-        return
+        return UP_TO_DATE
     _report_written(write_source_output(output, paths), paths)
 
 
@@ -276,7 +276,7 @@ def data_split(protocol: str, fractions: tuple, at: tuple | None, last_k: tuple 
             if existing["config"] == json.loads(json.dumps(asdict(config))):
                 click.echo(f"{paths.split_dir(protocol)} is up to date: skipped")
                 click.echo(format_summary(existing))
-                return
+                return UP_TO_DATE
             raise click.ClickException(
                 f"{paths.split_dir(protocol)} already holds a {protocol} split with other settings "
                 f"({existing['config']}); pass --force to replace it"
@@ -349,7 +349,7 @@ def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_b
     out = paths.model_dir(protocol, preset)
     if out.exists() and not force:
         click.echo(f"{out} already holds a trained model: skipped (pass --force to train again)")
-        return
+        return UP_TO_DATE
     manifest = run_pretrain(paths, protocol, config, tokenizer_options, init_from=init_from, force=force)
     if manifest:
         click.echo(f"wrote {out} ({manifest['model_version']}, {manifest['steps']} steps, final loss {manifest['final_loss']:.4f})")

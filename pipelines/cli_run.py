@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from pipelines.cli_common import _friendly_errors
+from pipelines.cli_common import UP_TO_DATE, _friendly_errors
 from pipelines.paths import RunPaths
 from pipelines.run import (
     ProtocolConfig,
@@ -89,12 +89,13 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
     if not made or not made.get("complete"):
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.engine, conditions), echo)
 
-    def features() -> None:
+    def features() -> str | None:
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
         _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True)
         how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
         echo(f"features: model version {result['version']} selected ({how})")
+        return UP_TO_DATE if result["skipped"] else None
 
     state.step(f"{name}: features", features, echo)
     rk = config.rankers
@@ -103,10 +104,11 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
             cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
                                 rk.lum_inputs, rk.lightgbm_ids)
 
-            def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> None:
+            def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> str | None:
                 out, trained = train_step(paths, split, cfg)
                 result = evaluate_step(paths, split, model, variant)["overall"]
                 echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
+                return None if trained else UP_TO_DATE
 
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo)
     return state.step(f"{name}: score test window", lambda: score_test_window(paths, split), echo)

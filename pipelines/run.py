@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from pipelines.cli_common import UP_TO_DATE
 from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
@@ -170,8 +171,14 @@ class RunState:
         self.state = {"config": config_dict(config), "steps": previous.get("steps", {})}
 
     def step(self, name: str, fn: Callable[[], Any], echo: Callable[[str], None]) -> Any:
+        """Runs `fn` as the step `name` and records its status and seconds; returns what `fn` returns.
+
+        A step that returns UP_TO_DATE did nothing: it keeps the seconds of the run that made its output (and is
+        marked `reused`), so the report's step durations stay those of the work.
+        """
         echo(f"--- {name}")
         started = time.perf_counter()
+        previous = self.state["steps"].get(name, {})
         self.state["steps"][name] = {"status": "running"}
         self._write()
         try:
@@ -180,7 +187,13 @@ class RunState:
             self.state["steps"][name] = {"status": "failed", "seconds": round(time.perf_counter() - started, 1)}
             self._write()
             raise
-        self.state["steps"][name] = {"status": "done", "seconds": round(time.perf_counter() - started, 1)}
+        seconds = round(time.perf_counter() - started, 1)
+        reused = isinstance(result, str) and result == UP_TO_DATE
+        if reused and previous.get("status") == "done" and "seconds" in previous:
+            # nothing was redone: the duration stays that of the run which made the output
+            self.state["steps"][name] = {"status": "done", "seconds": previous["seconds"], "reused": True}
+        else:
+            self.state["steps"][name] = {"status": "done", "seconds": seconds, **({"reused": True} if reused else {})}
         self._write()
         return result
 

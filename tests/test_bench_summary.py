@@ -186,3 +186,19 @@ def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_pat
     # the quality benchmark is listed with the run it needs and the JSON it writes
     quality = next(b for b in BENCHES if b.name == "quality")
     assert quality.needs.startswith("runs/demo/") and quality.result_name == "quality-demo"
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents() -> None:
+    """ru_maxrss of a fresh child inherits the parent's peak on Linux; peak_rss_mib must not."""
+    import subprocess
+    import sys
+
+    from benchmarks.common import REPO_ROOT, peak_rss_mib
+
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page so it is resident
+    assert peak_rss_mib() > 600
+    code = "from benchmarks.common import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout)
+    assert 5 < child < 300
+    del ballast

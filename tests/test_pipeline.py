@@ -55,12 +55,19 @@ def test_run_writes_every_step_and_the_report(tiny_run):
 
 def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
     run, config, _ = tiny_run
+    before = json.loads((run / "run_state.json").read_text())["steps"]
     shutil.rmtree(run / "rankers" / "global-dlrm-lum")  # as if that step had failed midway
     result = CliRunner().invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "dlrm/lum: trained" in result.output
     assert "dlrm/base: up to date" in result.output and "lightgbm/lum: up to date" in result.output
     assert "skipped" in result.output  # data, split and pretraining were not redone
+    # steps that were not redone keep the durations of the run that did them; the retrained one is re-timed
+    after = json.loads((run / "run_state.json").read_text())["steps"]
+    for name in ("data", "global+rolling: split", "global+rolling: pretrain", "global+rolling: dlrm base", "global+rolling: features"):
+        assert after[name] == {"status": "done", "seconds": before[name]["seconds"], "reused": True}, name
+    assert "reused" not in after["global+rolling: dlrm lum"] and after["global+rolling: dlrm lum"]["status"] == "done"
+    assert "reused" not in after["report"]
 
 
 def test_run_config_rejects_unknown_keys(tmp_path):
