@@ -163,15 +163,21 @@ def run_command(ctx: click.Context, config_path: str | None, run_dir: str | None
 @click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
 @click.option("--lm-preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", help="Behaviour-LM size.")
 @click.option("--epochs", type=int, default=10, help="Pretraining epochs.")
-@click.option("--engine", type=click.Choice(["vllm", "torch"]), default="vllm", help="Embedding engine.")
+# Rolling rows end anywhere inside vLLM's 32-token prefix-cache blocks and each is its own vLLM request: on this
+# 2-core CPU the torch group-query engine embeds them 36x faster (benchmarks/bench_rolling.py), so the demo uses it.
+@click.option("--engine", type=click.Choice(["vllm", "torch"]), default="torch", help="Embedding engine (rolling rows: torch is faster on CPU).")
 @click.pass_context
 @_friendly_errors
 def demo(ctx: click.Context, run_dir: str, preset: str, lm_preset: str, epochs: int, engine: str) -> None:
     """`lum run` on the embedded simulator: global split by time, rolling LUM features, every ranker, the report."""
-    config = load_run_config(None, {
+    execute(ctx, demo_config(run_dir, preset, lm_preset, epochs, engine))
+
+
+def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 10, engine: str = "torch") -> RunConfig:
+    """What `lum demo` runs (configs/demo.yaml writes the same down; a test keeps the two equal)."""
+    return load_run_config(None, {
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
         "protocols": [{"split": "global", "features": "rolling"}],
         "lm": {"preset": lm_preset, "epochs": epochs}, "embed": {"engine": engine},
         "targets": DEMO_TARGETS,
     })
-    execute(ctx, config)

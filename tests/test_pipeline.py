@@ -70,6 +70,13 @@ def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
     assert "reused" not in after["report"]
 
 
+def test_lum_demo_runs_what_configs_demo_yaml_says():
+    from pipelines.cli_run import demo_config
+    from pipelines.run import config_dict
+
+    assert config_dict(demo_config()) == config_dict(load_run_config(Path(__file__).parents[1] / "configs" / "demo.yaml"))
+
+
 def test_run_config_rejects_unknown_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"lm": {"preset": "tiny", "epoch": 3}}))
