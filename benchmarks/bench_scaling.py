@@ -18,6 +18,8 @@ b < 0.9: sub-linear, b > 1.1: super-linear).
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,6 +118,11 @@ def time_engine(engine, groups: list, repeats: int) -> tuple[float, str]:
     return float(np.median(times)), f"{min(times):.2f}-{max(times):.2f}"
 
 
+def shards_for(n_users: int) -> int:
+    """One shard per 50k users: every shard streams the whole event file once, so shards are sized by memory."""
+    return max(1, n_users // 50_000)
+
+
 def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[float, float, int]:
     """(job seconds, peak RSS MiB, users embedded) of a whole `lum embed` snapshot job on a world of n_users."""
     from pipelines.paths import RunPaths
@@ -129,7 +136,7 @@ def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[floa
         "from benchmarks.common import peak_rss_mib\n"
         "from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig\n"
         f"job = EmbeddingJob({str(model_dir)!r}, {str(paths.events)!r}, AsOf.parse('2025-02-20'), {str(tmp / f'out-{n_users}')!r}, "
-        f"EmbedJobConfig(conditions='surface=home,surface=search,surface=item_detail,surface=cart', engine='torch', shards={max(1, n_users // 5000)}))\n"
+        f"EmbedJobConfig(conditions='surface=home,surface=search,surface=item_detail,surface=cart', engine='torch', shards={shards_for(n_users)}))\n"
         "started = time.perf_counter()\n"
         "manifest = job.run(progress=False)\n"
         "print(json.dumps([time.perf_counter() - started, peak_rss_mib(), manifest['totals']['rows']]))\n"
@@ -137,31 +144,17 @@ def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[floa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"the {n_users}-user job failed:\n{done.stderr[-3000:]}")
-    seconds, rss, rows = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    seconds, rss, rows = json.loads(done.stdout.strip().splitlines()[-1])
     return seconds, rss, rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true")
-    size.add_argument("--full", action="store_true")
-    parser.add_argument("--users", type=int, default=200, help="users per engine measurement")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    histories = [50, 200, 1000] if args.quick else [50, 100, 200, 500, 1000]
-    ks = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
-    presets = ["tiny", "small"] if args.quick else ["tiny", "small", "base"]
-    job_users = [1000, 10_000] if args.quick else [1000, 10_000, 100_000] + ([1_000_000] if args.full else [])
-    repeats = 1 if args.quick else args.repeats
-
+def engine_curves(args, frame: pd.DataFrame, item_frame: pd.DataFrame, histories: list[int], ks: list[int], presets: list[str],
+                  repeats: int) -> list[dict]:
+    """The preset, history and K curves: both engines on synthetic histories of exact length."""
     from lum.embed import TorchEngine, VllmEngine, VllmSettings, resolve_vllm_dtype
     from lum.model import count_parameters, load_model
     from lum.tokenizer import BehaviourTokenizer
-    from pipelines.sources.simulator import preset, simulate
 
-    events, items = simulate(preset("default", n_users=3000, chunk_users=3000))
-    frame, item_frame = events.to_pandas(), items.to_pandas()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -191,20 +184,61 @@ def main() -> None:
                         print(rows[-1], flush=True)
                 finally:
                     engine.close()
-        # the preset/history/K rows at (small, 100, 4) are shared by all three curves
-        base_rows = [r for r in rows if r["curve"] == "preset" and r["preset"] == "small"]
-        for r in base_rows:
-            for curve in ("history", "K"):
-                rows.append({**r, "curve": curve})
-        # the users curve: a tiny model over clicks with the job's default history (100 behaviours), as production
-        # would run it; the curves above used histories of every impression at exact lengths instead
-        tiny_dir = random_model(tmp / "tiny-job", "tiny", frame, item_frame, max_history=100, history_events="positive")
-        for n in job_users:
-            seconds, rss, written = job_in_fresh_process(tiny_dir, n, tmp)
-            rows.append({"curve": "users (lum embed job)", "engine": "torch (float32)", "preset": "tiny", "history": 100, "K": 4,
-                         "users": n, "seconds": round(seconds, 1), "users_per_s": round(n / seconds, 1), "peak_rss_mib": round(rss),
-                         "rows_written": written})
-            print(rows[-1], flush=True)
+    # the preset/history/K rows at (small, 100, 4) are shared by all three curves
+    for r in [r for r in rows if r["curve"] == "preset" and r["preset"] == "small"]:
+        for curve in ("history", "K"):
+            rows.append({**r, "curve": curve})
+    return rows
+
+
+def users_curve(tmp: Path, frame: pd.DataFrame, item_frame: pd.DataFrame, job_users: list[int]) -> list[dict]:
+    """Whole `lum embed` jobs on worlds of each size: a tiny model over clicks with the job's default history (100
+    behaviours), as production would run it (the engine curves use histories of every impression at exact lengths)."""
+    tiny_dir = random_model(tmp / "tiny-job", "tiny", frame, item_frame, max_history=100, history_events="positive")
+    rows = []
+    for n in job_users:
+        seconds, rss, written = job_in_fresh_process(tiny_dir, n, tmp)
+        rows.append({"curve": "users (lum embed job)", "engine": "torch (float32)", "preset": "tiny", "history": 100, "K": 4,
+                     "users": n, "shards": shards_for(n), "seconds": round(seconds, 1), "users_per_s": round(n / seconds, 1),
+                     "peak_rss_mib": round(rss), "rows_written": written})
+        print(rows[-1], flush=True)
+        shutil.rmtree(tmp / f"world-{n}", ignore_errors=True)  # the 1M-user world is several GB
+        shutil.rmtree(tmp / f"out-{n}", ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true")
+    size.add_argument("--full", action="store_true")
+    parser.add_argument("--users", type=int, default=200, help="users per engine measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--users-only", metavar="N[,N]", help="re-measure only the users curve at these sizes and replace it "
+                        "in the existing scaling.json (the other curves' rows are kept as they are)")
+    args = parser.parse_args()
+    histories = [50, 200, 1000] if args.quick else [50, 100, 200, 500, 1000]
+    ks = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
+    presets = ["tiny", "small"] if args.quick else ["tiny", "small", "base"]
+    job_users = [1000, 10_000] if args.quick else [1000, 10_000, 100_000] + ([1_000_000] if args.full else [])
+    repeats = 1 if args.quick else args.repeats
+
+    from pipelines.sources.simulator import preset, simulate
+
+    events, items = simulate(preset("default", n_users=3000, chunk_users=3000))
+    frame, item_frame = events.to_pandas(), items.to_pandas()
+    if args.users_only:
+        job_users = [int(n) for n in args.users_only.split(",")]
+        previous = json.loads((RESULTS_DIR / "scaling.json").read_text())
+        kept_from = f"; users curve re-measured alone (--users-only), the other curves kept from the run of {previous['machine']['date']}"
+        rows = [r for r in previous["rows"] if r["curve"] != "users (lum embed job)" and not r["curve"].startswith("growth: ")]
+        with tempfile.TemporaryDirectory() as tmp_name:
+            rows += users_curve(Path(tmp_name), frame, item_frame, job_users)
+    else:
+        kept_from = ""
+        rows = engine_curves(args, frame, item_frame, histories, ks, presets, repeats)
+        with tempfile.TemporaryDirectory() as tmp_name:
+            rows += users_curve(Path(tmp_name), frame, item_frame, job_users)
 
     # growth of each curve (time against its variable, per engine)
     fits = []
@@ -222,7 +256,8 @@ def main() -> None:
                      "variable": fit["time vs"], "growth": fit["growth"]})
     print(f"plot: {plot_curves(rows, RESULTS_DIR / 'scaling.png')}")
     write_results("scaling", rows, notes="synthetic histories of exact length on random-initialised models (speed does not depend on the weights); "
-                  "vLLM with its default settings (block-filled prompts, prefix caching, both cores); users curve: whole lum embed jobs")
+                  "vLLM with its default settings (block-filled prompts, prefix caching, both cores); users curve: whole lum embed jobs, "
+                  "one shard per 50k users" + kept_from)
 
 
 if __name__ == "__main__":

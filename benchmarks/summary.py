@@ -29,7 +29,7 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "features", "ranker", "scaling", "quality-demo", "quality-movielens")
+ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "scaling", "quality-demo", "quality-movielens")
 
 Row = dict[str, Any]
 
@@ -59,6 +59,8 @@ TABLES: dict[str, list[Table]] = {
         Table((("engine", "job"), ("K", "K"), ("users", "users"), ("seconds", "s"), ("peak_rss_mib", "peak RSS MiB")),
               when=lambda row: "peak_rss_mib" in row, title="Peak memory"),
     ],
+    "rolling": [Table((("engine", "engine"), ("preset", "preset"), ("users", "users"), ("rows", "rows"), ("K", "K"),
+                       ("queries", "queries"), ("seconds", "s"), ("queries_per_s", "queries/s"), ("time_vs_fastest", "time vs fastest")))],
     "features": [
         Table((("measure", "route"), ("p50_ms", "p50 ms"), ("value", "p99 ms"), ("target_p99_ms", "target p99 ms"),
                ("floor_p99_ms", "floor p99 ms"), ("p99_vs_floor", "p99 / floor")),

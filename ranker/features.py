@@ -26,6 +26,7 @@ Only columns the FeatureSchema lists are read; nothing else in the table can rea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -309,7 +310,10 @@ class FeaturePipeline:
                 arrays.append(_lists(table.column(history))[0])
             pipeline.vocabularies[feature.table] = Vocabulary.fit(arrays, config.min_count, config.max_vocab)
         raw, names, scaled = pipeline._raw_dense(table)
-        with np.errstate(invalid="ignore"):
+        # a column may be missing on every row (lum_sim_request where no condition matches the request context, as
+        # on MovieLens): it scales with mean 0 and std 1, without numpy's "mean of empty slice" warning
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.where(scaled, np.nan_to_num(np.nanmean(raw, axis=0)), 0.0)
             std = np.where(scaled, np.nan_to_num(np.nanstd(raw, axis=0)), 1.0)
         pipeline.dense_names, pipeline.dense_mean, pipeline.dense_std = names, mean, np.where(std > 1e-6, std, 1.0)
