@@ -107,10 +107,8 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     re-used by a later call with the same preset and epochs (seconds None: not trained by this call).
     """
     from lum.model import read_manifest
-    from lum.pretrain import PretrainConfig, pretrain
-    from lum.tokenizer import TokenizerConfig
-    from pipelines.contract import read_events
-    from pipelines.lm_steps import _items, _window, default_history_events
+    from lum.pretrain import PretrainConfig
+    from pipelines.lm_steps import run_pretrain
     from pipelines.paths import RunPaths
 
     state = json.loads((run / "run_state.json").read_text())["config"]
@@ -121,13 +119,12 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     out = run / "quality_models" / f"{protocol}-{preset}-{epochs}ep"
     if out.exists() and read_manifest(out)["pretrain_config"]["epochs"] == epochs:
         return out, None
-    _, contract = read_events(paths.split_file(protocol, "pretrain"))
-    tokenizer = TokenizerConfig(condition_columns=tuple(contract.condition_names), max_history=lm["max_history"],
-                                min_item_count=lm["min_item_count"], min_condition_count=lm["min_condition_count"],
-                                history_events=default_history_events(paths) if lm["history_events"] == "auto" else lm["history_events"])
+    # the tokenizer options `lum run` passes (conditions and "auto" history events are resolved by run_pretrain)
+    tokenizer_options = {"history_events": lm["history_events"], "max_history": lm["max_history"], "min_item_count": lm["min_item_count"],
+                         "min_condition_count": lm["min_condition_count"], "seed": lm["seed"]}
     config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm["row_tokens"], rows_per_batch=lm["rows_per_batch"], lr=lm["lr"], seed=lm["seed"])
     started = time.perf_counter()
-    pretrain(_window(paths, protocol, "pretrain"), out, config, tokenizer, items=_items(paths), progress=True, overwrite=True)
+    run_pretrain(paths, protocol, config, tokenizer_options, force=True, out_dir=out)
     return out, time.perf_counter() - started
 
 

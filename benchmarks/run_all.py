@@ -37,7 +37,8 @@ class Bench:
     name: str
     quick: tuple[str, ...]
     full: tuple[str, ...]
-    needs: str | None = None  # "path: why" - a path (from the repository root) without which it is skipped
+    needs: str | None = None  # a path (from the repository root) without which it is skipped
+    needs_hint: str = ""  # how to make that path
     result: str | None = None  # the name of the JSON it writes, when not its own name
 
     @property
@@ -61,7 +62,7 @@ BENCHES = (
     # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users
     Bench("quality", quick=("--run", "runs/demo", "--presets", "tiny", "--histories", "5,100", "--users", "1000", "--bootstrap", "50"),
           full=("--run", "runs/demo", "--presets", "tiny,small", "--epochs", "small=3", "--histories", "5,20,50,100"),
-          needs="runs/demo/run_state.json: run `make demo` first", result="quality-demo"),
+          needs="runs/demo/run_state.json", needs_hint="run `make demo` first", result="quality-demo"),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary_only:
         lines = []
         for bench in benches:
-            if bench.needs and not (REPO_ROOT / bench.needs.split(":")[0]).exists():
-                print(f"\n=== {bench.name}: skipped, it needs {bench.needs}", flush=True)
-                lines.append(f"{bench.name}: skipped (needs {bench.needs.split(':')[0]})")
+            if bench.needs and not (REPO_ROOT / bench.needs).exists():
+                print(f"\n=== {bench.name}: skipped, it needs {bench.needs}: {bench.needs_hint}", flush=True)
+                lines.append(f"{bench.name}: skipped (needs {bench.needs})")
                 continue
             record = run_bench(bench, args.mode)
             save_run(results_dir(args.mode), bench.result_name, record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -38,7 +39,9 @@ def run_pretrain(
     init_from: str | None = None,
     force: bool = False,
     progress: bool = True,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Pretrain on the split's pretraining window into the run's model folder (or `out_dir`)."""
     from lum.pretrain import pretrain
     from lum.tokenizer import TokenizerConfig
 
@@ -50,7 +53,7 @@ def run_pretrain(
     if options.get("history_events", "auto") == "auto":
         options["history_events"] = default_history_events(paths)
     tokenizer_config = TokenizerConfig(**options)
-    out = paths.model_dir(protocol, pretrain_config.preset)
+    out = out_dir or paths.model_dir(protocol, pretrain_config.preset)
     return pretrain(
         events,
         out,

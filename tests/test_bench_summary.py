@@ -174,7 +174,7 @@ def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_pat
     """A benchmark that needs a finished run is skipped with the reason, not run and not recorded as a failure."""
     import benchmarks.run_all as run_all
 
-    fakes = (run_all.Bench("missing_one", quick=(), full=(), needs="no/such/run_state.json: run `make demo` first",
+    fakes = (run_all.Bench("missing_one", quick=(), full=(), needs="no/such/run_state.json", needs_hint="run `make demo` first",
                            result="missing_one-demo"),)
     monkeypatch.setattr(run_all, "BENCHES", fakes)
     monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
