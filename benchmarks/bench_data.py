@@ -1,6 +1,7 @@
 """Data-step benchmark: simulator generation time, events/s and peak memory per preset.
 
-    python benchmarks/bench_data.py            # quick: tiny, default, 100k users of `large`
+    python benchmarks/bench_data.py            # tiny, default, 100k users of `large`
+    python benchmarks/bench_data.py --quick    # `make bench` quick mode: 20k users of `large`
     python benchmarks/bench_data.py --full     # adds the full `large` preset (1M users)
 
 Each case runs in a fresh process so its peak resident memory (VmHWM, see common.peak_rss_mib) is its own.
@@ -44,9 +45,11 @@ def _run_case(preset_name: str, n_users: int | None, queue: mp.Queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="include the full large preset (1M users)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="include the full large preset (1M users)")
+    size.add_argument("--quick", action="store_true", help="20k users of the large preset instead of 100k")
     args = parser.parse_args()
-    cases: list[tuple[str, int | None]] = [("tiny", None), ("default", None), ("large", 100_000)]
+    cases: list[tuple[str, int | None]] = [("tiny", None), ("default", None), ("large", 20_000 if args.quick else 100_000)]
     if args.full:
         cases.append(("large", None))
     ctx = mp.get_context("spawn")

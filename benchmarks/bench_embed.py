@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_embed                    # small preset, 500 users, K = 1, 2, 4, 8; RSS at 1k, 10k users
     python -m benchmarks.bench_embed --full             # RSS also at 100k users
+    python -m benchmarks.bench_embed --quick            # `make bench` quick mode: K = 1, 4; no bfloat16 naive baseline,
+                                                        # no RSS jobs (bench_scaling's users curve measures those)
 
 Tokens/s counts the tokens of every prompt (history + condition) as a user would submit them, so sharing a
 history across K conditions shows up as a higher rate. The vLLM and torch engines get the snapshot job's prompts,
@@ -69,10 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--full", action="store_true")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true")
+    size.add_argument("--quick", action="store_true", help="K = 1 and 4 only, no bfloat16 naive baseline (slow on CPU) and no "
+                      "RSS jobs (bench_scaling's users curve runs the same jobs)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell; the table shows the median")
     parser.add_argument("--naive-repeats", type=int, default=1, help="the naive baseline is slow and steady (spread < 5%% here)")
     args = parser.parse_args()
+    ks = (1, 4) if args.quick else KS
 
     from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions, resolve_vllm_dtype
     from lum.model import load_model
@@ -96,8 +102,8 @@ def main() -> None:
         align = tokenizer.config.prompt_align
         # what a user asks: plain prompts (the naive baseline runs these); our engines get the snapshot job's
         # prompts, filled with [BOS] to whole prefix-cache blocks. Tokens/s counts the plain tokens for all.
-        plain = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16)[0] for k in KS}
-        filled = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16, align)[0] for k in KS}
+        plain = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16)[0] for k in ks}
+        filled = {k: build_queries(tokenizer, frame, queries, all_conditions[:k], 100, 16, align)[0] for k in ks}
 
         def vllm(dtype: str):
             engine = VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings(dtype=dtype))
@@ -114,18 +120,20 @@ def main() -> None:
             model = load_model(model_dir).model.to(dtype)
             return (lambda k: naive_embed(model, [p for g in plain[k] for p in g.prompts()])), (lambda: None)
 
+        default_dtype = resolve_vllm_dtype("auto")
         engines = [
-            (f"vllm ({resolve_vllm_dtype('auto')}, default)", lambda: vllm("auto"), args.repeats),
-            ("vllm (float32)", lambda: vllm("float32"), args.repeats),
+            (f"vllm ({default_dtype}, default)", lambda: vllm("auto"), args.repeats),
+            # on a CPU without bfloat16 support the default already is float32: measuring it twice adds nothing
+            *([("vllm (float32)", lambda: vllm("float32"), args.repeats)] if default_dtype != "float32" else []),
             ("torch group query (float32)", torch_engine, args.repeats),
             ("naive (float32)", lambda: naive(torch.float32), args.naive_repeats),
-            ("naive (bfloat16)", lambda: naive(torch.bfloat16), args.naive_repeats),
+            *([] if args.quick else [("naive (bfloat16)", lambda: naive(torch.bfloat16), args.naive_repeats)]),
         ]
         for name, build, repeats in engines:
             run, close = build()
             try:
-                run(2)  # one full warm-up pass
-                for k in KS:
+                run(ks[0])  # one full warm-up pass
+                for k in ks:
                     times = []
                     for _ in range(repeats):
                         started = time.perf_counter()
@@ -145,13 +153,17 @@ def main() -> None:
             base = next(x for x in rows if x["engine"] == r["engine"] and x["K"] == 1)
             r["time_vs_K1"] = round(r["seconds"] / base["seconds"], 2)
             for dtype in ("float32", "bfloat16"):
-                naive_row = next(x for x in rows if x["engine"] == f"naive ({dtype})" and x["K"] == r["K"])
-                r[f"speed_vs_naive_{dtype}"] = round(r["tokens_per_s"] / naive_row["tokens_per_s"], 2)
-        # memory against users: the job's streaming matters here, not the model, so a tiny model keeps it quick
-        tiny_dir = tmp / "tiny"
-        pretrain(frame, tiny_dir, PretrainConfig(preset="tiny", max_steps=5, rows_per_batch=8, row_tokens=512),
-                 TokenizerConfig(("surface", "device", "daypart"), max_history=100), items.to_pandas(), progress=False)
-        for n in (1000, 10_000, *((100_000,) if args.full else ())):
+                naive_row = next((x for x in rows if x["engine"] == f"naive ({dtype})" and x["K"] == r["K"]), None)
+                if naive_row is not None:  # quick mode has no bfloat16 baseline
+                    r[f"speed_vs_naive_{dtype}"] = round(r["tokens_per_s"] / naive_row["tokens_per_s"], 2)
+        # memory against users: the job's streaming matters here, not the model, so a tiny model keeps it quick.
+        # Quick mode leaves it to bench_scaling's users curve, which runs the same jobs.
+        rss_users = () if args.quick else (1000, 10_000, *((100_000,) if args.full else ()))
+        if rss_users:
+            tiny_dir = tmp / "tiny"
+            pretrain(frame, tiny_dir, PretrainConfig(preset="tiny", max_steps=5, rows_per_batch=8, row_tokens=512),
+                     TokenizerConfig(("surface", "device", "daypart"), max_history=100), items.to_pandas(), progress=False)
+        for n in rss_users:
             rss, seconds = peak_rss_of_job(tiny_dir, n, tmp)
             rows.append({"engine": "torch job (lum embed), tiny", "K": 4, "users": n, "seconds": round(seconds, 1), "peak_rss_mib": round(rss)})
             print(rows[-1], flush=True)

@@ -1,9 +1,9 @@
 """Feature-store latency and throughput: online lookups (SQLite, Redis, HTTP) and the training-set join.
 
     python -m benchmarks.bench_features                  # 1M-impression join, 300 online requests per route
-    python -m benchmarks.bench_features --quick          # 200k impressions, 100 requests
+    python -m benchmarks.bench_features --quick          # 3k users of the same world, 50k impressions, 100 requests
 
-World: the simulator's `default` preset (20k users, 5k items, 1.84M impressions). User-interest vectors are
+World: the simulator's `default` preset (20k users, 5k items, 1.84M impressions; `--quick`: its first 3k users). User-interest vectors are
 random (dimension 64, K=4 conditions, weekly snapshots): latency does not depend on what the vectors mean, and
 they go through the real path (`lum embed`'s output layout -> ingest -> apply -> materialize).
 
@@ -109,14 +109,15 @@ def floor_reader(repo: FeatureRepo):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="200k impressions and 100 requests per route")
+    parser.add_argument("--quick", action="store_true", help="3k users, 50k impressions "
+                        "and 100 requests per route")
     parser.add_argument("--impressions", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--candidate-curve", type=lambda t: [int(x) for x in t.split(",") if x], default=[10, 100, 1000],
                         help="candidate counts for the SQLite latency curve (comma-separated; empty to skip)")
     args = parser.parse_args()
-    n_impressions = args.impressions or (200_000 if args.quick else 1_000_000)
+    n_impressions = args.impressions or (50_000 if args.quick else 1_000_000)
     n_requests = args.requests or (100 if args.quick else 300)
 
     from pipelines.sources.simulator import preset, simulate
@@ -125,7 +126,7 @@ def main() -> None:
     rows: list[dict] = []
     redis = None
     try:
-        events, items = simulate(preset("default"))
+        events, items = simulate(preset("default", n_users=3000, chunk_users=3000) if args.quick else preset("default"))
         ev, it = events.to_pandas(), items.to_pandas()
         repo = FeatureRepo(work / "repo")
         repo.init(lum_ttl_days=0)
@@ -147,7 +148,8 @@ def main() -> None:
         assert table.num_rows == len(impressions)
         rows.append({"measure": f"training-set join, {n_impressions:,} impressions, ranker_lum_pooled", "value": round(n_impressions / seconds),
                      "unit": "rows/s", "seconds": round(seconds, 1)})
-        rows.append({"measure": f"materialize (SQLite, {len(snapshots)} weekly snapshots x 20k users x 4 conditions + counters)",
+        n_users = ev.user_id.nunique()
+        rows.append({"measure": f"materialize (SQLite, {len(snapshots)} weekly snapshots x {n_users:,} users x 4 conditions + counters)",
                      "value": round(materialize_s, 1), "unit": "s", "seconds": round(materialize_s, 1)})
 
         # ---- online latency

@@ -2,7 +2,8 @@
 and number of users, each with the growth it shows.
 
     python -m benchmarks.bench_scaling                 # history 50..1000, K 1..16, tiny/small/base, 1k..100k users
-    python -m benchmarks.bench_scaling --quick         # fewer points, 1k..10k users
+    python -m benchmarks.bench_scaling --quick         # fewer points (history 50..500, K 1, 4, 16), 1k..5k users;
+                                                       # the preset curve on the torch engine (one vLLM start-up)
     python -m benchmarks.bench_scaling --full          # users up to 1M (the simulator's `large` preset, streamed)
 
 History, K and preset curves query the engines directly (vLLM, the production path, and the torch group-query
@@ -162,8 +163,10 @@ def engine_curves(args, frame: pd.DataFrame, item_frame: pd.DataFrame, histories
             model_dir = random_model(tmp / preset_name, preset_name, frame, item_frame)
             tokenizer = BehaviourTokenizer.load(model_dir)
             params = count_parameters(load_model(model_dir).model)
-            engines = [("vllm", lambda: VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings()))]
-            if preset_name == "small":
+            engines = []
+            if preset_name == "small" or not args.quick:  # quick mode: one vLLM start-up (about 40 s here), on small
+                engines.append(("vllm", lambda: VllmEngine(str(model_dir), max_model_len=2048, settings=VllmSettings())))
+            if preset_name == "small" or args.quick:  # quick mode: the preset curve on the torch engine
                 engines.append(("torch", lambda: TorchEngine(str(model_dir))))
             for engine_name, build in engines:
                 engine = build()
@@ -217,10 +220,10 @@ def main() -> None:
     parser.add_argument("--users-only", metavar="N[,N]", help="re-measure only the users curve at these sizes and replace it "
                         "in the existing scaling.json (the other curves' rows are kept as they are)")
     args = parser.parse_args()
-    histories = [50, 200, 1000] if args.quick else [50, 100, 200, 500, 1000]
+    histories = [50, 200, 500] if args.quick else [50, 100, 200, 500, 1000]
     ks = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16]
     presets = ["tiny", "small"] if args.quick else ["tiny", "small", "base"]
-    job_users = [1000, 10_000] if args.quick else [1000, 10_000, 100_000] + ([1_000_000] if args.full else [])
+    job_users = [1000, 5000] if args.quick else [1000, 10_000, 100_000] + ([1_000_000] if args.full else [])
     repeats = 1 if args.quick else args.repeats
 
     from pipelines.sources.simulator import preset, simulate

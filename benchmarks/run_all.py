@@ -52,13 +52,13 @@ class Bench:
 
 # pipeline order; the quick sizes use each script's own small options
 BENCHES = (
-    Bench("data", quick=(), full=("--full",)),
+    Bench("data", quick=("--quick",), full=("--full",)),
     Bench("pretrain", quick=("--users", "1000", "--steps", "15"), full=("--presets", "tiny,small,base")),
-    Bench("embed", quick=("--users", "200", "--repeats", "1"), full=("--full",)),
+    Bench("embed", quick=("--quick", "--users", "200", "--repeats", "1"), full=("--full",)),
     Bench("rolling", quick=("--users", "500", "--repeats", "1"), full=()),
     Bench("features", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
-    Bench("scaling", quick=("--quick",), full=("--full",)),
+    Bench("scaling", quick=("--quick", "--users", "100"), full=("--full",)),
     # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users
     Bench("quality", quick=("--run", "runs/demo", "--presets", "tiny", "--histories", "5,100", "--users", "1000", "--bootstrap", "50"),
           full=("--run", "runs/demo", "--presets", "tiny,small", "--epochs", "small=3", "--histories", "5,20,50,100"),
