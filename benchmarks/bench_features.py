@@ -1,7 +1,7 @@
 """Feature-store latency and throughput: online lookups (SQLite, Redis, HTTP) and the training-set join.
 
     python -m benchmarks.bench_features                  # 1M-impression join, 300 online requests per route
-    python -m benchmarks.bench_features --quick          # 3k users of the same world, 50k impressions, 100 requests
+    python -m benchmarks.bench_features --quick          # 3k users of the same world, 50k impressions, 50 requests
 
 World: the simulator's `default` preset (20k users, 5k items, 1.84M impressions; `--quick`: its first 3k users). User-interest vectors are
 random (dimension 64, K=4 conditions, weekly snapshots): latency does not depend on what the vectors mean, and
@@ -110,7 +110,7 @@ def floor_reader(repo: FeatureRepo):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3k users, 50k impressions "
-                        "and 100 requests per route")
+                        "and 50 requests per route (p99 then sits near the slowest request)")
     parser.add_argument("--impressions", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--candidates", type=int, default=100)
@@ -118,7 +118,7 @@ def main() -> None:
                         help="candidate counts for the SQLite latency curve (comma-separated; empty to skip)")
     args = parser.parse_args()
     n_impressions = args.impressions or (50_000 if args.quick else 1_000_000)
-    n_requests = args.requests or (100 if args.quick else 300)
+    n_requests = args.requests or (50 if args.quick else 300)
 
     from pipelines.sources.simulator import preset, simulate
 

@@ -55,7 +55,7 @@ BENCHES = (
     Bench("data", quick=("--quick",), full=("--full",)),
     Bench("pretrain", quick=("--users", "1000", "--steps", "15"), full=("--presets", "tiny,small,base")),
     Bench("embed", quick=("--quick", "--users", "200", "--repeats", "1"), full=("--full",)),
-    Bench("rolling", quick=("--users", "500", "--repeats", "1"), full=()),
+    Bench("rolling", quick=("--users", "300", "--repeats", "1"), full=()),
     Bench("features", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
     Bench("scaling", quick=("--quick", "--users", "100"), full=("--full",)),
