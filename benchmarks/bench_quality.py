@@ -100,11 +100,19 @@ def train_and_score(train: pa.Table, test: pa.Table, variant: str, options: dict
     return np.asarray(train_ranker(train, config).score(test), dtype=np.float64)
 
 
+def logged_pretrain_seconds(model_dir: Path) -> float | None:
+    """The pretraining wall time a model folder's training log recorded (its last entry is cumulative)."""
+    log = model_dir / "training_log.json"
+    entries = json.loads(log.read_text()) if log.exists() else []
+    return entries[-1].get("seconds") if entries else None
+
+
 def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | None]:
     """An LM of `preset` on the run's pretraining window with the run's LM settings: (folder, pretraining seconds).
 
     The run's own model serves its preset at the run's epochs; other LMs go to <run>/quality_models/ and are
-    re-used by a later call with the same preset and epochs (seconds None: not trained by this call).
+    re-used by a later call with the same preset and epochs. A model not trained by this call reports the
+    seconds its own training log recorded (None if it has none).
     """
     from lum.model import read_manifest
     from lum.pretrain import PretrainConfig
@@ -115,10 +123,10 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     lm, protocol = state["lm"], state["protocols"][0]["split"]
     paths = RunPaths(run)
     if preset == lm["preset"] and epochs == lm["epochs"]:
-        return paths.model_dir(protocol, preset), None
+        return paths.model_dir(protocol, preset), logged_pretrain_seconds(paths.model_dir(protocol, preset))
     out = run / "quality_models" / f"{protocol}-{preset}-{epochs}ep"
     if out.exists() and read_manifest(out)["pretrain_config"]["epochs"] == epochs:
-        return out, None
+        return out, logged_pretrain_seconds(out)
     # the tokenizer options `lum run` passes (conditions and "auto" history events are resolved by run_pretrain)
     tokenizer_options = {"history_events": lm["history_events"], "max_history": lm["max_history"], "min_item_count": lm["min_item_count"],
                          "min_condition_count": lm["min_condition_count"], "seed": lm["seed"]}
