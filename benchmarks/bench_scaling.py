@@ -235,13 +235,11 @@ def main() -> None:
         previous = json.loads((RESULTS_DIR / "scaling.json").read_text())
         kept_from = f"; users curve re-measured alone (--users-only), the other curves kept from the run of {previous['machine']['date']}"
         rows = [r for r in previous["rows"] if r["curve"] != "users (lum embed job)" and not r["curve"].startswith("growth: ")]
-        with tempfile.TemporaryDirectory() as tmp_name:
-            rows += users_curve(Path(tmp_name), frame, item_frame, job_users)
     else:
         kept_from = ""
         rows = engine_curves(args, frame, item_frame, histories, ks, presets, repeats)
-        with tempfile.TemporaryDirectory() as tmp_name:
-            rows += users_curve(Path(tmp_name), frame, item_frame, job_users)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        rows += users_curve(Path(tmp_name), frame, item_frame, job_users)
 
     # growth of each curve (time against its variable, per engine)
     fits = []
