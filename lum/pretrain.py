@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
 from lum.sequences import Batch, make_batch, plan_epochs, user_segments
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
@@ -60,6 +61,11 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # Item factors (lum/item_factors.py, id tokenization only): a category component shared by every item token of
+    # a category, and a linear map of the items table's content vectors, added to each item token's input
+    # embedding and output row while training and folded into the saved plain Llama.
+    share_category: bool = False
+    content_column: str | None = None  # an items-table column holding one vector per item
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -68,24 +74,34 @@ class PretrainConfig:
 
 
 class NextItemObjective(torch.nn.Module):
-    """Wraps the LM: hidden states at loss positions -> logits over the item side -> summed cross-entropy."""
+    """Wraps the LM: hidden states at loss positions -> logits over the item side -> summed cross-entropy.
 
-    def __init__(self, model: LlamaForCausalLM, item_side_ids: np.ndarray):
+    With `factors` (lum/item_factors.py) every token's input embedding and output row get their shared category and
+    content components added; `ItemFactors.fold_into` makes the saved plain model compute exactly the same.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, item_side_ids: np.ndarray, factors: ItemFactors | None = None):
         super().__init__()
         self.model = model
+        self.factors = factors
         self.register_buffer("item_side_ids", torch.as_tensor(item_side_ids, dtype=torch.long), persistent=False)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (summed loss over targets, number of correct top-1 predictions)."""
+        embeds = self.model.model.embed_tokens(batch.input_ids)  # [B, T, H]
+        head = self.model.lm_head.weight[self.item_side_ids]  # [V_item, H]
+        if self.factors is not None:
+            embeds = embeds + self.factors.input_offsets(batch.input_ids)
+            head = head + self.factors.output_offsets(self.item_side_ids)
         hidden = self.model.model(
-            input_ids=batch.input_ids,
+            inputs_embeds=embeds,
             position_ids=batch.position_ids,
             attention_mask=batch.attention_mask,
             use_cache=False,
         ).last_hidden_state  # [B, T, H]
         where = batch.targets >= 0
         picked = hidden[where]  # [P, H]
-        logits = picked @ self.model.lm_head.weight[self.item_side_ids].T  # [P, V_item]
+        logits = picked @ head.T  # [P, V_item]
         target = batch.targets[where]
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
         correct = (logits.argmax(dim=-1) == target).sum()
@@ -214,7 +230,11 @@ def pretrain(
     else:
         model = build_model(config.preset, tokenizer.vocab_size, seed=config.seed)
     model.train()
-    objective = NextItemObjective(model, tokenizer.item_side_ids())
+    facts = None
+    if config.share_category or config.content_column:
+        facts = item_side_facts(tokenizer, items, config.share_category, config.content_column)
+    hidden_size = get_preset(config.preset).hidden_size
+    objective = NextItemObjective(model, tokenizer.item_side_ids(), None if facts is None else ItemFactors(facts, hidden_size))
     if world > 1:
         _shard(objective)
     decay = [p for n, p in objective.named_parameters() if p.ndim >= 2]
@@ -286,15 +306,20 @@ def pretrain(
     model_state, _ = _full_states(objective, optimizer)
     manifest: dict[str, Any] = {}
     if rank == 0:
-        manifest = _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, events, base_manifest, extra_manifest)
+        manifest = _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, events, base_manifest, extra_manifest, facts)
     if dist.is_initialized():
         dist.barrier()
     return manifest
 
 
-def _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, events, base_manifest, extra_manifest) -> dict[str, Any]:
+def _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, events, base_manifest, extra_manifest, facts=None) -> dict[str, Any]:
     final = LlamaForCausalLM(llama_config(get_preset(config.preset), tokenizer.vocab_size))
-    final.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})  # drop the objective's prefix
+    # drop the objective's prefix; the item factors are folded into the plain model's embeddings and head below
+    final.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")})
+    if facts is not None:
+        factors = ItemFactors(facts, final.config.hidden_size)
+        factors.load_state_dict({k.removeprefix("factors."): v for k, v in model_state.items() if k.startswith("factors.")})
+        factors.fold_into(final.model.embed_tokens.weight.data, final.lm_head.weight.data)
     staging = partial / "model"
     if staging.exists():
         shutil.rmtree(staging)

@@ -273,3 +273,63 @@ def test_bf16_autocast_trains(tmp_path):
     log = json.loads((tmp_path / "bf16" / "training_log.json").read_text())
     assert all(np.isfinite(x["loss"]) for x in log) and log[-1]["loss"] < log[0]["loss"]
     assert load_model(tmp_path / "bf16").model.dtype == torch.float32  # weights are kept in float32
+
+
+def test_item_factors_fold_into_a_plain_model_that_computes_the_same_loss(tiny_sim):
+    """The saved model is a plain Llama: folding the factors into its embeddings and head changes nothing it computes."""
+    from lum.item_factors import ItemFactors, item_side_facts
+    from lum.pretrain import NextItemObjective
+    from lum.tokenizer import fit_tokenizer
+
+    events, items = tiny_sim
+    events, items = events.to_pandas(), items.to_pandas()
+    tokenizer = fit_tokenizer(events, TokenizerConfig(("surface", "device", "daypart"), min_item_count=3), items)
+    facts = item_side_facts(tokenizer, items, use_category=True, content_column="content")
+    item_tokens = [i for i, t in enumerate(tokenizer.vocab) if t.startswith("I:")]
+    assert (facts.token_category[item_tokens] >= 0).all() and (facts.token_category[:4] == -1).all()
+    assert facts.content.shape == (tokenizer.vocab_size, 8) and not facts.content[:4].any()
+    torch.manual_seed(0)
+    model = build_model("tiny", tokenizer.vocab_size, seed=0)
+    factors = ItemFactors(facts, model.config.hidden_size)
+    with torch.no_grad():  # non-zero factors (training starts them at zero)
+        for p in factors.parameters():
+            p.normal_(0.0, 0.05)
+    segments = user_segments(tokenizer.encode_histories(events, max_history=20), 2, 20)
+    batch = make_batch(segments, [[0, 1, 2]], item_index_of(tokenizer), packing=True, row_tokens=512)
+    with torch.no_grad():
+        factored, _ = NextItemObjective(model, tokenizer.item_side_ids(), factors)(batch)
+        plain_before, _ = NextItemObjective(model, tokenizer.item_side_ids())(batch)
+        factors.fold_into(model.model.embed_tokens.weight.data, model.lm_head.weight.data)
+        folded, _ = NextItemObjective(model, tokenizer.item_side_ids())(batch)
+    assert abs(float(plain_before) - float(factored)) > 1e-3  # the factors matter...
+    assert float(folded) == pytest.approx(float(factored), rel=1e-5)  # ...and the folded plain model computes the same
+
+
+def test_item_factors_make_items_of_a_category_alike_and_fail_clearly(tmp_path, tiny_sim):
+    events, items = tiny_sim
+    events, items = events.to_pandas(), items.to_pandas()
+    tok = TokenizerConfig(("surface", "device", "daypart"), min_item_count=2)
+    config = dict(preset="tiny", epochs=2, rows_per_batch=4, row_tokens=512, checkpoint_every=10_000)
+
+    def same_minus_other_category_cosine(folder: Path) -> float:
+        tokenizer = BehaviourTokenizer.load(folder)
+        head = load_file(folder / "model.safetensors")["lm_head.weight"]
+        ids = [i for i, t in enumerate(tokenizer.vocab) if t.startswith("I:")]
+        category = np.array([tokenizer.item_category[tokenizer.vocab[i][2:]] for i in ids])
+        rows = torch.nn.functional.normalize(head[ids], dim=1)
+        cos = (rows @ rows.T).numpy()
+        same = category[:, None] == category[None, :]
+        off = ~np.eye(len(ids), dtype=bool)
+        return float(cos[same & off].mean() - cos[~same].mean())
+
+    plain = pretrain(events, tmp_path / "plain", PretrainConfig(**config), tok, items, progress=False)
+    shared = pretrain(events, tmp_path / "shared", PretrainConfig(**config, share_category=True, content_column="content"), tok, items, progress=False)
+    assert shared["pretrain_config"]["share_category"] and shared["pretrain_config"]["content_column"] == "content"
+    assert plain["model_version"] != shared["model_version"]
+    assert same_minus_other_category_cosine(tmp_path / "shared") > same_minus_other_category_cosine(tmp_path / "plain") + 0.05
+    assert load_model(tmp_path / "shared").model.config.vocab_size == BehaviourTokenizer.load(tmp_path / "shared").vocab_size
+    with pytest.raises(ValueError, match="no content column 'blurb'"):
+        pretrain(events, tmp_path / "bad", PretrainConfig(**config, content_column="blurb"), tok, items, progress=False)
+    semantic = TokenizerConfig(("surface",), item_tokenization="semantic", semantic_codebook_size=16, vector_column="content")
+    with pytest.raises(ValueError, match="need the id item tokenization"):
+        pretrain(events, tmp_path / "bad2", PretrainConfig(**config, share_category=True), semantic, items, progress=False)
