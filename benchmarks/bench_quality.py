@@ -129,8 +129,12 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
         return out, logged_pretrain_seconds(out)
     # the tokenizer options `lum run` passes (conditions and "auto" history events are resolved by run_pretrain)
     tokenizer_options = {"history_events": lm["history_events"], "max_history": lm["max_history"], "min_item_count": lm["min_item_count"],
-                         "min_condition_count": lm["min_condition_count"], "seed": lm["seed"]}
-    config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm["row_tokens"], rows_per_batch=lm["rows_per_batch"], lr=lm["lr"], seed=lm["seed"])
+                         "min_condition_count": lm["min_condition_count"], "seed": lm["seed"],
+                         "item_tokenization": lm.get("item_tokenization", "id"), "vector_column": lm.get("vector_column"),
+                         "categorical_columns": tuple(lm.get("categorical_columns", ())), "text_columns": tuple(lm.get("text_columns", ())),
+                         "numeric_columns": tuple(lm.get("numeric_columns", ())), "semantic_codebook_size": lm.get("semantic_codebook_size", 256)}
+    config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm["row_tokens"], rows_per_batch=lm["rows_per_batch"], lr=lm["lr"], seed=lm["seed"],
+                            share_category=lm.get("share_category", False), content_column=lm.get("content_column"))
     started = time.perf_counter()
     run_pretrain(paths, protocol, config, tokenizer_options, force=True, out_dir=out)
     return out, time.perf_counter() - started

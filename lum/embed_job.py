@@ -300,7 +300,8 @@ class EmbeddingJob:
         with safe_open(str(self.model_dir / "model.safetensors"), framework="np") as f:
             head = f.get_tensor("lm_head.weight")
         tok = self.tokenizer
-        items = sorted({t[2:] for t in tok.vocab if t.startswith("I:")} | set(tok.item_category))
+        items = tok.known_items()
+        # semantic mode: the first code's row, the only item-side logit a query's hidden state gives directly
         ids = tok.item_ids(pd.Series(items, dtype="string"))[:, 0]
         matrix = head[ids].astype(np.float32)
         if projection is not None:

@@ -171,6 +171,16 @@ class BehaviourTokenizer:
         ids = own.fillna(category).fillna(UNK_ITEM).to_numpy(dtype=np.int64)
         return ids[:, None]
 
+    def known_items(self) -> list[str]:
+        """Every item this tokenizer gives a token of its own or a meaningful shared one, sorted.
+
+        id mode: the items with an own token and every item of the items table (their category token); semantic
+        mode: every item with codes (the items table it was fitted on, plus items added by continued pretraining).
+        """
+        if self.config.item_tokenization == "semantic":
+            return sorted(str(i) for i in self.semantic["item_tokens"])
+        return sorted({t[2:] for t in self.vocab if t.startswith("I:")} | set(self.item_category))
+
     def _semantic_item_ids(self, items: pd.Series) -> np.ndarray:
         codes_by_item: dict[str, np.ndarray] = self.semantic["item_tokens"]
         unknown = np.full(self.config.tokens_per_item, UNK_ITEM, dtype=np.int64)

@@ -321,13 +321,17 @@ def data_describe(path: str | None, as_json: bool) -> None:
 @click.option("--categorical-column", "categorical_columns", multiple=True, help="semantic: item categorical columns.")
 @click.option("--numeric-column", "numeric_columns", multiple=True, help="semantic: item numeric columns.")
 @click.option("--vector-column", default=None, help="semantic: an item column holding a content vector.")
+@click.option("--semantic-codebook-size", type=int, default=256, show_default=True, help="semantic: codes per level.")
+@click.option("--share-category", is_flag=True, help="id: a category component shared by the item tokens of each category.")
+@click.option("--content-column", default=None, help="id: add a learned map of this items-table vector column to every item token.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Continue pretraining this model on the window.")
 @run_option
 @force_option
 @_friendly_errors
 def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_batch, packing, lr, bf16, seed, checkpoint_every,
                      item_tokenization, conditions, history_events, max_history, min_item_count, min_condition_count,
-                     text_columns, categorical_columns, numeric_columns, vector_column, init_from, run_dir, force) -> None:
+                     text_columns, categorical_columns, numeric_columns, vector_column, semantic_codebook_size, share_category,
+                     content_column, init_from, run_dir, force) -> None:
     """Pretrain the behaviour LM on a split's pretraining window (resumes from its last checkpoint).
 
     Several processes: torchrun --nproc_per_node=2 -m pipelines.cli pretrain ...
@@ -338,12 +342,14 @@ def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_b
     config = PretrainConfig(
         preset=preset, epochs=epochs, max_steps=max_steps, row_tokens=row_tokens, rows_per_batch=rows_per_batch,
         packing=packing, lr=lr, bf16=bf16, seed=seed, checkpoint_every=checkpoint_every,
+        share_category=share_category, content_column=content_column,
     )
     tokenizer_options = {
         "condition_columns": tuple(conditions), "item_tokenization": item_tokenization, "history_events": history_events,
         "max_history": max_history, "min_item_count": min_item_count, "min_condition_count": min_condition_count,
         "text_columns": tuple(text_columns), "categorical_columns": tuple(categorical_columns),
-        "numeric_columns": tuple(numeric_columns), "vector_column": vector_column, "seed": seed,
+        "numeric_columns": tuple(numeric_columns), "vector_column": vector_column,
+        "semantic_codebook_size": semantic_codebook_size, "seed": seed,
     }
     paths = RunPaths(run_dir)
     out = paths.model_dir(protocol, preset)

@@ -12,7 +12,7 @@ A config (YAML; every key optional, defaults below):
     data: {source: simulator, preset: default, seed: 0}       # or {source: movielens, path: ../shared/data/ml-latest-small}
     protocols:                                                # one or more; distinct splits
       - {split: global, features: rolling}                    # features: rolling | snapshot (snapshot_every: 1D)
-    lm: {preset: tiny, epochs: 10, max_history: 100}
+    lm: {preset: tiny, epochs: 10, max_history: 100}         # item_tokenization: semantic, vector_column: content, ...
     embed: {engine: vllm, conditions: [request, surface=home, surface=cart]}   # default: request + one per surface
     rankers: {models: [dlrm, lightgbm], variants: [base, lum, pooled-history, lum+pooled], epochs: 5}
     report: {bootstrap: 200}
@@ -72,6 +72,17 @@ class LMConfig:
     min_item_count: int = 5
     min_condition_count: int = 5
     history_events: str = "auto"
+    # Item tokenization: `id` (a token per frequent item) or `semantic` (codes from the items' content; see
+    # lum/semantic_ids.py), with the items-table columns the content is read from.
+    item_tokenization: str = "id"
+    vector_column: str | None = None
+    categorical_columns: tuple[str, ...] = ()
+    text_columns: tuple[str, ...] = ()
+    numeric_columns: tuple[str, ...] = ()
+    semantic_codebook_size: int = 256
+    # id mode only: item factors (lum/item_factors.py), a shared category component and a content map
+    share_category: bool = False
+    content_column: str | None = None
     seed: int = 0
 
 
@@ -202,6 +213,42 @@ class RunState:
 
     def _write(self) -> None:
         write_json_atomic(self.state, self.path)
+
+
+# LM settings a trained model folder must share with the config that re-uses it: (config key, where the model keeps
+# it, the value a model written before the key existed means)
+_MODEL_SETTINGS = (
+    ("epochs", "pretrain", None), ("row_tokens", "pretrain", None), ("rows_per_batch", "pretrain", None), ("lr", "pretrain", None),
+    ("seed", "pretrain", None), ("share_category", "pretrain", False), ("content_column", "pretrain", None),
+    ("item_tokenization", "tokenizer", "id"), ("max_history", "tokenizer", None), ("min_item_count", "tokenizer", None),
+    ("min_condition_count", "tokenizer", None), ("vector_column", "tokenizer", None), ("categorical_columns", "tokenizer", ()),
+    ("text_columns", "tokenizer", ()), ("numeric_columns", "tokenizer", ()), ("semantic_codebook_size", "tokenizer", 256),
+)
+
+
+def check_model_matches(model_dir: Path, lm: LMConfig) -> None:
+    """Fails, naming the setting, when the run's trained LM was made with other LM settings than the config asks.
+
+    The pretrain step is skipped when its model folder exists; without this check a changed `lm:` section would
+    silently keep the old model (and every embedding, feature and ranker built from it).
+    """
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    tokenizer = json.loads((model_dir / "behaviour_tokenizer.json").read_text())["config"]
+    kept = {"pretrain": manifest.get("pretrain_config", {}), "tokenizer": tokenizer}
+    semantic_only = {"vector_column", "categorical_columns", "text_columns", "numeric_columns", "semantic_codebook_size"}
+    differ = []
+    for key, where, default in _MODEL_SETTINGS:
+        if key in semantic_only and lm.item_tokenization != "semantic":
+            continue
+        have = kept[where].get(key, default)
+        want = getattr(lm, key)
+        if isinstance(want, tuple) or isinstance(have, list):
+            have, want = tuple(have or ()), tuple(want or ())
+        if have != want:
+            differ.append(f"{key}: the model has {have!r}, the config asks {want!r}")
+    if differ:
+        raise ValueError(f"{model_dir} was pretrained with other LM settings ({'; '.join(differ)}); remove that folder (and the run's "
+                         "embeddings/, feature_repo/, training_sets/, rankers/) to pretrain again, or use another run_dir")
 
 
 def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, engine: str, conditions: str) -> None:

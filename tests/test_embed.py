@@ -329,3 +329,25 @@ def test_request_condition_needs_rows_with_context(model, events_file, tmp_path)
     pq.write_table(pq.read_table(events_file, columns=["user_id", "ts"]), rows)
     with pytest.raises(EmbedJobError, match="condition column"):
         EmbeddingJob(folder, events_file, AsOf(rows_path=str(rows)), tmp_path / "o", EmbedJobConfig(conditions="request"))
+
+
+def test_a_semantic_id_model_gets_an_item_vector_for_every_item(events_file, tiny_sim, tmp_path):
+    """Semantic ids have no item tokens: the item table holds each item's first-code row (the query's own logit)."""
+    from lum.pretrain import PretrainConfig, pretrain
+    from lum.tokenizer import TokenizerConfig
+
+    events, items = tiny_sim
+    folder = tmp_path / "semantic"
+    config = TokenizerConfig(("surface", "device", "daypart"), item_tokenization="semantic", semantic_codebook_size=16,
+                             categorical_columns=("category",), vector_column="content")
+    pretrain(events.to_pandas(), folder, PretrainConfig(preset="tiny", max_steps=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(), progress=False)
+    tokenizer = BehaviourTokenizer.load(folder)
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "out", EmbedJobConfig(shards=1, conditions="surface=home"))
+    job.open_engine(TorchEngine(str(folder)))
+    job.run(progress=False)
+    table = pq.read_table(tmp_path / "out" / "items.parquet").to_pandas()
+    assert sorted(table.item_id) == sorted(items.column("item_id").to_pylist())
+    head = load_model(folder).model.lm_head.weight.detach().numpy()
+    first_codes = tokenizer.item_ids(table.item_id)[:, 0]
+    np.testing.assert_allclose(np.stack(table.embedding), head[first_codes], atol=1e-6)
+    assert table.token.str.startswith("S0:").all()

@@ -17,7 +17,9 @@ from pipelines.run import load_run_config
 TINY_RUN = {
     "data": {"source": "simulator", "preset": "tiny"},
     "protocols": [{"split": "global", "features": "rolling"}],
-    "lm": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4},
+    # semantic ids as the demo (configs/demo.yaml), with a codebook that fits the tiny preset's 300 items
+    "lm": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "item_tokenization": "semantic", "vector_column": "content",
+           "categorical_columns": ["category"], "semantic_codebook_size": 16},
     "embed": {"engine": "torch", "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
     "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "epochs": 2, "threads": 1},
     "report": {"bootstrap": 20},
@@ -166,3 +168,16 @@ def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves
         assert r["low"] <= r["gauc_lift"] <= r["high"] and r["lum_gauc"] == pytest.approx(r["base_gauc"] + r["gauc_lift"], abs=2e-4)
     assert rows[0]["gauc_lift"] == rows[2]["gauc_lift"]  # the same LM, history and sample: one point on both curves
     assert (tmp_path / "quality-run.png").stat().st_size > 5000
+
+
+def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
+    run, config, _ = tiny_run
+    changed = yaml.safe_load(config.read_text())
+    changed["lm"] = {**changed["lm"], "epochs": 3, "item_tokenization": "id"}
+    other = config.with_name("changed.yaml")
+    other.write_text(yaml.safe_dump(changed))
+    result = CliRunner().invoke(main, ["run", "--config", str(other)])
+    assert result.exit_code != 0
+    message = result.output + str(result.exception)
+    assert "pretrained with other LM settings" in message
+    assert "epochs: the model has 2, the config asks 3" in message and "item_tokenization: the model has 'semantic', the config asks 'id'" in message
