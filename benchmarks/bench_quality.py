@@ -114,27 +114,34 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     re-used by a later call with the same preset and epochs. A model not trained by this call reports the
     seconds its own training log recorded (None if it has none).
     """
-    from lum.model import read_manifest
     from lum.pretrain import PretrainConfig
     from pipelines.lm_steps import run_pretrain
     from pipelines.paths import RunPaths
+    from pipelines.run import check_model_matches, load_run_config
 
     state = json.loads((run / "run_state.json").read_text())["config"]
     lm, protocol = state["lm"], state["protocols"][0]["split"]
     paths = RunPaths(run)
     if preset == lm["preset"] and epochs == lm["epochs"]:
         return paths.model_dir(protocol, preset), logged_pretrain_seconds(paths.model_dir(protocol, preset))
+    # the settings `lum run` passes (conditions and "auto" history events are resolved by run_pretrain); a run
+    # state written before a setting existed gets LMConfig's default for it
+    lm_config = replace(load_run_config(None, {"lm": lm}).lm, epochs=epochs)
     out = run / "quality_models" / f"{protocol}-{preset}-{epochs}ep"
-    if out.exists() and read_manifest(out)["pretrain_config"]["epochs"] == epochs:
-        return out, logged_pretrain_seconds(out)
-    # the tokenizer options `lum run` passes (conditions and "auto" history events are resolved by run_pretrain)
-    tokenizer_options = {"history_events": lm["history_events"], "max_history": lm["max_history"], "min_item_count": lm["min_item_count"],
-                         "min_condition_count": lm["min_condition_count"], "seed": lm["seed"],
-                         "item_tokenization": lm.get("item_tokenization", "id"), "vector_column": lm.get("vector_column"),
-                         "categorical_columns": tuple(lm.get("categorical_columns", ())), "text_columns": tuple(lm.get("text_columns", ())),
-                         "numeric_columns": tuple(lm.get("numeric_columns", ())), "semantic_codebook_size": lm.get("semantic_codebook_size", 256)}
-    config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm["row_tokens"], rows_per_batch=lm["rows_per_batch"], lr=lm["lr"], seed=lm["seed"],
-                            share_category=lm.get("share_category", False), content_column=lm.get("content_column"))
+    if out.exists():
+        try:
+            check_model_matches(out, lm_config)
+            return out, logged_pretrain_seconds(out)
+        except ValueError:
+            pass  # made with other LM settings than the run's: pretrained again below
+    tokenizer_options = {"history_events": lm_config.history_events, "max_history": lm_config.max_history,
+                         "min_item_count": lm_config.min_item_count, "min_condition_count": lm_config.min_condition_count,
+                         "seed": lm_config.seed, "item_tokenization": lm_config.item_tokenization, "vector_column": lm_config.vector_column,
+                         "categorical_columns": lm_config.categorical_columns, "text_columns": lm_config.text_columns,
+                         "numeric_columns": lm_config.numeric_columns, "semantic_codebook_size": lm_config.semantic_codebook_size}
+    config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm_config.row_tokens, rows_per_batch=lm_config.rows_per_batch,
+                            lr=lm_config.lr, seed=lm_config.seed, share_category=lm_config.share_category,
+                            content_column=lm_config.content_column)
     started = time.perf_counter()
     run_pretrain(paths, protocol, config, tokenizer_options, force=True, out_dir=out)
     return out, time.perf_counter() - started

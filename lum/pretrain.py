@@ -233,8 +233,7 @@ def pretrain(
     facts = None
     if config.share_category or config.content_column:
         facts = item_side_facts(tokenizer, items, config.share_category, config.content_column)
-    hidden_size = get_preset(config.preset).hidden_size
-    objective = NextItemObjective(model, tokenizer.item_side_ids(), None if facts is None else ItemFactors(facts, hidden_size))
+    objective = NextItemObjective(model, tokenizer.item_side_ids(), None if facts is None else ItemFactors(facts, model.config.hidden_size))
     if world > 1:
         _shard(objective)
     decay = [p for n, p in objective.named_parameters() if p.ndim >= 2]
