@@ -202,9 +202,8 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
         out["missing_user_stats"] = out["user_n_events"].isna().astype(np.int8)
     if "item_stats" in views:
         out["missing_item_stats"] = out["item_n_impressions"].isna().astype(np.int8)
-    for column in SEQUENCE_COLUMNS:
-        if column in out.columns:
-            out[column] = [v if isinstance(v, (list, np.ndarray)) else [] for v in out[column]]
+    built = {c: _list_array(out[c], pa.string(), empty_when_missing=True)  # no history yet: an empty list, not null
+             for c in SEQUENCE_COLUMNS if c in out.columns}
     lum_user_cols = [f"lum_user__{_slug(c)}" for c in conditions]
     if conditions:
         missing = out[lum_user_cols + ["lum_item"]].isna().any(axis=1)
@@ -219,8 +218,10 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
     types = {f.name: f.type for f in fields}
     arrays = {}
     for name in out.columns:
-        if name in types:
-            arrays[name] = pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else list(v) for v in out[name]], types[name])
+        if name in built:
+            arrays[name] = built[name]
+        elif name in types:
+            arrays[name] = _list_array(out[name], types[name].value_type)
         elif name == "ts":
             arrays[name] = pa.array(out[name]).cast(pa.timestamp("us", tz="UTC"))
         elif name == "label":
@@ -230,6 +231,28 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
     metadata = contract_metadata(out.columns, config.context_columns, conditions, dim, settings.get("model_version"), config.feature_service)
     table = pa.table(arrays)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def _list_array(column: pd.Series, value_type: pa.DataType, empty_when_missing: bool = False) -> pa.ListArray:
+    """An object column of per-row arrays/lists (None or NaN where missing) as one Arrow list array.
+
+    Builds the offsets and the flat values with numpy instead of a Python list per row: the embedding columns of a
+    368k-row training set took 24 s as lists of Python floats. Missing rows are null, or empty lists when
+    `empty_when_missing`.
+    """
+    values = column.to_numpy(dtype=object)
+    present = np.fromiter((isinstance(v, (list, np.ndarray)) for v in values), dtype=bool, count=len(values))
+    lengths = np.zeros(len(values), dtype=np.int64)
+    lengths[present] = [len(v) for v in values[present]]
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    kept = [np.asarray(v) for v in values[present] if len(v)]
+    flat = np.concatenate(kept) if kept else np.array([], dtype=object if pa.types.is_string(value_type) else np.float32)
+    if pa.types.is_floating(value_type):
+        flat = flat.astype(value_type.to_pandas_dtype(), copy=False)
+    mask = None if empty_when_missing else pa.array(~present)
+    array = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, value_type), mask=mask).cast(pa.list_(value_type))
+    return array
 
 
 def contract_metadata(columns: Iterable[str], context_columns: Iterable[str], conditions: list[str], dim: int | None,

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from feature_store.online import FeatureClient, materialize
 from feature_store.repo import FeatureRepo, FeatureStoreError, OnlineStoreConfig
 from feature_store.serve import FeatureServer, free_port
-from feature_store.training_set import TrainingSetConfig, build_training_set, training_set_metadata
+from feature_store.training_set import TrainingSetConfig, _list_array, build_training_set, training_set_metadata
 from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig
 from pipelines.contract import read_events
 from pipelines.feature_steps import build_window_training_set, context_columns, prepare_repo
@@ -118,6 +119,16 @@ def test_training_set_keeps_every_row_in_input_order(run):
     meta = training_set_metadata(table)
     assert meta["lum_conditions"] == {"surface_home": "surface=home", "surface_search": "surface=search"}
     assert meta["context_columns"] == ["surface", "device"] and meta["model_version"] == run["version"]
+
+
+def test_list_columns_keep_values_and_tell_missing_from_empty():
+    column = pd.Series([np.array([0.5, -1.25], dtype=np.float32), None, [3.0], float("nan"), np.array([], dtype=np.float32)])
+    vectors = _list_array(column, pa.float32())
+    assert vectors.type == pa.list_(pa.float32())
+    assert vectors.to_pylist() == [[0.5, -1.25], None, [3.0], None, []]
+    history = pd.Series([np.array(["i1", "i2"], dtype=object), None, ["i3"], float("nan")])
+    assert _list_array(history, pa.string(), empty_when_missing=True).to_pylist() == [["i1", "i2"], [], ["i3"], []]
+    assert _list_array(pd.Series([], dtype=object), pa.float32()).to_pylist() == []
 
 
 def test_counters_and_history_use_only_events_strictly_before_the_row(run):
