@@ -96,7 +96,8 @@ def train_and_score(train: pa.Table, test: pa.Table, variant: str, options: dict
     from ranker.train import RankerConfig, train_ranker
 
     config = RankerConfig(model="lightgbm", variant=variant,
-                          features=FeatureConfig(lum_inputs=options.get("lum_inputs", "scores"), lightgbm_ids=options.get("lightgbm_ids", False)))
+                          features=FeatureConfig(lum_inputs=options.get("lum_inputs", "scores"), lightgbm_ids=options.get("lightgbm_ids", False),
+                                                 request_features=options.get("request_features", False)))
     return np.asarray(train_ranker(train, config).score(test), dtype=np.float64)
 
 
@@ -138,7 +139,8 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
                          "min_item_count": lm_config.min_item_count, "min_condition_count": lm_config.min_condition_count,
                          "seed": lm_config.seed, "item_tokenization": lm_config.item_tokenization, "vector_column": lm_config.vector_column,
                          "categorical_columns": lm_config.categorical_columns, "text_columns": lm_config.text_columns,
-                         "numeric_columns": lm_config.numeric_columns, "semantic_codebook_size": lm_config.semantic_codebook_size}
+                         "numeric_columns": lm_config.numeric_columns, "semantic_codebook_size": lm_config.semantic_codebook_size,
+                         "semantic_levels": lm_config.semantic_levels}
     config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm_config.row_tokens, rows_per_batch=lm_config.rows_per_batch,
                             lr=lm_config.lr, seed=lm_config.seed, share_category=lm_config.share_category,
                             content_column=lm_config.content_column)

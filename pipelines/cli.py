@@ -322,6 +322,7 @@ def data_describe(path: str | None, as_json: bool) -> None:
 @click.option("--numeric-column", "numeric_columns", multiple=True, help="semantic: item numeric columns.")
 @click.option("--vector-column", default=None, help="semantic: an item column holding a content vector.")
 @click.option("--semantic-codebook-size", type=int, default=256, show_default=True, help="semantic: codes per level.")
+@click.option("--semantic-levels", type=click.IntRange(1, 8), default=3, show_default=True, help="semantic: code levels per item (each is a token).")
 @click.option("--share-category", is_flag=True, help="id: a category component shared by the item tokens of each category.")
 @click.option("--content-column", default=None, help="id: add a learned map of this items-table vector column to every item token.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Continue pretraining this model on the window.")
@@ -330,7 +331,8 @@ def data_describe(path: str | None, as_json: bool) -> None:
 @_friendly_errors
 def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_batch, packing, lr, bf16, seed, checkpoint_every,
                      item_tokenization, conditions, history_events, max_history, min_item_count, min_condition_count,
-                     text_columns, categorical_columns, numeric_columns, vector_column, semantic_codebook_size, share_category,
+                     text_columns, categorical_columns, numeric_columns, vector_column, semantic_codebook_size, semantic_levels,
+                     share_category,
                      content_column, init_from, run_dir, force) -> None:
     """Pretrain the behaviour LM on a split's pretraining window (resumes from its last checkpoint).
 
@@ -349,7 +351,7 @@ def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_b
         "max_history": max_history, "min_item_count": min_item_count, "min_condition_count": min_condition_count,
         "text_columns": tuple(text_columns), "categorical_columns": tuple(categorical_columns),
         "numeric_columns": tuple(numeric_columns), "vector_column": vector_column,
-        "semantic_codebook_size": semantic_codebook_size, "seed": seed,
+        "semantic_codebook_size": semantic_codebook_size, "semantic_levels": semantic_levels, "seed": seed,
     }
     paths = RunPaths(run_dir)
     out = paths.model_dir(protocol, preset)

@@ -30,11 +30,12 @@ def ranker() -> None:
 
 def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int | None, embedding_dim: int | None,
                   embedding_lr: float | None, seed: int, threads: int | None, lum_inputs: str,
-                  lightgbm_ids: bool):
+                  lightgbm_ids: bool, request_features: bool = False):
     from ranker.features import FeatureConfig
     from ranker.train import RankerConfig
 
-    config = RankerConfig(model=model, variant=variant, features=FeatureConfig(lum_inputs=lum_inputs, lightgbm_ids=lightgbm_ids))
+    config = RankerConfig(model=model, variant=variant, features=FeatureConfig(lum_inputs=lum_inputs, lightgbm_ids=lightgbm_ids,
+                                                                                  request_features=request_features))
     dlrm = config.dlrm
     overrides = {"epochs": epochs, "batch_size": batch_size, "embedding_dim": embedding_dim, "embedding_lr": embedding_lr, "threads": threads}
     dlrm = replace(dlrm, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
@@ -54,15 +55,19 @@ def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int 
               help="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
 @click.option("--lightgbm-ids/--no-lightgbm-ids", default=False, show_default=True,
               help="LightGBM: also use the raw user and item ids as categorical features.")
+@click.option("--request-features/--no-request-features", default=False, show_default=True,
+              help="Also each candidate's scores relative to the other candidates of its request (same user and time).")
 @click.option("--seed", type=int, default=0)
 @run_option
 @force_option
 @_friendly_errors
-def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, threads, lum_inputs, lightgbm_ids, seed, run_dir, force) -> None:
+def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, threads, lum_inputs, lightgbm_ids, request_features,
+                 seed, run_dir, force) -> None:
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
     from pipelines.ranker_steps import train_step
 
-    config = ranker_config(model, variant, epochs, batch_size, embedding_dim, embedding_lr, seed, threads, lum_inputs, lightgbm_ids)
+    config = ranker_config(model, variant, epochs, batch_size, embedding_dim, embedding_lr, seed, threads, lum_inputs, lightgbm_ids,
+                           request_features)
     out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})
     click.echo(f"{'trained' if trained else 'up to date, skipped:'} {out}" + (f" ({json.dumps(facts)[:300]})" if trained else ""))

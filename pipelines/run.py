@@ -80,6 +80,7 @@ class LMConfig:
     text_columns: tuple[str, ...] = ()
     numeric_columns: tuple[str, ...] = ()
     semantic_codebook_size: int = 256
+    semantic_levels: int = 3
     # id mode only: item factors (lum/item_factors.py), a shared category component and a content map
     share_category: bool = False
     content_column: str | None = None
@@ -103,6 +104,7 @@ class RankersConfig:
     threads: int | None = None
     lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
     lightgbm_ids: bool = False
+    request_features: bool = False  # scores relative to the request's other candidates (ranker.features.FeatureConfig)
     seed: int = 0
 
 
@@ -223,6 +225,7 @@ _MODEL_SETTINGS = (
     ("item_tokenization", "tokenizer", "id"), ("max_history", "tokenizer", None), ("min_item_count", "tokenizer", None),
     ("min_condition_count", "tokenizer", None), ("vector_column", "tokenizer", None), ("categorical_columns", "tokenizer", ()),
     ("text_columns", "tokenizer", ()), ("numeric_columns", "tokenizer", ()), ("semantic_codebook_size", "tokenizer", 256),
+    ("semantic_levels", "tokenizer", 3),
 )
 
 
@@ -235,7 +238,7 @@ def check_model_matches(model_dir: Path, lm: LMConfig) -> None:
     manifest = json.loads((model_dir / "lum_manifest.json").read_text())
     tokenizer = json.loads((model_dir / "behaviour_tokenizer.json").read_text())["config"]
     kept = {"pretrain": manifest.get("pretrain_config", {}), "tokenizer": tokenizer}
-    semantic_only = {"vector_column", "categorical_columns", "text_columns", "numeric_columns", "semantic_codebook_size"}
+    semantic_only = {"vector_column", "categorical_columns", "text_columns", "numeric_columns", "semantic_codebook_size", "semantic_levels"}
     differ = []
     for key, where, default in _MODEL_SETTINGS:
         if key in semantic_only and lm.item_tokenization != "semantic":

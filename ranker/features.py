@@ -68,6 +68,13 @@ class FeatureConfig:
     # a 20k-level id into memorised groups and early stopping then halts after a few rounds (measured on the demo:
     # base GAUC 0.698 with ids, 0.704 without); the counters already carry what an id knows.
     lightgbm_ids: bool = False
+    # Also give each candidate its per-candidate scores relative to the other candidates of the same request (rows
+    # sharing the user and the request time): minus the request's mean, minus its max, and the rank. A pointwise
+    # model cannot compare rows; these tell it whether an item is the best LUM match *of this slate*. Off by
+    # default: it needs every candidate of a request scored together (as `lum ranker score` and the online client
+    # do), and a log whose rows are single events rather than slates (MovieLens ratings) has nothing to compare.
+    # On the demo's test window (LightGBM) it took +LUM vs base from GAUC +0.0126 / CTR@10 +2.4% to +0.0162 / +3.2%.
+    request_features: bool = False
 
     def __post_init__(self) -> None:
         if self.history_len < 1 or self.min_count < 1:
@@ -223,6 +230,36 @@ def lum_features(table: pa.Table, schema: FeatureSchema) -> LumFeatures:
     missing = (np.isnan(users).any(axis=(1, 2)) | np.isnan(item).any(axis=1)).astype(np.float32)
     return LumFeatures(users, item, sims.astype(np.float32), sim_request, cosines, cos_request,
                        np.isnan(sim_request).astype(np.float32), missing)
+
+
+# Per-candidate counters compared within a request (the user's counters are the same for every candidate)
+REQUEST_COUNTERS = ("item_n_impressions", "item_n_clicks", "item_ctr")
+REQUEST_STATS = ("vs_request_mean", "vs_request_max", "request_rank")
+
+
+def request_groups(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
+    """[N] int64 request number of every row: the rows that share the user and the request time are one request's
+    candidates (a slate is scored at one moment for one user)."""
+    for column in (schema.user, schema.time):
+        if column not in table.column_names:
+            raise RankerInputError(f"request features need column '{column}' to tell which rows are one request's candidates")
+    times = pc.cast(table.column(schema.time), pa.timestamp("us", tz="UTC")) if pa.types.is_timestamp(table.schema.field(schema.time).type) else table.column(schema.time)
+    keys = pd.DataFrame({"user": _strings(table.column(schema.user)).to_numpy(zero_copy_only=False),
+                         "time": pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False)})
+    return keys.groupby(["user", "time"], sort=False, dropna=False).ngroup().to_numpy().astype(np.int64)
+
+
+def relative_to_request(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """[N, F] per-candidate values -> [N, 3F]: value minus its request's mean, minus its request's max, and its
+    rank within the request (1 = highest; ties share the average rank). NaN stays NaN and is left out of the
+    request's mean and max. Only the row's own request is read: no other request, and no label."""
+    frame = pd.DataFrame(values.astype(np.float64, copy=False))
+    by_request = frame.groupby(groups, sort=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, top = by_request.transform("mean").to_numpy(), by_request.transform("max").to_numpy()
+        rank = by_request.rank(ascending=False, method="average").to_numpy()
+    return np.concatenate([values - mean, values - top, rank], axis=1).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
@@ -418,6 +455,10 @@ class FeaturePipeline:
             blocks += [lum.sims, lum.cosines, lum.sim_request[:, None], lum.cos_request[:, None], lum.missing[:, None]]
             names += [f"lum_sim__{s}" for s in schema.lum_conditions] + [f"lum_cos__{s}" for s in schema.lum_conditions]
             names += ["lum_sim_request", "lum_cos_request", "missing_lum"]
+        if self.config.request_features:
+            block, block_names = self._request_relative(table, lum if self.use_lum else None)
+            blocks.append(block)
+            names += block_names
         return np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=1), names
 
     # ---- pieces
@@ -473,4 +514,25 @@ class FeaturePipeline:
             add(lum.cos_request, ["lum_cos_request"], True)
             add(lum.request_missing, ["flag:lum_sim_request_missing"], False)
             add(lum.missing, ["flag:missing_lum"], False)
+        if self.config.request_features:
+            block, block_names = self._request_relative(table, lum if self.use_lum else None)
+            add(block, [f"request:{n}" for n in block_names], True)
         return np.concatenate(blocks, axis=1), names, np.asarray(scaled)
+
+    def _request_relative(self, table: pa.Table, lum: LumFeatures | None) -> tuple[np.ndarray, list[str]]:
+        """([N, 3F], names): the item counters (counts as log1p) and, with LUM, the K + 1 similarities and cosines,
+        each relative to the other candidates of its request (`relative_to_request`)."""
+        columns, names = [], []
+        for c in REQUEST_COUNTERS:
+            if c in self.schema.counter_columns:
+                values = _numbers(table.column(c))
+                columns.append(values if c.endswith("ctr") else np.log1p(np.maximum(values, 0.0)))
+                names.append(c)
+        if lum is not None:
+            slugs = list(self.schema.lum_conditions)
+            columns += [*lum.sims.T, *lum.cosines.T, lum.sim_request, lum.cos_request]
+            names += [f"lum_sim__{s}" for s in slugs] + [f"lum_cos__{s}" for s in slugs] + ["lum_sim_request", "lum_cos_request"]
+        if not columns:
+            return np.zeros((table.num_rows, 0), dtype=np.float32), []
+        block = relative_to_request(np.stack(columns, axis=1), request_groups(table, self.schema))
+        return block, [f"{n}__{stat}" for stat in REQUEST_STATS for n in names]

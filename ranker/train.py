@@ -130,7 +130,10 @@ class TrainedRanker:
 
     def featurize(self, table: pa.Table | pd.DataFrame) -> DLRMInputs | np.ndarray:
         """Model inputs for a table (checked against the saved schema): DLRMInputs or LightGBM's matrix."""
-        table = as_arrow(table, self.schema.feature_columns(self.variant))
+        columns = self.schema.feature_columns(self.variant)
+        if self.config.features.request_features:  # the request time tells which rows are one request's candidates
+            columns = [*columns, self.schema.time]
+        table = as_arrow(table, columns)
         check_table(table, self.schema, self.variant)
         if self.config.model == "dlrm":
             return self.pipeline.dlrm_inputs(table, with_labels=False)

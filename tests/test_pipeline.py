@@ -19,9 +19,9 @@ TINY_RUN = {
     "protocols": [{"split": "global", "features": "rolling"}],
     # semantic ids as the demo (configs/demo.yaml), with a codebook that fits the tiny preset's 300 items
     "lm": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "item_tokenization": "semantic", "vector_column": "content",
-           "categorical_columns": ["category"], "semantic_codebook_size": 16},
+           "categorical_columns": ["category"], "semantic_codebook_size": 16, "semantic_levels": 2},
     "embed": {"engine": "torch", "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
-    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "epochs": 2, "threads": 1},
+    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "epochs": 2, "threads": 1, "request_features": True},
     "report": {"bootstrap": 20},
     "targets": {"gauc_lift_min": 0.01},
 }
@@ -172,12 +172,17 @@ def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves
 
 def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
     run, config, _ = tiny_run
-    changed = yaml.safe_load(config.read_text())
-    changed["lm"] = {**changed["lm"], "epochs": 3, "item_tokenization": "id"}
-    other = config.with_name("changed.yaml")
-    other.write_text(yaml.safe_dump(changed))
-    result = CliRunner().invoke(main, ["run", "--config", str(other)])
-    assert result.exit_code != 0
-    message = result.output + str(result.exception)
-    assert "pretrained with other LM settings" in message
-    assert "epochs: the model has 2, the config asks 3" in message and "item_tokenization: the model has 'semantic', the config asks 'id'" in message
+    changes = [({"epochs": 3, "item_tokenization": "id"},
+                ["epochs: the model has 2, the config asks 3", "item_tokenization: the model has 'semantic', the config asks 'id'"]),
+               ({"semantic_levels": 3}, ["semantic_levels: the model has 2, the config asks 3"])]
+    for change, expected in changes:
+        changed = yaml.safe_load(config.read_text())
+        changed["lm"] = {**changed["lm"], **change}
+        other = config.with_name("changed.yaml")
+        other.write_text(yaml.safe_dump(changed))
+        result = CliRunner().invoke(main, ["run", "--config", str(other)])
+        assert result.exit_code != 0
+        message = result.output + str(result.exception)
+        assert "pretrained with other LM settings" in message
+        for line in expected:
+            assert line in message

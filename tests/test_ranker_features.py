@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection
 
-from ranker.features import OOV, FeatureConfig, FeaturePipeline, Vocabulary, lum_features, request_condition
+from ranker.features import OOV, FeatureConfig, FeaturePipeline, Vocabulary, lum_features, relative_to_request, request_condition
 from ranker.schema import (
     METADATA_KEY,
     FeatureSchema,
@@ -213,6 +213,59 @@ def test_lum_inputs_scores_or_vectors(table, schema):
     assert x_vectors.shape[1] == x_scores.shape[1] + k * d + d and set(names_scores) < set(names_vectors)
     with pytest.raises(ValueError, match="lum_inputs"):
         FeatureConfig(lum_inputs="everything")
+
+
+def test_relative_to_request_values():
+    values = np.array([[1.0, 5.0], [3.0, np.nan], [2.0, 1.0], [10.0, 2.0]])
+    out = relative_to_request(values, np.array([0, 0, 0, 1]))
+    assert out.shape == (4, 6)
+    np.testing.assert_allclose(out[:, 0], [-1, 1, 0, 0])  # minus the request's mean
+    np.testing.assert_allclose(out[:, 2], [-2, 0, -1, 0])  # minus the request's max
+    np.testing.assert_allclose(out[:, 4], [3, 1, 2, 1])  # rank, 1 = highest
+    np.testing.assert_allclose(out[:, [1, 3, 5]], [[2, 0, 1], [np.nan] * 3, [-2, -4, 2], [0, 0, 1]])  # NaN left out
+
+
+def _slates(table: pa.Table, rows: int, size: int) -> pa.Table:
+    """The first `rows` rows regrouped into requests of `size` candidates (one user and one time each)."""
+    part = table.slice(0, rows)
+    first = pa.array((np.arange(rows) // size) * size)
+    part = replace_column(part, "user_id", part.column("user_id").take(first))
+    return replace_column(part, "ts", part.column("ts").take(first))
+
+
+def test_request_features_compare_a_candidate_with_its_own_request_only(table, schema):
+    slates = _slates(table, 200, 10)
+    pipeline = FeaturePipeline.fit(slates, schema, "lum", FeatureConfig(request_features=True))
+    x, names = pipeline.lightgbm_inputs(slates)
+    condition = next(iter(schema.lum_conditions))
+    sims = x[:, names.index(f"lum_sim__{condition}")].reshape(20, 10)
+    ranks = x[:, names.index(f"lum_sim__{condition}__request_rank")].reshape(20, 10)
+    below_top = x[:, names.index(f"lum_sim__{condition}__vs_request_max")].reshape(20, 10)
+    assert np.isnan(sims).any() and (np.isnan(ranks) == np.isnan(sims)).all()  # a candidate without LUM vectors has no rank
+    assert (np.nanargmin(ranks, axis=1) == np.nanargmax(sims, axis=1)).all() and np.nanmin(ranks) == 1 and np.nanmax(ranks) <= 10
+    np.testing.assert_allclose(below_top, sims - np.nanmax(sims, axis=1, keepdims=True), atol=1e-5)
+    assert f"item_ctr__vs_request_mean" in names
+    relative = [i for i, n in enumerate(names) if "request_" in n]
+    # neither the labels nor any other request reach a row's request features
+    flipped = replace_column(slates, "label", pc.subtract(pa.scalar(1, pa.int8()), slates.column("label")))
+    np.testing.assert_array_equal(pipeline.lightgbm_inputs(flipped)[0][:, relative], x[:, relative])
+    np.testing.assert_array_equal(pipeline.lightgbm_inputs(slates.slice(30, 10))[0][:, relative], x[30:40, relative])
+    # a candidate of the same request does: a new best item takes rank 1 from the old one
+    best = int(np.argmax(sims[0]))
+    boosted = replace_column(slates, "item_ctr", pa.array(np.r_[np.full(10, 0.001), slates.column("item_ctr").to_numpy()[10:]]))
+    boosted = replace_column(boosted, "item_ctr", pc.if_else(pa.array(np.arange(200) == (best + 1) % 10), 0.9, boosted.column("item_ctr")))
+    ctr_rank = pipeline.lightgbm_inputs(boosted)[0][:, names.index("item_ctr__request_rank")]
+    assert ctr_rank[(best + 1) % 10] == 1 and ctr_rank[best] > 1
+    # the DLRM gets the same block, standardised on the training rows
+    dlrm = FeaturePipeline.fit(slates, schema, "lum", FeatureConfig(request_features=True))
+    assert sum(n.startswith("request:") for n in dlrm.dense_names) == len(relative)
+    assert torch.isfinite(dlrm.dlrm_inputs(slates).dense).all()
+
+
+def test_request_features_need_the_request_time(table, schema):
+    pipeline = FeaturePipeline.fit(table, schema, "base", FeatureConfig(request_features=True))
+    with pytest.raises(RankerInputError, match="request features need column 'ts'"):
+        pipeline.lightgbm_inputs(table.drop(["ts"]))
 
 
 def test_lightgbm_gets_the_ids_only_when_asked(table, schema):

@@ -11,13 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ranker.dlrm import DLRMConfig, train_dlrm
-from ranker.features import FeaturePipeline
+from ranker.features import FeatureConfig, FeaturePipeline
 from ranker.gbdt import LightGBMConfig
 from ranker.metrics import auc
 from ranker.schema import METADATA_KEY, FeatureSchema, RankerInputError, read_metadata
@@ -204,6 +205,27 @@ def test_scoring_a_cold_user_from_a_dataframe(rankers, data):
         scores = rankers[key].score(frame)
         assert np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
         np.testing.assert_allclose(scores, rankers[key].score(typed), rtol=1e-6)
+
+
+def test_request_features_score_one_request_from_a_dataframe(data, tmp_path):
+    """A ranker with request features scores a request's candidates from a DataFrame (its `ts` tells which rows
+    are one request) exactly as from the table, after save and load; without `ts` it says what is missing."""
+    train, test = data
+    cfg = replace(config("lightgbm", "lum"), features=FeatureConfig(request_features=True))
+    ranker = TrainedRanker.load(train_ranker(train, cfg).save(tmp_path / "ranker"))
+    request = test.slice(0, 8)
+    request = request.set_column(request.column_names.index("ts"), "ts", pa.array([request.column("ts")[0]] * 8, request.schema.field("ts").type))
+    request = request.set_column(request.column_names.index("user_id"), "user_id", pa.array(["u1"] * 8))
+    frame = request.to_pandas()
+    frame.attrs[METADATA_KEY] = read_metadata(test)
+    np.testing.assert_allclose(ranker.score(frame), ranker.score(request), rtol=1e-6)
+    x, names = ranker.pipeline.lightgbm_inputs(request)
+    ranks = x[:, names.index("item_ctr__request_rank")]
+    assert sorted(ranks) == sorted(pd.Series(request.column("item_ctr").to_numpy()).rank(ascending=False))
+    alone, _ = ranker.pipeline.lightgbm_inputs(request.slice(2, 1))  # without the rest of its slate it is its request's best
+    assert alone[0, names.index("item_ctr__request_rank")] == 1 and ranks.max() > 1
+    with pytest.raises(RankerInputError, match="request features need column 'ts'"):
+        ranker.score(frame.drop(columns=["ts"]))
 
 
 def test_dcn_interaction_trains(data):
