@@ -20,6 +20,12 @@ LightGBM inputs
   only with `lightgbm_ids`), raw counters and LUM scores (NaN for missing: LightGBM routes missing values
   itself), and the pooled history as numbers a tree can use (its length, the share of its items in the target's
   category, whether the target item is in it).
+Request features (`request_features=True`, both models)
+  A pointwise model scores each candidate alone. These give it the candidate's place among the other candidates
+  of its request (the rows sharing the user and the request time): for the item counters and, with LUM, the K + 1
+  similarities and cosines, the value minus the request's mean, minus the request's max, and the rank (1 = best).
+  Only feature values of the same request are read (no label, no other request), so they are as point-in-time
+  correct as the features they compare; a request must be scored with all of its candidates together.
 
 Only columns the FeatureSchema lists are read; nothing else in the table can reach the model.
 """
