@@ -249,9 +249,8 @@ def request_groups(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
     for column in (schema.user, schema.time):
         if column not in table.column_names:
             raise RankerInputError(f"request features need column '{column}' to tell which rows are one request's candidates")
-    times = pc.cast(table.column(schema.time), pa.timestamp("us", tz="UTC")) if pa.types.is_timestamp(table.schema.field(schema.time).type) else table.column(schema.time)
     keys = pd.DataFrame({"user": _strings(table.column(schema.user)).to_numpy(zero_copy_only=False),
-                         "time": pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False)})
+                         "time": pc.cast(table.column(schema.time), pa.int64()).to_numpy(zero_copy_only=False)})
     return keys.groupby(["user", "time"], sort=False, dropna=False).ngroup().to_numpy().astype(np.int64)
 
 
