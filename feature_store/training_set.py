@@ -202,26 +202,18 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
         out["missing_user_stats"] = out["user_n_events"].isna().astype(np.int8)
     if "item_stats" in views:
         out["missing_item_stats"] = out["item_n_impressions"].isna().astype(np.int8)
-    built = {c: _list_array(out[c], pa.string(), empty_when_missing=True)  # no history yet: an empty list, not null
-             for c in SEQUENCE_COLUMNS if c in out.columns}
     lum_user_cols = [f"lum_user__{_slug(c)}" for c in conditions]
     if conditions:
         missing = out[lum_user_cols + ["lum_item"]].isna().any(axis=1)
         out["missing_lum"] = missing.astype(np.int8)
     dim = settings.get("lum_dim")
-    fields = []
-    for name in out.columns:
-        if name in lum_user_cols or name == "lum_item":
-            fields.append(pa.field(name, pa.list_(pa.float32())))
-        elif name in SEQUENCE_COLUMNS:
-            fields.append(pa.field(name, pa.list_(pa.string())))
-    types = {f.name: f.type for f in fields}
+    vector_columns = {*lum_user_cols, "lum_item"}
     arrays = {}
     for name in out.columns:
-        if name in built:
-            arrays[name] = built[name]
-        elif name in types:
-            arrays[name] = _list_array(out[name], types[name].value_type)
+        if name in SEQUENCE_COLUMNS:  # no history yet: an empty list, not null
+            arrays[name] = _list_array(out[name], pa.string(), empty_when_missing=True)
+        elif name in vector_columns:
+            arrays[name] = _list_array(out[name], pa.float32())
         elif name == "ts":
             arrays[name] = pa.array(out[name]).cast(pa.timestamp("us", tz="UTC"))
         elif name == "label":
@@ -251,8 +243,7 @@ def _list_array(column: pd.Series, value_type: pa.DataType, empty_when_missing: 
     if pa.types.is_floating(value_type):
         flat = flat.astype(value_type.to_pandas_dtype(), copy=False)
     mask = None if empty_when_missing else pa.array(~present)
-    array = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, value_type), mask=mask).cast(pa.list_(value_type))
-    return array
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, value_type), mask=mask).cast(pa.list_(value_type))
 
 
 def contract_metadata(columns: Iterable[str], context_columns: Iterable[str], conditions: list[str], dim: int | None,

@@ -244,22 +244,21 @@ def test_request_features_compare_a_candidate_with_its_own_request_only(table, s
     assert np.isnan(sims).any() and (np.isnan(ranks) == np.isnan(sims)).all()  # a candidate without LUM vectors has no rank
     assert (np.nanargmin(ranks, axis=1) == np.nanargmax(sims, axis=1)).all() and np.nanmin(ranks) == 1 and np.nanmax(ranks) <= 10
     np.testing.assert_allclose(below_top, sims - np.nanmax(sims, axis=1, keepdims=True), atol=1e-5)
-    assert f"item_ctr__vs_request_mean" in names
+    assert "item_ctr__vs_request_mean" in names
     relative = [i for i, n in enumerate(names) if "request_" in n]
     # neither the labels nor any other request reach a row's request features
     flipped = replace_column(slates, "label", pc.subtract(pa.scalar(1, pa.int8()), slates.column("label")))
     np.testing.assert_array_equal(pipeline.lightgbm_inputs(flipped)[0][:, relative], x[:, relative])
     np.testing.assert_array_equal(pipeline.lightgbm_inputs(slates.slice(30, 10))[0][:, relative], x[30:40, relative])
-    # a candidate of the same request does: a new best item takes rank 1 from the old one
+    # a candidate of the same request does: in a slate of equal CTRs, the one raised above the rest ranks first
     best = int(np.argmax(sims[0]))
-    boosted = replace_column(slates, "item_ctr", pa.array(np.r_[np.full(10, 0.001), slates.column("item_ctr").to_numpy()[10:]]))
-    boosted = replace_column(boosted, "item_ctr", pc.if_else(pa.array(np.arange(200) == (best + 1) % 10), 0.9, boosted.column("item_ctr")))
-    ctr_rank = pipeline.lightgbm_inputs(boosted)[0][:, names.index("item_ctr__request_rank")]
+    ctr = np.r_[np.full(10, 0.001), slates.column("item_ctr").to_numpy()[10:]]
+    ctr[(best + 1) % 10] = 0.9
+    ctr_rank = pipeline.lightgbm_inputs(replace_column(slates, "item_ctr", pa.array(ctr)))[0][:, names.index("item_ctr__request_rank")]
     assert ctr_rank[(best + 1) % 10] == 1 and ctr_rank[best] > 1
     # the DLRM gets the same block, standardised on the training rows
-    dlrm = FeaturePipeline.fit(slates, schema, "lum", FeatureConfig(request_features=True))
-    assert sum(n.startswith("request:") for n in dlrm.dense_names) == len(relative)
-    assert torch.isfinite(dlrm.dlrm_inputs(slates).dense).all()
+    assert sum(n.startswith("request:") for n in pipeline.dense_names) == len(relative)
+    assert torch.isfinite(pipeline.dlrm_inputs(slates).dense).all()
 
 
 def test_request_features_need_the_request_time(table, schema):
