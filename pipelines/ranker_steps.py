@@ -4,6 +4,8 @@
       training_sets/<protocol>-<window>-<service>.parquet   (+ .json: what it was built from)
       rankers/<protocol>-<model>-<variant>/                  a saved ranker (config, feature schema, weights)
       evaluations/rankers/<protocol>-<model>-<variant>.json  test-window metrics, overall and per condition
+      evaluations/rankers/<protocol>-<model>-<variant>.scores.parquet  the test-window scores behind them (reused by
+                                                             `score_test_window` while ranker and test set are unchanged)
       scores/<protocol>.parquet                              the test window scored by every trained ranker
 
 A training set is built once per (protocol, window) with every feature the store has (`ranker_lum_pooled`
@@ -76,6 +78,32 @@ def scores_file(paths: RunPaths, protocol: str) -> Path:
     return paths.root / "scores" / f"{protocol}.parquet"
 
 
+def test_scores_file(paths: RunPaths, protocol: str, model: str, variant: str) -> Path:
+    return paths.root / "evaluations" / "rankers" / f"{protocol}-{model}-{variant}.scores.parquet"
+
+
+def ranker_fingerprint(folder: Path) -> str:
+    """Hash of every file of a saved ranker folder (its config, feature pipeline and weights)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _scores_stamp(test_path: Path, folder: Path) -> dict[str, str]:
+    """What a ranker's test-window scores depend on: the ranker itself and the test set it scored."""
+    return {"ranker": ranker_fingerprint(folder), "test_set": json.loads(test_path.with_suffix(".json").read_text())["fingerprint"]}
+
+
+def _reused_scores(path: Path, stamp: dict[str, str], rows: int) -> np.ndarray | None:
+    """The scores saved at `path` when they were made under `stamp` for `rows` rows, else None."""
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    made = json.loads((table.schema.metadata or {}).get(b"lum.scores", b"{}"))
+    return table.column("score").to_numpy() if made == stamp and table.num_rows == rows else None
+
+
 def train_step(paths: RunPaths, protocol: str, config: RankerConfig, force: bool = False, progress: bool = True) -> tuple[Path, bool]:
     """Train one ranker on the protocol's training window; skipped when the same config and data made it."""
     train = ensure_training_set(paths, protocol, "train", progress)
@@ -99,13 +127,17 @@ def condition_columns(table: pa.Table) -> list[str]:
 
 def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, progress: bool = True) -> dict[str, Any]:
     """Test-window metrics of a trained ranker, overall and per condition value; written to evaluations/rankers/."""
-    test = pq.read_table(ensure_training_set(paths, protocol, "test", progress))
+    test_path = ensure_training_set(paths, protocol, "test", progress)
+    test = pq.read_table(test_path)
     folder = ranker_dir(paths, protocol, model, variant)
     if not (folder / "ranker.json").exists():
         raise FileNotFoundError(f"{folder} holds no trained ranker: run `lum ranker train --protocol {protocol} --model {model} --variant {variant}`")
-    ranker = TrainedRanker.load(folder)
     frame = test.select(["user_id", "label", *condition_columns(test)]).to_pandas()
-    frame["score"] = ranker.score(test)
+    frame["score"] = TrainedRanker.load(folder).score(test)
+    # kept for `score_test_window`, which would otherwise score the same rows with the same ranker again
+    scores = pa.table({"score": frame["score"].to_numpy()})
+    stamp = json.dumps(_scores_stamp(test_path, folder)).encode()
+    write_parquet_atomic(scores.replace_schema_metadata({b"lum.scores": stamp}), test_scores_file(paths, protocol, model, variant))
     result: dict[str, Any] = {"protocol": protocol, "model": model, "variant": variant, "overall": ranking_metrics(frame)}
     result["by_condition"] = {c: metrics_by(frame, c).reset_index().to_dict(orient="records") for c in condition_columns(test)}
     write_json_atomic(result, evaluation_file(paths, protocol, model, variant))
@@ -132,7 +164,8 @@ def score_test_window(paths: RunPaths, protocol: str, progress: bool = True) -> 
         if not (folder / "ranker.json").exists():
             continue
         model, variant = folder.name[len(protocol) + 1 :].split("-", 1)
-        frame[f"score__{model}__{variant}"] = TrainedRanker.load(folder).score(test)
+        saved = _reused_scores(test_scores_file(paths, protocol, model, variant), _scores_stamp(test_path, folder), test.num_rows)
+        frame[f"score__{model}__{variant}"] = saved if saved is not None else TrainedRanker.load(folder).score(test)
     out = scores_file(paths, protocol)
     write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), out)
     return out

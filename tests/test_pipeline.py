@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -70,6 +72,38 @@ def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
         assert after[name] == {"status": "done", "seconds": before[name]["seconds"], "reused": True}, name
     assert "reused" not in after["global+rolling: dlrm lum"] and after["global+rolling: dlrm lum"]["status"] == "done"
     assert "reused" not in after["report"]
+
+
+def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_and_test_set_match(tiny_run):
+    from pipelines.paths import RunPaths
+    from pipelines.ranker_steps import ranker_dir, score_test_window, test_scores_file
+    from ranker.train import TrainedRanker
+
+    run, _, _ = tiny_run
+    paths = RunPaths(run)
+    test = pq.read_table(sorted((run / "training_sets").glob("global-test-*.parquet"))[0])
+    scored = pq.read_table(run / "scores" / "global.parquet").to_pandas()
+    # what the evaluate step kept is exactly what each ranker scores now, and the scored window holds it
+    for model, variant in (("dlrm", "lum"), ("lightgbm", "base")):
+        saved = pq.read_table(test_scores_file(paths, "global", model, variant)).column("score").to_numpy()
+        fresh = TrainedRanker.load(ranker_dir(paths, "global", model, variant)).score(test)
+        assert saved == pytest.approx(fresh, rel=1e-6)
+        assert scored[f"score__{model}__{variant}"].to_numpy() == pytest.approx(fresh, rel=1e-6)
+    kept = test_scores_file(paths, "global", "lightgbm", "lum")
+    original = pq.read_table(kept)
+    try:
+        # same stamp, other values: reused as they are (nothing is scored twice)
+        same_stamp = pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(original.schema.metadata)
+        pq.write_table(same_stamp, kept)
+        assert (pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy() == 0.25).all()
+        # a stamp of another ranker: scored again
+        stale = {b"lum.scores": json.dumps({"ranker": "0" * 16, "test_set": "x"}).encode()}
+        pq.write_table(pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(stale), kept)
+        rescored = pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy()
+        assert rescored == pytest.approx(scored["score__lightgbm__lum"].to_numpy(), rel=1e-6)
+    finally:
+        pq.write_table(original, kept)
+        score_test_window(paths, "global", progress=False)
 
 
 def test_lum_demo_runs_what_configs_demo_yaml_says():
