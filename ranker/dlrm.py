@@ -46,7 +46,10 @@ class DLRMConfig:
     dcn_low_rank: int = 64
     batch_size: int = 2048  # global batch: under torchrun every rank takes batch_size / world rows of it
     epochs: int = 10
-    patience: int = 2  # epochs without a better validation AUC before stopping
+    patience: int = 2  # validations without a better AUC before stopping
+    # validations per epoch, at equal shares of its batches: with more than one, the model can be kept from the
+    # middle of an epoch (a DLRM's id tables may overfit within its second epoch) and `patience` counts these
+    evals_per_epoch: int = 1
     dense_lr: float = 1e-3  # Adam
     embedding_lr: float = 0.05  # row-wise Adagrad
     embedding_eps: float = 1e-8
@@ -60,8 +63,8 @@ class DLRMConfig:
             raise ValueError(f"engine must be 'dmp' or 'plain', got '{self.engine}'")
         if self.interaction not in ("dot", "dcn"):
             raise ValueError(f"interaction must be 'dot' or 'dcn', got '{self.interaction}'")
-        if min(self.embedding_dim, self.batch_size, self.epochs, self.eval_batch_size) < 1 or self.patience < 0:
-            raise ValueError("embedding_dim, batch_size, epochs and eval_batch_size must be positive, patience >= 0")
+        if min(self.embedding_dim, self.batch_size, self.epochs, self.eval_batch_size, self.evals_per_epoch) < 1 or self.patience < 0:
+            raise ValueError("embedding_dim, batch_size, epochs, eval_batch_size and evals_per_epoch must be positive, patience >= 0")
 
 
 def build_dlrm(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig) -> DLRM:
@@ -294,8 +297,8 @@ def evaluate_logits(engine: PlainEngine | DMPEngine, inputs: DLRMInputs, batch_s
 @dataclass
 class DLRMResult:
     state: dict[str, torch.Tensor]  # the selected epoch's weights, unsharded
-    best_epoch: int
-    log: list[dict]  # one entry per epoch
+    best_epoch: float  # the epoch (fractional with evals_per_epoch > 1) whose weights were kept
+    log: list[dict]  # one entry per validation
     plan: str | None  # the sharding plan (dmp engine)
     world: int  # processes that trained it
 
@@ -321,40 +324,49 @@ def train_dlrm(
         if config.batch_size < world:
             raise ValueError(f"batch_size ({config.batch_size}) is smaller than the number of processes ({world})")
         log: list[dict] = []
-        best_auc, best_epoch, best_state, waited = -np.inf, 0, None, 0
+        best_auc, best_epoch, best_state, waited = -np.inf, 0.0, None, 0
+        batches = range(0, len(fit), config.batch_size)
+        # the batch counts after which validation runs: the epoch's end, and equal shares before it
+        marks = sorted({max(1, round(len(batches) * j / config.evals_per_epoch)) for j in range(1, config.evals_per_epoch + 1)})
+        stop = False
         for epoch in range(1, config.epochs + 1):
-            started = time.perf_counter()
             order = np.random.default_rng([config.seed, epoch]).permutation(len(fit))
-            loss_sum, seen = 0.0, 0
-            for start in range(0, len(order), config.batch_size):
+            started, loss_sum, seen = time.perf_counter(), 0.0, 0
+            for done, start in enumerate(batches, 1):
                 rows = _local(order[start : start + config.batch_size], world, rank, pad=False)
-                if len(rows) == 0:
+                if len(rows):
+                    dense, kjt, labels = fit.batch(rows)
+                    loss_sum += engine.train_step(dense, kjt, labels) * len(rows)
+                    seen += len(rows)
+                if done not in marks:
                     continue
-                dense, kjt, labels = fit.batch(rows)
-                loss_sum += engine.train_step(dense, kjt, labels) * len(rows)
-                seen += len(rows)
-            seconds = time.perf_counter() - started
-            entry = {
-                "epoch": epoch,
-                "train_loss": _all_sum(loss_sum, world) / max(_all_sum(seen, world), 1),
-                "examples": int(_all_sum(seen, world)),
-                "seconds": round(seconds, 3),
-                "examples_per_s": round(_all_sum(seen, world) / max(seconds, 1e-9), 1),
-            }
-            if valid is not None:
-                probs = 1.0 / (1.0 + np.exp(-evaluate_logits(engine, valid, config.eval_batch_size, world, rank)))
-                truth = valid.labels.numpy()
-                entry["valid_auc"] = float(roc_auc_score(truth, probs))
-                entry["valid_logloss"] = float(log_loss(truth, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
-            log.append(entry)
-            if progress and rank == 0:
-                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
-            if valid is None or entry["valid_auc"] > best_auc:
-                best_auc, best_epoch, best_state, waited = entry.get("valid_auc", -np.inf), epoch, engine.full_state(), 0
-            else:
-                waited += 1
-                if waited > config.patience:
-                    break
+                seconds = time.perf_counter() - started
+                at = epoch - 1 + done / len(batches) if config.evals_per_epoch > 1 else epoch
+                entry = {
+                    "epoch": round(at, 4),
+                    "train_loss": _all_sum(loss_sum, world) / max(_all_sum(seen, world), 1),
+                    "examples": int(_all_sum(seen, world)),
+                    "seconds": round(seconds, 3),
+                    "examples_per_s": round(_all_sum(seen, world) / max(seconds, 1e-9), 1),
+                }
+                if valid is not None:
+                    probs = 1.0 / (1.0 + np.exp(-evaluate_logits(engine, valid, config.eval_batch_size, world, rank)))
+                    truth = valid.labels.numpy()
+                    entry["valid_auc"] = float(roc_auc_score(truth, probs))
+                    entry["valid_logloss"] = float(log_loss(truth, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
+                log.append(entry)
+                if progress and rank == 0:
+                    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
+                if valid is None or entry["valid_auc"] > best_auc:
+                    best_auc, best_epoch, best_state, waited = entry.get("valid_auc", -np.inf), entry["epoch"], engine.full_state(), 0
+                else:
+                    waited += 1
+                    stop = waited > config.patience
+                    if stop:
+                        break
+                started, loss_sum, seen = time.perf_counter(), 0.0, 0
+            if stop:
+                break
         plan = str(engine.plan) if isinstance(engine, DMPEngine) else None
         return DLRMResult(best_state, best_epoch, log, plan, world)
     finally:

@@ -341,6 +341,19 @@ class FeaturePipeline:
 
     @classmethod
     def fit(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig = FeatureConfig()) -> FeaturePipeline:
+        """Vocabularies and dense statistics from the training rows `table`."""
+        return cls._fit(table, schema, variant, config)[0]
+
+    @classmethod
+    def fit_dlrm(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig = FeatureConfig()) -> tuple[FeaturePipeline, DLRMInputs]:
+        """`fit`, and the DLRM inputs of the same rows, made from the dense block the statistics came from (with LUM
+        and request features that block is the costly part: computed once, not twice)."""
+        pipeline, raw = cls._fit(table, schema, variant, config)
+        return pipeline, pipeline.dlrm_inputs(table, raw_dense=raw)
+
+    @classmethod
+    def _fit(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig) -> tuple[FeaturePipeline, np.ndarray]:
+        """(the fitted pipeline, [N, F_dense] the rows' dense block before standardisation)."""
         pipeline = cls(schema, variant, config, {}, [], np.zeros(0), np.ones(0))
         for feature in pipeline.sparse_features:
             if feature.table in pipeline.vocabularies:
@@ -359,7 +372,7 @@ class FeaturePipeline:
             mean = np.where(scaled, np.nan_to_num(np.nanmean(raw, axis=0)), 0.0)
             std = np.where(scaled, np.nan_to_num(np.nanstd(raw, axis=0)), 1.0)
         pipeline.dense_names, pipeline.dense_mean, pipeline.dense_std = names, mean, np.where(std > 1e-6, std, 1.0)
-        return pipeline
+        return pipeline, raw
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -417,7 +430,9 @@ class FeaturePipeline:
 
     # ---- building inputs
 
-    def dlrm_inputs(self, table: pa.Table, with_labels: bool = True) -> DLRMInputs:
+    def dlrm_inputs(self, table: pa.Table, with_labels: bool = True, raw_dense: np.ndarray | None = None) -> DLRMInputs:
+        """The model inputs of `table`'s rows; `raw_dense`: their dense block before standardisation when the
+        caller has it already (`fit_dlrm`)."""
         keys, ids, offsets = [], [], []
         for feature in self.sparse_features:
             vocab = self.vocabularies[feature.table]
@@ -430,7 +445,7 @@ class FeaturePipeline:
             else:
                 ids.append(vocab.ids(table.column(feature.key)))
                 offsets.append(None)
-        raw, _, _ = self._raw_dense(table)
+        raw = self._raw_dense(table)[0] if raw_dense is None else raw_dense
         dense = np.nan_to_num((raw - self.dense_mean) / self.dense_std, nan=0.0, posinf=0.0, neginf=0.0)
         labels = None
         if with_labels and self.schema.label in table.column_names:

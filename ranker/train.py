@@ -221,7 +221,10 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
                 f"the validation part (the last {config.valid_fraction:.0%} of the window, from {split.cut}) holds only "
                 f"label {valid_labels[0]}, so AUC cannot select a model; use a longer window or another valid_fraction"
             )
-    pipeline = FeaturePipeline.fit(fit_table, schema, config.variant, config.features)
+    if config.model == "dlrm":
+        pipeline, fit_inputs = FeaturePipeline.fit_dlrm(fit_table, schema, config.variant, config.features)
+    else:
+        pipeline = FeaturePipeline.fit(fit_table, schema, config.variant, config.features)
     has_valid = len(split.valid) > 0
     training: dict[str, Any] = {
         "fit_rows": int(len(split.fit)),
@@ -231,7 +234,6 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
     }
     if config.model == "dlrm":
         tables = pipeline.embedding_tables(config.dlrm.embedding_dim)
-        fit_inputs = pipeline.dlrm_inputs(fit_table)
         valid_inputs = pipeline.dlrm_inputs(valid_table) if has_valid else None
         result = train_dlrm(fit_inputs, valid_inputs, tables, config.dlrm, progress)
         model = scoring_model(tables, len(pipeline.dense_names), config.dlrm, result.state)

@@ -138,6 +138,16 @@ def test_history_keeps_the_newest_items(schema):
         assert got.tolist() == vocab.ids(pa.array(items[-2:], pa.string())).tolist()
 
 
+def test_fit_dlrm_gives_the_inputs_fit_then_dlrm_inputs_give(table, schema):
+    config = FeatureConfig(request_features=True)
+    pipeline, inputs = FeaturePipeline.fit_dlrm(table, schema, "lum+pooled", config)
+    again = FeaturePipeline.fit(table, schema, "lum+pooled", config)
+    assert pipeline.to_json() == again.to_json()
+    expected = again.dlrm_inputs(table)
+    assert torch.equal(inputs.dense, expected.dense) and torch.equal(inputs.labels, expected.labels)
+    assert inputs.keys == expected.keys and all(np.array_equal(a, b) for a, b in zip(inputs.ids, expected.ids))
+
+
 def test_batch_gathers_the_requested_rows(table, schema):
     pipeline = FeaturePipeline.fit(table, schema, "lum+pooled")
     inputs = pipeline.dlrm_inputs(table)

@@ -94,6 +94,23 @@ def test_validation_is_the_latest_part_of_the_window(rankers, data):
     assert set(rankers[("dlrm", "lum")].pipeline.vocabularies["user_id"].values) == fit_users
 
 
+def test_validation_within_epochs_keeps_the_best_checkpoint(data):
+    train, _ = data
+    split = time_split(train, 0.1)
+    fine = replace(config("dlrm", "base"), dlrm=replace(DLRM, epochs=2, evals_per_epoch=3, patience=10))
+    ranker = train_ranker(train, fine)
+    log = ranker.training["log"]
+    assert [e["epoch"] for e in log] == [0.3333, 0.6667, 1, 1.3333, 1.6667, 2]
+    assert sum(e["examples"] for e in log) == 2 * len(split.fit)  # every fitting row once per epoch, no batch twice
+    best = max(log, key=lambda e: e["valid_auc"])
+    assert ranker.training["best_epoch"] == best["epoch"]
+    # the weights kept are those of that checkpoint: they score the validation rows with its AUC
+    valid = train.take(pa.array(split.valid))
+    assert test_auc(ranker, valid) == pytest.approx(best["valid_auc"], abs=1e-6)
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        DLRMConfig(evals_per_epoch=0)
+
+
 @pytest.mark.parametrize("key", [("dlrm", "lum"), ("lightgbm", "lum"), ("dlrm", "pooled-history")])
 def test_save_load_score_gives_the_same_scores(rankers, data, tmp_path, key):
     _, test = data
