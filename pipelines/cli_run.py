@@ -114,7 +114,7 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
     for model in rk.models:
         for variant in rk.variants:
             cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
-                                rk.lum_inputs, rk.lightgbm_ids, rk.request_features)
+                                rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch)
 
             def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> str | None:
                 out, trained = train_step(paths, split, cfg)
@@ -198,6 +198,6 @@ def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: 
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
         "protocols": [{"split": "global", "features": "rolling"}],
         "lm": {"preset": lm_preset, "epochs": epochs, **DEMO_ITEM_TOKENS}, "embed": {"engine": engine},
-        "rankers": {"request_features": True},
+        "rankers": {"request_features": True, "patience": 0},
         "targets": DEMO_TARGETS,
     })

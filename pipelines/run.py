@@ -101,6 +101,8 @@ class RankersConfig:
     batch_size: int = 2048
     embedding_dim: int = 32
     embedding_lr: float | None = None
+    patience: int | None = None  # DLRM early stopping (ranker.dlrm.DLRMConfig's default when None)
+    evals_per_epoch: int | None = None  # DLRM validations per epoch (ranker.dlrm.DLRMConfig's default when None)
     threads: int | None = None
     lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
     lightgbm_ids: bool = False

@@ -113,6 +113,20 @@ def test_lum_demo_runs_what_configs_demo_yaml_says():
     assert config_dict(demo_config()) == config_dict(load_run_config(Path(__file__).parents[1] / "configs" / "demo.yaml"))
 
 
+def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
+    from pipelines.cli_ranker import ranker_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3}}))
+    rk = load_run_config(path).rankers
+    dlrm = ranker_config("dlrm", "lum", rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
+                         rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch).dlrm
+    assert (dlrm.patience, dlrm.evals_per_epoch) == (0, 3)
+    default = load_run_config(None).rankers
+    assert ranker_config("dlrm", "lum", None, None, None, None, 0, None, "scores", False, False, default.patience,
+                         default.evals_per_epoch).dlrm.patience == 2  # DLRMConfig's default when the run config is silent
+
+
 def test_run_config_rejects_unknown_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"lm": {"preset": "tiny", "epoch": 3}}))
