@@ -221,10 +221,6 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
                 f"the validation part (the last {config.valid_fraction:.0%} of the window, from {split.cut}) holds only "
                 f"label {valid_labels[0]}, so AUC cannot select a model; use a longer window or another valid_fraction"
             )
-    if config.model == "dlrm":
-        pipeline, fit_inputs = FeaturePipeline.fit_dlrm(fit_table, schema, config.variant, config.features)
-    else:
-        pipeline = FeaturePipeline.fit(fit_table, schema, config.variant, config.features)
     has_valid = len(split.valid) > 0
     training: dict[str, Any] = {
         "fit_rows": int(len(split.fit)),
@@ -233,6 +229,7 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
         "fit_positive_rate": float(labels.mean()),
     }
     if config.model == "dlrm":
+        pipeline, fit_inputs = FeaturePipeline.fit_dlrm(fit_table, schema, config.variant, config.features)
         tables = pipeline.embedding_tables(config.dlrm.embedding_dim)
         valid_inputs = pipeline.dlrm_inputs(valid_table) if has_valid else None
         result = train_dlrm(fit_inputs, valid_inputs, tables, config.dlrm, progress)
@@ -247,6 +244,7 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
             sharding_plan=result.plan,
         )
     else:
+        pipeline = FeaturePipeline.fit(fit_table, schema, config.variant, config.features)
         x_fit, names = pipeline.lightgbm_inputs(fit_table)
         x_valid = pipeline.lightgbm_inputs(valid_table)[0] if has_valid else None
         y_valid = pc.cast(valid_table.column(schema.label), pa.int64()).to_numpy() if has_valid else None
