@@ -30,7 +30,8 @@ def ranker() -> None:
 
 def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int | None, embedding_dim: int | None,
                   embedding_lr: float | None, seed: int, threads: int | None, lum_inputs: str,
-                  lightgbm_ids: bool, request_features: bool = False, patience: int | None = None, evals_per_epoch: int | None = None):
+                  lightgbm_ids: bool, request_features: bool = False, patience: int | None = None, evals_per_epoch: int | None = None,
+                  listwise_weight: float | None = None):
     from ranker.features import FeatureConfig
     from ranker.train import RankerConfig
 
@@ -38,7 +39,7 @@ def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int 
                                                                                   request_features=request_features))
     dlrm = config.dlrm
     overrides = {"epochs": epochs, "batch_size": batch_size, "embedding_dim": embedding_dim, "embedding_lr": embedding_lr, "threads": threads,
-                 "patience": patience, "evals_per_epoch": evals_per_epoch}
+                 "patience": patience, "evals_per_epoch": evals_per_epoch, "listwise_weight": listwise_weight}
     dlrm = replace(dlrm, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     return replace(config, dlrm=dlrm, lightgbm=replace(config.lightgbm, seed=seed, threads=threads))
 
@@ -53,6 +54,8 @@ def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int 
 @click.option("--embedding-lr", type=float, default=None, help="DLRM row-wise Adagrad learning rate.")
 @click.option("--patience", type=int, default=None, help="DLRM: validations without a better AUC before stopping [default: 2].")
 @click.option("--evals-per-epoch", type=int, default=None, help="DLRM: validations per epoch, the best one kept [default: 1].")
+@click.option("--listwise-weight", type=float, default=None,
+              help="DLRM: weight of a listwise loss over each request's candidates, added to the log loss [default: 0].")
 @click.option("--threads", type=int, default=None, help="Torch / LightGBM threads.")
 @click.option("--lum-inputs", type=click.Choice(["scores", "vectors"]), default="scores", show_default=True,
               help="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
@@ -64,13 +67,13 @@ def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int 
 @run_option
 @force_option
 @_friendly_errors
-def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, patience, evals_per_epoch, threads, lum_inputs,
-                 lightgbm_ids, request_features, seed, run_dir, force) -> None:
+def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, patience, evals_per_epoch, listwise_weight, threads,
+                 lum_inputs, lightgbm_ids, request_features, seed, run_dir, force) -> None:
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
     from pipelines.ranker_steps import train_step
 
     config = ranker_config(model, variant, epochs, batch_size, embedding_dim, embedding_lr, seed, threads, lum_inputs, lightgbm_ids,
-                           request_features, patience, evals_per_epoch)
+                           request_features, patience, evals_per_epoch, listwise_weight=listwise_weight)
     out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})
     click.echo(f"{'trained' if trained else 'up to date, skipped:'} {out}" + (f" ({json.dumps(facts)[:300]})" if trained else ""))

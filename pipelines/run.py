@@ -103,6 +103,7 @@ class RankersConfig:
     embedding_lr: float | None = None
     patience: int | None = None  # DLRM early stopping (ranker.dlrm.DLRMConfig's default when None)
     evals_per_epoch: int | None = None  # DLRM validations per epoch (ranker.dlrm.DLRMConfig's default when None)
+    listwise_weight: float | None = None  # DLRM: weight of the per-request listwise loss (DLRMConfig's default, 0, when None)
     threads: int | None = None
     lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
     lightgbm_ids: bool = False

@@ -286,6 +286,8 @@ class DLRMInputs:
     ids: list[np.ndarray]  # per key: [N] ids (single-valued) or the flat ids of all rows (sequence)
     offsets: list[np.ndarray | None]  # per key: None (single-valued) or [N + 1] offsets into ids
     labels: torch.Tensor | None  # [N] float32
+    # [N] int64 request number of every row (`request_groups`), for the DLRM's listwise loss; None when not needed
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.dense.shape[0])
@@ -345,11 +347,13 @@ class FeaturePipeline:
         return cls._fit(table, schema, variant, config)[0]
 
     @classmethod
-    def fit_dlrm(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig = FeatureConfig()) -> tuple[FeaturePipeline, DLRMInputs]:
+    def fit_dlrm(
+        cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig = FeatureConfig(), with_groups: bool = False
+    ) -> tuple[FeaturePipeline, DLRMInputs]:
         """`fit`, and the DLRM inputs of the same rows, made from the dense block the statistics came from (with LUM
         and request features that block is the costly part: computed once, not twice)."""
         pipeline, raw = cls._fit(table, schema, variant, config)
-        return pipeline, pipeline.dlrm_inputs(table, raw_dense=raw)
+        return pipeline, pipeline.dlrm_inputs(table, raw_dense=raw, with_groups=with_groups)
 
     @classmethod
     def _fit(cls, table: pa.Table, schema: FeatureSchema, variant: str, config: FeatureConfig) -> tuple[FeaturePipeline, np.ndarray]:
@@ -430,9 +434,11 @@ class FeaturePipeline:
 
     # ---- building inputs
 
-    def dlrm_inputs(self, table: pa.Table, with_labels: bool = True, raw_dense: np.ndarray | None = None) -> DLRMInputs:
+    def dlrm_inputs(
+        self, table: pa.Table, with_labels: bool = True, raw_dense: np.ndarray | None = None, with_groups: bool = False
+    ) -> DLRMInputs:
         """The model inputs of `table`'s rows; `raw_dense`: their dense block before standardisation when the
-        caller has it already (`fit_dlrm`)."""
+        caller has it already (`fit_dlrm`); `with_groups`: also each row's request number (the listwise loss)."""
         keys, ids, offsets = [], [], []
         for feature in self.sparse_features:
             vocab = self.vocabularies[feature.table]
@@ -450,7 +456,8 @@ class FeaturePipeline:
         labels = None
         if with_labels and self.schema.label in table.column_names:
             labels = torch.from_numpy(_numbers(table.column(self.schema.label)).astype(np.float32))
-        return DLRMInputs(torch.from_numpy(dense.astype(np.float32, copy=False)), keys, ids, offsets, labels)
+        groups = request_groups(table, self.schema) if with_groups else None
+        return DLRMInputs(torch.from_numpy(dense.astype(np.float32, copy=False)), keys, ids, offsets, labels, groups)
 
     def lightgbm_inputs(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
         """([N, F] float32 with NaN for missing, feature names); the categorical ones are `lightgbm_categorical`."""

@@ -229,7 +229,9 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
         "fit_positive_rate": float(labels.mean()),
     }
     if config.model == "dlrm":
-        pipeline, fit_inputs = FeaturePipeline.fit_dlrm(fit_table, schema, config.variant, config.features)
+        pipeline, fit_inputs = FeaturePipeline.fit_dlrm(
+            fit_table, schema, config.variant, config.features, with_groups=config.dlrm.listwise_weight > 0
+        )
         tables = pipeline.embedding_tables(config.dlrm.embedding_dim)
         valid_inputs = pipeline.dlrm_inputs(valid_table) if has_valid else None
         result = train_dlrm(fit_inputs, valid_inputs, tables, config.dlrm, progress)

@@ -117,11 +117,12 @@ def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
     from pipelines.cli_ranker import ranker_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3}}))
+    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5}}))
     rk = load_run_config(path).rankers
     dlrm = ranker_config("dlrm", "lum", rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
-                         rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch).dlrm
-    assert (dlrm.patience, dlrm.evals_per_epoch) == (0, 3)
+                         rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch,
+                         listwise_weight=rk.listwise_weight).dlrm
+    assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
     default = load_run_config(None).rankers
     assert ranker_config("dlrm", "lum", None, None, None, None, 0, None, "scores", False, False, default.patience,
                          default.evals_per_epoch).dlrm.patience == 2  # DLRMConfig's default when the run config is silent

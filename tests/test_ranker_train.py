@@ -252,3 +252,93 @@ def test_dcn_interaction_trains(data):
     assert type(ranker.model).__name__ == "DLRM_DCN"
     print(f"DCN lum AUC {test_auc(ranker, test):.4f}")
     assert test_auc(ranker, test) > 0.7
+
+
+def test_listwise_loss_is_each_requests_softmax_cross_entropy():
+    """Against a per-request log-softmax written out by hand: clicked rows count, requests with no click or only
+    clicks are left out, and adding a constant to one request's logits changes nothing (only the order within a
+    request is trained)."""
+    from ranker.dlrm import listwise_loss
+
+    logits = torch.tensor([2.0, 0.5, -1.0, 3.0, 1.0, 0.0, 4.0, -2.0, 1.5], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1, 1], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])  # request 2: no click; request 3: every candidate clicked
+    expected = []
+    for g in (0, 1):
+        rows = groups == g
+        log_p = torch.log_softmax(logits[rows], 0)
+        expected += [-v for v in log_p[labels[rows] == 1]]
+    assert float(listwise_loss(logits, labels, groups)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
+    shifted = logits + torch.where(groups == 1, 100.0, 0.0)
+    assert float(listwise_loss(shifted, labels, groups)) == pytest.approx(float(listwise_loss(logits, labels, groups)), rel=1e-9)
+    assert float(listwise_loss(logits[5:], labels[5:], groups[5:] - 2)) == 0.0  # nothing to order
+    with pytest.raises(ValueError, match="listwise_weight"):
+        DLRMConfig(listwise_weight=-1.0)
+
+
+def test_epoch_batches_keep_requests_whole():
+    from ranker.dlrm import epoch_batches
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(rng.permutation(300) * 7, rng.integers(1, 12, 300))  # 300 requests of 1-11 rows, any numbering
+    rng.shuffle(groups)
+    batches = epoch_batches(len(groups), 64, [0, 1], groups)
+    rows = np.concatenate(batches)
+    assert np.array_equal(np.sort(rows), np.arange(len(groups)))  # every row once
+    owner = {}
+    for b, batch in enumerate(batches):
+        for g in np.unique(groups[batch]):
+            assert owner.setdefault(g, b) == b  # a request never spans two batches
+        assert len(batch) < 64 + 11
+    assert [len(b) for b in batches[:-1]] != [64] * (len(batches) - 1)  # cut at request ends, not every 64 rows
+    again = epoch_batches(len(groups), 64, [0, 1], groups)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    other = epoch_batches(len(groups), 64, [0, 2], groups)
+    assert not np.array_equal(np.concatenate(other), rows)  # each epoch its own request order
+    plain = epoch_batches(100, 32, [0, 1])
+    assert [len(b) for b in plain] == [32, 32, 32, 4]
+    assert np.array_equal(np.concatenate(plain), np.random.default_rng([0, 1]).permutation(100))
+
+
+def _slates(table: pa.Table, size: int) -> pa.Table:
+    """The rows in time order, every `size` consecutive ones made one request (the user and time of its first)."""
+    table = table.sort_by("ts")
+    first = np.arange(table.num_rows) // size * size
+    for column in ("user_id", "ts"):
+        values = table.column(column).take(pa.array(first))
+        table = table.set_column(table.column_names.index(column), column, values)
+    return table
+
+
+def test_listwise_training_engines_agree_and_order_slates(data):
+    """With the listwise term both engines still end at the same weights, and on slates it trains the order within
+    a request better than the log loss alone."""
+    from ranker.dlrm import listwise_loss
+    from ranker.features import request_groups
+
+    train, test = (_slates(t, 8) for t in data)
+    table = _slates(synthetic_training_set(SyntheticConfig(rows=3_000, users=200, items=400, lum_dim=8, seed=5)), 6)
+    pipeline = FeaturePipeline.fit(table, FeatureSchema.from_table(table), "lum")
+    inputs = pipeline.dlrm_inputs(table, with_groups=True)
+    assert len(np.unique(inputs.groups)) == 500
+    small = replace(DLRM, embedding_dim=8, dense_arch_layers=(16,), over_arch_layers=(16, 8), epochs=2, embedding_lr=0.05, listwise_weight=1.0)
+    tables = pipeline.embedding_tables(8)
+    fused = train_dlrm(inputs, None, tables, replace(small, engine="dmp"))
+    plain = train_dlrm(inputs, None, tables, replace(small, engine="plain"))
+    for name in fused.state:
+        torch.testing.assert_close(fused.state[name], plain.state[name], atol=2e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="request numbers"):
+        train_dlrm(pipeline.dlrm_inputs(table), None, tables, small)
+
+    # on later slates the model trained with the term orders each request's clicks higher: a lower listwise loss
+    groups = torch.from_numpy(np.unique(request_groups(test, FeatureSchema.from_table(test)), return_inverse=True)[1].reshape(-1))
+    labels = torch.from_numpy(test.column("label").to_numpy().astype(np.float64))
+
+    def slate_loss(weight: float) -> float:
+        ranker = train_ranker(train, replace(config("dlrm", "lum"), dlrm=replace(DLRM, listwise_weight=weight)))
+        p = np.clip(ranker.score(test), 1e-7, 1 - 1e-7)
+        return float(listwise_loss(torch.from_numpy(np.log(p / (1 - p))), labels, groups))
+
+    pointwise, listwise = slate_loss(0.0), slate_loss(1.0)
+    print(f"listwise loss on the test slates: log loss only {pointwise:.4f}, + listwise term {listwise:.4f}")
+    assert listwise < pointwise - 0.02
