@@ -28,10 +28,25 @@ def ranker() -> None:
     """Rankers on Feast training sets: train, evaluate, score."""
 
 
-def ranker_config(model: str, variant: str, epochs: int | None, batch_size: int | None, embedding_dim: int | None,
-                  embedding_lr: float | None, seed: int, threads: int | None, lum_inputs: str,
-                  lightgbm_ids: bool, request_features: bool = False, patience: int | None = None, evals_per_epoch: int | None = None,
-                  listwise_weight: float | None = None):
+def ranker_config(
+    model: str,
+    variant: str,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    embedding_dim: int | None = None,
+    embedding_lr: float | None = None,
+    patience: int | None = None,
+    evals_per_epoch: int | None = None,
+    listwise_weight: float | None = None,
+    threads: int | None = None,
+    lum_inputs: str = "scores",
+    lightgbm_ids: bool = False,
+    request_features: bool = False,
+    seed: int = 0,
+):
+    """The RankerConfig of one model and variant; a DLRM option left None keeps ranker.dlrm.DLRMConfig's default.
+    The keywords are RankersConfig's fields (a run config's `rankers:`), so `**rankers.ranker_options()` fits."""
     from ranker.features import FeatureConfig
     from ranker.train import RankerConfig
 
@@ -72,8 +87,11 @@ def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, em
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
     from pipelines.ranker_steps import train_step
 
-    config = ranker_config(model, variant, epochs, batch_size, embedding_dim, embedding_lr, seed, threads, lum_inputs, lightgbm_ids,
-                           request_features, patience, evals_per_epoch, listwise_weight=listwise_weight)
+    config = ranker_config(
+        model, variant, epochs=epochs, batch_size=batch_size, embedding_dim=embedding_dim, embedding_lr=embedding_lr, patience=patience,
+        evals_per_epoch=evals_per_epoch, listwise_weight=listwise_weight, threads=threads, lum_inputs=lum_inputs,
+        lightgbm_ids=lightgbm_ids, request_features=request_features, seed=seed,
+    )
     out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})
     click.echo(f"{'trained' if trained else 'up to date, skipped:'} {out}" + (f" ({json.dumps(facts)[:300]})" if trained else ""))

@@ -113,9 +113,7 @@ def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig
     rk = config.rankers
     for model in rk.models:
         for variant in rk.variants:
-            cfg = ranker_config(model, variant, rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
-                                rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch,
-                                listwise_weight=rk.listwise_weight)
+            cfg = ranker_config(model, variant, **rk.ranker_options())
 
             def train_and_evaluate(cfg=cfg, model=model, variant=variant) -> str | None:
                 out, trained = train_step(paths, split, cfg)

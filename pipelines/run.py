@@ -110,6 +110,10 @@ class RankersConfig:
     request_features: bool = False  # scores relative to the request's other candidates (ranker.features.FeatureConfig)
     seed: int = 0
 
+    def ranker_options(self) -> dict[str, Any]:
+        """Every field but the model and variant lists: the keywords of `pipelines.cli_ranker.ranker_config`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("models", "variants")}
+
 
 @dataclass(frozen=True)
 class ReportRunConfig:

@@ -119,13 +119,11 @@ def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5}}))
     rk = load_run_config(path).rankers
-    dlrm = ranker_config("dlrm", "lum", rk.epochs, rk.batch_size, rk.embedding_dim, rk.embedding_lr, rk.seed, rk.threads,
-                         rk.lum_inputs, rk.lightgbm_ids, rk.request_features, rk.patience, rk.evals_per_epoch,
-                         listwise_weight=rk.listwise_weight).dlrm
+    dlrm = ranker_config("dlrm", "lum", **rk.ranker_options()).dlrm
     assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
+    assert (dlrm.epochs, dlrm.embedding_dim) == (rk.epochs, rk.embedding_dim)  # the run config's defaults reach it too
     default = load_run_config(None).rankers
-    assert ranker_config("dlrm", "lum", None, None, None, None, 0, None, "scores", False, False, default.patience,
-                         default.evals_per_epoch).dlrm.patience == 2  # DLRMConfig's default when the run config is silent
+    assert ranker_config("dlrm", "lum", **default.ranker_options()).dlrm.patience == 2  # DLRMConfig's default when silent
 
 
 def test_run_config_rejects_unknown_keys(tmp_path):
