@@ -197,6 +197,6 @@ def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: 
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
         "protocols": [{"split": "global", "features": "rolling"}],
         "lm": {"preset": lm_preset, "epochs": epochs, **DEMO_ITEM_TOKENS}, "embed": {"engine": engine},
-        "rankers": {"request_features": True, "patience": 0},
+        "rankers": {"request_features": True, "patience": 0, "dlrm_ids": False},
         "targets": DEMO_TARGETS,
     })

@@ -107,6 +107,7 @@ class RankersConfig:
     threads: int | None = None
     lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
     lightgbm_ids: bool = False
+    dlrm_ids: bool = True  # DLRM: embed the raw user and item ids (ranker.features.FeatureConfig)
     request_features: bool = False  # scores relative to the request's other candidates (ranker.features.FeatureConfig)
     seed: int = 0
 

@@ -117,13 +117,15 @@ def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
     from pipelines.cli_ranker import ranker_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5}}))
+    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5, "dlrm_ids": False}}))
     rk = load_run_config(path).rankers
+    assert ranker_config("dlrm", "lum", **rk.ranker_options()).features.dlrm_ids is False
     dlrm = ranker_config("dlrm", "lum", **rk.ranker_options()).dlrm
     assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
     assert (dlrm.epochs, dlrm.embedding_dim) == (rk.epochs, rk.embedding_dim)  # the run config's defaults reach it too
     default = load_run_config(None).rankers
     assert ranker_config("dlrm", "lum", **default.ranker_options()).dlrm.patience == 2  # DLRMConfig's default when silent
+    assert ranker_config("dlrm", "lum", **default.ranker_options()).features.dlrm_ids is True
 
 
 def test_run_config_rejects_unknown_keys(tmp_path):

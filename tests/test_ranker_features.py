@@ -15,6 +15,7 @@ from torchrec import EmbeddingBagCollection
 
 from ranker.features import OOV, FeatureConfig, FeaturePipeline, Vocabulary, lum_features, relative_to_request, request_condition
 from ranker.schema import (
+    HISTORY_ITEMS,
     METADATA_KEY,
     FeatureSchema,
     RankerInputError,
@@ -286,6 +287,26 @@ def test_lightgbm_gets_the_ids_only_when_asked(table, schema):
     names = with_ids.lightgbm_inputs(table)[1]
     assert schema.user in names and schema.item in names and set(with_ids.lightgbm_categorical) == set(schema.categorical_columns)
     assert len(plain.dense_names) == len(with_ids.dense_names)  # the DLRM always has its id tables
+
+
+def test_dlrm_without_id_tables_keeps_the_history_and_lightgbm_ids(table, schema):
+    """dlrm_ids=False: no user or item id key (nor a user table); the pooled history still pools the item table;
+    LightGBM's ids, when asked, still get their vocabularies."""
+    with_ids = FeaturePipeline.fit(table, schema, "lum+pooled")
+    without = FeaturePipeline.fit(table, schema, "lum+pooled", FeatureConfig(dlrm_ids=False, lightgbm_ids=True))
+    keys = [f.key for f in without.sparse_features]
+    assert schema.user not in keys and schema.item not in keys
+    assert set(keys) == {f.key for f in with_ids.sparse_features} - {schema.user, schema.item}
+    assert HISTORY_ITEMS in keys and schema.category in keys
+    tables = {t.name: list(t.feature_names) for t in without.embedding_tables(8)}
+    assert tables[f"t_{schema.item}"] == [HISTORY_ITEMS] and f"t_{schema.user}" not in tables
+    # the history item rows are the same vocabulary as with the id tables (items seen only in histories included)
+    assert without.vocabularies[schema.item].values == with_ids.vocabularies[schema.item].values
+    inputs = without.dlrm_inputs(table)
+    assert inputs.keys == keys and len(inputs.ids) == len(keys)
+    names = without.lightgbm_inputs(table)[1]
+    assert schema.user in names and schema.item in names
+    assert without.dense_names == with_ids.dense_names
 
 
 def test_counters_are_log_scaled_and_standardised_on_training_rows(table, schema):
