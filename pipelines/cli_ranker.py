@@ -43,6 +43,7 @@ def ranker_config(
     lum_inputs: str = "scores",
     lightgbm_ids: bool = False,
     dlrm_ids: bool = True,
+    lightgbm_stopping_metric: str = "auc",
     request_features: bool = False,
     seed: int = 0,
 ):
@@ -57,7 +58,8 @@ def ranker_config(
     overrides = {"epochs": epochs, "batch_size": batch_size, "embedding_dim": embedding_dim, "embedding_lr": embedding_lr, "threads": threads,
                  "patience": patience, "evals_per_epoch": evals_per_epoch, "listwise_weight": listwise_weight}
     dlrm = replace(dlrm, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    return replace(config, dlrm=dlrm, lightgbm=replace(config.lightgbm, seed=seed, threads=threads))
+    lightgbm = replace(config.lightgbm, seed=seed, threads=threads, early_stopping_metric=lightgbm_stopping_metric)
+    return replace(config, dlrm=dlrm, lightgbm=lightgbm)
 
 
 @ranker.command("train")
@@ -77,6 +79,8 @@ def ranker_config(
               help="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
 @click.option("--lightgbm-ids/--no-lightgbm-ids", default=False, show_default=True,
               help="LightGBM: also use the raw user and item ids as categorical features.")
+@click.option("--lightgbm-stopping-metric", type=click.Choice(["auc", "binary_logloss"]), default="auc", show_default=True,
+              help="LightGBM: the validation metric whose best iteration is kept.")
 @click.option("--dlrm-ids/--no-dlrm-ids", default=True, show_default=True,
               help="DLRM: embed the raw user and item ids (off: they reach it only through counters, context and history).")
 @click.option("--request-features/--no-request-features", default=False, show_default=True,
@@ -86,14 +90,15 @@ def ranker_config(
 @force_option
 @_friendly_errors
 def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, patience, evals_per_epoch, listwise_weight, threads,
-                 lum_inputs, lightgbm_ids, dlrm_ids, request_features, seed, run_dir, force) -> None:
+                 lum_inputs, lightgbm_ids, lightgbm_stopping_metric, dlrm_ids, request_features, seed, run_dir, force) -> None:
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
     from pipelines.ranker_steps import train_step
 
     config = ranker_config(
         model, variant, epochs=epochs, batch_size=batch_size, embedding_dim=embedding_dim, embedding_lr=embedding_lr, patience=patience,
         evals_per_epoch=evals_per_epoch, listwise_weight=listwise_weight, threads=threads, lum_inputs=lum_inputs,
-        lightgbm_ids=lightgbm_ids, dlrm_ids=dlrm_ids, request_features=request_features, seed=seed,
+        lightgbm_ids=lightgbm_ids, lightgbm_stopping_metric=lightgbm_stopping_metric, dlrm_ids=dlrm_ids,
+        request_features=request_features, seed=seed,
     )
     out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})

@@ -108,6 +108,7 @@ class RankersConfig:
     lum_inputs: str = "scores"  # scores | vectors (see ranker.features.FeatureConfig)
     lightgbm_ids: bool = False
     dlrm_ids: bool = True  # DLRM: embed the raw user and item ids (ranker.features.FeatureConfig)
+    lightgbm_stopping_metric: str = "auc"  # LightGBM: the validation metric that picks the iteration (auc | binary_logloss)
     request_features: bool = False  # scores relative to the request's other candidates (ranker.features.FeatureConfig)
     seed: int = 0
 

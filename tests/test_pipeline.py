@@ -117,9 +117,11 @@ def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
     from pipelines.cli_ranker import ranker_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5, "dlrm_ids": False}}))
+    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5, "dlrm_ids": False,
+                                                "lightgbm_stopping_metric": "binary_logloss"}}))
     rk = load_run_config(path).rankers
     assert ranker_config("dlrm", "lum", **rk.ranker_options()).features.dlrm_ids is False
+    assert ranker_config("lightgbm", "lum", **rk.ranker_options()).lightgbm.early_stopping_metric == "binary_logloss"
     dlrm = ranker_config("dlrm", "lum", **rk.ranker_options()).dlrm
     assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
     assert (dlrm.epochs, dlrm.embedding_dim) == (rk.epochs, rk.embedding_dim)  # the run config's defaults reach it too

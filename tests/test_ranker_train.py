@@ -342,3 +342,23 @@ def test_listwise_training_engines_agree_and_order_slates(data):
     pointwise, listwise = slate_loss(0.0), slate_loss(1.0)
     print(f"listwise loss on the test slates: log loss only {pointwise:.4f}, + listwise term {listwise:.4f}")
     assert listwise < pointwise - 0.02
+
+
+@pytest.mark.parametrize("metric", ["auc", "binary_logloss"])
+def test_lightgbm_keeps_the_best_iteration_of_its_stopping_metric(data, metric):
+    from ranker.gbdt import train_lightgbm
+
+    train, _ = data
+    split = time_split(train, 0.1)
+    fit, valid = train.take(pa.array(split.fit)), train.take(pa.array(split.valid))
+    pipeline = FeaturePipeline.fit(fit, FeatureSchema.from_table(fit), "lum")
+    (x_fit, names), (x_valid, _) = pipeline.lightgbm_inputs(fit), pipeline.lightgbm_inputs(valid)
+    y_fit, y_valid = fit.column("label").to_numpy(), valid.column("label").to_numpy()
+    result = train_lightgbm(x_fit, y_fit, x_valid, y_valid, names, pipeline.lightgbm_categorical, replace(LGBM, early_stopping_metric=metric))
+    curve = np.asarray(result.log[metric])
+    assert set(result.log) == {"auc", "binary_logloss"}  # both recorded, one decides
+    best = int(np.argmax(curve) if metric == "auc" else np.argmin(curve)) + 1
+    assert result.best_iteration == best
+    assert len(curve) == min(best + LGBM.early_stopping_rounds, LGBM.n_estimators)  # it stopped that many rounds later
+    with pytest.raises(ValueError, match="early_stopping_metric"):
+        LightGBMConfig(early_stopping_metric="ndcg")
