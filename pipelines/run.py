@@ -112,6 +112,13 @@ class RankersConfig:
     request_features: bool = False  # scores relative to the request's other candidates (ranker.features.FeatureConfig)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # checked here, when the config is read, not when the ranker step reaches them after pretraining
+        if self.lightgbm_stopping_metric not in ("auc", "binary_logloss"):
+            raise ValueError(f"rankers.lightgbm_stopping_metric must be auc or binary_logloss, got '{self.lightgbm_stopping_metric}'")
+        if self.listwise_weight is not None and not self.listwise_weight >= 0:
+            raise ValueError(f"rankers.listwise_weight must be >= 0, got {self.listwise_weight}")
+
     def ranker_options(self) -> dict[str, Any]:
         """Every field but the model and variant lists: the keywords of `pipelines.cli_ranker.ranker_config`."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("models", "variants")}

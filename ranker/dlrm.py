@@ -376,6 +376,10 @@ def train_dlrm(
     """Trains on `fit`, selects the epoch by AUC on `valid` (None: keep the last epoch)."""
     if config.engine == "plain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the plain engine runs in one process; use engine='dmp' under torchrun")
+    if config.listwise_weight > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each rank takes an equal slice of every batch, which would cut requests between ranks and normalise the
+        # listwise term per rank; not supported yet rather than silently wrong
+        raise ValueError("listwise_weight > 0 trains in one process only; run without torchrun or set listwise_weight 0")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

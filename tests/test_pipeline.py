@@ -128,6 +128,10 @@ def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
     default = load_run_config(None).rankers
     assert ranker_config("dlrm", "lum", **default.ranker_options()).dlrm.patience == 2  # DLRMConfig's default when silent
     assert ranker_config("dlrm", "lum", **default.ranker_options()).features.dlrm_ids is True
+    for bad, message in (({"lightgbm_stopping_metric": "ndcg"}, "lightgbm_stopping_metric"), ({"listwise_weight": -1}, "listwise_weight")):
+        path.write_text(yaml.safe_dump({"rankers": bad}))
+        with pytest.raises(ValueError, match=message):  # when the config is read, before any step runs
+            load_run_config(path)
 
 
 def test_run_config_rejects_unknown_keys(tmp_path):

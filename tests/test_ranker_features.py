@@ -286,7 +286,7 @@ def test_lightgbm_gets_the_ids_only_when_asked(table, schema):
     assert plain.lightgbm_inputs(table)[1][: len(plain.lightgbm_categorical)] == plain.lightgbm_categorical
     names = with_ids.lightgbm_inputs(table)[1]
     assert schema.user in names and schema.item in names and set(with_ids.lightgbm_categorical) == set(schema.categorical_columns)
-    assert len(plain.dense_names) == len(with_ids.dense_names)  # the DLRM always has its id tables
+    assert len(plain.dense_names) == len(with_ids.dense_names)  # lightgbm_ids changes LightGBM's inputs only
 
 
 def test_dlrm_without_id_tables_keeps_the_history_and_lightgbm_ids(table, schema):

@@ -130,6 +130,25 @@ def test_save_load_score_gives_the_same_scores(rankers, data, tmp_path, key):
     assert facts["variant"] == key[1] and facts["schema"]["lum_dim"] == 16
 
 
+def test_dlrm_without_id_tables_saves_loads_and_scores_the_same(data, tmp_path):
+    train, test = data
+    cfg = replace(config("dlrm", "lum+pooled"), features=FeatureConfig(dlrm_ids=False), dlrm=replace(DLRM, epochs=2))
+    ranker = train_ranker(train, cfg)
+    tables = [name for name in ranker.model.state_dict() if name.endswith(".weight") and "embedding_bags" in name]
+    assert not any("t_user_id" in t for t in tables) and any("t_item_id" in t for t in tables)  # history items keep theirs
+    loaded = TrainedRanker.load(ranker.save(tmp_path / "ranker"))
+    assert loaded.config.features.dlrm_ids is False
+    assert np.array_equal(loaded.score(test), ranker.score(test))
+    assert test_auc(loaded, test) > 0.6
+
+
+def test_listwise_loss_is_refused_under_torchrun(data, monkeypatch):
+    """Each rank takes an equal slice of a batch, which would cut requests apart: refused, not silently wrong."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process only"):
+        train_dlrm(None, None, [], replace(DLRM, listwise_weight=1.0))
+
+
 def test_scoring_a_mismatched_table_fails_clearly(rankers, data):
     _, test = data
     ranker = rankers[("dlrm", "lum")]
