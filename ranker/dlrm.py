@@ -321,13 +321,16 @@ def epoch_batches(size: int, batch_size: int, seed: list[int], groups: np.ndarra
     if groups is None:
         order = rng.permutation(size)
         return [order[start : start + batch_size] for start in range(0, size, batch_size)]
+    if size == 0:
+        return []
     _, groups = np.unique(groups, return_inverse=True)  # requests numbered 0..G-1
-    place = np.empty(int(groups.max()) + 1 if size else 0, dtype=np.int64)
+    place = np.empty(int(groups.max()) + 1, dtype=np.int64)  # each request's place in the shuffled order
     place[rng.permutation(len(place))] = np.arange(len(place))
-    order = np.argsort(place[groups], kind="stable")  # rows request by request, in the shuffled request order
-    request_of = place[groups][order]
-    first = np.flatnonzero(np.r_[True, request_of[1:] != request_of[:-1]]) if size else np.zeros(0, dtype=np.int64)
-    cuts = first[np.r_[True, np.diff(first // batch_size) > 0]] if size else first  # each batch starts a request
+    shuffled = place[groups.reshape(-1)]
+    order = np.argsort(shuffled, kind="stable")  # rows request by request, in the shuffled request order
+    request_of = shuffled[order]
+    first = np.flatnonzero(np.r_[True, request_of[1:] != request_of[:-1]])  # where each request starts
+    cuts = first[np.r_[True, np.diff(first // batch_size) > 0]]  # each batch starts with a request
     return [order[a:b] for a, b in zip(cuts, [*cuts[1:], size])]
 
 
@@ -374,9 +377,10 @@ def train_dlrm(
     progress: bool = False,
 ) -> DLRMResult:
     """Trains on `fit`, selects the epoch by AUC on `valid` (None: keep the last epoch)."""
-    if config.engine == "plain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.engine == "plain" and processes > 1:
         raise ValueError("the plain engine runs in one process; use engine='dmp' under torchrun")
-    if config.listwise_weight > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.listwise_weight > 0 and processes > 1:
         # each rank takes an equal slice of every batch, which would cut requests between ranks and normalise the
         # listwise term per rank; not supported yet rather than silently wrong
         raise ValueError("listwise_weight > 0 trains in one process only; run without torchrun or set listwise_weight 0")
