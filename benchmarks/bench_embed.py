@@ -49,7 +49,7 @@ def naive_embed(model, prompts: list[np.ndarray], batch: int = 32) -> int:
 
 
 def peak_rss_of_job(model_dir: Path, users: int, tmp: Path) -> tuple[float, float]:
-    from pipelines.sources.simulator import preset, simulate_to_run
+    from pipelines.data.sources.simulator import preset, simulate_to_run
     from pipelines.paths import RunPaths
 
     paths = RunPaths(tmp / f"rss-{users}")
@@ -84,7 +84,7 @@ def main() -> None:
     from lum.model import load_model
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import BehaviourTokenizer, TokenizerConfig
-    from pipelines.sources.simulator import preset, simulate
+    from pipelines.data.sources.simulator import preset, simulate
 
     events, items = simulate(preset("default", n_users=5000, chunk_users=5000))
     frame = events.to_pandas()

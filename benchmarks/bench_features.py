@@ -120,7 +120,7 @@ def main() -> None:
     n_impressions = args.impressions or (50_000 if args.quick else 1_000_000)
     n_requests = args.requests or (50 if args.quick else 300)
 
-    from pipelines.sources.simulator import preset, simulate
+    from pipelines.data.sources.simulator import preset, simulate
 
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
     rows: list[dict] = []

@@ -41,7 +41,7 @@ def main() -> None:
     from lum.model import PRESETS
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import TokenizerConfig
-    from pipelines.sources.simulator import preset, simulate
+    from pipelines.data.sources.simulator import preset, simulate
 
     events, items = simulate(preset("default", n_users=args.users, chunk_users=args.users))
     frame, item_frame = events.to_pandas(), items.to_pandas()

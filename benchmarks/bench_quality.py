@@ -116,9 +116,9 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     seconds its own training log recorded (None if it has none).
     """
     from lum.pretrain import PretrainConfig
-    from pipelines.lm_steps import run_pretrain
+    from pipelines.steps.lm import run_pretrain
     from pipelines.paths import RunPaths
-    from pipelines.run import check_model_matches, load_run_config
+    from pipelines.run.config import check_model_matches, load_run_config
 
     state = json.loads((run / "run_state.json").read_text())["config"]
     lm, protocol = state["lm"], state["protocols"][0]["split"]
@@ -190,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lum.model import count_parameters, load_model
-    from pipelines.contract import read_events
+    from pipelines.data.contract import read_events
     from pipelines.paths import RunPaths
     from ranker.metrics import gauc, paired_bootstrap
     from ranker.schema import FeatureSchema

@@ -70,7 +70,7 @@ def main() -> None:
     from ranker.dlrm import DLRMConfig
     from ranker.gbdt import LightGBMConfig
     from ranker.schema import METADATA_KEY, read_metadata
-    from ranker.synthetic import SyntheticConfig, synthetic_training_set
+    from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
     from ranker.train import RankerConfig, train_ranker
 
     started = time.perf_counter()

@@ -39,7 +39,7 @@ def main() -> None:
     from lum.embed_job import EmbedJobConfig
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import BehaviourTokenizer, TokenizerConfig
-    from pipelines.sources.simulator import preset, simulate
+    from pipelines.data.sources.simulator import preset, simulate
 
     events, items = simulate(preset("default", n_users=args.users, chunk_users=args.users))
     frame = events.to_pandas()

@@ -127,7 +127,7 @@ def shards_for(n_users: int) -> int:
 def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[float, float, int]:
     """(job seconds, peak RSS MiB, users embedded) of a whole `lum embed` snapshot job on a world of n_users."""
     from pipelines.paths import RunPaths
-    from pipelines.sources.simulator import preset, simulate_to_run
+    from pipelines.data.sources.simulator import preset, simulate_to_run
 
     world = "large" if n_users > 100_000 else "default"
     paths = RunPaths(tmp / f"world-{n_users}")
@@ -226,7 +226,7 @@ def main() -> None:
     job_users = [1000, 5000] if args.quick else [1000, 10_000, 100_000] + ([1_000_000] if args.full else [])
     repeats = 1 if args.quick else args.repeats
 
-    from pipelines.sources.simulator import preset, simulate
+    from pipelines.data.sources.simulator import preset, simulate
 
     events, items = simulate(preset("default", n_users=3000, chunk_users=3000))
     frame, item_frame = events.to_pandas(), items.to_pandas()

@@ -7,7 +7,6 @@
     train.py       train_ranker(table, RankerConfig) -> TrainedRanker (save / load / score); time-based validation
     train_dist.py  `torchrun --nproc_per_node=N -m ranker.train_dist ...`
     metrics.py     AUC, GAUC, logloss, NE, calibration, RelaImpr, per-slice tables, paired bootstrap over users
-    synthetic.py   a synthetic training set for tests and benchmarks
 
 This package imports neither `lum` nor `feature_store`: it meets them through the training-set table.
 """

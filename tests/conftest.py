@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.sources.simulator import preset, simulate
+from pipelines.data.sources.simulator import preset, simulate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,7 +39,7 @@ def tiny_lm(tmp_path_factory, tiny_sim):
     """A `tiny` behaviour LM trained for a few seconds on the tiny simulator's per-user pretraining window."""
     from lum.pretrain import PretrainConfig, pretrain
     from lum.tokenizer import TokenizerConfig
-    from pipelines.split import SplitConfig, split_events
+    from pipelines.data.split import SplitConfig, split_events
 
     events, items = tiny_sim
     tables, _ = split_events(events, SplitConfig("per-user"))

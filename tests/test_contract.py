@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contract import (
+from pipelines.data.contract import (
     ColumnSpec,
     ContractError,
     EventContract,
@@ -22,7 +22,7 @@ from pipelines.contract import (
     validate_items,
 )
 from pipelines.paths import RunPaths
-from pipelines.sources.base import SourceOutput, write_source_output
+from pipelines.data.sources.base import SourceOutput, write_source_output
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 CONTRACT = EventContract.from_specs(conditions=["surface"], extras=["hour:request:int64", "rating:after_event:float64"])

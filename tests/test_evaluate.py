@@ -37,7 +37,7 @@ def test_baselines_rank_popular_and_recent_items():
 
 
 def test_evaluation_of_a_trained_model_reports_every_method_and_condition(tiny_lm, tiny_sim):
-    from pipelines.split import SplitConfig, split_events
+    from pipelines.data.split import SplitConfig, split_events
 
     folder, manifest = tiny_lm
     events, _ = tiny_sim

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.contract import ContractError
-from pipelines.sources.movielens import load_movielens
+from pipelines.data.contract import ContractError
+from pipelines.data.sources.movielens import load_movielens
 
 ML_LATEST_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-latest-small"
 

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipelines.cli import main
-from pipelines.run import load_run_config
+from pipelines.run.config import load_run_config
 
 TINY_RUN = {
     "data": {"source": "simulator", "preset": "tiny"},
@@ -76,7 +76,7 @@ def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
 
 def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_and_test_set_match(tiny_run):
     from pipelines.paths import RunPaths
-    from pipelines.ranker_steps import ranker_dir, score_test_window, test_scores_file
+    from pipelines.steps.rankers import ranker_dir, score_test_window, test_scores_file
     from ranker.train import TrainedRanker
 
     run, _, _ = tiny_run
@@ -107,14 +107,14 @@ def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_
 
 
 def test_lum_demo_runs_what_configs_demo_yaml_says():
-    from pipelines.cli_run import demo_config
-    from pipelines.run import config_dict
+    from pipelines.cli.run import demo_config
+    from pipelines.run.config import config_dict
 
     assert config_dict(demo_config()) == config_dict(load_run_config(Path(__file__).parents[1] / "configs" / "demo.yaml"))
 
 
 def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
-    from pipelines.cli_ranker import ranker_config
+    from pipelines.cli.ranker import ranker_config
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5, "dlrm_ids": False,
@@ -192,7 +192,7 @@ def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves
 
     import benchmarks.bench_quality as quality
     import benchmarks.common as common
-    from pipelines.contract import read_events
+    from pipelines.data.contract import read_events
     from ranker.schema import FeatureSchema
 
     run, _, _ = tiny_run

@@ -25,7 +25,7 @@ from ranker.schema import (
     slug,
     validate_training_table,
 )
-from ranker.synthetic import SyntheticConfig, synthetic_training_set
+from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
 from ranker.train import time_split
 
 

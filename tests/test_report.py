@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.ab_sim import LOGGED, ORACLE, ABConfig, examination, simulate_ab
+from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, examination, simulate_ab
 from pipelines.report import ReportConfig, SortedAUC, UserBootstrap, build_report, verdict
 from ranker.metrics import auc, paired_bootstrap, ranking_metrics
 

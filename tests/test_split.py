@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.contract import EventContract, validate_events
-from pipelines.split import SplitConfig, assign_windows, split_events
+from pipelines.data.contract import EventContract, validate_events
+from pipelines.data.split import SplitConfig, assign_windows, split_events
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
@@ -99,7 +99,7 @@ def test_bad_split_configs(kwargs, message):
 
 
 def test_movielens_bursts_make_a_global_split_cold(ml_latest_small):
-    from pipelines.sources.movielens import load_movielens
+    from pipelines.data.sources.movielens import load_movielens
 
     events = load_movielens(ml_latest_small).events
     _, global_summary = split_events(events, SplitConfig("global"))

@@ -32,8 +32,8 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipelines.contract import METADATA_KEY, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
-from pipelines.cli_common import DEFAULT_RUN, UP_TO_DATE, _friendly_errors, force_option, run_option
+from pipelines.data.contract import METADATA_KEY, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
+from pipelines.cli.common import DEFAULT_RUN, UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.paths import RunPaths
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -102,7 +102,7 @@ def data_make(preset: str, seed: int, n_users: int | None, run_dir: str, force: 
     """Simulate a marketplace event log (the embedded default data) into the run folder."""
     from dataclasses import asdict
 
-    from pipelines.sources import simulator
+    from pipelines.data.sources import simulator
 
     overrides: dict[str, Any] = {"seed": seed}
     if n_users is not None:
@@ -183,8 +183,8 @@ def _parse_mappings(mappings: tuple[str, ...]) -> dict[str, str]:
 @_friendly_errors
 def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir: str, force: bool) -> None:
     """Import a MovieLens folder (100K, 1M, or latest/25M layout, detected)."""
-    from pipelines.sources.base import write_source_output
-    from pipelines.sources.movielens import load_movielens
+    from pipelines.data.sources.base import write_source_output
+    from pipelines.data.sources.movielens import load_movielens
 
     paths = RunPaths(run_dir)
     output = load_movielens(path, like_threshold=like_threshold, on_bad=on_bad)
@@ -204,8 +204,8 @@ def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir
 @_friendly_errors
 def data_import_files(events, items, conditions, extras, mappings, ignored, ts_unit, min_ts, max_ts, on_bad, run_dir, force) -> None:
     """Import your own event log (Parquet or CSV following the contract)."""
-    from pipelines.sources.base import write_source_output
-    from pipelines.sources.files import load_files
+    from pipelines.data.sources.base import write_source_output
+    from pipelines.data.sources.files import load_files
 
     paths = RunPaths(run_dir)
     output = load_files(
@@ -262,8 +262,8 @@ def data_split(protocol: str, fractions: tuple, at: tuple | None, last_k: tuple 
     """Split the run's events into pretraining, ranker-training and test windows."""
     from dataclasses import asdict
 
-    from pipelines.sources.base import read_dataset_info
-    from pipelines.split import SplitConfig, dataset_fingerprint, format_summary, split_run
+    from pipelines.data.sources.base import read_dataset_info
+    from pipelines.data.split import SplitConfig, dataset_fingerprint, format_summary, split_run
 
     paths = RunPaths(run_dir)
     read_dataset_info(paths)  # a clear error when there is no data yet
@@ -293,7 +293,7 @@ def data_split(protocol: str, fractions: tuple, at: tuple | None, last_k: tuple 
 @_friendly_errors
 def data_describe(path: str | None, as_json: bool) -> None:
     """Describe a run folder (default: runs/main) or a validated events file."""
-    from pipelines.describe import describe_path
+    from pipelines.data.describe import describe_path
 
     info, text = describe_path(path or DEFAULT_RUN)
     click.echo(json.dumps(info, indent=2, default=str) if as_json else text)
@@ -339,7 +339,7 @@ def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_b
     Several processes: torchrun --nproc_per_node=2 -m pipelines.cli pretrain ...
     """
     from lum.pretrain import PretrainConfig
-    from pipelines.lm_steps import run_pretrain
+    from pipelines.steps.lm import run_pretrain
 
     config = PretrainConfig(
         preset=preset, epochs=epochs, max_steps=max_steps, row_tokens=row_tokens, rows_per_batch=rows_per_batch,
@@ -374,7 +374,7 @@ def pretrain_command(protocol, preset, epochs, max_steps, row_tokens, rows_per_b
 def evaluate_command(protocol, preset, k, max_users, seed, run_dir) -> None:
     """Next-item HR@k / NDCG@k on the test window against popularity and recent-items baselines."""
     from lum.evaluate import EvalConfig, format_evaluation
-    from pipelines.lm_steps import run_evaluate
+    from pipelines.steps.lm import run_evaluate
 
     paths = RunPaths(run_dir)
     result = run_evaluate(paths, protocol, preset, EvalConfig(k=k, max_users=max_users or None, seed=seed))
@@ -440,9 +440,9 @@ def embed_command(model_dir, events_path, as_of, conditions, engine, out_dir, di
         os._exit(0)
 
 
-from pipelines.cli_features import features  # noqa: E402  (command groups kept in their own modules)
-from pipelines.cli_ranker import ranker  # noqa: E402
-from pipelines.cli_run import demo, run_command  # noqa: E402
+from pipelines.cli.features import features  # noqa: E402  (command groups kept in their own modules)
+from pipelines.cli.ranker import ranker  # noqa: E402
+from pipelines.cli.run import demo, run_command  # noqa: E402
 
 main.add_command(features)
 main.add_command(ranker)

@@ -15,7 +15,7 @@ import json
 import click
 import numpy as np
 
-from pipelines.cli_common import _friendly_errors, run_option
+from pipelines.cli.common import _friendly_errors, run_option
 from pipelines.paths import RunPaths
 
 SERVICES = ["ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled"]
@@ -37,7 +37,7 @@ def features() -> None:
 def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild_stats, run_dir) -> None:
     """Create or update the run's Feast repo and register its definitions (`feast apply`)."""
     from feature_store.repo import OnlineStoreConfig
-    from pipelines.feature_steps import prepare_repo
+    from pipelines.steps.features import prepare_repo
 
     paths = RunPaths(run_dir)
     online = None
@@ -59,7 +59,7 @@ def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild
 @_friendly_errors
 def features_ingest(embed_dir, item_valid_from, select, run_dir) -> None:
     """Register the Parquet output of `lum embed` (user and item vectors) for its model version."""
-    from pipelines.feature_steps import ingest_embeddings
+    from pipelines.steps.features import ingest_embeddings
 
     repo, result, views = ingest_embeddings(RunPaths(run_dir), embed_dir, item_valid_from, select)
     if result["skipped"]:
@@ -79,7 +79,7 @@ def features_materialize(end, full, run_dir) -> None:
     """Write the newest feature values into the online store (incremental after the first run)."""
     from feature_store.online import materialize
     from feature_store.repo import FeatureRepo
-    from pipelines.contract import utc_timestamp
+    from pipelines.data.contract import utc_timestamp
 
     state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc_timestamp(end) if end else None, full=full)
     kind = state["online_store"]["kind"]
@@ -144,7 +144,7 @@ def features_serve(port, host, run_dir) -> None:
 @_friendly_errors
 def features_training_set(protocol, window, service, conditions, run_dir) -> None:
     """Build a split window's point-in-time training set: one row per impression, in order."""
-    from pipelines.feature_steps import build_window_training_set, training_set_summary
+    from pipelines.steps.features import build_window_training_set, training_set_summary
 
     out = build_window_training_set(RunPaths(run_dir), protocol, window, service, tuple(conditions.split(",")) if conditions else None)
     click.echo(f"wrote {out}: {json.dumps(training_set_summary(out))}")

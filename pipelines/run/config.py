@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.cli_common import UP_TO_DATE
-from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
+from pipelines.cli.common import UP_TO_DATE
+from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 
@@ -120,7 +120,7 @@ class RankersConfig:
             raise ValueError(f"rankers.listwise_weight must be >= 0, got {self.listwise_weight}")
 
     def ranker_options(self) -> dict[str, Any]:
-        """Every field but the model and variant lists: the keywords of `pipelines.cli_ranker.ranker_config`."""
+        """Every field but the model and variant lists: the keywords of `pipelines.cli.ranker.ranker_config`."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("models", "variants")}
 
 
@@ -301,7 +301,7 @@ def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool
 def request_time_conditions(model_dir: Path, events: Path) -> bool:
     """Whether every condition column of the model is known at request time. Only then may a row's own context be
     a query condition: MovieLens' feedback level is derived from the rating, so querying it would leak the label."""
-    from pipelines.contract import METADATA_KEY, EventContract
+    from pipelines.data.contract import METADATA_KEY, EventContract
 
     manifest = json.loads((model_dir / "lum_manifest.json").read_text())
     contract = EventContract.from_json(pq.read_schema(events).metadata[METADATA_KEY])

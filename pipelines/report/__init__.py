@@ -43,7 +43,7 @@ import yaml
 from matplotlib.figure import Figure  # pyplot is not used: no global backend state, nothing to close
 from sklearn.metrics import roc_curve
 
-from pipelines.ab_sim import LOGGED, ORACLE, ABConfig, ABSimulation, simulate_ab
+from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, ABSimulation, simulate_ab
 from ranker.metrics import EPS, auc, per_user_auc, ranking_metrics, rela_impr
 
 SCORE_PREFIX = "score__"

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipelines.contract import read_events, write_json_atomic
+from pipelines.data.contract import read_events, write_json_atomic
 from pipelines.paths import RunPaths
-from pipelines.sources.base import read_dataset_info
+from pipelines.data.sources.base import read_dataset_info
 
 
 def _window(paths: RunPaths, protocol: str, window: str) -> pd.DataFrame:

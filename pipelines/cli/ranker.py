@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import click
 
-from pipelines.cli_common import _friendly_errors, force_option, run_option
+from pipelines.cli.common import _friendly_errors, force_option, run_option
 from pipelines.paths import RunPaths
 
 MODEL_CHOICE = click.Choice(["dlrm", "lightgbm"])
@@ -92,7 +92,7 @@ def ranker_config(
 def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, patience, evals_per_epoch, listwise_weight, threads,
                  lum_inputs, lightgbm_ids, lightgbm_stopping_metric, dlrm_ids, request_features, seed, run_dir, force) -> None:
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
-    from pipelines.ranker_steps import train_step
+    from pipelines.steps.rankers import train_step
 
     config = ranker_config(
         model, variant, epochs=epochs, batch_size=batch_size, embedding_dim=embedding_dim, embedding_lr=embedding_lr, patience=patience,
@@ -115,7 +115,7 @@ def ranker_evaluate(protocol, model, variant, run_dir) -> None:
     """Test-window AUC, GAUC, logloss, NE and calibration of the trained rankers, overall and per condition."""
     from tabulate import tabulate
 
-    from pipelines.ranker_steps import evaluate_step, evaluation_file
+    from pipelines.steps.rankers import evaluate_step, evaluation_file
     from ranker.metrics import rela_impr
 
     paths = RunPaths(run_dir)
@@ -150,8 +150,8 @@ def ranker_score(ranker_folder, requests_path, source, out_path, run_dir) -> Non
     import pyarrow.parquet as pq
     from pathlib import Path
 
-    from pipelines.contract import write_parquet_atomic
-    from pipelines.ranker_steps import score_requests
+    from pipelines.data.contract import write_parquet_atomic
+    from pipelines.steps.rankers import score_requests
 
     requests = pq.read_table(requests_path).to_pandas()
     scored = score_requests(RunPaths(run_dir), Path(ranker_folder), requests, source=source)

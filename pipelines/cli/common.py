@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from pipelines.contract import ContractError
+from pipelines.data.contract import ContractError
 
 DEFAULT_RUN = "runs/main"
 

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.contract import read_events, utc_timestamp, write_json_atomic, write_parquet_atomic
+from pipelines.data.contract import read_events, utc_timestamp, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from pipelines.contract import (
+from pipelines.data.contract import (
     ColumnSpec,
     ContractError,
     EventContract,
@@ -50,7 +50,7 @@ from pipelines.contract import (
     validate_events,
     validate_items,
 )
-from pipelines.sources.base import SourceOutput
+from pipelines.data.sources.base import SourceOutput
 
 GENRES_100K: tuple[str, ...] = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",

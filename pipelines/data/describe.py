@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.contract import EventContract, read_events
+from pipelines.data.contract import EventContract, read_events
 from pipelines.paths import RunPaths
-from pipelines.split import WINDOWS, cold_rows, format_summary, summarize
+from pipelines.data.split import WINDOWS, cold_rows, format_summary, summarize
 
 
 def describe_events(table: pa.Table, contract: EventContract) -> dict[str, Any]:

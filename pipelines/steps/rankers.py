@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_store.repo import FeatureRepo
-from pipelines.contract import read_events, write_json_atomic, write_parquet_atomic
-from pipelines.feature_steps import build_window_training_set
+from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
+from pipelines.steps.features import build_window_training_set
 from pipelines.paths import RunPaths
 from ranker.metrics import metrics_by, ranking_metrics
 from ranker.train import RankerConfig, TrainedRanker, train_ranker

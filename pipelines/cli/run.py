@@ -1,4 +1,4 @@
-"""`lum run --config run.yaml` and `lum demo`: the whole job end to end, resumable (see pipelines/run.py)."""
+"""`lum run --config run.yaml` and `lum demo`: the whole job end to end, resumable (see pipelines/run/config.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from pipelines.cli_common import UP_TO_DATE, _friendly_errors
+from pipelines.cli.common import UP_TO_DATE, _friendly_errors
 from pipelines.paths import RunPaths
-from pipelines.run import (
+from pipelines.run.config import (
     check_model_matches,
     ProtocolConfig,
     RunConfig,
@@ -58,9 +58,9 @@ def execute(ctx: click.Context, config: RunConfig, echo=click.echo) -> dict[str,
 
 def run_protocol(ctx: click.Context, config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo) -> Path:
     from pipelines import cli as base
-    from pipelines.feature_steps import ingest_embeddings
-    from pipelines.ranker_steps import evaluate_step, score_test_window, train_step
-    from pipelines.cli_ranker import ranker_config
+    from pipelines.steps.features import ingest_embeddings
+    from pipelines.steps.rankers import evaluate_step, score_test_window, train_step
+    from pipelines.cli.ranker import ranker_config
 
     split, lm = protocol.split, config.lm
     name = protocol.name
@@ -136,7 +136,7 @@ def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolC
     import pyarrow.parquet as pq
 
     from pipelines.report import ReportConfig, build_report
-    from pipelines.sources.base import read_dataset_info
+    from pipelines.data.sources.base import read_dataset_info
 
     frames, protocols = [], []
     for protocol, path in scored:
@@ -160,7 +160,7 @@ def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolC
 
 
 @click.command("run")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Run config (YAML); see `pipelines/run.py`.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Run config (YAML); see `pipelines/run/config.py`.")
 @click.option("--run", "run_dir", default=None, help="Override run_dir.")
 @click.pass_context
 @_friendly_errors

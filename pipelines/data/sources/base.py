@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.contract import EventContract, METADATA_KEY, write_parquet_atomic
+from pipelines.data.contract import EventContract, METADATA_KEY, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.contract import EventContract, ValidationOptions, read_table, validate_events, validate_items
-from pipelines.sources.base import SourceOutput
+from pipelines.data.contract import EventContract, ValidationOptions, read_table, validate_events, validate_items
+from pipelines.data.sources.base import SourceOutput
 
 
 def load_files(

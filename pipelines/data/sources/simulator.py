@@ -51,9 +51,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipelines.contract import ColumnSpec, EventContract, ValidationOptions, validate_events, write_parquet_atomic
+from pipelines.data.contract import ColumnSpec, EventContract, ValidationOptions, validate_events, write_parquet_atomic
 from pipelines.paths import RunPaths
-from pipelines.sources.base import write_dataset_info
+from pipelines.data.sources.base import write_dataset_info
 
 SURFACES = ("home", "search", "item_detail", "cart")
 DEVICES = ("mobile", "desktop", "tablet")
