@@ -11,6 +11,7 @@ import click
 
 from pipelines.cli.common import UP_TO_DATE, _friendly_errors
 from pipelines.paths import RunPaths
+from pipelines.report.for_run import report_run
 from pipelines.run.config import (
     check_model_matches,
     ProtocolConfig,
@@ -50,7 +51,7 @@ def execute(ctx: click.Context, config: RunConfig, echo=click.echo) -> dict[str,
     scored: list[tuple[ProtocolConfig, Path]] = []
     for protocol in config.protocols:
         scored.append((protocol, run_protocol(ctx, config, protocol, paths, state, echo)))
-    summary = state.step("report", lambda: make_report(config, paths, scored, state), echo)
+    summary = state.step("report", lambda: report_run(config, paths, scored, state.durations()), echo)
     echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
     echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
     return summary
@@ -130,33 +131,6 @@ def first_event_time(paths: RunPaths) -> str:
     import pyarrow.parquet as pq
 
     return pc.min(pq.read_table(paths.events, columns=["ts"]).column("ts")).as_py().isoformat()
-
-
-def make_report(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], state: RunState) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    from pipelines.report import ReportConfig, build_report
-    from pipelines.data.sources.base import read_dataset_info
-
-    frames, protocols = [], []
-    for protocol, path in scored:
-        frame = pq.read_table(path).to_pandas()
-        frames.append(frame)
-        summary = json.loads(paths.split_summary(protocol.split).read_text())
-        protocols.append({"name": protocol.name, "split": protocol.split, "feature_mode": protocol.features,
-                          "cold_share": float(frame["user_no_history"].mean()), "split_summary": summary.get("windows", {})})
-    info = read_dataset_info(paths)
-    meta = {
-        "run": paths.root.name, "protocols": protocols, "data": {k: v for k, v in info.items() if k not in ("contract",)},
-        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.preset) / "lum_manifest.json").read_text())["model_version"]
-                           for p, _ in scored},
-        "config": config_dict(config), "durations": state.durations(), "targets": dict(config.targets),
-        "slice_columns": [c for c in ("surface", "device", "daypart", "feedback") if c in frames[0].columns],
-    }
-    if info["source"].get("name") == "simulator":
-        meta["position_decay"] = info["source"]["config"].get("position_decay", 0.6)
-    out = paths.root / "report"
-    return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed))
 
 
 @click.command("run")
