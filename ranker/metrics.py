@@ -7,14 +7,17 @@
   NE           logloss / the entropy of the base rate (a model predicting the average CTR scores 1.0).
   calibration  mean predicted CTR / observed CTR (1.0 is calibrated).
   RelaImpr     (AUC_model - 0.5) / (AUC_base - 0.5) - 1.
-The bootstrap resamples users with replacement (impressions of one user are not independent) and evaluates both
-scores on the same resample, so the interval is for the difference itself.
+The bootstrap resamples users with replacement (impressions of one user are not independent) and evaluates every
+score on the same resample, so the interval of a difference is for the difference itself. There is one: the draws
+of `user_resamples`, evaluated by `UserBootstrap` (several columns at once, for the report) or `paired_bootstrap`
+(one pair, or any row-weighted metric function).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -159,6 +162,143 @@ METRICS: dict[str, Metric] = {
     "ne": normalized_entropy,
     "calibration": calibration,
 }
+BOOTSTRAP_METRICS = ("auc", "gauc", "logloss", "ne", "calibration")  # the metrics UserBootstrap evaluates
+
+
+def user_resamples(n_users: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    """The user bootstrap's draws: n times, how often each of n_users users is drawn (U draws with replacement).
+
+    Every bootstrap over users in this project (paired_bootstrap, the report's intervals, the simulated A/B) takes
+    its draws from here, so for the same seed and users they all see the same resamples.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.bincount(rng.integers(0, n_users, n_users), minlength=n_users).astype(np.float64)
+
+
+def _weighted_sum(weights: np.ndarray, values: np.ndarray) -> float:
+    """sum(weights * values) without BLAS: np.dot's threads make it 100x slower on a 2-core machine."""
+    return float((weights * values).sum())
+
+
+class SortedAUC:
+    """`auc` of one score column under many user weightings: sorted once, then O(rows) per weighting.
+
+    roc_auc_score sorts the scores on every call; a bootstrap of several columns x hundreds of resamples would
+    spend most of its time sorting the same numbers. With the order fixed, the weighted AUC is
+
+        sum over positives i of  w_i * (weight of negatives scored below i + half the weight of negatives tied with i)
+        / (total positive weight * total negative weight)
+
+    which is the trapezoid rule roc_auc_score uses (ties count half). Only the negatives need a cumulative sum per
+    weighting; where each positive falls among them is found once. A test checks it against `auc`.
+    """
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, user_codes: np.ndarray):
+        positive = np.asarray(labels) > 0
+        neg_order = np.argsort(scores[~positive], kind="stable")
+        neg_scores = scores[~positive][neg_order]
+        self.neg_users = user_codes[~positive][neg_order]
+        self.pos_users = user_codes[positive]
+        pos_scores = scores[positive]
+        # negatives strictly below each positive, and below or tied with it
+        self.below = np.searchsorted(neg_scores, pos_scores, side="left")
+        self.below_or_tied = np.searchsorted(neg_scores, pos_scores, side="right")
+        self._neg_weights = np.empty(len(self.neg_users))
+        self._cumulative = np.zeros(len(self.neg_users) + 1)
+
+    def __call__(self, user_weights: np.ndarray) -> float:
+        # the bootstrap's hot spot: take and cumsum into buffers allocated once (a fresh array per call costs as
+        # much again in page faults)
+        cumulative, neg_weights = self._cumulative, self._neg_weights
+        np.take(user_weights, self.neg_users, out=neg_weights)
+        np.cumsum(neg_weights, out=cumulative[1:])  # cumulative[j] = weight of the j lowest negatives
+        pos_weights = np.take(user_weights, self.pos_users)
+        total_pos, total_neg = pos_weights.sum(), cumulative[-1]
+        if total_pos <= 0 or total_neg <= 0:
+            return float("nan")
+        credit = 0.5 * (cumulative[self.below] + cumulative[self.below_or_tied])
+        return _weighted_sum(pos_weights, credit) / (total_pos * total_neg)
+
+
+class UserBootstrap:
+    """Metrics of several score columns on the same user resamples (`user_resamples`); a resample is a count per user.
+
+    Users are factorized in sorted order. Per metric, what does not change between resamples is computed once:
+      auc                       SortedAUC (the order of the scores)
+      gauc                      each user's AUC, from per_user_auc; a resample re-weights users
+      logloss, ne, calibration  per-user sums of row logloss (clipped as `logloss` clips), predicted CTR, clicks
+                                and impressions; a resample is a weighted sum over users
+    so a resample costs O(rows) for AUC and O(users) for the rest. Values equal the row-weighted functions above
+    (a test checks each against them).
+    """
+
+    def __init__(self, frame: pd.DataFrame, columns: list[str], metrics: tuple[str, ...] = BOOTSTRAP_METRICS, label: str = "label", user: str = "user_id"):
+        unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
+        if unknown:
+            raise KeyError(f"UserBootstrap evaluates {list(BOOTSTRAP_METRICS)}, not {unknown}")
+        self.columns = list(columns)
+        self.metrics = tuple(metrics)
+        codes, uniques = pd.factorize(frame[user], sort=True)
+        codes = codes.astype(np.int32)  # half the memory traffic of int64 in the per-resample gathers
+        self.n_users = len(uniques)
+        labels = frame[label].to_numpy(dtype=np.float64)
+        self.impressions = np.bincount(codes, minlength=self.n_users).astype(np.float64)
+        self.clicks = np.bincount(codes, weights=labels, minlength=self.n_users)
+        self.sorted_auc: dict[str, SortedAUC] = {}
+        self.user_auc: dict[str, np.ndarray] = {}
+        self.predicted: dict[str, np.ndarray] = {}
+        self.loss: dict[str, np.ndarray] = {}
+        for column in self.columns:
+            scores = frame[column].to_numpy(dtype=np.float64)
+            if "auc" in self.metrics:
+                self.sorted_auc[column] = SortedAUC(labels, scores, codes)
+            if "gauc" in self.metrics:
+                # per_user_auc returns users in sorted order, which is the order of `codes`
+                self.user_auc[column] = per_user_auc(labels, scores, codes)["auc"].to_numpy()
+            if {"logloss", "ne", "calibration"} & set(self.metrics):
+                probs = np.clip(scores, EPS, 1 - EPS)  # the clipping `logloss` applies
+                row_loss = -(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))
+                self.loss[column] = np.bincount(codes, weights=row_loss, minlength=self.n_users)
+                self.predicted[column] = np.bincount(codes, weights=scores, minlength=self.n_users)
+
+    def evaluate(self, counts: np.ndarray) -> dict[str, dict[str, float]]:
+        """{column: {metric: value}} when user u counts counts[u] times."""
+        impressions = _weighted_sum(counts, self.impressions)
+        clicks = _weighted_sum(counts, self.clicks)
+        rate = clicks / impressions if impressions > 0 else float("nan")
+        entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else float("nan")
+        out: dict[str, dict[str, float]] = {}
+        for column in self.columns:
+            values: dict[str, float] = {}
+            if "auc" in self.metrics:
+                values["auc"] = self.sorted_auc[column](counts)
+            if "gauc" in self.metrics:
+                user_auc = self.user_auc[column]
+                used = ~np.isnan(user_auc) & (counts > 0)
+                weights = (counts * self.impressions)[used]
+                values["gauc"] = _weighted_sum(weights, user_auc[used]) / weights.sum() if used.any() else float("nan")
+            if column in self.loss:
+                logloss = _weighted_sum(counts, self.loss[column]) / impressions if impressions > 0 else float("nan")
+                predicted = _weighted_sum(counts, self.predicted[column])
+                values["logloss"] = logloss
+                values["ne"] = logloss / entropy  # NaN when the base rate is 0 or 1, as normalized_entropy
+                values["calibration"] = predicted / clicks if clicks > 0 else float("nan")
+            out[column] = {m: values[m] for m in self.metrics}
+        return out
+
+    def point(self) -> dict[str, dict[str, float]]:
+        """Values on the data itself (every user once)."""
+        return self.evaluate(np.ones(self.n_users))
+
+    def resample(self, n: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+        """{column: {metric: [n] values}}, one per resample of `user_resamples`, the same resamples for every column."""
+        samples = {c: {m: np.empty(n) for m in self.metrics} for c in self.columns}
+        for r, counts in enumerate(user_resamples(self.n_users, n, seed)):
+            for column, values in self.evaluate(counts).items():
+                for metric, value in values.items():
+                    samples[column][metric][r] = value
+        return samples
 
 
 def paired_bootstrap(
@@ -173,29 +313,27 @@ def paired_bootstrap(
 ) -> Bootstrap:
     """Delta metric(score_b) - metric(score_a) with a 95% interval from resampling users with replacement.
 
-    A resample is expressed as a weight per row (how many times its user was drawn), which every metric takes as
-    sample weights, so no rows are copied. `metric` is a name (auc, gauc, logloss, ne, calibration) or a function
-    (labels, scores, weights) -> value. Cost per resample on 200k rows here: AUC about 70 ms (sklearn sorts each
-    time), logloss about 50 ms, GAUC about 4 ms (per-user AUCs are computed once).
+    `metric` is a name of BOOTSTRAP_METRICS (auc, gauc, logloss, ne, calibration), evaluated by UserBootstrap, or a
+    function (labels, scores, row weights) -> value, evaluated with each row weighted by how often its user was
+    drawn. Both take their draws from `user_resamples`.
     """
-    rng = np.random.default_rng(seed)
-    codes, uniques = pd.factorize(frame[user], sort=True)
-    labels = frame[label].to_numpy(dtype=np.float64)
-    a, b = frame[score_a].to_numpy(dtype=np.float64), frame[score_b].to_numpy(dtype=np.float64)
-    n_users = len(uniques)
-    if metric == "gauc":
-        # per-user AUCs do not change under resampling, only how often each user counts
-        users_a, users_b = per_user_auc(labels, a, codes), per_user_auc(labels, b, codes)
-        def value(counts: np.ndarray) -> float:
-            return _gauc_from(users_b, counts).value - _gauc_from(users_a, counts).value
-        full = value(np.ones(n_users))
+    if isinstance(metric, str):
+        boot = UserBootstrap(frame, [score_a, score_b], metrics=(metric,), label=label, user=user)
+        point = boot.point()
+        full = point[score_b][metric] - point[score_a][metric]
+        samples = boot.resample(n, seed)
+        deltas = samples[score_b][metric] - samples[score_a][metric]
     else:
-        fn = METRICS[metric] if isinstance(metric, str) else metric
+        codes, uniques = pd.factorize(frame[user], sort=True)
+        labels = frame[label].to_numpy(dtype=np.float64)
+        a, b = frame[score_a].to_numpy(dtype=np.float64), frame[score_b].to_numpy(dtype=np.float64)
+
         def value(counts: np.ndarray) -> float:
             weights = counts[codes]
             keep = weights > 0
-            return fn(labels[keep], b[keep], weights[keep]) - fn(labels[keep], a[keep], weights[keep])
-        full = value(np.ones(n_users))
-    deltas = np.array([value(np.bincount(rng.integers(0, n_users, n_users), minlength=n_users).astype(np.float64)) for _ in range(n)])
+            return metric(labels[keep], b[keep], weights[keep]) - metric(labels[keep], a[keep], weights[keep])
+
+        full = value(np.ones(len(uniques)))
+        deltas = np.array([value(counts) for counts in user_resamples(len(uniques), n, seed)])
     deltas = deltas[~np.isnan(deltas)]
     return Bootstrap(float(full), float(deltas.mean()), float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5)), int(len(deltas)))
