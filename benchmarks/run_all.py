@@ -1,7 +1,7 @@
 """Runs every benchmark, one subprocess each, then writes benchmarks/results/SUMMARY.md (`make bench`).
 
     python -m benchmarks.run_all                      # quick sizes (about 10 minutes on 2 cores)
-    python -m benchmarks.run_all --full               # the sizes the README quotes
+    python -m benchmarks.run_all --full               # the sizes docs/results/ quotes
     python -m benchmarks.run_all --only embed,data    # a subset
     python -m benchmarks.run_all --summary-only       # rebuild the summary from the JSON already there
 
@@ -9,9 +9,9 @@ Each benchmark runs as `python -m benchmarks.bench_<name> <args>` from the repos
 streamed; its wall time, mode and exit code go to benchmarks/results/_runs.json and into the summary. A failed
 benchmark is recorded and the others still run; the exit code is 1 if any failed.
 
-Full runs write benchmarks/results/<name>.json and SUMMARY.md there, and refresh README.md's benchmark block;
-quick runs write the same files under benchmarks/results/quick/ (through LUM_BENCH_RESULTS_DIR), so a quick run
-never replaces the full figures the README quotes.
+Full runs write benchmarks/results/<name>.json and SUMMARY.md there, and refresh the results block of
+docs/benchmarks.md; quick runs write the same files under benchmarks/results/quick/ (through
+LUM_BENCH_RESULTS_DIR), so a quick run never replaces the full figures the docs quote.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
-from benchmarks.summary import README, REPO_ROOT, RunRecord, build_summary, save_run
+from benchmarks.summary import PAGE, REPO_ROOT, RunRecord, build_summary, save_run
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((bench.name, record.exit_code))
         print(f"\n=== {args.mode} run: " + "; ".join(lines), flush=True)
 
-    # only full-size figures go into the README
-    summary = build_summary(results_dir(args.mode), README if args.mode == "full" else None)
+    # only full-size figures go into docs/benchmarks.md
+    summary = build_summary(results_dir(args.mode), PAGE if args.mode == "full" else None)
     print(f"wrote {summary}", flush=True)
     if failed:
         print("failed: " + ", ".join(f"{name} (exit code {code})" for name, code in failed), file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Builds benchmarks/results/SUMMARY.md from the benchmarks' JSON results (and README's summary block).
+"""Builds benchmarks/results/SUMMARY.md from the benchmarks' JSON results (and the block of docs/benchmarks.md).
 
     python -m benchmarks.run_all --summary-only    # the usual way in
     python -m benchmarks.summary                   # the same, without the runner
@@ -8,8 +8,8 @@ Every `<name>.json` written by `common.write_results` gets one section: a compac
 the command, the machine and the date from the JSON. `run_all` records each run's mode, exit code and wall time
 in `_runs.json` beside them (files whose name starts with `_` are not benchmark results); the summary shows the
 wall time of the run that wrote a JSON, and flags a run that failed after it. The summary body also replaces the
-text between the README's `<!-- bench-summary:begin -->` and `<!-- bench-summary:end -->` markers when both are
-there; without them README is left alone.
+text between the `<!-- bench-summary:begin -->` and `<!-- bench-summary:end -->` markers of the benchmarks page,
+docs/benchmarks.md (the README links to it), when both are there; without them the page is left alone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR
 
-README = REPO_ROOT / "README.md"
+# the docs page whose marked block shows the full-size results (README.md links to it)
+PAGE = REPO_ROOT / "docs" / "benchmarks.md"
 SUMMARY_NAME = "SUMMARY.md"
 RUNS_NAME = "_runs.json"
 BEGIN = "<!-- bench-summary:begin -->"
@@ -315,8 +316,9 @@ def replace_block(text: str, body: str) -> str | None:
     return text[: start + len(BEGIN)] + "\n" + body + "\n" + text[end:]
 
 
-def build_summary(results_dir: Path = RESULTS_DIR, readme: Path | None = README) -> Path:
-    """Writes results_dir/SUMMARY.md and, where both markers exist, the README block; returns SUMMARY.md's path."""
+def build_summary(results_dir: Path = RESULTS_DIR, page: Path | None = PAGE) -> Path:
+    """Writes results_dir/SUMMARY.md and, where both markers exist, the block of `page` (docs/benchmarks.md);
+    returns SUMMARY.md's path."""
     results_dir = Path(results_dir)
     results = load_results(results_dir)
     intro = ("Built by `python -m benchmarks.run_all` (`make bench`) from `benchmarks/results/*.json`; "
@@ -324,11 +326,11 @@ def build_summary(results_dir: Path = RESULTS_DIR, readme: Path | None = README)
     summary = results_dir / SUMMARY_NAME
     results_dir.mkdir(parents=True, exist_ok=True)
     summary.write_text(f"# Benchmark summary\n\n{intro}\n\n{render_body(results, level=2)}\n")
-    if readme is not None and Path(readme).exists():
-        text = Path(readme).read_text()
-        updated = replace_block(text, render_body(results, level=3))
+    if page is not None and Path(page).exists():
+        text = Path(page).read_text()
+        updated = replace_block(text, render_body(results, level=3))  # the block sits under a `##` heading
         if updated is not None and updated != text:
-            Path(readme).write_text(updated)
+            Path(page).write_text(updated)
     return summary
 
 

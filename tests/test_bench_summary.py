@@ -1,4 +1,4 @@
-"""The benchmark summary: tables, provenance, run records and the README block, on small JSON files in a tmp dir."""
+"""The benchmark summary: tables, provenance, run records and the block of docs/benchmarks.md, on small JSON files in a tmp dir."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.run_all import BENCHES, parse_only
-from benchmarks.summary import BEGIN, END, RunRecord, build_summary, save_run
+from benchmarks.summary import BEGIN, END, PAGE, RunRecord, build_summary, replace_block, save_run
 
 MACHINE = {"cores": 2, "ram_gib": 23.5, "cpu": "x86_64", "python": "3.11.7", "date": "2026-11-25T05:56:51+00:00"}
 
@@ -44,7 +44,7 @@ def section(text: str, name: str) -> str:
 
 
 def test_tables_and_provenance(results: Path) -> None:
-    text = build_summary(results, readme=None).read_text()
+    text = build_summary(results, page=None).read_text()
     assert text.startswith("# Benchmark summary")
     # overview, in pipeline order, unknown benchmarks last
     assert "| embed | 2026-11-25T05:56:51+00:00 | 2 cores, 23.5 GiB |  |  | ok |" in text
@@ -67,7 +67,7 @@ def test_tables_and_provenance(results: Path) -> None:
 
 
 def test_unknown_benchmark_shows_all_rows_and_columns(results: Path) -> None:
-    mystery = section(build_summary(results, readme=None).read_text(), "mystery")
+    mystery = section(build_summary(results, page=None).read_text(), "mystery")
     assert "| alpha | beta | gamma |" in mystery
     assert "| 1 | x\\|y |  |" in mystery
     assert "| 2 |  | yes |" in mystery
@@ -79,7 +79,7 @@ def test_known_benchmark_with_unexpected_rows_falls_back(results: Path) -> None:
           "python /x/benchmarks/bench_data.py")
     write(results, "ranker", [{"renamed": 1}], "python /x/benchmarks/bench_ranker.py")
     (results / "stray.json").write_text("[1, 2]")
-    text = build_summary(results, readme=None).read_text()
+    text = build_summary(results, page=None).read_text()
     data = section(text, "data")
     assert "| preset | users | events/s |" in data and "| tiny | 300 | 287,122 |" in data
     assert "Other rows:\n\n| something | n |" in data and "| new | 12,345 |" in data
@@ -92,7 +92,7 @@ def test_run_records_wall_time_and_failure(results: Path) -> None:
                                          started="2026-11-25T05:53:00+00:00", json_date=MACHINE["date"]))
     save_run(results, "features", RunRecord(mode="full", args=[], exit_code=3, wall_s=42.0, started="2026-11-25T06:00:00+00:00"))
     save_run(results, "ranker", RunRecord(mode="quick", args=[], exit_code=-9, wall_s=5.0, started="2026-11-25T06:10:00+00:00"))
-    text = build_summary(results, readme=None).read_text()
+    text = build_summary(results, page=None).read_text()
     assert "| embed | 2026-11-25T05:56:51+00:00 | 2 cores, 23.5 GiB | quick | 187 | ok |" in text
     assert "wall time 187 s (quick run)" in section(text, "embed")
     assert "| features | 2026-11-24T04:33:16+00:00 | 2 cores, 23.5 GiB |  |  | failed (exit 3) |" in text
@@ -105,36 +105,48 @@ def test_run_records_wall_time_and_failure(results: Path) -> None:
 
 def test_failure_older_than_the_json_is_not_flagged(results: Path) -> None:
     save_run(results, "features", RunRecord(mode="quick", args=[], exit_code=1, wall_s=3.0, started="2026-11-20T00:00:00+00:00"))
-    text = build_summary(results, readme=None).read_text()
+    text = build_summary(results, page=None).read_text()
     assert "failed" not in text
 
 
-def test_readme_block_is_replaced(results: Path, tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Project\n\n## Benchmarks\n\n{BEGIN}\nold table\n{END}\n\nAfter.\n")
-    build_summary(results, readme)
-    text = readme.read_text()
+def test_page_block_is_replaced(results: Path, tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Benchmarks\n\n## Latest full results\n\n{BEGIN}\nold table\n{END}\n\nAfter.\n")
+    build_summary(results, page)
+    text = page.read_text()
     assert "old table" not in text
-    assert text.startswith(f"# Project\n\n## Benchmarks\n\n{BEGIN}\n")
+    assert text.startswith(f"# Benchmarks\n\n## Latest full results\n\n{BEGIN}\n")
     assert text.endswith(f"\n{END}\n\nAfter.\n")
     block = text.split(BEGIN)[1].split(END)[0]
-    assert "### embed" in block and "## embed" not in block.replace("### embed", "")  # one level below the README's heading
+    assert "### embed" in block and "## embed" not in block.replace("### embed", "")  # one level below the page's heading
     assert "| vllm | 8 | 200 | 101,221 | 1.12 | 8.92 | 12.5 |" in block
     assert "# Benchmark summary" not in block
     # rebuilding is stable
-    build_summary(results, readme)
-    assert readme.read_text() == text
+    build_summary(results, page)
+    assert page.read_text() == text
 
 
 @pytest.mark.parametrize("content", ["# Project\n\nNo markers.\n", f"# Project\n{BEGIN}\nonly the begin marker\n",
                                      f"# Project\n{END}\nwrong order\n{BEGIN}\n"])
-def test_readme_without_both_markers_is_untouched(results: Path, tmp_path: Path, content: str) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(content)
-    before = readme.stat().st_mtime_ns
-    build_summary(results, readme)
-    assert readme.read_text() == content
-    assert readme.stat().st_mtime_ns == before
+def test_page_without_both_markers_is_untouched(results: Path, tmp_path: Path, content: str) -> None:
+    page = tmp_path / "benchmarks.md"
+    page.write_text(content)
+    before = page.stat().st_mtime_ns
+    build_summary(results, page)
+    assert page.read_text() == content
+    assert page.stat().st_mtime_ns == before
+
+
+def test_the_block_lives_in_docs_benchmarks_md_which_the_readme_links() -> None:
+    """The destination of a full run: docs/benchmarks.md holds the markers in order; README.md only links to it."""
+    from benchmarks.common import REPO_ROOT
+
+    assert PAGE == REPO_ROOT / "docs" / "benchmarks.md"
+    page = PAGE.read_text()
+    assert replace_block(page, "body") is not None  # both markers, begin before end
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert BEGIN not in readme and END not in readme
+    assert "docs/benchmarks.md" in readme
 
 
 def test_only_selects_in_pipeline_order() -> None:
@@ -148,25 +160,27 @@ def test_run_all_records_a_failure_and_goes_on(results: Path, tmp_path: Path, mo
     """Two benchmarks whose modules do not exist: both are tried, both recorded, the summary built, exit code 1."""
     import benchmarks.run_all as run_all
 
-    readme = tmp_path / "README.md"
-    readme.write_text("no markers\n")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"before\n{BEGIN}\nold\n{END}\n")
     fakes = (run_all.Bench("missing_one", quick=("--x",), full=("--y",)), run_all.Bench("missing_two", quick=(), full=()))
     monkeypatch.setattr(run_all, "BENCHES", fakes)
     monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
     monkeypatch.setattr(run_all, "RESULTS_DIR", results)
-    monkeypatch.setattr(run_all, "README", readme)
+    monkeypatch.setattr(run_all, "PAGE", page)
     assert run_all.main(["--full"]) == 1
     runs = json.loads((results / "_runs.json").read_text())
     assert set(runs) == {"missing_one", "missing_two"}
     assert runs["missing_one"]["exit_code"] != 0 and runs["missing_one"]["args"] == ["--y"] and runs["missing_one"]["mode"] == "full"
     text = (results / "SUMMARY.md").read_text()
     assert "## missing_one" in text and "## missing_two" in text and "## embed" in text
+    full_page = page.read_text()  # a full run rewrites the page's block
+    assert "\nold\n" not in full_page and "### missing_one" in full_page and full_page.startswith(f"before\n{BEGIN}\n")
     # quick mode keeps its records and summary apart, never touching the full figures
     assert run_all.main([]) == 1
     quick = json.loads((results / "quick" / "_runs.json").read_text())
     assert quick["missing_one"]["mode"] == "quick" and quick["missing_one"]["args"] == ["--x"]
     assert (results / "quick" / "SUMMARY.md").exists() and (results / "SUMMARY.md").read_text() == text
-    assert readme.read_text() == "no markers\n"
+    assert page.read_text() == full_page
 
 
 def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -179,7 +193,7 @@ def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_pat
     monkeypatch.setattr(run_all, "BENCHES", fakes)
     monkeypatch.setattr(run_all, "BY_NAME", {b.name: b for b in fakes})
     monkeypatch.setattr(run_all, "RESULTS_DIR", results)
-    monkeypatch.setattr(run_all, "README", tmp_path / "README.md")
+    monkeypatch.setattr(run_all, "PAGE", tmp_path / "benchmarks.md")
     assert run_all.main(["--full"]) == 0
     assert "missing_one: skipped, it needs no/such/run_state.json: run `make demo` first" in capsys.readouterr().out
     assert "missing_one" not in json.loads((results / "_runs.json").read_text())
