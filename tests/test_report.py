@@ -8,6 +8,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -19,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.report import ReportConfig, build_report, verdict
 from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, examination, simulate_ab
-from pipelines.report import ReportConfig, SortedAUC, UserBootstrap, build_report, verdict
-from ranker.metrics import auc, paired_bootstrap, ranking_metrics
+from ranker.metrics import SortedAUC, UserBootstrap, auc, paired_bootstrap, ranking_metrics, user_resamples
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 DECAY = 0.8
@@ -197,13 +198,20 @@ def test_user_bootstrap_agrees_with_ranker_metrics():
         expected = ranking_metrics(frame, column)
         for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
             assert point[column][metric] == pytest.approx(expected[metric], abs=1e-10), metric
-    # the same draws as paired_bootstrap: the same interval for the pair
-    samples = boot.resample(40, seed=7)
-    for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
-        reference = paired_bootstrap(frame, a, b, metric=metric, n=40, seed=7)
-        deltas = samples[b][metric] - samples[a][metric]
-        assert np.percentile(deltas, 2.5) == pytest.approx(reference.low, abs=1e-10), metric
-        assert np.percentile(deltas, 97.5) == pytest.approx(reference.high, abs=1e-10), metric
+    # each resample equals ranking_metrics on the rows of the drawn users, each user's rows repeated as often as drawn
+    samples = boot.resample(6, seed=7)
+    codes, _ = pd.factorize(frame["user_id"], sort=True)
+    for r, counts in enumerate(user_resamples(boot.n_users, 6, seed=7)):
+        drawn = frame.iloc[np.repeat(np.arange(len(frame)), counts[codes].astype(int))].copy()
+        copy = np.concatenate([np.arange(c) for c in counts[codes].astype(int)])  # a user drawn twice is two users
+        drawn["user_id"] = drawn["user_id"].astype(str) + "#" + copy.astype(str)
+        for column in (a, b):
+            expected = ranking_metrics(drawn, column)
+            for metric in ("auc", "gauc", "logloss", "ne", "calibration"):
+                assert samples[column][metric][r] == pytest.approx(expected[metric], abs=1e-10), (metric, r)
+    # paired_bootstrap is the same bootstrap: the same draws, the same interval for the pair
+    reference = paired_bootstrap(frame, a, b, metric="auc", n=6, seed=7)
+    assert reference.low == pytest.approx(np.percentile(samples[b]["auc"] - samples[a]["auc"], 2.5), abs=1e-12)
 
 
 def test_verdict_wording():
@@ -248,7 +256,8 @@ def test_report_shows_a_clear_gain_when_lum_ranks_better_within_users(gain_repor
     assert "a clear gain" in html_text and "<script" not in html_text.lower()
     assert "http://" not in html_text and "https://" not in html_text  # nothing to fetch: it renders offline
     markdown = (out / "report.md").read_text()
-    assert "| model | variant | AUC | GAUC |" in markdown and "![ROC curves per variant](roc_default.png)" in markdown
+    # tabulate pads the cells of a column to one width
+    assert re.search(r"^\| model +\| variant +\| +AUC +\| +GAUC +\|", markdown, re.M) and "![ROC curves per variant](roc_default.png)" in markdown
 
 
 def test_report_variants_table_and_intervals_match_paired_bootstrap(gain_report):
@@ -282,7 +291,9 @@ def test_report_slices(gain_report):
     families = {}
     for s in slices:
         families.setdefault(s["family"], {})[s["value"]] = s
-    assert set(families) == {"surface", "device", "user history", "earlier user history", "item popularity", "new item"}
+    # user_no_history is user_history_len == 0 here, as in the pipeline: "earlier user history" would repeat
+    # "user history: 0" and its complement, so it is not a family of its own
+    assert set(families) == {"surface", "device", "user history", "item popularity", "new item"}
     assert list(families["user history"]) == ["0", "1-9", "10-49", "50+"]
     for values in families.values():
         assert sum(s["rows"] for s in values.values()) == len(frame)
@@ -291,8 +302,8 @@ def test_report_slices(gain_report):
     known = len(frame) - popularity["unknown"]["rows"]
     assert 0.1 < popularity["head"]["rows"] / known <= 0.2 + 0.1  # ties keep a popularity value in one bucket
     assert popularity["tail"]["rows"] / known <= 0.5
-    cold = families["earlier user history"]["none (cold user)"]
-    assert cold["rows"] == frame["user_no_history"].sum()
+    cold = families["user history"]["0"]
+    assert cold["rows"] == frame["user_no_history"].sum() and cold["same_as"] == ["earlier user history: none (cold user)"]
     assert report["protocols"][0]["data"]["cold_share"] == pytest.approx(frame["user_no_history"].mean())
     home = families["surface"]["home"]
     lift = next(x for x in home["lifts"] if (x["model"], x["variant"]) == ("dlrm", "lum"))

@@ -13,12 +13,12 @@ free: `logged` (the order the logging policy showed, from the `position` column,
 (ordered by the true relevance: the best any ranker can do).
 
 The lift of a variant over a baseline, `CTR_a / CTR_b - 1`, gets a 95% interval from a paired bootstrap over
-USERS (the requests of one user are not independent): users are drawn with replacement and both CTRs are
-recomputed on the same draw. Expected clicks are summed per user once, so a resample costs one weighted sum
+USERS (the requests of one user are not independent): users are drawn with replacement (the draws of
+ranker.metrics.user_resamples, as every bootstrap of the report) and both CTRs are recomputed on the same draw. Expected clicks are summed per user once, so a resample costs one weighted sum
 over users, not a pass over the rows.
 
     sim = simulate_ab(scored, {"dlrm/base": "score__dlrm__base", "dlrm/lum": "score__dlrm__lum"},
-                      ABConfig(position_decay=0.8))
+                      ABConfig(position_decay=0.6))
     sim.ctr_table()                          # policies x CTR@k
     sim.lift("dlrm/lum", "dlrm/base", k=10)  # CTRLift(lift=+0.041, low=+0.030, high=+0.052, ...)
 """
@@ -30,6 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipelines.data.sources.simulator import SimulatorConfig
+from pipelines.data.sources.simulator import examination as simulator_examination
+from ranker.metrics import user_resamples
+
 LOGGED = "logged"
 ORACLE = "oracle"
 
@@ -37,7 +41,7 @@ ORACLE = "oracle"
 @dataclass(frozen=True)
 class ABConfig:
     ks: tuple[int, ...] = (1, 5, 10)
-    position_decay: float = 0.8  # pass the simulator's value
+    position_decay: float = SimulatorConfig.position_decay  # pass the value the simulator generated the data with
     n_bootstrap: int = 1000  # user resamples for the lift intervals (cheap: one weighted sum per resample)
     seed: int = 0
     user: str = "user_id"
@@ -69,8 +73,8 @@ class CTRLift:
 
 
 def examination(position: np.ndarray | int, position_decay: float) -> np.ndarray:
-    """Probability that a user looks at slot `position` (0 = top): (1 + position) ** -position_decay."""
-    return (1.0 + np.asarray(position, dtype=np.float64)) ** -position_decay
+    """Probability that a user looks at slot `position` (0 = top): the simulator's own position bias."""
+    return simulator_examination(np.asarray(position, dtype=np.float64), position_decay)
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,8 @@ class ABSimulation:
         ks = tuple(ks or self.config.ks)
         index = [(self._index(a, k), self._index(b, k), k) for a, b in pairs for k in ks]
         n_users = len(self.users)
-        rng = np.random.default_rng(self.config.seed)
         samples = np.empty((self.config.n_bootstrap, len(index)))
-        for r in range(self.config.n_bootstrap):
-            counts = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users).astype(np.float64)
+        for r, counts in enumerate(user_resamples(n_users, self.config.n_bootstrap, self.config.seed)):
             # the k and the request count cancel in the ratio of two CTRs on the same resample
             # einsum, not tensordot/dot: multi-threaded BLAS is many times slower on a small machine for this shape
             clicks = np.einsum("u,upk->pk", counts, self.user_clicks)  # [P, K]

@@ -6,16 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipelines.paths import RunPaths
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict
 
+REPORT_STEP = "report"  # the run's step that calls report_run: still running while the report is written
+SLICE_COLUMNS = ("surface", "device", "daypart", "feedback")  # condition columns the report slices by, when present
 
-def report_run(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float]) -> dict[str, Any]:
-    """The report of a finished run: each protocol's scored test window, the run's facts and settings -> report/."""
+
+def run_inputs(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float]) -> tuple[list[pd.DataFrame], dict[str, Any], Any]:
+    """(scored tables, meta, ReportConfig) of a finished run: what report_run passes to build_report."""
     import pyarrow.parquet as pq
 
-    from pipelines.report import ReportConfig, build_report
     from pipelines.data.sources.base import read_dataset_info
+    from pipelines.report.spec import ReportConfig
 
     frames, protocols = [], []
     for protocol, path in scored:
@@ -27,12 +32,27 @@ def report_run(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolCo
     info = read_dataset_info(paths)
     meta = {
         "run": paths.root.name, "protocols": protocols, "data": {k: v for k, v in info.items() if k not in ("contract",)},
-        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.preset) / "lum_manifest.json").read_text())["model_version"]
+        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.pretrain.preset) / "lum_manifest.json").read_text())["model_version"]
                            for p, _ in scored},
-        "config": config_dict(config), "durations": durations, "targets": dict(config.targets),
-        "slice_columns": [c for c in ("surface", "device", "daypart", "feedback") if c in frames[0].columns],
+        "config": config_dict(config),
+        # the report step's own entry is a placeholder (0 s) while it runs: leave it out rather than print 0.0 s
+        "durations": {step: seconds for step, seconds in durations.items() if step != REPORT_STEP},
+        "targets": dict(config.targets),
+        "slice_columns": [c for c in SLICE_COLUMNS if c in frames[0].columns],
     }
-    if info["source"].get("name") == "simulator":
-        meta["position_decay"] = info["source"]["config"].get("position_decay", 0.6)
-    out = paths.root / "report"
-    return build_report(frames if len(frames) > 1 else frames[0], meta, out, ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed))
+    # position_decay stays None: build_report takes the one the simulator generated the data with from meta["data"]
+    report_config = ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed)
+    return frames, meta, report_config
+
+
+def report_run(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float],
+               out_dir: Path | None = None) -> dict[str, Any]:
+    """The report of a finished run: each protocol's scored test window, the run's facts and settings -> report/.
+
+    out_dir: where to write it (default: the run folder's report/), e.g. to rebuild a run's report elsewhere.
+    """
+    from pipelines.report import build_report
+
+    frames, meta, report_config = run_inputs(config, paths, scored, durations)
+    out = Path(out_dir) if out_dir is not None else paths.root / "report"
+    return build_report(frames if len(frames) > 1 else frames[0], meta, out, report_config)
