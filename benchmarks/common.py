@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-# full-size results (what the README quotes); `make bench` in quick mode points this at results/quick instead
+# full-size results (what docs/results/ quotes); `make bench` in quick mode points this at results/quick instead
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(os.environ.get("LUM_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 

@@ -4,8 +4,8 @@ The behaviour LM is a plain `LlamaForCausalLM` so that vLLM and transformers bot
 Presets, from laptop to production (parameter counts for a 32k vocabulary):
 
     preset  hidden  layers  heads  kv heads  ffn     params
-    tiny        64       2      2         2    128     4.2M  (tests: trains in seconds)
-    small      256       4      4         4    688    20M    (the demo: minutes on 2 cores)
+    tiny        64       2      2         2    128     4.2M  (tests and the demo: trains in seconds to minutes on 2 cores)
+    small      256       4      4         4    688    20M
     base       512       8      8         8   1376    58M
     1b        2048      22     32         4   5632     1.1B  (TinyLlama shapes)
     7b        4096      32     32        32  11008     6.7B  (Llama-2-7B shapes)
