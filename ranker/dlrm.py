@@ -5,7 +5,7 @@ Two engines compute the same model and the same updates (row-wise Adagrad for th
          CPU) and fbgemm's fused kernel applies EXACT_ROWWISE_ADAGRAD inside the backward pass, so the tables never
          hold a gradient. One process, or many under `torchrun` (each rank takes its slice of every batch).
   plain  an unsharded EmbeddingBagCollection with `torchrec.optim.RowWiseAdagrad` as an ordinary optimizer: the
-         reference the fast path is compared with (and 4-5x slower on CPU, see STACK.md).
+         reference the fast path is compared with (and slower on CPU: docs/results/ranker.md).
 Both start from the same seeded weights (the DMP tables are overwritten with them), so a seed fixes the run.
 
 Loss: the mean log loss of the batch, plus (listwise_weight > 0) a listwise term, the softmax cross-entropy of
