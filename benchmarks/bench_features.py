@@ -19,7 +19,6 @@ assembly; HTTP goes through a real `feast serve` on localhost.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import write_results
+from contracts.embeddings import ITEMS_FILE, USERS_DIR, EmbeddingManifest, ShardRecord, shard_file_name, write_embedding_manifest
 from feature_store.online import FeatureClient, materialize
 from feature_store.repo import FeatureRepo, OnlineStoreConfig
 from feature_store.serve import FeatureServer, free_port
@@ -44,7 +44,7 @@ DIM = 64
 def fake_embedding_job(out: Path, users: np.ndarray, items: np.ndarray, as_of: list[pd.Timestamp], seed: int = 0) -> Path:
     """A folder laid out as `lum embed` writes it, with random vectors (the benchmark measures plumbing)."""
     rng = np.random.default_rng(seed)
-    (out / "users").mkdir(parents=True, exist_ok=True)
+    (out / USERS_DIR).mkdir(parents=True, exist_ok=True)
     frames = [pd.DataFrame({"user_id": np.repeat(users, len(CONDITIONS)), "condition": np.tile(CONDITIONS, len(users)), "event_timestamp": t})
               for t in as_of]
     rows = pd.concat(frames, ignore_index=True)
@@ -56,14 +56,13 @@ def fake_embedding_job(out: Path, users: np.ndarray, items: np.ndarray, as_of: l
         "event_timestamp": pa.array(rows.event_timestamp).cast(pa.timestamp("us", tz="UTC")),
         "model_version": pa.array(["bench-v1"] * len(rows)),
     })
-    pq.write_table(table, out / "users" / "shard-00000-of-00001.parquet")
+    pq.write_table(table, out / USERS_DIR / shard_file_name(0, 1))
     item_vectors = rng.standard_normal((len(items), DIM)).astype(np.float32)
     pq.write_table(pa.table({"item_id": items, "embedding": pa.array(list(item_vectors), pa.list_(pa.float32())),
-                             "token": items, "model_version": ["bench-v1"] * len(items)}), out / "items.parquet")
-    manifest = {"settings": {"model_version": "bench-v1", "as_of": ",".join(t.isoformat() for t in as_of), "rows": None,
-                             "conditions": CONDITIONS}, "complete": True, "embedding_dim": DIM,
-                "shards": {"0": {"file": "shard-00000-of-00001.parquet"}}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+                             "token": items, "model_version": ["bench-v1"] * len(items)}), out / ITEMS_FILE)
+    settings = {"model_version": "bench-v1", "as_of": ",".join(t.isoformat() for t in as_of), "rows": None, "conditions": CONDITIONS}
+    manifest = EmbeddingManifest(settings, shards={0: ShardRecord(shard_file_name(0, 1))}, complete=True, embedding_dim=DIM)
+    write_embedding_manifest(manifest, out)
     return out
 
 

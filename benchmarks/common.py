@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from contracts.files import write_json_atomic
 
 # full-size results (what docs/results/ quotes); `make bench` in quick mode points this at results/quick instead
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +61,7 @@ def write_results(name: str, rows: list[dict[str, Any]], notes: str = "") -> Pat
         "rows": rows,
     }
     path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_json_atomic(payload, path)
     print(pd.DataFrame(rows).to_markdown(index=False))
     print(f"\nwrote {path}")
     return path

@@ -19,14 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ranker.schema import METADATA_KEY, slug
+from contracts.names import COUNTER_COLUMNS, SEQUENCE_COLUMNS, TRAINING_SET_METADATA_KEY, lum_user_column, slug
 
 SURFACES = ("home", "search", "item_detail")
 DEVICES = ("mobile", "desktop")
-COUNTERS = (
-    "user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last",
-    "item_n_impressions", "item_n_clicks", "item_ctr",
-)
 
 
 @dataclass(frozen=True)
@@ -163,7 +159,7 @@ def synthetic_training_set(config: SyntheticConfig = SyntheticConfig()) -> pa.Ta
     missing_lum = ~lum_user_ok[user] | ~lum_item_ok[item]
     for name, vectors in zip(conditions, condition_vectors):
         observed = vectors[user] + rng.normal(size=(n, d)) * noise
-        columns[f"lum_user__{slug(name)}"] = _vector_column(observed, lum_user_ok[user])
+        columns[lum_user_column(name)] = _vector_column(observed, lum_user_ok[user])
     columns["lum_item"] = _vector_column(hidden_item[item] + rng.normal(size=(n, d)) * noise, lum_item_ok[item])
     columns["missing_user_stats"] = pa.array(cold_user[user].astype(np.int8))
     columns["missing_item_stats"] = pa.array(cold_item[item].astype(np.int8))
@@ -175,8 +171,8 @@ def synthetic_training_set(config: SyntheticConfig = SyntheticConfig()) -> pa.Ta
 
     metadata = {
         "context_columns": ["surface", "device", "daypart", "hour"],
-        "counter_columns": list(COUNTERS),
-        "sequence_columns": ["hist_item_ids", "hist_categories"],
+        "counter_columns": list(COUNTER_COLUMNS),
+        "sequence_columns": list(SEQUENCE_COLUMNS),
         "lum_conditions": {slug(c): c for c in conditions},
         "lum_dim": d,
         "model_version": "synthetic-v1",
@@ -186,7 +182,7 @@ def synthetic_training_set(config: SyntheticConfig = SyntheticConfig()) -> pa.Ta
         "time": "ts",
     }
     table = pa.table(columns)
-    return table.replace_schema_metadata({METADATA_KEY.encode(): json.dumps(metadata).encode()})
+    return table.replace_schema_metadata({TRAINING_SET_METADATA_KEY.encode(): json.dumps(metadata).encode()})
 
 
 def split_by_time(table: pa.Table, test_fraction: float = 0.2) -> tuple[pa.Table, pa.Table]:

@@ -25,6 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from contracts.files import write_json_atomic
+
 __all__ = [
     "EmbeddingFolderError",
     "EmbeddingManifest",
@@ -42,6 +44,7 @@ __all__ = [
     "read_embedding_manifest",
     "require_columns",
     "shard_file_name",
+    "write_embedding_manifest",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -215,6 +218,11 @@ def read_embedding_manifest(folder: str | Path) -> EmbeddingManifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EmbeddingFolderError(f"{path}: not valid JSON ({exc})") from exc
     return EmbeddingManifest.from_json(data, path)
+
+
+def write_embedding_manifest(manifest: EmbeddingManifest, folder: str | Path) -> None:
+    """Write `folder/manifest.json` atomically, as the embedding job always has (indented; odd values as strings)."""
+    write_json_atomic(manifest.to_json(), Path(folder) / MANIFEST_FILE, indent=2, default=str)
 
 
 def require_columns(names: list[str], wanted: tuple[str, ...] | list[str], path: str | Path) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from feature_store.repo import _atomic_write_parquet
+from contracts.files import write_parquet_atomic
+from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, ITEM_COUNTERS, USER_STATS_COLUMNS
 
 ONE_US = pd.Timedelta(microseconds=1)
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
@@ -67,7 +68,7 @@ def user_stats(events: pd.DataFrame, config: StatsConfig) -> pd.DataFrame:
     frame["user_recent_ctr"] = (frame["user_n_clicks"] - lagged) / np.minimum(frame["user_n_events"], config.recent_window)
     frame["user_last_event_s"] = (frame["ts"] - EPOCH).dt.total_seconds()
     last = _last_per_moment(frame, "user_id")
-    return last[["user_id", "event_timestamp", "user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s"]]
+    return last[["user_id", "event_timestamp", *USER_STATS_COLUMNS]]
 
 
 def item_stats(events: pd.DataFrame, config: StatsConfig) -> pd.DataFrame:
@@ -92,7 +93,7 @@ def item_stats(events: pd.DataFrame, config: StatsConfig) -> pd.DataFrame:
     a = config.ctr_prior_strength
     per["item_ctr"] = (per["item_n_clicks"] + a * prior) / (per["item_n_impressions"] + a)
     per["event_timestamp"] = per["period_end"]
-    return per[["item_id", "event_timestamp", "item_n_impressions", "item_n_clicks", "item_ctr"]]
+    return per[["item_id", "event_timestamp", *ITEM_COUNTERS]]
 
 
 def user_recent_items(events: pd.DataFrame, items: pd.DataFrame | None, config: StatsConfig) -> pd.DataFrame:
@@ -109,10 +110,10 @@ def user_recent_items(events: pd.DataFrame, items: pd.DataFrame | None, config: 
         starts = np.maximum.accumulate(np.where(new_user, np.arange(len(frame)), 0))
     n = config.history_items
     lo = np.maximum(starts, np.arange(len(frame)) - n + 1)
-    frame["hist_item_ids"] = [list(item_ids[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
-    frame["hist_categories"] = [list(cats[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
+    frame[HISTORY_ITEMS] = [list(item_ids[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
+    frame[HISTORY_CATEGORIES] = [list(cats[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
     last = _last_per_moment(frame, "user_id")
-    return last[["user_id", "event_timestamp", "hist_item_ids", "hist_categories"]]
+    return last[["user_id", "event_timestamp", HISTORY_ITEMS, HISTORY_CATEGORIES]]
 
 
 def _category_lookup(items: pd.DataFrame | None) -> pd.Series:
@@ -126,17 +127,17 @@ def item_info(events: pd.DataFrame, items: pd.DataFrame | None) -> pd.DataFrame:
     if items is not None:
         ids = ids.union(pd.Index(items["item_id"].astype(str)))
     category = _category_lookup(items)
-    return pd.DataFrame({"item_id": ids.to_numpy(), "event_timestamp": STATIC, "item_category": ids.map(category).to_numpy()})
+    return pd.DataFrame({"item_id": ids.to_numpy(), "event_timestamp": STATIC, CATEGORY_COLUMN: ids.map(category).to_numpy()})
 
 
 STATS_SCHEMAS = {
     "user_stats": pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-                             *[(c, pa.float64()) for c in ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s")]]),
+                             *[(c, pa.float64()) for c in USER_STATS_COLUMNS]]),
     "item_stats": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-                             *[(c, pa.float64()) for c in ("item_n_impressions", "item_n_clicks", "item_ctr")]]),
+                             *[(c, pa.float64()) for c in ITEM_COUNTERS]]),
     "user_recent_items": pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-                                    ("hist_item_ids", pa.list_(pa.string())), ("hist_categories", pa.list_(pa.string()))]),
-    "item_info": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")), ("item_category", pa.string())]),
+                                    (HISTORY_ITEMS, pa.list_(pa.string())), (HISTORY_CATEGORIES, pa.list_(pa.string()))]),
+    "item_info": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")), (CATEGORY_COLUMN, pa.string())]),
 }
 
 
@@ -153,6 +154,6 @@ def write_stats_tables(events: pd.DataFrame, items: pd.DataFrame | None, out_dir
     counts = {}
     for name, frame in tables.items():
         table = pa.Table.from_pandas(frame, schema=STATS_SCHEMAS[name], preserve_index=False)
-        _atomic_write_parquet(table, out_dir / f"{name}.parquet")
+        write_parquet_atomic(table, out_dir / f"{name}.parquet")
         counts[name] = table.num_rows
     return counts

@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feature_store.repo import FeatureRepo, FeatureStoreError, _atomic_write_text, read_view_source
+from contracts import names
+from contracts.files import write_text_atomic
+from contracts.names import lum_user_column
+from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
 
-USER_COUNTERS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s"]
-ITEM_COUNTERS = ["item_n_impressions", "item_n_clicks", "item_ctr"]
+USER_COUNTERS = list(names.USER_STATS_COLUMNS)  # as Feast's user_stats view holds them (the last event's time last)
+ITEM_COUNTERS = list(names.ITEM_COUNTERS)
 TIMESTAMP_SUFFIX = "__ts"
 ITEM_VIEW_PREFIXES = ("item_stats__", "item_info__", "lum_item__")  # the item-keyed views: what the client caches
 
@@ -81,7 +84,7 @@ def materialize(repo: FeatureRepo, end: pd.Timestamp | None = None, full: bool =
         ends[view] = view_end.isoformat()
     state = {"model_version": version, "online_store": settings["online_store"], "views": ends, "modes": modes,
              "end": max(ends.values()) if ends else None, "seconds": round(time.perf_counter() - started, 2)}
-    _atomic_write_text(repo.materialized_file, json.dumps(state, indent=2))
+    write_text_atomic(json.dumps(state, indent=2), repo.materialized_file)
     return state
 
 
@@ -116,7 +119,6 @@ class RankingFeatures:
     def to_frame(self, context: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row per candidate in the training-set contract (what `build_training_set` returns offline),
         its metadata in `frame.attrs["lum.training_set"]`."""
-        from feature_store.repo import _slug
         from feature_store.training_set import METADATA_KEY, contract_metadata
 
         n = len(self.item_ids)
@@ -135,7 +137,7 @@ class RankingFeatures:
         frame["hist_categories"] = [list(self.hist_categories)] * n
         for k, condition in enumerate(self.conditions):
             vector = list(self.user_vectors[k]) if self.user_vector_found[k] else None
-            frame[f"lum_user__{_slug(condition)}"] = [vector] * n
+            frame[lum_user_column(condition)] = [vector] * n
         frame["lum_item"] = [list(v) if ok else None for v, ok in zip(self.item_vectors, self.item_vector_found)]
         frame["missing_user_stats"] = np.int8(not self.user_found)
         frame["missing_item_stats"] = (~self.item_found).astype(np.int8)

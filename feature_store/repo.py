@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
+
+from contracts.embeddings import (
+    ITEM_EMBEDDING_COLUMNS,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    USER_EMBEDDING_SCHEMA,
+    EmbeddingFolderError,
+    EmbeddingManifest,
+    model_data_end,
+    read_embedding_manifest,
+    require_columns,
+)
+from contracts.files import copy_file_atomic, write_bytes_atomic, write_parquet_atomic, write_text_atomic
+from contracts.names import slug
+from feature_store.offline_tables import StatsConfig, write_stats_tables
 
 TEMPLATE = Path(__file__).resolve().parent / "repo_template"
 PROJECT = "lum"
@@ -55,41 +69,11 @@ class OnlineStoreConfig:
         raise FeatureStoreError(f"online store must be sqlite or redis, got '{self.kind}'")
 
 
-# Every file of the repo is written under a temporary name beside its final one, then renamed into place.
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
-
-
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
-def _atomic_copy(source: Path, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(path)
-
-
 def read_view_source(store: Any, view: str, columns: list[str]) -> pa.Table:
     """Columns of a feature view's offline source (its Parquet file, or the folder of files of an ingested version)."""
     import pyarrow.dataset as ds
 
     return ds.dataset(store.get_feature_view(view).batch_source.path, format="parquet").to_table(columns=columns)
-
-
-def _slug(condition: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in condition)
 
 
 class FeatureRepo:
@@ -134,7 +118,7 @@ class FeatureRepo:
         if stats_ttl_days is not None:
             settings["stats_ttl_days"] = stats_ttl_days
         self._write_settings(settings)
-        _atomic_copy(TEMPLATE / "definitions.py", self.root / "definitions.py")
+        copy_file_atomic(TEMPLATE / "definitions.py", self.root / "definitions.py")
         (self.root / ".feastignore").write_text("data/\n")
 
     def _write_settings(self, settings: dict[str, Any]) -> None:
@@ -148,8 +132,8 @@ class FeatureRepo:
             "entity_key_serialization_version": 3,
         }
         header = "# Written by `lum features apply`; edit lum_features.yaml or pass options to that command instead.\n"
-        _atomic_write_text(self.root / "feature_store.yaml", header + yaml.safe_dump(store_yaml, sort_keys=False))
-        _atomic_write_text(self.settings_file, yaml.safe_dump(settings, sort_keys=False))
+        write_text_atomic(header + yaml.safe_dump(store_yaml, sort_keys=False), self.root / "feature_store.yaml")
+        write_text_atomic(yaml.safe_dump(settings, sort_keys=False), self.settings_file)
 
     def select_version(self, version: str) -> None:
         versions = self.ingested()
@@ -173,8 +157,6 @@ class FeatureRepo:
 
     # ------------------------------------------------------------------ offline tables
     def build_stats(self, events: pd.DataFrame, items: pd.DataFrame | None, config: Any = None) -> dict[str, int]:
-        from feature_store.offline_tables import StatsConfig, write_stats_tables
-
         return write_stats_tables(events, items, self.data / "stats", config or StatsConfig())
 
     def apply(self) -> list[str]:
@@ -218,7 +200,7 @@ class FeatureRepo:
             return
         del registry.infra.infra_objects[:]
         registry.infra.infra_objects.extend(keep)
-        _atomic_write_bytes(registry_path, registry.SerializeToString())
+        write_bytes_atomic(registry.SerializeToString(), registry_path)
 
     # ------------------------------------------------------------------ ingestion
     def ingest(self, embed_dir: str | Path, item_valid_from: str | pd.Timestamp | None = None, select: bool | None = None) -> dict[str, Any]:
@@ -230,14 +212,15 @@ class FeatureRepo:
         the end of the model's training data, when it first existed).
         """
         embed_dir = Path(embed_dir)
-        manifest_path = embed_dir / "manifest.json"
-        if not manifest_path.exists():
-            raise FeatureStoreError(f"{embed_dir} is not the output of `lum embed` (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest.get("complete"):
+        manifest_path = embed_dir / MANIFEST_FILE
+        try:  # the folder is untrusted input: its manifest is checked field by field
+            manifest = read_embedding_manifest(embed_dir)
+        except EmbeddingFolderError as exc:
+            raise FeatureStoreError(str(exc)) from exc
+        if not manifest.complete:
             raise FeatureStoreError(f"{embed_dir}: the embedding job has not finished; re-run `lum embed` with the same --out to resume it")
-        settings = manifest["settings"]
-        version, dim = settings["model_version"], int(manifest["embedding_dim"])
+        settings = manifest.settings
+        version, dim = manifest.model_version, int(manifest.embedding_dim)
         job_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         versions = self.ingested()
         entry = versions.get(version, {"dim": dim, "conditions": [], "jobs": {}, "item_valid_from": None})
@@ -248,23 +231,28 @@ class FeatureRepo:
         if entry["dim"] != dim:
             raise FeatureStoreError(f"{embed_dir}: embeddings of dimension {dim}, but version {version} was ingested with dimension {entry['dim']}")
 
-        shard_files = [embed_dir / "users" / s["file"] for _, s in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
         as_of_times: set[pd.Timestamp] = set()
         rows = 0
-        for path in shard_files:
-            table = pq.read_table(path)
-            rows += table.num_rows
-            self._check_vectors(table, "embedding", dim, path, manifest_path)
-            as_of_times |= set(pd.to_datetime(table.column("event_timestamp").to_pandas(), utc=True).unique()) if settings.get("rows") is None else set()
-        if settings.get("rows") is None:
+        try:
+            shard_files = manifest.shard_paths(embed_dir)
+            for path in shard_files:
+                table = pq.read_table(path)
+                require_columns(table.column_names, USER_EMBEDDING_SCHEMA.names, path)
+                rows += table.num_rows
+                self._check_vectors(table, "embedding", dim, path, manifest_path)
+                as_of_times |= set(pd.to_datetime(table.column("event_timestamp").to_pandas(), utc=True).unique()) if not manifest.rolling else set()
+            items = pq.read_table(embed_dir / ITEMS_FILE)
+            require_columns(items.column_names, ITEM_EMBEDDING_COLUMNS, embed_dir / ITEMS_FILE)
+        except EmbeddingFolderError as exc:
+            raise FeatureStoreError(str(exc)) from exc
+        if not manifest.rolling:
             clash = sorted(t for t in as_of_times if t.isoformat() in set(entry.get("as_of", [])))
             if clash:
                 raise FeatureStoreError(
                     f"{embed_dir}: as-of time(s) {', '.join(t.isoformat() for t in clash[:5])} of version {version} were already ingested "
                     "from another job; two embeddings for one (user, condition, time) would make the join ambiguous"
                 )
-        items = pq.read_table(embed_dir / "items.parquet")
-        self._check_vectors(items, "embedding", dim, embed_dir / "items.parquet", manifest_path)
+        self._check_vectors(items, "embedding", dim, embed_dir / ITEMS_FILE, manifest_path)
         valid_from = self._item_valid_from(manifest, item_valid_from) if entry["item_valid_from"] is None else pd.Timestamp(entry["item_valid_from"])
         item_table = pa.table({
             "item_id": items.column("item_id"),
@@ -272,7 +260,7 @@ class FeatureRepo:
             "item_model_version": items.column("model_version"),
             "event_timestamp": pa.array(np.full(items.num_rows, valid_from.value // 1000, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC")),
         })
-        item_path = self.data / "lum_item" / version / "items.parquet"
+        item_path = self.data / "lum_item" / version / ITEMS_FILE
         if item_path.exists() and not pq.read_table(item_path).select(["item_id", "item_embedding"]).equals(item_table.select(["item_id", "item_embedding"])):
             raise FeatureStoreError(
                 f"{embed_dir}: its item vectors differ from those already ingested for version {version} (another --dim projection?); "
@@ -283,17 +271,17 @@ class FeatureRepo:
         user_dir = self.data / "lum_user" / version
         user_dir.mkdir(parents=True, exist_ok=True)
         for path in shard_files:
-            _atomic_copy(path, user_dir / f"{job_id}-{path.name}")
+            copy_file_atomic(path, user_dir / f"{job_id}-{path.name}")
         if not item_path.exists():
-            _atomic_write_parquet(item_table, item_path)
-        conditions = settings["conditions"]
+            write_parquet_atomic(item_table, item_path)
+        conditions = manifest.conditions
         entry["conditions"] = entry["conditions"] + [c for c in conditions if c not in entry["conditions"]]
         entry["item_valid_from"] = valid_from.isoformat()
         entry["as_of"] = sorted(set(entry.get("as_of", [])) | {t.isoformat() for t in as_of_times})
         entry["jobs"][job_id] = {"source": str(embed_dir.resolve()), "as_of": settings["as_of"], "rows": rows, "conditions": conditions,
                                  "mode": "rolling" if settings.get("rows") else "snapshot"}
         versions[version] = entry
-        _atomic_write_text(self.ingested_file, json.dumps(versions, indent=2))
+        write_text_atomic(json.dumps(versions, indent=2), self.ingested_file)
         if select or (select is None and not self.settings().get("model_version")):
             self.select_version(version)
         return {"version": version, "job": job_id, "rows": rows, "skipped": False, "dim": dim, "conditions": conditions}
@@ -313,16 +301,17 @@ class FeatureRepo:
             raise FeatureStoreError(f"{path}: column '{column}' holds {n_nan} NaN value(s); nothing was ingested")
 
     @staticmethod
-    def _item_valid_from(manifest: dict[str, Any], override: str | pd.Timestamp | None) -> pd.Timestamp:
+    def _item_valid_from(manifest: EmbeddingManifest, override: str | pd.Timestamp | None) -> pd.Timestamp:
         if override is not None:
             ts = pd.Timestamp(override)
             return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-        model_manifest = Path(manifest.get("source_model", "")) / "lum_manifest.json"
-        if model_manifest.exists():
-            data_end = json.loads(model_manifest.read_text()).get("training_window", {}).get("ts_max")
-            if data_end:
-                ts = pd.Timestamp(data_end)
-                return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")) + pd.Timedelta(microseconds=1)
+        try:
+            data_end = model_data_end(manifest.source_model) if manifest.source_model else None
+        except EmbeddingFolderError as exc:
+            raise FeatureStoreError(str(exc)) from exc
+        if data_end:
+            ts = pd.Timestamp(data_end)
+            return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")) + pd.Timedelta(microseconds=1)
         raise FeatureStoreError(
             "cannot tell when the model's item vectors became valid (its lum_manifest.json has no data end); pass --item-valid-from"
         )
@@ -330,4 +319,4 @@ class FeatureRepo:
     # ------------------------------------------------------------------ helpers for readers
     def lum_columns(self) -> dict[str, str]:
         """slug -> condition name of the selected version's query conditions."""
-        return {_slug(c): c for c in self.settings().get("conditions") or []}
+        return {slug(c): c for c in self.settings().get("conditions") or []}

@@ -27,12 +27,13 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from feature_store.repo import FeatureRepo, FeatureStoreError, _slug, read_view_source
+from contracts import names
+from contracts.names import LUM_ITEM_COLUMN, MISSING_LUM_COLUMN, TRAINING_SET_METADATA_KEY, lum_user_column, slug
+from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
 
-METADATA_KEY = b"lum.training_set"
-COUNTER_COLUMNS = ["user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last",
-                   "item_n_impressions", "item_n_clicks", "item_ctr"]
-SEQUENCE_COLUMNS = ["hist_item_ids", "hist_categories"]
+METADATA_KEY = TRAINING_SET_METADATA_KEY.encode()
+COUNTER_COLUMNS = list(names.COUNTER_COLUMNS)
+SEQUENCE_COLUMNS = list(names.SEQUENCE_COLUMNS)
 SERVICES = ("ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled")
 
 
@@ -184,9 +185,9 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
         wide = requests[["user_id", "ts"]].copy()
         for c in conditions:
             part = expanded[expanded["condition"] == c].set_index("row_id")["embedding"]
-            wide[f"lum_user__{_slug(c)}"] = part.reindex(requests["row_id"]).to_numpy()
+            wide[lum_user_column(c)] = part.reindex(requests["row_id"]).to_numpy()
         out = out.merge(wide, on=["user_id", "ts"], how="left", validate="many_to_one")
-        out = out.rename(columns={"item_embedding": "lum_item"}).drop(columns=["item_model_version"], errors="ignore")
+        out = out.rename(columns={"item_embedding": LUM_ITEM_COLUMN}).drop(columns=["item_model_version"], errors="ignore")
 
     return _finish(out, frame, config, settings, views, conditions if uses_lum else [])
 
@@ -202,12 +203,12 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
         out["missing_user_stats"] = out["user_n_events"].isna().astype(np.int8)
     if "item_stats" in views:
         out["missing_item_stats"] = out["item_n_impressions"].isna().astype(np.int8)
-    lum_user_cols = [f"lum_user__{_slug(c)}" for c in conditions]
+    lum_user_cols = [lum_user_column(c) for c in conditions]
     if conditions:
-        missing = out[lum_user_cols + ["lum_item"]].isna().any(axis=1)
-        out["missing_lum"] = missing.astype(np.int8)
+        missing = out[lum_user_cols + [LUM_ITEM_COLUMN]].isna().any(axis=1)
+        out[MISSING_LUM_COLUMN] = missing.astype(np.int8)
     dim = settings.get("lum_dim")
-    vector_columns = {*lum_user_cols, "lum_item"}
+    vector_columns = {*lum_user_cols, LUM_ITEM_COLUMN}
     arrays = {}
     for name in out.columns:
         if name in SEQUENCE_COLUMNS:  # no history yet: an empty list, not null
@@ -254,7 +255,7 @@ def contract_metadata(columns: Iterable[str], context_columns: Iterable[str], co
         "context_columns": list(context_columns),
         "counter_columns": [c for c in COUNTER_COLUMNS if c in columns],
         "sequence_columns": [c for c in SEQUENCE_COLUMNS if c in columns],
-        "lum_conditions": {_slug(c): c for c in conditions},
+        "lum_conditions": {slug(c): c for c in conditions},
         "lum_dim": dim if conditions else None,
         "model_version": model_version if conditions else None,
         "feature_service": feature_service,

@@ -35,10 +35,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from contracts.names import REQUEST_CONDITION
 from lum.tokenizer import BOS, PAD, BehaviourTokenizer
 
 
-REQUEST = "request"  # the query condition taken from each as-of row's own context
+REQUEST = REQUEST_CONDITION  # the query condition taken from each as-of row's own context
 REQUEST_TOKEN = -1  # its placeholder id until the row's token is known
 
 

@@ -6,6 +6,9 @@
       items.parquet                    item_id, embedding, token, model_version
       pca.npz                          the projection (only with --dim), fitted once, reused on resume
 
+The format (file names, columns, the manifest) is defined once in `contracts/embeddings.py`, which the feature
+store reads the folder with.
+
 Each shard holds the users whose stable hash falls in it; it is computed in memory, written under a temporary
 name and renamed, then recorded in the manifest. Re-running skips recorded shards, so a killed run resumes where
 it stopped and never leaves a partial shard under a final name. Events are streamed from Parquet once per shard
@@ -33,20 +36,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from contracts.embeddings import (
+    ITEMS_FILE,
+    PCA_FILE,
+    SHARD_COUNTS,
+    USER_EMBEDDING_SCHEMA,
+    USERS_DIR,
+    EmbeddingFolderError,
+    EmbeddingManifest,
+    ShardRecord,
+    read_embedding_manifest,
+    shard_file_name,
+    write_embedding_manifest,
+)
+from contracts.embeddings import MANIFEST_FILE as MANIFEST
+from contracts.files import atomic_path, write_parquet_atomic
 from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
 from lum.model import read_manifest
+from lum.ray_runner import run_shards_with_ray
 from lum.tokenizer import BehaviourTokenizer
-
-MANIFEST = "manifest.json"
-USER_EMBEDDING_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("condition", pa.string()),
-        ("embedding", pa.list_(pa.float32())),
-        ("event_timestamp", pa.timestamp("us", tz="UTC")),
-        ("model_version", pa.string()),
-    ]
-)
 
 
 class EmbedJobError(ValueError):
@@ -118,18 +126,6 @@ def _read_shard(path: str, columns: list[str], shard: int, shards: int) -> pd.Da
 def _file_fingerprint(path: str | Path) -> str:
     stat = Path(path).stat()
     return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 class EmbeddingJob:
@@ -231,7 +227,7 @@ class EmbeddingJob:
         }
 
     def _shard_path(self, shard: int) -> Path:
-        return self.out_dir / "users" / f"shard-{shard:05d}-of-{self.config.shards:05d}.parquet"
+        return self.out_dir / USERS_DIR / shard_file_name(shard, self.config.shards)
 
     def embed_shard(self, shard: int, bar: tqdm | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
         """Rows (user_id, condition, event_timestamp) and vectors [N, H] of one shard, plus counts."""
@@ -279,7 +275,7 @@ class EmbeddingJob:
     def _projection(self, sample: np.ndarray) -> np.ndarray | None:
         if self.config.dim is None:
             return None
-        path = self.out_dir / "pca.npz"
+        path = self.out_dir / PCA_FILE
         if path.exists():
             return np.load(path)["components"]
         from sklearn.decomposition import PCA
@@ -289,9 +285,8 @@ class EmbeddingJob:
         rng = np.random.default_rng(0)
         pick = sample[rng.permutation(len(sample))[: self.config.pca_sample]]
         pca = PCA(n_components=self.config.dim, random_state=0).fit(pick)
-        tmp = path.with_name(".pca.tmp.npz")
-        np.savez(tmp, components=pca.components_.astype(np.float32), explained_variance_ratio=pca.explained_variance_ratio_, model_version=np.array(self.model_version))
-        tmp.replace(path)
+        with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
+            np.savez(tmp, components=pca.components_.astype(np.float32), explained_variance_ratio=pca.explained_variance_ratio_, model_version=np.array(self.model_version))
         return pca.components_.astype(np.float32)
 
     def item_table(self, projection: np.ndarray | None) -> pa.Table:
@@ -317,13 +312,13 @@ class EmbeddingJob:
         )
 
     # ------------------------------------------------------------------ the run
-    def write_shard(self, shard: int, projection: np.ndarray | None, bar: tqdm | None = None) -> dict[str, Any]:
+    def write_shard(self, shard: int, projection: np.ndarray | None, bar: tqdm | None = None) -> ShardRecord:
         """Embed one shard and write it (temporary name, then rename); fits the projection first if needed."""
         rows, matrix, counts = self.embed_shard(shard, bar)
         if self.config.dim and projection is None:
             projection = self._projection(matrix)
-        _atomic_write_parquet(self._table(rows, matrix, projection), self._shard_path(shard))
-        return {"file": self._shard_path(shard).name, **counts}
+        write_parquet_atomic(self._table(rows, matrix, projection), self._shard_path(shard))
+        return ShardRecord(self._shard_path(shard).name, counts)
 
     def constructor_args(self) -> dict[str, Any]:
         """What a worker process needs to rebuild this job (for Ray actors)."""
@@ -331,61 +326,73 @@ class EmbeddingJob:
 
     def run(self, progress: bool = True, ray_actors: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
         """Embed every unfinished shard; with `ray_actors`, on a Ray Data pool of that many engine actors."""
-        (self.out_dir / "users").mkdir(parents=True, exist_ok=True)
-        manifest_path = self.out_dir / MANIFEST
-        settings = self.settings()
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        if manifest is not None and manifest["settings"] != settings:
-            raise EmbedJobError(
-                f"{self.out_dir} holds embeddings made with other settings ({manifest['settings']}); choose another --out or remove it"
-            )
-        if manifest is None:
-            manifest = {"settings": settings, "engine": self.config.engine, "shards": {}, "complete": False,
-                        "hidden_size": self.hidden_size, "source_model": str(self.model_dir)}
-        todo = [s for s in range(self.config.shards) if str(s) not in manifest["shards"] or not self._shard_path(s).exists()]
-        needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / "pca.npz").exists())
+        (self.out_dir / USERS_DIR).mkdir(parents=True, exist_ok=True)
+        manifest = self._manifest_to_resume()
+        todo = [s for s in range(self.config.shards) if s not in manifest.shards or not self._shard_path(s).exists()]
+        needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / PCA_FILE).exists())
         if todo and self.engine is None and needs_local_engine:
             self.open_engine()
         bar = tqdm(desc="embedding", unit="user", disable=not progress)
         started = self._started = time.perf_counter()
         self._tokens_done = 0
-        projection = np.load(self.out_dir / "pca.npz")["components"] if (self.config.dim and (self.out_dir / "pca.npz").exists()) else None
+        pca_path = self.out_dir / PCA_FILE
+        projection = np.load(pca_path)["components"] if (self.config.dim and pca_path.exists()) else None
         if ray_actors and todo:
-            from lum.ray_runner import run_shards_with_ray
-
             if self.config.dim and projection is None:  # the projection is fitted once, on the first shard, here
-                manifest["shards"][str(todo[0])] = self.write_shard(todo[0], None, bar)
-                projection = np.load(self.out_dir / "pca.npz")["components"]
-                _atomic_write_json(manifest_path, manifest)
+                manifest.shards[todo[0]] = self.write_shard(todo[0], None, bar)
+                projection = np.load(pca_path)["components"]
+                write_embedding_manifest(manifest, self.out_dir)
                 todo = todo[1:]
-            for shard, counts in run_shards_with_ray(self, todo, projection, ray_actors, ray_address):
-                manifest["shards"][str(shard)] = counts
-                _atomic_write_json(manifest_path, manifest)
-                bar.update(counts["users"])
+            for shard, record in run_shards_with_ray(self, todo, projection, ray_actors, ray_address):
+                manifest.shards[shard] = record
+                write_embedding_manifest(manifest, self.out_dir)
+                bar.update(record.counts["users"])
         else:
             for shard in todo:
-                manifest["shards"][str(shard)] = self.write_shard(shard, projection, bar)
+                manifest.shards[shard] = self.write_shard(shard, projection, bar)
                 if self.config.dim and projection is None:
-                    projection = np.load(self.out_dir / "pca.npz")["components"]
-                _atomic_write_json(manifest_path, manifest)
+                    projection = np.load(pca_path)["components"]
+                write_embedding_manifest(manifest, self.out_dir)
         bar.close()
-        if not (self.out_dir / "items.parquet").exists() or todo:
+        if not (self.out_dir / ITEMS_FILE).exists() or todo:
             if self.config.dim and projection is None:
                 projection = self._projection(np.zeros((0, self.hidden_size)))
-            _atomic_write_parquet(self.item_table(projection), self.out_dir / "items.parquet")
-        totals = {k: sum(s[k] for s in manifest["shards"].values()) for k in ("users", "rows", "queries_without_history", "tokens")}
-        manifest.update(complete=True, totals=totals, seconds_this_run=round(time.perf_counter() - started, 2),
-                        embedding_dim=self.config.dim or self.hidden_size)
-        _atomic_write_json(manifest_path, manifest)
-        return manifest
+            write_parquet_atomic(self.item_table(projection), self.out_dir / ITEMS_FILE)
+        manifest.totals = {k: sum(s.counts[k] for s in manifest.shards.values()) for k in SHARD_COUNTS}
+        manifest.complete = True
+        manifest.seconds_this_run = round(time.perf_counter() - started, 2)
+        manifest.embedding_dim = self.config.dim or self.hidden_size
+        write_embedding_manifest(manifest, self.out_dir)
+        return manifest.to_json()
+
+    def _manifest_to_resume(self) -> EmbeddingManifest:
+        """The manifest of an earlier run into the same folder with the same settings, or a new one."""
+        settings = self.settings()
+        path = self.out_dir / MANIFEST
+        if not path.exists():
+            return EmbeddingManifest(settings, engine=self.config.engine, hidden_size=self.hidden_size, source_model=str(self.model_dir))
+        previous = json.loads(path.read_text())
+        previous_settings = previous.get("settings") if isinstance(previous, dict) else previous
+        if previous_settings != settings:
+            raise EmbedJobError(
+                f"{self.out_dir} holds embeddings made with other settings ({previous_settings}); choose another --out or remove it"
+            )
+        try:
+            return EmbeddingManifest.from_json(previous, path)
+        except EmbeddingFolderError as exc:
+            raise EmbedJobError(f"{exc}; choose another --out or remove it") from exc
 
 
 def read_user_embeddings(out_dir: str | Path) -> pa.Table:
     """All finished shards of a complete job, in (user_id, condition, event_timestamp) order."""
     out_dir = Path(out_dir)
-    manifest = json.loads((out_dir / MANIFEST).read_text())
-    if not manifest.get("complete"):
+    try:
+        manifest = read_embedding_manifest(out_dir)
+        paths = manifest.shard_paths(out_dir) if manifest.complete else []
+    except EmbeddingFolderError as exc:
+        raise EmbedJobError(str(exc)) from exc
+    if not manifest.complete:
         raise EmbedJobError(f"{out_dir}: the embedding job has not finished (re-run it to resume)")
-    tables = [pq.read_table(out_dir / "users" / s["file"]) for _, s in sorted(manifest["shards"].items(), key=lambda kv: int(kv[0]))]
+    tables = [pq.read_table(path) for path in paths]
     table = pa.concat_tables(tables)
     return table.sort_by([("user_id", "ascending"), ("condition", "ascending"), ("event_timestamp", "ascending")])

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-MANIFEST_FILE = "lum_manifest.json"
+from contracts.embeddings import MODEL_MANIFEST_FILE as MANIFEST_FILE  # the feature store reads it too
+from contracts.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,7 @@ def data_fingerprint(*parts: Any) -> str:
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    path = directory / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(path)
+    write_json_atomic(manifest, directory / MANIFEST_FILE, indent=2, default=str)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+from contracts.files import atomic_path
 from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
 from lum.sequences import Batch, make_batch, plan_epochs, user_segments
@@ -159,9 +160,8 @@ def _load_states(objective, optimizer, model_state: dict, optim_state: dict) -> 
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a checkpoint is complete or absent, never half written
+        torch.save(obj, tmp)
 
 
 def window_facts(events: pd.DataFrame) -> dict[str, Any]:

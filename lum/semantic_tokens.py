@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contracts.files import atomic_path
+from lum.errors import TokenizerError
 from lum.semantic_ids import (
     ContentEncoder,
     ContentFeatureConfig,
@@ -53,8 +55,6 @@ def _item_token_ids(codes: np.ndarray, token_to_id: dict[str, int], levels: int)
 
 def fit_semantic_ids(items: pd.DataFrame, config: Any, first_token_id: int) -> tuple[dict[str, Any], list[str]]:
     """Fit content encoder + residual k-means on the items table; returns the state and the code tokens."""
-    from lum.tokenizer import TokenizerError
-
     content = _content_config(config)
     if not content.columns:
         raise TokenizerError(
@@ -116,15 +116,12 @@ def save_semantic_state(state: dict[str, Any], path: Path) -> None:
             else:
                 meta[name][key] = value
     arrays["meta"] = np.array(json.dumps(meta))
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
+        np.savez(tmp, **arrays)
 
 
 def load_semantic_state(path: Path) -> dict[str, Any]:
     if not path.exists():
-        from lum.tokenizer import TokenizerError
-
         raise TokenizerError(f"{path} not found: a semantic-ID tokenizer needs its codebooks beside it")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}

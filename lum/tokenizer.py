@@ -38,16 +38,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from contracts.files import write_json_atomic
+from lum.errors import TokenizerError  # defined apart: lum.semantic_tokens raises it too
+
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "behaviour_tokenizer.json"
 SEMANTIC_FILE = "semantic_ids.npz"
 PAD, BOS, UNK_CONDITION, UNK_ITEM = 0, 1, 2, 3
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[UNK_CONDITION]", "[UNK_ITEM]")
 ITEM_SIDE_PREFIXES = ("CAT:", "I:", "S", "T:")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be built or loaded; the message says what was expected."""
 
 
 @dataclass(frozen=True)
@@ -224,9 +223,7 @@ class BehaviourTokenizer:
 
             save_semantic_state(self.semantic, directory / SEMANTIC_FILE)
         path = directory / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        write_json_atomic(payload, path, indent=None)
         return path
 
     @classmethod

@@ -44,6 +44,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
+from contracts.names import ITEM_COUNTERS
 from ranker.schema import (
     FLAG_COLUMNS,
     HISTORY_CATEGORIES,
@@ -245,7 +246,7 @@ def lum_features(table: pa.Table, schema: FeatureSchema) -> LumFeatures:
 
 
 # Per-candidate counters compared within a request (the user's counters are the same for every candidate)
-REQUEST_COUNTERS = ("item_n_impressions", "item_n_clicks", "item_ctr")
+REQUEST_COUNTERS = ITEM_COUNTERS
 REQUEST_STATS = ("vs_request_mean", "vs_request_max", "request_rank")
 
 

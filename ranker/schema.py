@@ -13,7 +13,6 @@ be scored with it and names what is missing or different.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,15 +21,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-METADATA_KEY = "lum.training_set"
-VARIANTS = ("base", "lum", "pooled-history", "lum+pooled")
-LUM_USER_PREFIX = "lum_user__"
-LUM_ITEM_COLUMN = "lum_item"
-CATEGORY_COLUMN = "item_category"
-FLAG_COLUMNS = ("missing_user_stats", "missing_item_stats")  # request-time facts: whether the counters exist
-MISSING_LUM_COLUMN = "missing_lum"
-HISTORY_ITEMS = "hist_item_ids"
-HISTORY_CATEGORIES = "hist_categories"
+# the training set's names, shared with the feature store that writes it (some only re-exported, for ranker/features.py)
+from contracts.names import (
+    CATEGORY_COLUMN,
+    FLAG_COLUMNS,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    HISTORY_VARIANTS,
+    LUM_ITEM_COLUMN,
+    LUM_USER_PREFIX,
+    LUM_VARIANTS,
+    MISSING_LUM_COLUMN,
+    REQUEST_CONDITION,
+    VARIANTS,
+    slug,
+)
+from contracts.names import TRAINING_SET_METADATA_KEY as METADATA_KEY
 
 RUN_LUM_INGEST = "run `lum features ingest` for a model version, then rebuild the training set"
 RUN_HISTORY_BUILD = (
@@ -41,14 +47,6 @@ RUN_HISTORY_BUILD = (
 
 class RankerInputError(ValueError):
     """A table the ranker cannot use; the message names the columns and says what to run."""
-
-
-def slug(condition: str) -> str:
-    """`surface=home|device=mobile` -> `surface_home_device_mobile`: the column-name form of a condition."""
-    return re.sub(r"[^0-9A-Za-z]", "_", condition)
-
-
-REQUEST_CONDITION = "request"  # a query under each row's own request context (see lum/embed.py)
 
 
 def parse_condition(condition: str) -> dict[str, str]:
@@ -66,7 +64,7 @@ def variant_parts(variant: str) -> tuple[bool, bool]:
     """(uses LUM features, uses the pooled history) for a variant name."""
     if variant not in VARIANTS:
         raise RankerInputError(f"unknown variant '{variant}': choose one of {', '.join(VARIANTS)}")
-    return variant in ("lum", "lum+pooled"), variant in ("pooled-history", "lum+pooled")
+    return variant in LUM_VARIANTS, variant in HISTORY_VARIANTS
 
 
 def as_arrow(table: pa.Table | pd.DataFrame, columns: list[str] | None = None) -> pa.Table:

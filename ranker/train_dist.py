@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from contracts.names import VARIANTS
+
 
 def main(argv: list[str] | None = None) -> None:
     from ranker.train import RankerConfig, train_ranker
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="ranker folder to write")
     parser.add_argument("--config", help="JSON file holding a RankerConfig")
     parser.add_argument("--model", choices=["dlrm", "lightgbm"])
-    parser.add_argument("--variant", choices=["base", "lum", "pooled-history", "lum+pooled"])
+    parser.add_argument("--variant", choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--embedding-dim", type=int)

@@ -21,6 +21,9 @@ import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Float32, Float64, String
 
+# the column names the offline tables are written with (one definition, shared with the ranker's training set)
+from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, ITEM_COUNTERS, USER_STATS_COLUMNS
+
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data"
 SETTINGS = yaml.safe_load((REPO / "lum_features.yaml").read_text()) if (REPO / "lum_features.yaml").exists() else {}
@@ -47,7 +50,7 @@ user_stats = FeatureView(
     name="user_stats",
     entities=[user],
     ttl=stats_ttl,
-    schema=[Field(name=n, dtype=Float64) for n in ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s")],
+    schema=[Field(name=n, dtype=Float64) for n in USER_STATS_COLUMNS],
     source=_source("user_stats", DATA / "stats" / "user_stats.parquet"),
     description="Counters of the user's events strictly before the request (a row per moment they changed, stamped 1 us after it)",
 )
@@ -55,7 +58,7 @@ item_stats = FeatureView(
     name="item_stats",
     entities=[item],
     ttl=stats_ttl,
-    schema=[Field(name=n, dtype=Float64) for n in ("item_n_impressions", "item_n_clicks", "item_ctr")],
+    schema=[Field(name=n, dtype=Float64) for n in ITEM_COUNTERS],
     source=_source("item_stats", DATA / "stats" / "item_stats.parquet"),
     description="Impressions, clicks and smoothed CTR of the item strictly before the request",
 )
@@ -63,7 +66,7 @@ user_recent_items = FeatureView(
     name="user_recent_items",
     entities=[user],
     ttl=stats_ttl,
-    schema=[Field(name="hist_item_ids", dtype=Array(String)), Field(name="hist_categories", dtype=Array(String))],
+    schema=[Field(name=HISTORY_ITEMS, dtype=Array(String)), Field(name=HISTORY_CATEGORIES, dtype=Array(String))],
     source=_source("user_recent_items", DATA / "stats" / "user_recent_items.parquet"),
     description="The user's last engaged items strictly before the request, newest last",
 )
@@ -71,7 +74,7 @@ item_info = FeatureView(
     name="item_info",
     entities=[item],
     ttl=timedelta(0),
-    schema=[Field(name="item_category", dtype=String)],
+    schema=[Field(name=CATEGORY_COLUMN, dtype=String)],
     source=_source("item_info", DATA / "stats" / "item_info.parquet"),
     description="Static item content",
 )

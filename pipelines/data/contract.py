@@ -47,6 +47,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from contracts import files
+from contracts.files import write_parquet_atomic  # re-exported: the steps write their Parquet files with it
+
 KnownAt = Literal["request", "after_event", "truth"]
 ExtraType = Literal["string", "int64", "float64", "list<float32>"]
 OnBad = Literal["fail", "quarantine"]
@@ -257,21 +260,8 @@ def read_events(path: str | Path) -> tuple[pa.Table, EventContract]:
 
 
 def write_json_atomic(payload: Any, path: str | Path) -> None:
-    """JSON to a temporary file beside `path`, renamed into place (numpy scalars written as floats)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)
-
-
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
-    """Write to a temporary file beside `path` and rename it into place: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    """The run folder's JSON files: indented, numpy scalars written as floats, atomically (see contracts.files)."""
+    files.write_json_atomic(payload, path, indent=2, default=float)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from contracts.names import TRAINING_SET_METADATA_KEY
 from feature_store.repo import FeatureRepo
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.steps.features import build_window_training_set
@@ -34,7 +35,6 @@ from ranker.metrics import metrics_by, ranking_metrics
 from ranker.train import RankerConfig, TrainedRanker, train_ranker
 
 MODELS = ("dlrm", "lightgbm")
-VARIANTS = ("base", "lum", "pooled-history", "lum+pooled")
 
 
 def _state_fingerprint(paths: RunPaths, protocol: str, window: str) -> str:
@@ -121,7 +121,7 @@ def train_step(paths: RunPaths, protocol: str, config: RankerConfig, force: bool
 
 def condition_columns(table: pa.Table) -> list[str]:
     """The categorical (string) request-context columns: the conditions metrics are broken down by."""
-    meta = json.loads((table.schema.metadata or {}).get(b"lum.training_set", b"{}"))
+    meta = json.loads((table.schema.metadata or {}).get(TRAINING_SET_METADATA_KEY.encode(), b"{}"))
     return [c for c in meta.get("context_columns", []) if pa.types.is_string(table.schema.field(c).type)]
 
 

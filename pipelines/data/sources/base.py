@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contracts import files
 from pipelines.data.contract import EventContract, METADATA_KEY, write_parquet_atomic
 from pipelines.paths import RunPaths
 
@@ -74,10 +75,7 @@ def write_dataset_info(
         "n_rejected": n_rejected,
         "quarantine_file": str(paths.quarantine) if n_rejected else None,
     }
-    text = json.dumps(info, indent=2)
-    tmp = paths.dataset_info.with_name(".dataset.json.tmp")
-    tmp.write_text(text)
-    tmp.replace(paths.dataset_info)
+    text = files.write_json_atomic(info, paths.dataset_info)  # no numpy default: the info is plain JSON
     return json.loads(text)  # as a reader will see it (tuples become lists)
 
 

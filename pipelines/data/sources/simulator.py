@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from contracts.files import atomic_path
 from pipelines.data.contract import ColumnSpec, EventContract, ValidationOptions, validate_events, write_parquet_atomic
 from pipelines.paths import RunPaths
 from pipelines.data.sources.base import write_dataset_info
@@ -448,16 +449,15 @@ def simulate_to_run(config: SimulatorConfig, paths: RunPaths, progress: bool = T
     paths.dataset_info.unlink(missing_ok=True)
     catalog, chunks = generate(config)
     write_parquet_atomic(catalog.table(), paths.items)
-    tmp = paths.events.with_name(f".{paths.events.name}.tmp")
     n_events = 0
     n_chunks = -(-config.n_users // config.chunk_users)
-    with pq.ParquetWriter(tmp, SIMULATOR_CONTRACT.arrow_schema()) as writer:
+    # the events file is renamed into place once its writer has closed it
+    with atomic_path(paths.events) as tmp, pq.ParquetWriter(tmp, SIMULATOR_CONTRACT.arrow_schema()) as writer:
         bar = tqdm(chunks, total=n_chunks, desc="simulating users", unit="chunk", disable=not progress)
         for table in bar:
             writer.write_table(table)
             n_events += table.num_rows
             bar.set_postfix(events=f"{n_events:,}")
-    tmp.replace(paths.events)
     paths.quarantine.unlink(missing_ok=True)
     return write_dataset_info(
         paths,
