@@ -20,8 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tabulate import tabulate
+
 from pipelines.report import ReportConfig, build_report, verdict
 from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, examination, simulate_ab
+from pipelines.report.compute import calibration_flag
+from pipelines.report.document import Block, Cell, Table
+from pipelines.report.environment import git_state
+from pipelines.report.plots import UNKNOWN_PANEL, plot_slice_lifts, slice_lift_figure
+from pipelines.report.render import render_html, render_markdown
+from pipelines.report.slices import distinct_slices
 from ranker.metrics import SortedAUC, UserBootstrap, auc, paired_bootstrap, ranking_metrics, user_resamples
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -336,6 +344,189 @@ def test_report_protocols_side_by_side_and_partial_score_columns(tmp_path):
     assert (tmp_path / "lm_scaling.png").stat().st_size > 0
     with pytest.raises(ValueError, match="describes 2 protocols"):
         build_report([first], meta, tmp_path / "bad", ReportConfig(n_bootstrap=5))
+
+
+# ---------------------------------------------------------------------------------------------------- the reader's fixes
+
+
+def _two_variant_frame(calibrations: dict[str, float], n_users: int = 60) -> pd.DataFrame:
+    """A small scored table with DLRM base and +LUM only, each rescaled to the given predicted / observed clicks."""
+    frame = make_scored(n_users=n_users, requests_per_user=4)
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("score__") and c not in ("score__dlrm__base", "score__dlrm__lum")])
+    for variant, target in calibrations.items():
+        column = f"score__dlrm__{variant}"
+        frame[column] = frame[column] * target * frame["label"].mean() / frame[column].mean()
+        assert frame[column].max() < 1
+    return frame
+
+
+def test_calibration_outside_the_band_is_flagged_in_html_and_markdown(tmp_path):
+    assert calibration_flag(1.08, (0.95, 1.05)) == "over" and calibration_flag(0.94, (0.95, 1.05)) == "under"
+    assert calibration_flag(1.01, (0.95, 1.05)) is None and calibration_flag(float("nan"), (0.95, 1.05)) is None
+    frame = _two_variant_frame({"base": 1.01, "lum": 1.08})
+    report = build_report(frame, _meta(), tmp_path, ReportConfig(n_bootstrap=5, ab_bootstrap=10))
+    variants = {v["variant"]: v["calibration"] for v in report["protocols"][0]["variants"]}
+    assert variants["lum"]["value"] == pytest.approx(1.08) and variants["lum"]["flag"] == "over"
+    assert variants["base"]["value"] == pytest.approx(1.01) and variants["base"]["flag"] is None
+    markdown = (tmp_path / "report.md").read_text()
+    flagged = [line for line in markdown.splitlines() if "**⚠ off**" in line]
+    assert len(flagged) == 1 and "+LUM" in flagged[0] and "1.0800" in flagged[0]  # the variants table's +LUM row only
+    warning = "Calibration flag: DLRM +LUM predicts 8.0% more clicks than observed (predicted / observed 1.0800, outside [0.95, 1.05])"
+    assert markdown.count(f"- **⚠ {warning}") == 2  # at a glance and below the variants table
+    assert "Calibration flag: DLRM base" not in markdown
+    html_text = (tmp_path / "report.html").read_text()
+    rows = re.findall(r"<tr><td>DLRM</td><td>(base|\+LUM)</td>(.*?)</tr>", html_text)
+    cells = {variant: re.findall(r"<td[^>]*>.*?</td>", rest)[-1] for variant, rest in rows[:2]}  # the calibration column
+    assert cells["+LUM"].startswith('<td class="num warn">1.0800<span class="mark">⚠ off</span>')
+    assert "warn" not in cells["base"] and "mark" not in cells["base"]
+    assert html_text.count(f'<li class="warn">{warning}') == 2
+
+
+def test_the_ab_position_decay_is_the_simulators_and_the_report_shows_it(tmp_path):
+    frame = _two_variant_frame({}, n_users=60)
+    data = {"source": {"name": "simulator", "config": {"n_users": 60, "position_decay": 0.6, "retrieval_sharpness": 8.0}}, "n_events": 100}
+    meta = {"run": "decay", "slice_columns": ["surface"], "data": data}  # no position_decay: the data's must be used
+    report = build_report(frame, meta, tmp_path / "same", ReportConfig(n_bootstrap=5, ab_bootstrap=10))
+    ab = report["protocols"][0]["ab"]
+    assert ab["position_decay"] == 0.6 and report["report_config"]["position_decay"] == 0.6
+    expected = simulate_ab(frame, {"dlrm/base": "score__dlrm__base"}, ABConfig(position_decay=0.6, n_bootstrap=10))
+    assert ab["ctr"][0]["ctr@10"] == pytest.approx(expected.ctr("dlrm/base", 10))
+    markdown = (tmp_path / "same" / "report.md").read_text()
+    assert re.search(r"^\| source\.config\.position_decay +\| 0\.6 +\|$", markdown, re.M)
+    assert re.search(r"^\| source\.config\.retrieval_sharpness +\| 8\.0 +\|$", markdown, re.M)  # settings as written
+    assert re.search(r"^\| simulated A/B position_decay +\| 0\.6 \(from the simulator config of the data step\) +\|$", markdown, re.M)
+    assert "  position_decay: 0.6\n" in markdown and "position_decay: 0.8" not in markdown  # the report config block
+    assert "examination = (1 + position)^-0.6" in markdown and "generated the data with" not in markdown
+    # a decay given with the run wins, and a mismatch with the simulator's is said
+    report = build_report(frame, meta | {"position_decay": 0.8}, tmp_path / "other", ReportConfig(n_bootstrap=5, ab_bootstrap=10))
+    assert report["protocols"][0]["ab"]["position_decay"] == 0.8 == report["report_config"]["position_decay"]
+    markdown = (tmp_path / "other" / "report.md").read_text()
+    assert "uses position_decay 0.8, but the simulator generated the data with 0.6" in markdown
+
+
+def test_report_run_leaves_out_the_running_report_step_and_reads_the_run_folder(tmp_path):
+    from pipelines.paths import RunPaths
+    from pipelines.report.for_run import report_run, run_inputs
+    from pipelines.run.config import ProtocolConfig, ReportRunConfig, RunConfig
+
+    paths = RunPaths(tmp_path / "run")
+    config = RunConfig(run_dir=str(paths.root), report=ReportRunConfig(bootstrap=5), targets={"gauc_lift_min": 0.01})
+    protocol = ProtocolConfig()
+    paths.data_dir.mkdir(parents=True)
+    paths.dataset_info.write_text(json.dumps({"source": {"name": "simulator", "config": {"position_decay": 0.6}}, "contract": {"big": 1}, "n_events": 9}))
+    paths.split_dir(protocol.split).mkdir(parents=True)
+    paths.split_summary(protocol.split).write_text(json.dumps({"windows": {"test": {"rows": 1}}}))
+    model_dir = paths.model_dir(protocol.split, config.lm.pretrain.preset)
+    model_dir.mkdir(parents=True)
+    (model_dir / "lum_manifest.json").write_text(json.dumps({"model_version": "lum-tiny-test"}))
+    scored_path = tmp_path / "scored.parquet"
+    _two_variant_frame({}, n_users=40).to_parquet(scored_path)
+    durations = {"data": 4.2, "global+rolling: pretrain": 123.6, "report": 0.0}  # as RunState.durations() while the report runs
+    _, meta, report_config = run_inputs(config, paths, [(protocol, scored_path)], durations)
+    assert meta["durations"] == {"data": 4.2, "global+rolling: pretrain": 123.6}
+    assert "contract" not in meta["data"] and meta["model_versions"] == {protocol.name: "lum-tiny-test"}
+    assert report_config.n_bootstrap == 5 and report_config.position_decay is None  # resolved from meta["data"]
+    report = report_run(config, paths, [(protocol, scored_path)], durations, out_dir=tmp_path / "out")
+    assert report["protocols"][0]["ab"]["position_decay"] == 0.6 and not (paths.root / "report").exists()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    durations_table = markdown.split("### Step durations")[1].split("###")[0]
+    assert "| report" not in durations_table and "0.0 s" not in durations_table
+    assert re.search(r"^\| total +\| +2 min 08 s \|$", durations_table, re.M)
+
+
+def test_no_slice_is_shown_twice(tmp_path):
+    frame = make_scored(n_users=80, requests_per_user=4)
+    frame["surface_copy"] = frame["surface"]  # the same rows under another name
+    slices = distinct_slices(frame, ["surface", "surface", "surface_copy"], ReportConfig())
+    masks = {s.mask.tobytes() for s in slices}
+    assert len(masks) == len(slices)  # every slice holds its own set of rows
+    names = [s.name for s in slices]
+    assert len(names) == len(set(names)) and not [n for n in names if n.startswith(("surface_copy", "earlier user history"))]
+    home = next(s for s in slices if s.name == "surface: home")
+    assert home.same_as == ["surface_copy: home"]
+    assert next(s for s in slices if s.name == "user history: 0").same_as == ["earlier user history: none (cold user)"]
+    # when "no earlier history" is not history length 0 (e.g. the length counts only recent events), it is a slicing
+    frame.loc[frame.index[:40], "user_no_history"] = ~frame.loc[frame.index[:40], "user_no_history"]
+    families = {s.family for s in distinct_slices(frame, [], ReportConfig())}
+    assert "earlier user history" in families
+    # the report shows the table's distinct slices once each
+    report = build_report(frame.drop(columns=["surface_copy"]), _meta(slice_columns=["surface", "surface", "device"]), tmp_path, ReportConfig(n_bootstrap=3, ab_bootstrap=5))
+    shown = [(s["family"], s["value"]) for s in report["protocols"][0]["slices"]]
+    assert len(shown) == len(set(shown)) and report["report_config"]["slice_columns"] == ["surface", "device"]
+
+
+def test_environment_block_holds_the_commit_versions_and_hardware(gain_report, tmp_path):
+    report, out, _ = gain_report
+    environment = report["environment"]
+    here = Path(__file__).parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True).returncode == 0:
+        # the tests run in a checkout: the report names its commit (HEAD then, or an ancestor if a commit came since)
+        commit = environment["git"]["commit"]
+        assert re.fullmatch(r"[0-9a-f]{40}", commit) and isinstance(environment["git"]["dirty"], bool)
+        assert subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=here).returncode == 0
+    assert environment["libraries"]["pandas"] == pd.__version__ and environment["libraries"]["numpy"] == np.__version__
+    assert {"torch", "vllm", "feast", "torchrec", "lightgbm", "transformers", "pyarrow"} <= set(environment["libraries"])
+    assert environment["hardware"]["cpu_count"] == os.cpu_count() and environment["hardware"]["platform"]
+    markdown = (out / "report.md").read_text()
+    block = markdown.split("### Environment")[1].split("\n## ")[0]
+    assert re.search(rf"^\| pandas +\| {re.escape(pd.__version__)} +\|$", block, re.M) and re.search(r"^\| CPUs +\| \d+", block, re.M)
+    if environment["git"]["commit"]:
+        assert environment["git"]["commit"] in block
+    # outside a checkout, and with uncommitted changes
+    assert git_state(tmp_path)["commit"] is None
+    if shutil.which("git"):
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+        (tmp_path / "a.txt").write_text("1")
+        for args in (["init", "-q"], ["add", "a.txt"], ["commit", "-q", "-m", "one"]):
+            subprocess.run([*git, *args], cwd=tmp_path, check=True)
+        clean = git_state(tmp_path)
+        (tmp_path / "a.txt").write_text("2")
+        dirty = git_state(tmp_path)
+        assert len(clean["commit"]) == 40 and clean["dirty"] is False and dirty["dirty"] is True and dirty["changed_files"] == 1
+
+
+def _lift(model: str, comparison: str, delta: float, low: float, high: float) -> dict:
+    return {"model": model, "comparison": comparison, "delta": delta, "low": low, "high": high}
+
+
+def test_slice_plot_scale_is_not_set_by_the_wide_unknown_slice():
+    def slice_(family, value, delta, low, high):
+        return {"family": family, "value": value, "lifts": [_lift("dlrm", "+LUM vs base", delta, low, high), _lift("lightgbm", "+LUM vs base", delta / 2, low / 2, high / 2)]}
+
+    slices = [
+        slice_("surface", "home", 0.010, 0.008, 0.012),
+        slice_("surface", "cart", 0.030, 0.025, 0.035),
+        slice_("item popularity", "head", 0.020, 0.015, 0.025),
+        slice_("item popularity", "unknown", -0.100, -0.300, 0.150),  # few rows: an interval ten times wider
+        slice_("item popularity", "tail", 0.015, 0.010, 0.020),
+    ]
+    fig = slice_lift_figure(slices)
+    panels = {ax.get_title(loc="left"): ax for ax in fig.axes}
+    assert list(panels) == ["surface", "item popularity", UNKNOWN_PANEL]
+    assert [t.get_text() for t in panels["item popularity"].get_yticklabels()] == ["head", "tail"]
+    assert [t.get_text() for t in panels[UNKNOWN_PANEL].get_yticklabels()] == ["item popularity: unknown"]
+    for family in ("surface", "item popularity"):
+        low, high = panels[family].get_xlim()
+        assert -0.01 < low <= 0 and 0.035 <= high < 0.05, (family, low, high)  # the known slices fill their panel
+    low, high = panels[UNKNOWN_PANEL].get_xlim()
+    assert low <= -0.3 and high >= 0.15
+    assert plot_slice_lifts(slices)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_templates_render_blocks_and_tabulate_markdown_tables():
+    table = Table(["name", "value"], [[Cell("a|b"), Cell("0.7000", "0.6000 to 0.8000", "num gain")], [Cell("<b>x</b>"), Cell("1.0800", "", "num warn", mark="⚠ off")]])
+    blocks = [Block("h2", "Section"), Block("note", "a note"), Block("table", table=table), Block("bullets", items=[("careful", "warn"), ("fine", "")])]
+    expected_table = tabulate(
+        [["a\\|b", "0.7000 (0.6000 to 0.8000) **gain**"], ["<b>x</b>", "1.0800 **⚠ off**"]],
+        headers=["name", "value"], tablefmt="pipe", colalign=["left", "right"], disable_numparse=True,
+    )
+    assert render_markdown(blocks) == f"## Section\n\n*a note*\n\n{expected_table}\n\n- **⚠ careful**\n- fine\n"
+    assert "|:-----" in expected_table and "---:|" in expected_table  # text left, numbers right
+    html_text = render_html(blocks, "title <1>")
+    assert "<title>title &lt;1&gt;</title>" in html_text and "&lt;b&gt;x&lt;/b&gt;" in html_text and "<b>x" not in html_text
+    assert '<td class="num gain">0.7000<span class="ci">0.6000 to 0.8000</span></td>' in html_text
+    assert '<td class="num warn">1.0800<span class="mark">⚠ off</span></td>' in html_text
+    assert '<li class="warn">careful</li>' in html_text and "td.warn" in html_text  # the stylesheet is inlined
 
 
 # ---------------------------------------------------------------------------------------------------- in a real browser

@@ -106,7 +106,7 @@ def _calibration_cell(v: dict[str, Any]) -> Cell:
     cell = _num(v["calibration"]["value"], v["calibration"])
     if v["calibration"].get("flag"):
         cell.cls += " warn"
-        cell.mark = "off"  # short: it sits in a narrow numeric column; the sentence below the table explains it
+        cell.mark = "⚠ off"  # short: it sits in a numeric column; the sentence below the table explains it
     return cell
 
 
