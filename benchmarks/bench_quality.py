@@ -115,37 +115,26 @@ def pretrain_preset(run: Path, preset: str, epochs: int) -> tuple[Path, float | 
     re-used by a later call with the same preset and epochs. A model not trained by this call reports the
     seconds its own training log recorded (None if it has none).
     """
-    from lum.pretrain import PretrainConfig
-    from pipelines.steps.lm import run_pretrain
     from pipelines.paths import RunPaths
-    from pipelines.run.config import check_model_matches, load_run_config
+    from pipelines.run.config import parse_run_config
+    from pipelines.steps.lm import check_model_matches, pretrain_step, resolve_tokenizer
 
-    state = json.loads((run / "run_state.json").read_text())["config"]
-    lm, protocol = state["lm"], state["protocols"][0]["split"]
+    config = parse_run_config(json.loads((run / "run_state.json").read_text())["config"], str(run / "run_state.json"))
+    lm, protocol = config.lm, config.protocols[0].split
     paths = RunPaths(run)
-    if preset == lm["preset"] and epochs == lm["epochs"]:
+    if preset == lm.pretrain.preset and epochs == lm.pretrain.epochs:
         return paths.model_dir(protocol, preset), logged_pretrain_seconds(paths.model_dir(protocol, preset))
-    # the settings `lum run` passes (conditions and "auto" history events are resolved by run_pretrain); a run
-    # state written before a setting existed gets LMConfig's default for it
-    lm_config = replace(load_run_config(None, {"lm": lm}).lm, epochs=epochs)
+    # the run's own LM settings, but for the preset and epochs of this point
+    pretrain_config = replace(lm.pretrain, preset=preset, epochs=epochs)
     out = run / "quality_models" / f"{protocol}-{preset}-{epochs}ep"
     if out.exists():
         try:
-            check_model_matches(out, lm_config)
+            check_model_matches(out, pretrain_config, resolve_tokenizer(paths, protocol, lm.tokenizer))
             return out, logged_pretrain_seconds(out)
         except ValueError:
             pass  # made with other LM settings than the run's: pretrained again below
-    tokenizer_options = {"history_events": lm_config.history_events, "max_history": lm_config.max_history,
-                         "min_item_count": lm_config.min_item_count, "min_condition_count": lm_config.min_condition_count,
-                         "seed": lm_config.seed, "item_tokenization": lm_config.item_tokenization, "vector_column": lm_config.vector_column,
-                         "categorical_columns": lm_config.categorical_columns, "text_columns": lm_config.text_columns,
-                         "numeric_columns": lm_config.numeric_columns, "semantic_codebook_size": lm_config.semantic_codebook_size,
-                         "semantic_levels": lm_config.semantic_levels}
-    config = PretrainConfig(preset=preset, epochs=epochs, row_tokens=lm_config.row_tokens, rows_per_batch=lm_config.rows_per_batch,
-                            lr=lm_config.lr, seed=lm_config.seed, share_category=lm_config.share_category,
-                            content_column=lm_config.content_column)
     started = time.perf_counter()
-    run_pretrain(paths, protocol, config, tokenizer_options, force=True, out_dir=out)
+    pretrain_step(paths, protocol, pretrain_config, lm.tokenizer, force=True, out_dir=out)
     return out, time.perf_counter() - started
 
 
@@ -198,9 +187,11 @@ def main() -> None:
     run = args.run
     if not (run / "run_state.json").exists():
         raise SystemExit(f"{run} is not a run folder (no run_state.json): run `make demo` or `lum run --config ...` first")
-    state = json.loads((run / "run_state.json").read_text())["config"]
-    protocol, run_preset, run_epochs = state["protocols"][0]["split"], state["lm"]["preset"], state["lm"]["epochs"]
-    max_history = state["lm"]["max_history"]
+    from pipelines.run.config import parse_run_config
+
+    state = parse_run_config(json.loads((run / "run_state.json").read_text())["config"], str(run / "run_state.json"))
+    protocol, run_preset, run_epochs = state.protocols[0].split, state.lm.pretrain.preset, state.lm.pretrain.epochs
+    max_history = state.lm.tokenizer.max_history
     paths = RunPaths(run)
     sets = sorted((run / "training_sets").glob(f"{protocol}-train-*.parquet"))
     if not sets:

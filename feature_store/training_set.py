@@ -27,6 +27,8 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from contracts.progress import bars_off
+
 from contracts import names
 from contracts.names import LUM_ITEM_COLUMN, MISSING_LUM_COLUMN, TRAINING_SET_METADATA_KEY, lum_user_column, slug
 from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
@@ -121,7 +123,7 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     entity = entity.merge(known, on=keys, how="inner")
     chunk_rows = max(10_000, merge_budget * max(len(known), 1) // max(source_rows, 1))
     parts = []
-    for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=not progress, unit="chunk", leave=False):
+    for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=bars_off(progress), unit="chunk", leave=False):
         chunk = entity.iloc[start : start + chunk_rows]
         parts.append(store.get_historical_features(entity_df=chunk, features=refs, full_feature_names=True).to_df())
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from contracts.names import REQUEST_CONDITION
+from contracts.settings import Field, config_class
 from lum.tokenizer import BOS, PAD, BehaviourTokenizer
 
 
@@ -223,21 +224,18 @@ class TorchEngine:
         pass
 
 
-@dataclass(frozen=True)
+@config_class
 class VllmSettings:
-    """vLLM engine knobs. Defaults measured on the 2-core CPU machine (see STACK.md / benchmarks)."""
+    """vLLM engine knobs; the defaults suit the 2-core CPU machine (see ../shared/STACK.md and benchmarks/)."""
 
-    # "auto": bfloat16 on GPU and on CPUs with native bf16 instructions (AVX512-BF16 / AMX), where it ran 2x
-    # float32 here with cosine >= 0.9999 to the float32 torch engine; float32 elsewhere. Or name a dtype.
-    dtype: str = "auto"
-    # prefix caching shares whole blocks: 32 gave 2.8-3.3x over caching off, 128 only 1.6x; on CPU vLLM 0.32 takes
-    # multiples of 32 only (16 fails at start: "No common block size for 16 (CPU_ATTN: [MultipleOf(32)])")
-    block_size: int = 32
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (whole GiB), reserved up front
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    cpu_threads_bind: str | None = "0-1"  # VLLM_CPU_OMP_THREADS_BIND; None keeps vLLM's default (one core)
-    tensor_parallel_size: int = 1  # GPUs
+    dtype: str = Field("auto", description="vLLM compute dtype: auto = bfloat16 on GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
+    # prefix caching shares whole blocks; vLLM 0.32 on CPU takes multiples of 32 only
+    block_size: int = Field(32, ge=1, description="vLLM KV block size (prefix caching shares whole blocks).")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, reserved up front).")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="vLLM max tokens per scheduler step.")
+    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (off only for comparison).")
+    cpu_threads_bind: str | None = Field("0-1", description="vLLM CPU thread binding (VLLM_CPU_OMP_THREADS_BIND; empty keeps vLLM's one core).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs).")
 
 
 def resolve_vllm_dtype(dtype: str) -> str:

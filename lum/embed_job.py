@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from contracts.progress import bars_off
+
 from contracts.embeddings import (
     ITEMS_FILE,
     PCA_FILE,
@@ -51,6 +53,7 @@ from contracts.embeddings import (
 )
 from contracts.embeddings import MANIFEST_FILE as MANIFEST
 from contracts.files import atomic_path, write_parquet_atomic
+from contracts.settings import Field, config_class
 from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
 from lum.model import read_manifest
 from lum.ray_runner import run_shards_with_ray
@@ -61,26 +64,20 @@ class EmbedJobError(ValueError):
     """Bad input to the embedding job; the message says what was expected."""
 
 
-@dataclass(frozen=True)
+@config_class
 class EmbedJobConfig:
-    conditions: str = "all"  # "all" or comma-separated condition names (surface=home|device=mobile|...)
-    engine: Literal["torch", "vllm"] = "torch"
-    max_history: int | None = None  # behaviours per prompt; None: the tokenizer's max_history
-    window_stride: int = 16  # rolling mode: the history window moves in steps of this many behaviours
-    shards: int = 8
-    output_dtype: Literal["float32", "float16"] = "float32"
-    dim: int | None = None  # PCA reduction
-    pca_sample: int = 20_000
-    groups_per_call: int = 256  # query groups handed to the engine at once (progress granularity)
-    vllm: VllmSettings = field(default_factory=VllmSettings)
+    """How users are embedded: which query conditions, which engine, what is stored."""
 
-    def __post_init__(self) -> None:
-        if self.engine not in ("torch", "vllm"):
-            raise EmbedJobError(f"engine must be 'torch' or 'vllm', got '{self.engine}'")
-        if self.output_dtype not in ("float32", "float16"):
-            raise EmbedJobError(f"output dtype must be float32 or float16, got '{self.output_dtype}'")
-        if self.shards < 1 or self.window_stride < 1:
-            raise EmbedJobError("shards and window_stride must be at least 1")
+    conditions: str = Field("all", description="`all` or comma-separated condition names, e.g. surface=home|device=mobile,request.")
+    engine: Literal["vllm", "torch"] = Field("vllm", description="Embedding engine: vLLM (the production path) or the torch group-query engine.")
+    max_history: int | None = Field(None, ge=1, description="Behaviours per prompt (default: the tokenizer's max_history).")
+    window_stride: int = Field(16, ge=1, description="Rolling: the history window moves in steps of this many behaviours.")
+    shards: int = Field(8, ge=1, description="Output shards by user hash (the unit of resume).")
+    output_dtype: Literal["float32", "float16"] = Field("float32", description="Precision of the stored vectors.")
+    dim: int | None = Field(None, ge=1, description="Reduce to this many dimensions (PCA fitted on a sample).")
+    pca_sample: int = Field(20_000, ge=1, description="Users sampled to fit the PCA.")
+    groups_per_call: int = Field(256, ge=1, description="Query groups handed to the engine at once (progress granularity).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
 
 
 @dataclass(frozen=True)
@@ -332,7 +329,7 @@ class EmbeddingJob:
         needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / PCA_FILE).exists())
         if todo and self.engine is None and needs_local_engine:
             self.open_engine()
-        bar = tqdm(desc="embedding", unit="user", disable=not progress)
+        bar = tqdm(desc="embedding", unit="user", disable=bars_off(progress))
         started = self._started = time.perf_counter()
         self._tokens_done = 0
         pca_path = self.out_dir / PCA_FILE

@@ -14,24 +14,28 @@ Metrics are reported overall and per target condition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+from contracts.progress import bars_off
 from transformers import LlamaForCausalLM
 
+from contracts.settings import Field, config_class
 from lum.tokenizer import PAD, BehaviourTokenizer
 
 
-@dataclass(frozen=True)
+@config_class
 class EvalConfig:
-    k: int = 10
-    max_users: int | None = 2000  # a seeded sample of test users, for speed
-    batch_size: int = 64
-    seed: int = 0
+    """Next-item evaluation of the LM on the test window."""
+
+    k: int = Field(10, ge=1, description="Cut-off of HR@k and NDCG@k.")
+    max_users: int | None = Field(2000, ge=1, description="A seeded sample of test users, for speed (None: all).")
+    batch_size: int = Field(64, ge=1, description="Users per forward pass.")
+    seed: int = Field(0, description="Seed of the user sample.")
 
 
 def _metrics(ranks: np.ndarray, k: int) -> dict[str, float]:
@@ -83,7 +87,7 @@ def score_model(
     histories = tokenizer.encode_histories(before)
     ranks = np.full(len(targets), np.iinfo(np.int64).max // 2, dtype=np.int64)
     users = targets["user_id"].astype(str).to_numpy()
-    for start in tqdm(range(0, len(targets), config.batch_size), disable=not progress, desc="evaluating"):
+    for start in tqdm(range(0, len(targets), config.batch_size), disable=bars_off(progress), desc="evaluating"):
         idx = np.arange(start, min(start + config.batch_size, len(targets)))
         prompts = [np.append(histories.get(users[i], np.array([1])), cond_tok[i]) for i in idx]
         width = max(len(p) for p in prompts)

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from contracts.progress import bars_off
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from contracts.files import atomic_path
+from contracts.settings import Field, config_class
 from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
 from lum.sequences import Batch, make_batch, plan_epochs, user_segments
@@ -45,33 +48,31 @@ from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-@dataclass(frozen=True)
+@config_class
 class PretrainConfig:
-    preset: str = "tiny"
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (the schedule still spans all epochs)
-    row_tokens: int = 1024  # tokens per packed row; also the longest segment
-    rows_per_batch: int = 8  # global batch, split across ranks
-    packing: bool = True
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    bf16: bool = False
-    seed: int = 0
-    checkpoint_every: int = 100
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    # Item factors (lum/item_factors.py, id tokenization only): a category component shared by every item token of
-    # a category, and a linear map of the items table's content vectors, added to each item token's input
-    # embedding and output row while training and folded into the saved plain Llama.
-    share_category: bool = False
-    content_column: str | None = None  # an items-table column holding one vector per item
+    """How the behaviour LM is pretrained (the model size comes from `preset`, see lum/model.py)."""
+
+    preset: str = Field("tiny", description="Model size: a preset of lum/model.py (tiny, small, base, 1b, 7b).")
+    epochs: int = Field(10, ge=1, description="Passes over the pretraining window.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (the schedule still spans all epochs).")
+    row_tokens: int = Field(512, ge=8, description="Tokens per (packed) training row; also the longest segment.")
+    rows_per_batch: int = Field(8, ge=1, description="Rows per optimizer step (split across processes).")
+    packing: bool = Field(True, description="Pack several users per row (attention isolated per user).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a share of the peak (cosine decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    bf16: bool = Field(False, description="bf16 autocast.")
+    seed: int = Field(0, description="Random seed (data order, initialisation).")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the resume point).")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
+    # item factors (lum/item_factors.py, id tokenization only), folded into the saved plain Llama
+    share_category: bool = Field(False, description="id: a category component shared by the item tokens of each category.")
+    content_column: str | None = Field(None, description="id: add a learned map of this items-table vector column to every item token.")
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
-        if self.epochs < 1 or self.rows_per_batch < 1 or self.row_tokens < 8:
-            raise ValueError("epochs and rows_per_batch must be at least 1 and row_tokens at least 8")
 
 
 class NextItemObjective(torch.nn.Module):
@@ -264,7 +265,7 @@ def pretrain(
 
     my_rows = slice(rank, None, world)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
-    bar = tqdm(total=run_steps, initial=step, desc="pretraining", unit="step", disable=not progress or rank != 0)
+    bar = tqdm(total=run_steps, initial=step, desc="pretraining", unit="step", disable=bars_off(progress) or rank != 0)
     started, tokens_done = time.perf_counter(), 0
     while step < run_steps:
         rows = batches[step] + [[]] * (-len(batches[step]) % world)  # an epoch's last batch may be short: empty rows keep every rank busy

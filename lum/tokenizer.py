@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from contracts.files import write_json_atomic
+from contracts.settings import Field, config_class
 from lum.errors import TokenizerError  # defined apart: lum.semantic_tokens raises it too
 
 FORMAT_VERSION = 1
@@ -49,39 +50,28 @@ SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[UNK_CONDITION]", "[UNK_ITEM]")
 ITEM_SIDE_PREFIXES = ("CAT:", "I:", "S", "T:")
 
 
-@dataclass(frozen=True)
+@config_class
 class TokenizerConfig:
-    condition_columns: tuple[str, ...]
-    item_tokenization: Literal["id", "semantic"] = "id"
-    min_item_count: int = 2
-    min_condition_count: int = 5
-    max_history: int = 200  # behaviours kept per user (the last ones)
-    history_events: Literal["positive", "all"] = "positive"  # which events are behaviours
-    category_column: str = "category"
-    # semantic mode
-    semantic_levels: int = 3
-    semantic_codebook_size: int = 256
-    text_columns: tuple[str, ...] = ()
-    categorical_columns: tuple[str, ...] = ()
-    numeric_columns: tuple[str, ...] = ()
-    vector_column: str | None = None
-    seed: int = 0
-    # Queries are left-filled with extra [BOS] tokens to a multiple of this many tokens, so that vLLM's prefix cache
-    # (which shares whole blocks: 32 tokens on CPU) holds a user's entire history and every further query condition
-    # costs one token instead of the history's last partial block. Pretraining puts 0..prompt_align-1 extra [BOS]
-    # before every segment at random, so the model has seen every fill. 1 turns it off (and is what a tokenizer
-    # saved before this option existed means).
-    prompt_align: int = 32
+    """How events become tokens: which conditions, which items get their own token, how items are coded."""
 
-    def __post_init__(self) -> None:
-        if self.prompt_align < 1:
-            raise TokenizerError(f"prompt_align must be at least 1, got {self.prompt_align}")
-        if self.item_tokenization not in ("id", "semantic"):
-            raise TokenizerError(f"item tokenization must be 'id' or 'semantic', got '{self.item_tokenization}'")
-        if self.history_events not in ("positive", "all"):
-            raise TokenizerError(f"history_events must be 'positive' or 'all', got '{self.history_events}'")
-        if self.max_history < 1:
-            raise TokenizerError(f"max_history must be at least 1, got {self.max_history}")
+    condition_columns: tuple[str, ...] = Field((), description="Condition columns, in back-off order (empty: every condition column of the log).")
+    item_tokenization: Literal["id", "semantic"] = Field("id", description="id: a token per frequent item; semantic: codes from the items' content.")
+    min_item_count: int = Field(5, ge=1, description="Items seen fewer times share their category's token.")
+    min_condition_count: int = Field(5, ge=1, description="Rarer condition combinations back off to coarser ones.")
+    max_history: int = Field(100, ge=1, description="Behaviours per training segment and per query (the last ones).")
+    history_events: Literal["auto", "positive", "all"] = Field(
+        "auto", description="Which events are behaviours: positive (clicks), all, or auto (all for a log of ratings such as MovieLens, else positive).")
+    category_column: str = Field("category", description="The items-table column whose token rare and new items fall back to.")
+    semantic_levels: int = Field(3, ge=1, le=8, description="semantic: code levels per item (each is a token).")
+    semantic_codebook_size: int = Field(256, ge=2, description="semantic: codes per level.")
+    text_columns: tuple[str, ...] = Field((), description="semantic: item text columns.")
+    categorical_columns: tuple[str, ...] = Field((), description="semantic: item categorical columns.")
+    numeric_columns: tuple[str, ...] = Field((), description="semantic: item numeric columns.")
+    vector_column: str | None = Field(None, description="semantic: an items-table column holding a content vector.")
+    seed: int = Field(0, description="Random seed of the semantic codebooks.")
+    # Queries are left-filled with [BOS] to a multiple of this, so vLLM's prefix cache (whole 32-token blocks on CPU)
+    # holds a user's entire history; 1 turns it off (and is what a tokenizer saved before the option means).
+    prompt_align: int = Field(32, ge=1, description="Queries are left-filled with [BOS] to a multiple of this many tokens.")
 
     @property
     def tokens_per_item(self) -> int:
@@ -294,7 +284,7 @@ def fit_tokenizer(events: pd.DataFrame, config: TokenizerConfig, items: pd.DataF
     if behaviours.empty:
         raise TokenizerError(
             "no behaviours in the pretraining window: it holds no events"
-            + (" with label 1" if config.history_events == "positive" else "")
+            + ("" if config.history_events == "all" else " with label 1")
         )
     vocab = list(SPECIAL_TOKENS)
     vocab += _condition_vocab(behaviours, config.condition_columns, config.min_condition_count)

@@ -34,50 +34,36 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from contracts.settings import Field, config_class
 from ranker.features import DLRMInputs
 
 SPARSE_PREFIX = "sparse_arch."  # parameters under it are embedding tables; the rest is the dense part
 
 
-@dataclass(frozen=True)
+@config_class
 class DLRMConfig:
-    embedding_dim: int = 64
-    dense_arch_layers: tuple[int, ...] = (256, 128)  # then embedding_dim: DLRM projects the dense input to D
-    over_arch_layers: tuple[int, ...] = (256, 128)  # then 1: the logit
-    interaction: Literal["dot", "dcn"] = "dot"  # DLRM's pairwise dot products, or DLRM_DCN's low-rank cross net
-    dcn_layers: int = 3
-    dcn_low_rank: int = 64
-    batch_size: int = 2048  # global batch: under torchrun every rank takes batch_size / world rows of it
-    epochs: int = 10
-    patience: int = 2  # validations without a better AUC before stopping
-    # validations per epoch, at equal shares of its batches: with more than one, the model can be kept from the
-    # middle of an epoch (a DLRM's id tables may overfit within its second epoch) and `patience` counts these
-    evals_per_epoch: int = 1
-    # weight of a listwise loss added to the pointwise log loss: the softmax cross-entropy of each request's
-    # clicked candidates among its candidates (`listwise_loss`). The log loss alone fits click probabilities row by
-    # row; this term trains the ordering within a slate directly, which is what GAUC and CTR@k measure. With a
-    # weight > 0 batches hold whole requests (the caller passes `groups` with the training inputs). 0: log loss only,
-    # the default: on the demo's training sets (README, "Measured: the simulator demo") weights 0.3-3 moved the
-    # +LUM CTR@10 lift over base from +2.6% to +2.7% while lowering both GAUCs by 0.002-0.005, most of that from
-    # the whole-request batches themselves (weight 1e-9: GAUC -0.002, the lift unchanged).
-    listwise_weight: float = 0.0
-    dense_lr: float = 1e-3  # Adam
-    embedding_lr: float = 0.05  # row-wise Adagrad
-    embedding_eps: float = 1e-8
-    engine: Literal["dmp", "plain"] = "dmp"
-    eval_batch_size: int = 16_384
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    """The TorchRec DLRM and how it is trained."""
 
-    def __post_init__(self) -> None:
-        if self.engine not in ("dmp", "plain"):
-            raise ValueError(f"engine must be 'dmp' or 'plain', got '{self.engine}'")
-        if self.interaction not in ("dot", "dcn"):
-            raise ValueError(f"interaction must be 'dot' or 'dcn', got '{self.interaction}'")
-        if min(self.embedding_dim, self.batch_size, self.epochs, self.eval_batch_size, self.evals_per_epoch) < 1 or self.patience < 0:
-            raise ValueError("embedding_dim, batch_size, epochs, eval_batch_size and evals_per_epoch must be positive, patience >= 0")
-        if not self.listwise_weight >= 0:
-            raise ValueError(f"listwise_weight must be >= 0, got {self.listwise_weight}")
+    embedding_dim: int = Field(32, ge=1, description="DLRM table dimension D.")
+    dense_arch_layers: tuple[int, ...] = Field((256, 128), description="Dense arch layer sizes (then D: DLRM projects the dense input to D).")
+    over_arch_layers: tuple[int, ...] = Field((256, 128), description="Over arch layer sizes (then 1: the logit).")
+    interaction: Literal["dot", "dcn"] = Field("dot", description="DLRM's pairwise dot products, or DLRM_DCN's low-rank cross net.")
+    dcn_layers: int = Field(3, ge=1, description="dcn: cross layers.")
+    dcn_low_rank: int = Field(64, ge=1, description="dcn: low-rank dimension.")
+    batch_size: int = Field(2048, ge=1, description="Global batch (under torchrun every rank takes batch_size / world rows).")
+    epochs: int = Field(5, ge=1, description="Most epochs (early stopping on the latest part of the training window).")
+    patience: int = Field(2, ge=0, description="Validations without a better AUC before stopping.")
+    # more than one lets the model be kept from the middle of an epoch, before id tables overfit
+    evals_per_epoch: int = Field(1, ge=1, description="Validations per epoch, at equal shares of its batches; the best one is kept.")
+    # 0 by default: on the demo it barely moved CTR@10 and cost GAUC (docs/history.md); > 0 batches whole requests
+    listwise_weight: float = Field(0.0, ge=0, description="Weight of a listwise loss over each request's candidates, added to the log loss.")
+    dense_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the dense part.")
+    embedding_lr: float = Field(0.05, gt=0, description="Row-wise Adagrad learning rate of the tables.")
+    embedding_eps: float = Field(1e-8, gt=0, description="Row-wise Adagrad epsilon.")
+    engine: Literal["dmp", "plain"] = Field("dmp", description="dmp: TorchRec DistributedModelParallel (fused tables); plain: an unsharded module.")
+    eval_batch_size: int = Field(16_384, ge=1, description="Rows per scoring batch.")
+    seed: int = Field(0, description="Random seed (weights, batch order).")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
 
 
 def build_dlrm(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig) -> DLRM:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,8 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from contracts.names import ITEM_COUNTERS
+from contracts.settings import Field, config_class
+
 from ranker.schema import (
     FLAG_COLUMNS,
     HISTORY_CATEGORIES,
@@ -61,39 +63,23 @@ from ranker.schema import (
 OOV = 0  # id of unseen / rare / null values in every vocabulary
 
 
-@dataclass(frozen=True)
+@config_class
 class FeatureConfig:
-    history_len: int = 50  # most recent history items pooled (the column is newest last)
-    min_count: int = 1  # values seen fewer times in the training rows share the OOV id
-    max_vocab: int | None = None  # keep only the most frequent values of each vocabulary
-    # Which LUM inputs the model gets: "scores" = the K dot products and cosines and the request-condition ones;
-    # "vectors" adds the K user vectors and the item vector themselves (K * D + D more dense inputs). "scores" by
-    # default: on the demo's test window LightGBM +LUM scored the same GAUC with either (0.7080 / 0.7077) in a
-    # fifth of the time, and the DLRM went from below its base (GAUC 0.7037 vs 0.7064) to above it (0.7080).
-    lum_inputs: str = "scores"
-    # LightGBM only: also give the raw user and item ids as categorical features. Off by default: a tree splits
-    # a 20k-level id into memorised groups and early stopping then halts after a few rounds (measured on the demo:
-    # base GAUC 0.698 with ids, 0.704 without); the counters already carry what an id knows.
-    lightgbm_ids: bool = False
-    # DLRM only: embed the raw user and item ids (one trained table row per id). On by default, the DLRM as
-    # published. Off, the user and item reach the model only through their counters, context, category and (with
-    # pooled history) the history items, whose table is still trained. On the demo the id tables memorise within an
-    # epoch (every DLRM peaked at epoch 1); without them +LUM scored GAUC 0.7225 against 0.7221 and its CTR@10 lift
-    # over base went from +2.6% to +3.2% (README, "Measured: the simulator demo").
-    dlrm_ids: bool = True
-    # Also give each candidate its per-candidate scores relative to the other candidates of the same request (rows
-    # sharing the user and the request time): minus the request's mean, minus its max, and the rank. A pointwise
-    # model cannot compare rows; these tell it whether an item is the best LUM match *of this slate*. Off by
-    # default: it needs every candidate of a request scored together (as `lum ranker score` and the online client
-    # do), and a log whose rows are single events rather than slates (MovieLens ratings) has nothing to compare.
-    # On the demo's test window (LightGBM) it took +LUM vs base from GAUC +0.0126 / CTR@10 +2.4% to +0.0162 / +3.2%.
-    request_features: bool = False
+    """Which inputs a ranker gets from a training-set row (both models read the same pipeline)."""
 
-    def __post_init__(self) -> None:
-        if self.history_len < 1 or self.min_count < 1:
-            raise ValueError("history_len and min_count must be at least 1")
-        if self.lum_inputs not in ("scores", "vectors"):
-            raise ValueError(f"lum_inputs must be 'scores' or 'vectors', got '{self.lum_inputs}'")
+    history_len: int = Field(50, ge=1, description="Most recent history items pooled (the column is newest last).")
+    min_count: int = Field(1, ge=1, description="Values seen fewer times in the fitting rows share the OOV id.")
+    max_vocab: int | None = Field(None, ge=1, description="Keep only the most frequent values of each vocabulary.")
+    # "scores" by default: as good as the vectors on the demo, in a fifth of the time (docs/history.md)
+    lum_inputs: Literal["scores", "vectors"] = Field(
+        "scores", description="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
+    # off by default: a tree splits a many-level id into memorised groups; the counters carry what an id knows
+    lightgbm_ids: bool = Field(False, description="LightGBM: also use the raw user and item ids as categorical features.")
+    # on by default, the DLRM as published; the demo turns it off, its id tables memorise within an epoch (docs/history.md)
+    dlrm_ids: bool = Field(True, description="DLRM: embed the raw user and item ids (off: they reach it only through counters, context and history).")
+    # a pointwise model cannot compare rows; off by default since it needs every candidate of a request scored together
+    request_features: bool = Field(
+        False, description="Also each candidate's scores relative to the other candidates of its request (same user and time).")
 
 
 # ---------------------------------------------------------------------------------------------------- arrow reads

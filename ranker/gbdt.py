@@ -9,37 +9,37 @@ time) and keeps the best iteration. `deterministic` + `force_row_wise` + a seed 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import lightgbm as lgb
 import numpy as np
+
+from contracts.settings import Field, config_class
 
 
 METRICS = ("auc", "binary_logloss")  # LightGBM's names; both are recorded on the validation rows
 
 
-@dataclass(frozen=True)
+@config_class
 class LightGBMConfig:
-    num_leaves: int = 63
-    learning_rate: float = 0.05
-    n_estimators: int = 1000  # upper bound; early stopping picks the iteration
-    early_stopping_rounds: int = 50
-    min_data_in_leaf: int = 50
-    feature_fraction: float = 0.8
-    bagging_fraction: float = 0.8
-    bagging_freq: int = 1
-    lambda_l2: float = 1.0
-    cat_smooth: float = 10.0
-    max_cat_threshold: int = 64
-    seed: int = 0
-    threads: int | None = None  # None: LightGBM's default (all cores)
-    # the validation metric that picks the iteration: "auc" (as the DLRM picks its epoch) or "binary_logloss". On a
-    # small validation window AUC can peak by chance in the first few trees, when the model is still near the
-    # prior (MovieLens: 2,020 validation rows; see README); the logloss moves smoothly and also needs calibration.
-    early_stopping_metric: str = "auc"
+    """LightGBM's parameters for the binary ranker."""
 
-    def __post_init__(self) -> None:
-        if self.early_stopping_metric not in METRICS:
-            raise ValueError(f"early_stopping_metric must be one of {', '.join(METRICS)}, got '{self.early_stopping_metric}'")
+    num_leaves: int = Field(63, ge=2, description="LightGBM num_leaves.")
+    learning_rate: float = Field(0.05, gt=0, description="LightGBM learning rate.")
+    n_estimators: int = Field(1000, ge=1, description="Most trees (early stopping picks the iteration).")
+    early_stopping_rounds: int = Field(50, ge=1, description="Trees without a better validation metric before stopping.")
+    min_data_in_leaf: int = Field(50, ge=1, description="LightGBM min_data_in_leaf.")
+    feature_fraction: float = Field(0.8, gt=0, le=1, description="LightGBM feature_fraction.")
+    bagging_fraction: float = Field(0.8, gt=0, le=1, description="LightGBM bagging_fraction.")
+    bagging_freq: int = Field(1, ge=0, description="LightGBM bagging_freq.")
+    lambda_l2: float = Field(1.0, ge=0, description="LightGBM lambda_l2.")
+    cat_smooth: float = Field(10.0, ge=0, description="LightGBM cat_smooth.")
+    max_cat_threshold: int = Field(64, ge=1, description="LightGBM max_cat_threshold.")
+    seed: int = Field(0, description="Random seed.")
+    threads: int | None = Field(None, ge=1, description="LightGBM threads (default: all cores).")
+    # on a small validation window AUC can peak by chance in the first trees; the logloss moves smoothly
+    early_stopping_metric: Literal["auc", "binary_logloss"] = Field(
+        "auc", description="The validation metric whose best iteration is kept.")
 
     def params(self) -> dict:
         params = {

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from contracts.settings import Field, config_class, from_saved
 from ranker.dlrm import DLRMConfig, predict, scoring_model, train_dlrm
 from ranker.features import DLRMInputs, FeatureConfig, FeaturePipeline
 from ranker.gbdt import LightGBMConfig, predict_lightgbm, train_lightgbm
@@ -43,44 +44,27 @@ DLRM_FILE = "dlrm.pt"
 LIGHTGBM_FILE = "lightgbm.txt"
 
 
-@dataclass(frozen=True)
+@config_class
 class RankerConfig:
-    model: Literal["dlrm", "lightgbm"] = "dlrm"
-    variant: str = "base"  # base | lum | pooled-history | lum+pooled
-    valid_fraction: float = 0.1  # the latest part of the training window, by time
-    features: FeatureConfig = field(default_factory=FeatureConfig)
-    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
-    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
+    """One ranker: its model, its variant (which LUM / history inputs), and the settings of its parts."""
+
+    model: Literal["dlrm", "lightgbm"] = Field("dlrm", description="The ranker model.")
+    variant: str = Field("base", description="Inputs: base | lum | pooled-history | lum+pooled.")
+    # by time, not random rows: random rows share users and moments with the fitting rows and reward memorising ids
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="The latest part of the training window, by time, that picks the epoch / iteration.")
+    features: FeatureConfig = Field(default_factory=FeatureConfig, description="Inputs built from a training-set row.")
+    dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
+    lightgbm: LightGBMConfig = Field(default_factory=LightGBMConfig, description="LightGBM settings.")
 
     def __post_init__(self) -> None:
-        if self.model not in ("dlrm", "lightgbm"):
-            raise ValueError(f"model must be 'dlrm' or 'lightgbm', got '{self.model}'")
         variant_parts(self.variant)
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise ValueError("valid_fraction must be in [0, 1)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RankerConfig:
-        return _from_dict(cls, data)
-
-
-def _from_dict(kind: type, data: dict[str, Any]) -> Any:
-    """A (nested) frozen dataclass from asdict() output; lists become tuples where the field holds a tuple."""
-    values = {}
-    for f in fields(kind):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if is_dataclass(default):
-            value = _from_dict(type(default), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[f.name] = value
-    return kind(**values)
+        return from_saved(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------------- the split

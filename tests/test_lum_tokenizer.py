@@ -106,7 +106,7 @@ def test_bad_input():
         fit_tokenizer(EVENTS, TokenizerConfig(("surface", "weather")), ITEMS)
     with pytest.raises(TokenizerError, match="no behaviours in the pretraining window"):
         fit_tokenizer(EVENTS[EVENTS.label == 0], CONFIG, ITEMS)
-    with pytest.raises(TokenizerError, match="item tokenization must be"):
+    with pytest.raises(ValueError, match="item_tokenization\n  Input should be 'id' or 'semantic'"):
         TokenizerConfig(("surface",), item_tokenization="bpe")
     tokenizer = fit_tokenizer(EVENTS, CONFIG, ITEMS)
     with pytest.raises(TokenizerError, match="condition column.*device.*not in the events"):

@@ -14,16 +14,27 @@ import yaml
 from click.testing import CliRunner
 
 from pipelines.cli import main
-from pipelines.run.config import load_run_config
+from lum.embed_job import EmbedJobConfig
+from lum.evaluate import EvalConfig
+from lum.pretrain import PretrainConfig
+from lum.tokenizer import TokenizerConfig
+from pipelines.data.split import SplitConfig
+from pipelines.run.config import ConfigError, load_run_config
+from ranker.dlrm import DLRMConfig
+from ranker.features import FeatureConfig
+from ranker.gbdt import LightGBMConfig
 
 TINY_RUN = {
     "data": {"source": "simulator", "preset": "tiny"},
     "protocols": [{"split": "global", "features": "rolling"}],
     # semantic ids as the demo (configs/demo.yaml), with a codebook that fits the tiny preset's 300 items
-    "lm": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "item_tokenization": "semantic", "vector_column": "content",
-           "categorical_columns": ["category"], "semantic_codebook_size": 16, "semantic_levels": 2},
-    "embed": {"engine": "torch", "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
-    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "epochs": 2, "threads": 1, "request_features": True},
+    # one torch thread: the same-model test pretrains again in this process after the rankers set one thread
+    "lm": {"pretrain": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "threads": 1},
+           "tokenizer": {"item_tokenization": "semantic", "vector_column": "content", "categorical_columns": ["category"],
+                         "semantic_codebook_size": 16, "semantic_levels": 2}},
+    "embed": {"job": {"engine": "torch"}, "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
+    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "dlrm": {"epochs": 2, "threads": 1}, "lightgbm": {"threads": 1},
+                "features": {"request_features": True}},
     "report": {"bootstrap": 20},
     "targets": {"gauc_lift_min": 0.01},
 }
@@ -69,9 +80,52 @@ def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
     # steps that were not redone keep the durations of the run that did them; the retrained one is re-timed
     after = json.loads((run / "run_state.json").read_text())["steps"]
     for name in ("data", "global+rolling: split", "global+rolling: pretrain", "global+rolling: dlrm base", "global+rolling: features"):
-        assert after[name] == {"status": "done", "seconds": before[name]["seconds"], "reused": True}, name
+        assert after[name] == {"status": "done", "settings": before[name]["settings"], "seconds": before[name]["seconds"], "reused": True}, name
     assert "reused" not in after["global+rolling: dlrm lum"] and after["global+rolling: dlrm lum"]["status"] == "done"
     assert "reused" not in after["report"]
+
+
+def test_lum_status_lists_each_step_with_its_state_settings_hash_and_duration(tiny_run):
+    run, _, _ = tiny_run
+    result = CliRunner().invoke(main, ["status", "--run", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["step"]: r for r in json.loads(result.output)}
+    assert rows["global+rolling: pretrain"]["state"] == "done" and len(rows["global+rolling: pretrain"]["settings"]) == 12
+    assert rows["global+rolling: dlrm lum"]["settings"] != rows["global+rolling: dlrm base"]["settings"]  # other variant, other settings
+    table = CliRunner().invoke(main, ["status", "--run", str(run)]).output
+    assert "global+rolling: lightgbm lum" in table and "done" in table
+    missing = CliRunner().invoke(main, ["status", "--run", str(run / "models")])
+    assert missing.exit_code != 0 and "no run_state.json" in missing.output
+
+
+def test_lum_pretrain_builds_the_model_lum_run_builds_from_the_same_settings(tiny_run, tmp_path):
+    """The CLI's options and the run config's lm: section are made from the same dataclasses: the same settings
+    give the same PretrainConfig / TokenizerConfig, and `lum pretrain` on the same data the very same model."""
+    from pipelines.cli.lm import pretrain_command, pretrain_configs
+
+    run, config, _ = tiny_run
+    lm = load_run_config(config).lm
+    args = ["--preset", "tiny", "--epochs", "2", "--rows-per-batch", "4", "--threads", "1", "--item-tokenization", "semantic", "--vector-column", "content",
+            "--categorical-column", "category", "--semantic-codebook-size", "16", "--semantic-levels", "2"]
+    params = dict(pretrain_command.make_context("pretrain", [*args, "--run", str(tmp_path)]).params)
+    assert pretrain_configs(params) == (lm.pretrain, lm.tokenizer)
+    # `lum pretrain` into a second run folder holding the same data and split
+    other = tmp_path / "other"
+    runner = CliRunner()
+    assert runner.invoke(main, ["data", "make", "--preset", "tiny", "--run", str(other)]).exit_code == 0
+    assert runner.invoke(main, ["data", "split", "--run", str(other)]).exit_code == 0
+    result = runner.invoke(main, ["pretrain", *args, "--run", str(other)])
+    assert result.exit_code == 0, result.output
+    ours, theirs = run / "models" / "global-tiny", other / "models" / "global-tiny"
+    manifest = lambda folder: json.loads((folder / "lum_manifest.json").read_text())  # noqa: E731
+    assert manifest(ours)["model_version"] == manifest(theirs)["model_version"]
+    assert manifest(ours)["tokenizer_fingerprint"] == manifest(theirs)["tokenizer_fingerprint"]
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    # and the run's own folder is recognised as made with these settings, but not with others
+    again = runner.invoke(main, ["pretrain", *args, "--run", str(run)])
+    assert again.exit_code == 0 and "already holds a model trained with these settings" in again.output
+    other_settings = runner.invoke(main, ["pretrain", *args, "--min-item-count", "3", "--run", str(run)])
+    assert other_settings.exit_code != 0 and "lm.tokenizer.min_item_count: the model has 5, the config asks 3" in other_settings.output
 
 
 def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_and_test_set_match(tiny_run):
@@ -113,34 +167,49 @@ def test_lum_demo_runs_what_configs_demo_yaml_says():
     assert config_dict(demo_config()) == config_dict(load_run_config(Path(__file__).parents[1] / "configs" / "demo.yaml"))
 
 
-def test_run_config_dlrm_early_stopping_reaches_the_ranker_config(tmp_path):
-    from pipelines.cli.ranker import ranker_config
-
+def test_run_config_sections_reach_the_ranker_config(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"rankers": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5, "dlrm_ids": False,
-                                                "lightgbm_stopping_metric": "binary_logloss"}}))
+    path.write_text(yaml.safe_dump({"rankers": {"features": {"dlrm_ids": False}, "dlrm": {"patience": 0, "evals_per_epoch": 3, "listwise_weight": 0.5},
+                                                "lightgbm": {"early_stopping_metric": "binary_logloss"}}}))
     rk = load_run_config(path).rankers
-    assert ranker_config("dlrm", "lum", **rk.ranker_options()).features.dlrm_ids is False
-    assert ranker_config("lightgbm", "lum", **rk.ranker_options()).lightgbm.early_stopping_metric == "binary_logloss"
-    dlrm = ranker_config("dlrm", "lum", **rk.ranker_options()).dlrm
+    assert rk.ranker_config("dlrm", "lum").features.dlrm_ids is False
+    assert rk.ranker_config("lightgbm", "lum").lightgbm.early_stopping_metric == "binary_logloss"
+    dlrm = rk.ranker_config("dlrm", "lum").dlrm
     assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
-    assert (dlrm.epochs, dlrm.embedding_dim) == (rk.epochs, rk.embedding_dim)  # the run config's defaults reach it too
-    default = load_run_config(None).rankers
-    assert ranker_config("dlrm", "lum", **default.ranker_options()).dlrm.patience == 2  # DLRMConfig's default when silent
-    assert ranker_config("dlrm", "lum", **default.ranker_options()).features.dlrm_ids is True
-    for bad, message in (({"lightgbm_stopping_metric": "ndcg"}, "lightgbm_stopping_metric"), ({"listwise_weight": -1}, "listwise_weight")):
+    default = load_run_config(None).rankers.ranker_config("dlrm", "lum")
+    assert default.dlrm == DLRMConfig() and default.features.dlrm_ids is True  # one definition: the component's own defaults
+    for bad, message in (({"lightgbm": {"early_stopping_metric": "ndcg"}}, r"rankers\.lightgbm\.early_stopping_metric: Input should be 'auc' or 'binary_logloss'"),
+                         ({"dlrm": {"listwise_weight": -1}}, r"rankers\.dlrm\.listwise_weight: Input should be greater than or equal to 0 \(got -1\)")):
         path.write_text(yaml.safe_dump({"rankers": bad}))
-        with pytest.raises(ValueError, match=message):  # when the config is read, before any step runs
+        with pytest.raises(ConfigError, match=message):  # when the config is read, before any step runs
             load_run_config(path)
 
 
-def test_run_config_rejects_unknown_keys(tmp_path):
+def test_run_config_defaults_are_the_components_own():
+    config = load_run_config(None)
+    assert config.lm.pretrain == PretrainConfig() and config.lm.tokenizer == TokenizerConfig() and config.lm.evaluate == EvalConfig()
+    assert config.embed.job == EmbedJobConfig() and config.rankers.features == FeatureConfig() and config.rankers.lightgbm == LightGBMConfig()
+    assert config.protocols[0].fractions == SplitConfig().fractions
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"lm": {"pretrain": {"epoch": 3}}}, r"lm\.pretrain\.epoch: unknown key; did you mean `epochs`\?"),
+    ({"lm": {"epochs": 3}}, r"lm\.epochs: unknown key; `epochs` is a key of lm\.pretrain, rankers\.dlrm"),
+    ({"lm": {"pretrain": {"epochs": "ten"}}}, r"lm\.pretrain\.epochs: Input should be a valid integer.*\(got 'ten'\)"),
+    ({"lm": {"pretrain": {"epochs": 0}}}, r"lm\.pretrain\.epochs: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"lm": {"tokenizer": {"semantic_levels": 9}}}, r"lm\.tokenizer\.semantic_levels: Input should be less than or equal to 8"),
+    ({"embed": {"job": {"engine": "onnx"}}}, r"embed\.job\.engine: Input should be 'vllm' or 'torch'"),
+    ({"embed": {"job": {"conditions": "surface=home"}}}, r"set the query conditions in embed\.conditions"),
+    ({"protocols": [{"split": "global"}, {"split": "global", "features": "snapshot"}]}, "distinct splits"),
+    ({"protocols": [{"snapshot_every": "daily"}]}, "snapshot_every must be a pandas frequency"),
+    ({"data": {"source": "movielens"}}, "data.path must name a MovieLens folder"),
+    ({"rankers": {"variants": ["lum+magic"]}}, "magic"),
+    ([1, 2], "must be a mapping"),
+])
+def test_run_config_errors_name_the_key(tmp_path, data, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"lm": {"preset": "tiny", "epoch": 3}}))
-    with pytest.raises(ValueError, match="unknown key.*epoch"):
-        load_run_config(bad)
-    bad.write_text(yaml.safe_dump({"protocols": [{"split": "global"}, {"split": "global", "features": "snapshot"}]}))
-    with pytest.raises(ValueError, match="distinct splits"):
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
         load_run_config(bad)
 
 
@@ -227,12 +296,12 @@ def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves
 
 def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
     run, config, _ = tiny_run
-    changes = [({"epochs": 3, "item_tokenization": "id"},
-                ["epochs: the model has 2, the config asks 3", "item_tokenization: the model has 'semantic', the config asks 'id'"]),
-               ({"semantic_levels": 3}, ["semantic_levels: the model has 2, the config asks 3"])]
+    changes = [({"pretrain": {"epochs": 3}, "tokenizer": {"item_tokenization": "id"}},
+                ["lm.pretrain.epochs: the model has 2, the config asks 3", "lm.tokenizer.item_tokenization: the model has 'semantic', the config asks 'id'"]),
+               ({"tokenizer": {"semantic_levels": 3}}, ["lm.tokenizer.semantic_levels: the model has 2, the config asks 3"])]
     for change, expected in changes:
         changed = yaml.safe_load(config.read_text())
-        changed["lm"] = {**changed["lm"], **change}
+        changed["lm"] = {section: {**changed["lm"].get(section, {}), **change.get(section, {})} for section in ("pretrain", "tokenizer")}
         other = config.with_name("changed.yaml")
         other.write_text(yaml.safe_dump(changed))
         result = CliRunner().invoke(main, ["run", "--config", str(other)])

@@ -87,7 +87,7 @@ def test_per_user_last_k():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"protocol": "random"}, "unknown split protocol"),
+        ({"protocol": "random"}, "protocol\n  Input should be .global. or .per-user."),
         ({"fractions": (0.5, 0.2, 0.2)}, "summing to 1"),
         ({"protocol": "per-user", "at": ("2024-01-01", "2024-01-02")}, "global protocol only"),
         ({"protocol": "global", "last_k": (1, 1)}, "per-user protocol"),

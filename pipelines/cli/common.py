@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 
 from pipelines.data.contract import ContractError
+from pipelines.steps import UP_TO_DATE  # noqa: F401  (re-exported for the commands)
 
 DEFAULT_RUN = "runs/main"
 
@@ -15,9 +16,6 @@ run_option = click.option("--run", "run_dir", default=DEFAULT_RUN, type=click.Pa
 force_option = click.option("--force", is_flag=True, help="Replace what the run folder already holds.")
 
 
-# What a step command returns when its output was already there and it did nothing: `lum run` then keeps the
-# duration of the run that made the output instead of recording the check's fraction of a second.
-UP_TO_DATE = "up to date"
 
 
 def _friendly_errors(fn: Callable) -> Callable:

@@ -11,15 +11,20 @@ Several processes (DLRM tables sharded over them, gloo on CPU):
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import click
 
+from contracts.names import VARIANTS
 from pipelines.cli.common import _friendly_errors, force_option, run_option
+from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths
+from ranker.dlrm import DLRMConfig
+from ranker.features import FeatureConfig
+from ranker.gbdt import LightGBMConfig
+from ranker.train import RankerConfig
 
 MODEL_CHOICE = click.Choice(["dlrm", "lightgbm"])
-VARIANT_CHOICE = click.Choice(["base", "lum", "pooled-history", "lum+pooled"])
+VARIANT_CHOICE = click.Choice(list(VARIANTS))
 PROTOCOL_OPTION = click.option("--protocol", type=click.Choice(["global", "per-user"]), default="global", help="Which split's windows.")
 
 
@@ -28,77 +33,25 @@ def ranker() -> None:
     """Rankers on Feast training sets: train, evaluate, score."""
 
 
-def ranker_config(
-    model: str,
-    variant: str,
-    *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    embedding_dim: int | None = None,
-    embedding_lr: float | None = None,
-    patience: int | None = None,
-    evals_per_epoch: int | None = None,
-    listwise_weight: float | None = None,
-    threads: int | None = None,
-    lum_inputs: str = "scores",
-    lightgbm_ids: bool = False,
-    dlrm_ids: bool = True,
-    lightgbm_stopping_metric: str = "auc",
-    request_features: bool = False,
-    seed: int = 0,
-):
-    """The RankerConfig of one model and variant; a DLRM option left None keeps ranker.dlrm.DLRMConfig's default.
-    The keywords are RankersConfig's fields (a run config's `rankers:`), so `**rankers.ranker_options()` fits."""
-    from ranker.features import FeatureConfig
-    from ranker.train import RankerConfig
-
-    config = RankerConfig(model=model, variant=variant, features=FeatureConfig(lum_inputs=lum_inputs, lightgbm_ids=lightgbm_ids, dlrm_ids=dlrm_ids,
-                                                                                  request_features=request_features))
-    dlrm = config.dlrm
-    overrides = {"epochs": epochs, "batch_size": batch_size, "embedding_dim": embedding_dim, "embedding_lr": embedding_lr, "threads": threads,
-                 "patience": patience, "evals_per_epoch": evals_per_epoch, "listwise_weight": listwise_weight}
-    dlrm = replace(dlrm, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    lightgbm = replace(config.lightgbm, seed=seed, threads=threads, early_stopping_metric=lightgbm_stopping_metric)
-    return replace(config, dlrm=dlrm, lightgbm=lightgbm)
-
-
 @ranker.command("train")
 @PROTOCOL_OPTION
 @click.option("--model", type=MODEL_CHOICE, default="dlrm")
 @click.option("--variant", type=VARIANT_CHOICE, default="lum")
-@click.option("--epochs", type=int, default=None, help="DLRM: most epochs (early stopping on the latest part of the window).")
-@click.option("--batch-size", type=int, default=None, help="DLRM batch size.")
-@click.option("--embedding-dim", type=int, default=None, help="DLRM table dimension.")
-@click.option("--embedding-lr", type=float, default=None, help="DLRM row-wise Adagrad learning rate.")
-@click.option("--patience", type=int, default=None, help="DLRM: validations without a better AUC before stopping [default: 2].")
-@click.option("--evals-per-epoch", type=int, default=None, help="DLRM: validations per epoch, the best one kept [default: 1].")
-@click.option("--listwise-weight", type=float, default=None,
-              help="DLRM: weight of a listwise loss over each request's candidates, added to the log loss [default: 0].")
-@click.option("--threads", type=int, default=None, help="Torch / LightGBM threads.")
-@click.option("--lum-inputs", type=click.Choice(["scores", "vectors"]), default="scores", show_default=True,
-              help="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
-@click.option("--lightgbm-ids/--no-lightgbm-ids", default=False, show_default=True,
-              help="LightGBM: also use the raw user and item ids as categorical features.")
-@click.option("--lightgbm-stopping-metric", type=click.Choice(["auc", "binary_logloss"]), default="auc", show_default=True,
-              help="LightGBM: the validation metric whose best iteration is kept.")
-@click.option("--dlrm-ids/--no-dlrm-ids", default=True, show_default=True,
-              help="DLRM: embed the raw user and item ids (off: they reach it only through counters, context and history).")
-@click.option("--request-features/--no-request-features", default=False, show_default=True,
-              help="Also each candidate's scores relative to the other candidates of its request (same user and time).")
-@click.option("--seed", type=int, default=0)
+@config_options(FeatureConfig)
+@config_options(DLRMConfig, exclude=("seed", "threads"))
+@config_options(LightGBMConfig, prefix="lightgbm-")
+@click.option("--seed", type=int, default=DLRMConfig().seed, show_default=True, help="Random seed of the DLRM (LightGBM: --lightgbm-seed).")
+@click.option("--threads", type=int, default=None, help="Torch threads of the DLRM (LightGBM: --lightgbm-threads).")
 @run_option
 @force_option
 @_friendly_errors
-def ranker_train(protocol, model, variant, epochs, batch_size, embedding_dim, embedding_lr, patience, evals_per_epoch, listwise_weight, threads,
-                 lum_inputs, lightgbm_ids, lightgbm_stopping_metric, dlrm_ids, request_features, seed, run_dir, force) -> None:
+def ranker_train(protocol: str, model: str, variant: str, seed: int, threads: int | None, run_dir: str, force: bool, **options) -> None:
     """Train a ranker on the protocol's training window (its training set is built through Feast when missing)."""
     from pipelines.steps.rankers import train_step
 
-    config = ranker_config(
-        model, variant, epochs=epochs, batch_size=batch_size, embedding_dim=embedding_dim, embedding_lr=embedding_lr, patience=patience,
-        evals_per_epoch=evals_per_epoch, listwise_weight=listwise_weight, threads=threads, lum_inputs=lum_inputs,
-        lightgbm_ids=lightgbm_ids, lightgbm_stopping_metric=lightgbm_stopping_metric, dlrm_ids=dlrm_ids,
-        request_features=request_features, seed=seed,
+    config = RankerConfig(
+        model=model, variant=variant, features=build_config(FeatureConfig, options),
+        dlrm=build_config(DLRMConfig, options, seed=seed, threads=threads), lightgbm=build_config(LightGBMConfig, options, prefix="lightgbm-"),
     )
     out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})

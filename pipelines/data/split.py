@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from contracts.settings import Field, config_class
 from pipelines.data.contract import read_events, utc_timestamp, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
@@ -39,12 +40,14 @@ WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
 Protocol = Literal["global", "per-user"]
 
 
-@dataclass(frozen=True)
+@config_class
 class SplitConfig:
-    protocol: Protocol = "global"
-    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # pretrain, train, test
-    at: tuple[str, str] | None = None  # global only: explicit train start and test start (ISO times)
-    last_k: tuple[int, int] | None = None  # per-user only: the last k_train + k_test events of each user
+    """How a run's events are split into pretraining, ranker-training and test windows."""
+
+    protocol: Protocol = Field("global", description="global: windows by time (production view); per-user: each user's last events held out.")
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="Shares of the pretraining, ranker-training and test windows.")
+    at: tuple[str, str] | None = Field(None, description="global: explicit train start and test start times (ISO).")
+    last_k: tuple[int, int] | None = Field(None, description="per-user: the last k events of each user for train and for test.")
 
     def __post_init__(self) -> None:
         if self.protocol not in ("global", "per-user"):

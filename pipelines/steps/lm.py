@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 
+from lum.pretrain import PretrainConfig
+from lum.tokenizer import TOKENIZER_FILE, TokenizerConfig
 from pipelines.data.contract import read_events, write_json_atomic
-from pipelines.paths import RunPaths
 from pipelines.data.sources.base import read_dataset_info
+from pipelines.paths import RunPaths
+from pipelines.steps import UP_TO_DATE
 
 
 def _window(paths: RunPaths, protocol: str, window: str) -> pd.DataFrame:
@@ -31,29 +35,71 @@ def default_history_events(paths: RunPaths) -> str:
     return "all" if read_dataset_info(paths)["source"].get("name") == "movielens" else "positive"
 
 
-def run_pretrain(
+def resolve_tokenizer(paths: RunPaths, protocol: str, tokenizer: TokenizerConfig) -> TokenizerConfig:
+    """The tokenizer settings with the data's defaults filled in: every condition column of the log when none is
+    named, and `auto` history events decided by the data source."""
+    _, contract = read_events(paths.split_file(protocol, "pretrain"))
+    changes: dict[str, Any] = {}
+    if not tokenizer.condition_columns:
+        changes["condition_columns"] = tuple(contract.condition_names)
+    if tokenizer.history_events == "auto":
+        changes["history_events"] = default_history_events(paths)
+    return replace(tokenizer, **changes)
+
+
+# pretraining settings that do not change the weights a model folder holds: a re-run may differ in them
+_RUNTIME_ONLY = {"checkpoint_every", "threads"}
+_SEMANTIC_ONLY = {"vector_column", "categorical_columns", "text_columns", "numeric_columns", "semantic_codebook_size", "semantic_levels"}
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_model_matches(model_dir: Path, pretrain_config: PretrainConfig, tokenizer: TokenizerConfig) -> None:
+    """Fails, naming the setting, when a trained model folder was made with other settings than those asked.
+
+    The pretrain step is skipped when its model folder exists; without this check a changed `lm:` section would
+    silently keep the old model (and every embedding, feature and ranker built from it). A setting the folder
+    does not record (written before the setting existed) counts as that setting's default.
+    """
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    saved = {"pretrain": manifest.get("pretrain_config", {}), "tokenizer": json.loads((model_dir / TOKENIZER_FILE).read_text())["config"]}
+    wanted = {"pretrain": pretrain_config, "tokenizer": tokenizer}
+    differ = []
+    for section, config in wanted.items():
+        for f in fields(config):
+            if f.name in _RUNTIME_ONLY or (section == "tokenizer" and f.name in _SEMANTIC_ONLY and tokenizer.item_tokenization != "semantic"):
+                continue
+            default = getattr(type(config)(), f.name)
+            have, want = _comparable(saved[section].get(f.name, default)), _comparable(getattr(config, f.name))
+            if have != want:
+                differ.append(f"lm.{section}.{f.name}: the model has {have!r}, the config asks {want!r}")
+    if differ:
+        raise ValueError(f"{model_dir} was pretrained with other LM settings ({'; '.join(differ)}); remove that folder (and the run's "
+                         "embeddings/, feature_repo/, training_sets/, rankers/) to pretrain again, or use another run_dir")
+
+
+def pretrain_step(
     paths: RunPaths,
     protocol: str,
-    pretrain_config: Any,
-    tokenizer_options: dict[str, Any],
+    pretrain_config: PretrainConfig,
+    tokenizer: TokenizerConfig,
     init_from: str | None = None,
     force: bool = False,
     progress: bool = True,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Pretrain on the split's pretraining window into the run's model folder (or `out_dir`)."""
+) -> dict[str, Any] | str:
+    """Pretrain on the split's pretraining window into the run's model folder (or `out_dir`); the manifest, or
+    UP_TO_DATE when the folder already holds a model made with these settings (an error when with others)."""
     from lum.pretrain import pretrain
-    from lum.tokenizer import TokenizerConfig
 
     events = _window(paths, protocol, "pretrain")
-    _, contract = read_events(paths.split_file(protocol, "pretrain"))
-    options = dict(tokenizer_options)
-    if not options.get("condition_columns"):
-        options["condition_columns"] = tuple(contract.condition_names)
-    if options.get("history_events", "auto") == "auto":
-        options["history_events"] = default_history_events(paths)
-    tokenizer_config = TokenizerConfig(**options)
+    tokenizer_config = resolve_tokenizer(paths, protocol, tokenizer)
     out = out_dir or paths.model_dir(protocol, pretrain_config.preset)
+    if (out / "lum_manifest.json").exists() and not force:
+        check_model_matches(out, pretrain_config, tokenizer_config)
+        return UP_TO_DATE
     return pretrain(
         events,
         out,
@@ -67,7 +113,7 @@ def run_pretrain(
     )
 
 
-def run_evaluate(paths: RunPaths, protocol: str, preset: str, eval_config: Any, progress: bool = True) -> dict[str, Any]:
+def evaluate_step(paths: RunPaths, protocol: str, preset: str, eval_config: Any, progress: bool = True) -> dict[str, Any]:
     from lum.evaluate import evaluate_next_item
     from lum.model import load_model
     from lum.tokenizer import BehaviourTokenizer

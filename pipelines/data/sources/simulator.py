@@ -51,6 +51,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from contracts.progress import bars_off
+
 from contracts.files import atomic_path
 from pipelines.data.contract import ColumnSpec, EventContract, ValidationOptions, validate_events, write_parquet_atomic
 from pipelines.paths import RunPaths
@@ -453,7 +455,7 @@ def simulate_to_run(config: SimulatorConfig, paths: RunPaths, progress: bool = T
     n_chunks = -(-config.n_users // config.chunk_users)
     # the events file is renamed into place once its writer has closed it
     with atomic_path(paths.events) as tmp, pq.ParquetWriter(tmp, SIMULATOR_CONTRACT.arrow_schema()) as writer:
-        bar = tqdm(chunks, total=n_chunks, desc="simulating users", unit="chunk", disable=not progress)
+        bar = tqdm(chunks, total=n_chunks, desc="simulating users", unit="chunk", disable=bars_off(progress))
         for table in bar:
             writer.write_table(table)
             n_events += table.num_rows

@@ -1,0 +1,126 @@
+"""`lum run`: every step of a run config, from events to the A/B report, resumable.
+
+    data -> split -> pretrain the LM -> next-item evaluation -> embed (rolling or snapshot) -> Feast
+         -> training sets -> rankers (DLRM, LightGBM x variants) -> evaluation -> scored test window -> report
+
+Each step keeps its output in the run folder and is skipped when that output is up to date, so running the same
+config again after a failure resumes at the failed step. `run_state.json` records each step's state, settings
+hash and duration (`lum status --run DIR` prints them). The steps are the functions of `pipelines.steps`, the
+same ones the single-step commands (`lum data split`, `lum pretrain`, ...) call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.paths import RunPaths
+from pipelines.report.for_run import report_run
+from pipelines.run.config import ProtocolConfig, RunConfig
+from pipelines.run.state import RunState
+from pipelines.steps import UP_TO_DATE, data as data_steps
+from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
+from pipelines.steps.features import ingest_embeddings
+from pipelines.steps.lm import evaluate_step as evaluate_lm
+from pipelines.steps.lm import pretrain_step
+from pipelines.steps.rankers import evaluate_step, score_test_window, train_step
+
+Echo = Callable[[str], None]
+
+
+def execute(config: RunConfig, echo: Echo = print) -> dict[str, Any]:
+    """Run every step of `config`; returns the report summary."""
+    paths = RunPaths(config.run_dir)
+    state = RunState(paths, config)
+    started = time.perf_counter()
+    data = config.data
+    if data.source == "simulator":
+        make = lambda: _wrote(data_steps.simulate(paths, data.preset, data.seed, data.n_users), paths, echo)  # noqa: E731
+    else:
+        if not Path(str(data.path)).exists():
+            raise FileNotFoundError(f"data.path: no MovieLens folder at {data.path!r}")
+        make = lambda: _wrote(data_steps.import_movielens(paths, str(data.path), data.like_threshold), paths, echo)  # noqa: E731
+    state.step("data", make, echo, settings=data)
+
+    scored: list[tuple[ProtocolConfig, Path]] = []
+    for protocol in config.protocols:
+        scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
+    summary = state.step("report", lambda: report_run(config, paths, scored, state.durations()), echo, settings=config.report)
+    echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
+    echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
+    return summary
+
+
+def _wrote(result: dict[str, Any] | str, paths: RunPaths, echo: Echo) -> dict[str, Any] | str:
+    if result == UP_TO_DATE:
+        echo(f"{paths.events} is up to date: skipped")
+    else:
+        echo(f"wrote {result['n_events']:,} events to {paths.events}")
+    return result
+
+
+def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo: Echo) -> Path:
+    """The steps of one protocol (split ... scored test window); returns the scored test window's path."""
+    split, lm = protocol.split, config.lm
+    name = protocol.name
+    split_config = protocol.split_config()
+    state.step(f"{name}: split", lambda: data_steps.split(paths, split_config), echo, settings=split_config)
+    model_dir = paths.model_dir(split, lm.pretrain.preset)
+
+    def pretrain() -> Any:
+        manifest = pretrain_step(paths, split, lm.pretrain, lm.tokenizer)
+        if manifest != UP_TO_DATE:
+            echo(f"wrote {model_dir} ({manifest['model_version']}, {manifest['steps']} steps, final loss {manifest['final_loss']:.4f})")
+        return manifest
+
+    state.step(f"{name}: pretrain", pretrain, echo, settings=(lm.pretrain, lm.tokenizer))
+    if lm.tokenizer.item_tokenization != "id":
+        echo(f"--- {name}: evaluate LM skipped: next-item evaluation ranks item tokens, which a {lm.tokenizer.item_tokenization}-ID model does not have")
+    elif not paths.evaluation(split, lm.pretrain.preset).exists():
+        state.step(f"{name}: evaluate LM", lambda: evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate), echo, settings=lm.evaluate)
+
+    embed_dir = paths.embeddings(f"{split}-{lm.pretrain.preset}-{protocol.features}")
+    conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling", events=paths.events)
+    if protocol.features == "rolling":
+        as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
+    else:
+        as_of = snapshot_times(paths, split, protocol.snapshot_every)
+    made = json.loads((embed_dir / "manifest.json").read_text()) if (embed_dir / "manifest.json").exists() else None
+    if made and made["settings"]["conditions"] != conditions.split(","):
+        raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made['settings']['conditions']}, not {conditions.split(',')}; "
+                              "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
+    if not made or not made.get("complete"):
+        state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.job, conditions), echo,
+                   settings=(config.embed, conditions))
+
+    def features() -> str | None:
+        # under the per-user split, rows of some users predate the model's training end by design of the protocol
+        valid_from = first_event_time(paths) if split == "per-user" else None
+        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True)
+        how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
+        echo(f"features: model version {result['version']} selected ({how})")
+        return UP_TO_DATE if result["skipped"] else None
+
+    state.step(f"{name}: features", features, echo, settings=str(embed_dir))
+    rankers = config.rankers
+    for model in rankers.models:
+        for variant in rankers.variants:
+            ranker_config = rankers.ranker_config(model, variant)
+
+            def train_and_evaluate(ranker_config=ranker_config, model=model, variant=variant) -> str | None:
+                _, trained = train_step(paths, split, ranker_config)
+                result = evaluate_step(paths, split, model, variant)["overall"]
+                echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
+                return None if trained else UP_TO_DATE
+
+            state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
+    return state.step(f"{name}: score test window", lambda: score_test_window(paths, split), echo)
+
+
+def first_event_time(paths: RunPaths) -> str:
+    return pc.min(pq.read_table(paths.events, columns=["ts"]).column("ts")).as_py().isoformat()

@@ -1,0 +1,85 @@
+"""Run-folder steps of the data: simulate or import an event log, split it into windows.
+
+Each step returns what it wrote, or `UP_TO_DATE` when the run folder already held exactly that output; it never
+replaces different data unless `force` is given (nothing is overwritten silently).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from pipelines.data.contract import EventContract, ValidationOptions
+from pipelines.data.split import SplitConfig
+from pipelines.paths import RunPaths
+from pipelines.steps import UP_TO_DATE
+
+
+def _same_source(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
+    """True when the run folder already holds exactly this source's data (skip); an error on different data."""
+    if not paths.dataset_info.exists() or force:
+        return False
+    existing = json.loads(paths.dataset_info.read_text())["source"]
+    if json.loads(json.dumps(source)) == existing:
+        return True
+    raise FileExistsError(
+        f"{paths.root} already holds data from {existing.get('name')} with other parameters; pass --force to "
+        "replace it or choose another run folder (nothing is overwritten silently)"
+    )
+
+
+def simulate(paths: RunPaths, preset: str, seed: int, n_users: int | None = None, force: bool = False) -> dict[str, Any] | str:
+    """The embedded simulator's event log (and items table) into the run folder."""
+    from pipelines.data.sources import simulator
+
+    overrides: dict[str, Any] = {"seed": seed}
+    if n_users is not None:
+        overrides["n_users"] = n_users
+    config = simulator.preset(preset, **overrides)
+    if _same_source(paths, {"name": "simulator", "config": asdict(config)}, force):
+        return UP_TO_DATE
+    return simulator.simulate_to_run(config, paths)
+
+
+def import_movielens(paths: RunPaths, path: str, like_threshold: float, on_bad: str = "fail", force: bool = False) -> dict[str, Any] | str:
+    """A MovieLens folder (100K, 1M, or the latest / 25M layout) into the run folder."""
+    from pipelines.data.sources.base import write_source_output
+    from pipelines.data.sources.movielens import load_movielens
+
+    output = load_movielens(path, like_threshold=like_threshold, on_bad=on_bad)
+    if _same_source(paths, output.source, force):
+        return UP_TO_DATE
+    return write_source_output(output, paths)
+
+
+def import_files(paths: RunPaths, events: str, contract: EventContract, items: str | None, column_map: dict[str, str],
+                 ignore: tuple[str, ...], options: ValidationOptions, force: bool = False) -> dict[str, Any] | str:
+    """Your own event log (Parquet or CSV following the contract) into the run folder."""
+    from pipelines.data.sources.base import write_source_output
+    from pipelines.data.sources.files import load_files
+
+    output = load_files(events, contract, items_path=items, column_map=column_map, ignore=ignore, options=options)
+    if _same_source(paths, output.source, force) and not len(output.rejected):
+        return UP_TO_DATE
+    return write_source_output(output, paths)
+
+
+def split(paths: RunPaths, config: SplitConfig, force: bool = False) -> dict[str, Any] | str:
+    """The run's events into pretraining, ranker-training and test windows; the split summary, or UP_TO_DATE."""
+    from pipelines.data.sources.base import read_dataset_info
+    from pipelines.data.split import dataset_fingerprint, split_run
+
+    read_dataset_info(paths)  # a clear error when there is no data yet
+    fingerprint = dataset_fingerprint(paths)
+    summary_file = paths.split_summary(config.protocol)
+    if summary_file.exists() and not force:
+        existing = json.loads(summary_file.read_text())
+        if existing.get("dataset_fingerprint") == fingerprint:
+            if existing["config"] == json.loads(json.dumps(asdict(config))):
+                return UP_TO_DATE
+            raise FileExistsError(
+                f"{paths.split_dir(config.protocol)} already holds a {config.protocol} split with other settings "
+                f"({existing['config']}); pass --force to replace it"
+            )
+    return split_run(paths, config)

@@ -1,0 +1,75 @@
+"""Run-folder step of the embeddings: which query conditions and as-of times, and the `lum embed` job as its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lum.embed_job import EmbedJobConfig
+from pipelines.data.contract import METADATA_KEY, EventContract, read_events, write_parquet_atomic
+from pipelines.paths import RunPaths
+
+
+def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, job: EmbedJobConfig, conditions: str) -> None:
+    """`lum embed` as its own process (vLLM's engine processes then never outlive or disturb the caller), with the
+    run's job settings handed over as validated JSON."""
+    from dataclasses import asdict, replace
+
+    settings = json.dumps(asdict(replace(job, conditions=conditions)))
+    command = [sys.executable, "-m", "pipelines.cli", "embed", "--model", str(model_dir), "--events", str(events),
+               "--as-of", as_of, "--out", str(out_dir), "--settings-json", settings]
+    done = subprocess.run(command)
+    if done.returncode != 0:
+        raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command[:12])} ...")
+def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool, events: Path) -> str:
+    """The configured query conditions, or by default: in rolling mode `request` (each row's own context, the
+    condition LUM's ranker features are about), plus one per value of the model's first condition column."""
+    if configured:
+        if "request" in configured and not request_time_conditions(model_dir, events):
+            raise ValueError("embed.conditions asks `request`, but the model's condition columns are not all known at request time "
+                             "(querying a row's own post-event context would leak its label)")
+        return ",".join(configured)
+    from lum.tokenizer import BehaviourTokenizer
+
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    first = manifest["condition_columns"][0]
+    tokenizer = BehaviourTokenizer.load(model_dir, expected_fingerprint=manifest["tokenizer_fingerprint"])
+    names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
+    if not names:
+        raise ValueError(f"{model_dir}: no condition token of the form {first}=VALUE; set embed.conditions in the run config")
+    return ",".join((["request"] if rolling and request_time_conditions(model_dir, events) else []) + sorted(names))
+
+
+def request_time_conditions(model_dir: Path, events: Path) -> bool:
+    """Whether every condition column of the model is known at request time. Only then may a row's own context be
+    a query condition: MovieLens' feedback level is derived from the rating, so querying it would leak the label."""
+
+    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    contract = EventContract.from_json(pq.read_schema(events).metadata[METADATA_KEY])
+    known = {c.name: c.known_at for c in contract.conditions}
+    return all(known.get(c) == "request" for c in manifest["condition_columns"])
+
+
+def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
+    """(user_id, ts, condition columns) of the ranker-training and test windows: the moments (and contexts) a
+    rolling embedding is needed for."""
+    if not out.exists():  # kept once written: the embedding job's resume check fingerprints this file
+        _, contract = read_events(paths.split_file(split, "train"))
+        columns = ["user_id", "ts", *contract.condition_names]
+        tables = [pq.read_table(paths.split_file(split, w), columns=columns) for w in ("train", "test")]
+        write_parquet_atomic(pa.concat_tables(tables), out)
+    return out
+
+
+def snapshot_times(paths: RunPaths, split: str, every: str) -> str:
+    """Period boundaries from the start of the training window to the end of the test window."""
+    summary = json.loads(paths.split_summary(split).read_text())["windows"]
+    start = pd.Timestamp(summary["train"]["ts_min"]).floor(every)
+    end = pd.Timestamp(summary["test"]["ts_max"])
+    return ",".join(t.isoformat() for t in pd.date_range(start, end, freq=every))
