@@ -42,6 +42,7 @@ from contracts.files import atomic_path
 from contracts.settings import Field, config_class
 from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
+from lum.model_card import write_model_card
 from lum.sequences import Batch, make_batch, plan_epochs, user_segments
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
 
@@ -346,6 +347,7 @@ def _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, e
         **(extra_manifest or {}),
     }
     write_manifest(staging, manifest)
+    write_model_card(staging, manifest, tokenizer)
     (staging / "training_log.json").write_text(json.dumps(log))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -139,6 +139,27 @@ def test_model_folder_is_complete_and_loadable_by_transformers(tiny_lm):
     assert loaded.model.config.vocab_size == manifest["vocab_size"]
 
 
+def test_every_model_folder_carries_a_model_card_read_from_its_own_manifest(tiny_lm, tiny_sim):
+    from lum.model_card import model_card
+    from lum.tokenizer import BehaviourTokenizer, TokenizerConfig
+
+    folder, manifest = tiny_lm
+    card = (folder / "README.md").read_text()
+    tokenizer = BehaviourTokenizer.load(folder)
+    assert card.startswith(f"# Behaviour LM `{manifest['model_version']}`")
+    assert "columns `surface`, `device`, `daypart` (in back-off order)" in card
+    assert f"{manifest['training_window']['events']:,} events of {manifest['training_window']['users']:,} users" in card
+    assert f"fingerprint `{tokenizer.fingerprint}`" in card and f"{len(tokenizer.condition_tokens):,} condition tokens" in card
+    assert f"a multiple of {tokenizer.config.prompt_align} tokens" in card and "**id**: one token `I:<item_id>`" in card
+    assert f"--conditions {tokenizer.full_condition_tokens()[0][2:]}" in card  # a condition this model knows
+    # a semantic model's card describes its codes instead
+    semantic = BehaviourTokenizer(TokenizerConfig(("surface",), item_tokenization="semantic", semantic_levels=2, semantic_codebook_size=16,
+                                                  categorical_columns=("category",)), tokenizer.vocab, tokenizer.item_category)
+    text = model_card(manifest, semantic)
+    assert "**semantic**: every item (new ones too) is 2 code tokens `S0:<code> ... S1:<code>` (16 codes a level" in text
+    assert "A behaviour is 4 tokens." in text
+
+
 def _pretrain_script(tmp_path: Path, events: pd.DataFrame, out: Path, config: dict) -> Path:
     data = tmp_path / "events.parquet"
     events.to_parquet(data)
