@@ -124,3 +124,49 @@ def _commands(group, prefix=()):
 def test_help_everywhere(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_version_log_level_and_progress_conventions(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from contracts.progress import PROGRESS_ENV, bars_off
+
+    done = subprocess.run([LUM, "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"lum, version {metadata.version('lum-user-model')}"
+    # bars: on only when asked and (LUM_PROGRESS unset) stderr is a terminal; --no-progress / --progress decide for child processes
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    assert bars_off(False) is True
+    assert bars_off(True) is (not sys.stderr.isatty())
+    monkeypatch.setenv(PROGRESS_ENV, "1")
+    assert bars_off(True) is False and bars_off(False) is True
+    result = CliRunner().invoke(main, ["--no-progress", "data", "make", "--preset", "tiny", "--run", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "simulating users" not in result.output
+    import os
+
+    assert os.environ[PROGRESS_ENV] == "0"
+    # a log written to a file: no bar redraws at all
+    log = tmp_path / "make.log"
+    with log.open("w") as out:
+        subprocess.run([LUM, "-q", "data", "make", "--preset", "tiny", "--run", str(tmp_path / "run2")], stdout=out, stderr=out, check=True,
+                       env={k: v for k, v in os.environ.items() if k != PROGRESS_ENV})
+    assert "\r" not in log.read_text() and "wrote" in log.read_text()
+    bad = CliRunner().invoke(main, ["--log-level", "LOUD", "data", "describe"])
+    assert bad.exit_code != 0 and "LOUD" in bad.output
+
+
+def test_options_come_from_the_config_dataclasses():
+    """A command's option defaults are its component's config defaults, and bad values name the option."""
+    from pipelines.cli.lm import embed_command, pretrain_command, pretrain_configs
+    from pipelines.cli.options import build_config
+    from lum.embed_job import EmbedJobConfig
+    from lum.pretrain import PretrainConfig
+    from lum.tokenizer import TokenizerConfig
+
+    params = dict(pretrain_command.make_context("pretrain", []).params)
+    assert pretrain_configs(params) == (PretrainConfig(), TokenizerConfig())
+    params = dict(embed_command.make_context("embed", ["--model", ".", "--events", "pyproject.toml", "--as-of", "2025-01-01", "--out", "x",
+                                                       "--vllm-block-size", "64", "--no-vllm-enable-prefix-caching"]).params)
+    config = build_config(EmbedJobConfig, {k: v for k, v in params.items()})
+    assert config.vllm.block_size == 64 and config.vllm.enable_prefix_caching is False and config.shards == EmbedJobConfig().shards
+    result = CliRunner().invoke(main, ["pretrain", "--epochs", "0", "--run", "nowhere"])
+    assert result.exit_code == 2 and "--epochs: Input should be greater than or equal to 1" in result.output
