@@ -35,7 +35,7 @@ TINY_RUN = {
     "embed": {"job": {"engine": "torch"}, "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
     "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "dlrm": {"epochs": 2, "threads": 1}, "lightgbm": {"threads": 1},
                 "features": {"request_features": True}},
-    "report": {"bootstrap": 20},
+    "report": {"n_bootstrap": 20},
     "targets": {"gauc_lift_min": 0.01},
 }
 

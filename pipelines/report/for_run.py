@@ -20,7 +20,6 @@ def run_inputs(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolCo
     import pyarrow.parquet as pq
 
     from pipelines.data.sources.base import read_dataset_info
-    from pipelines.report.spec import ReportConfig
 
     frames, protocols = [], []
     for protocol, path in scored:
@@ -41,8 +40,7 @@ def run_inputs(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolCo
         "slice_columns": [c for c in SLICE_COLUMNS if c in frames[0].columns],
     }
     # position_decay stays None: build_report takes the one the simulator generated the data with from meta["data"]
-    report_config = ReportConfig(n_bootstrap=config.report.bootstrap, seed=config.report.seed)
-    return frames, meta, report_config
+    return frames, meta, config.report
 
 
 def report_run(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float],

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from contracts.settings import config_class
 from pipelines.data.sources.simulator import SimulatorConfig
 
 SCORE_PREFIX = "score__"
@@ -57,7 +58,7 @@ TARGETS = {
 }
 
 
-@dataclass(frozen=True)
+@config_class
 class ReportConfig:
     n_bootstrap: int = 200  # user resamples for the offline intervals (AUC costs a few ms per resample per variant)
     ab_bootstrap: int = 1000  # user resamples for the simulated A/B (cheap: per-user sums)

@@ -17,7 +17,7 @@
       features: {request_features: true}                       # ranker.features.FeatureConfig
       dlrm: {epochs: 5, patience: 0}                           # ranker.dlrm.DLRMConfig
       lightgbm: {early_stopping_metric: auc}                   # ranker.gbdt.LightGBMConfig
-    report: {bootstrap: 200}
+    report: {n_bootstrap: 200}                                 # pipelines.report.spec.ReportConfig
     targets: {gauc_lift_min: 0.01, ctr_lift_min: 0.03}
 
 Every key is optional; a default is the component's own. `load_run_config` validates the whole tree: an unknown
@@ -44,6 +44,7 @@ from lum.evaluate import EvalConfig
 from lum.pretrain import PretrainConfig
 from lum.tokenizer import TokenizerConfig
 from pipelines.data.split import Protocol, SplitConfig
+from pipelines.report.spec import ReportConfig
 from ranker.dlrm import DLRMConfig
 from ranker.features import FeatureConfig
 from ranker.gbdt import LightGBMConfig
@@ -143,14 +144,6 @@ class RankersConfig:
 
 
 @config_class
-class ReportRunConfig:
-    """The A/B report."""
-
-    bootstrap: int = Field(200, ge=1, description="Bootstrap resamples of users for the confidence intervals.")
-    seed: int = Field(0, description="Seed of the bootstrap.")
-
-
-@config_class
 class RunConfig:
     """A whole run, data to report."""
 
@@ -160,7 +153,7 @@ class RunConfig:
     lm: LMConfig = Field(default_factory=LMConfig, description="The behaviour LM.")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="The embedding step.")
     rankers: RankersConfig = Field(default_factory=RankersConfig, description="The rankers.")
-    report: ReportRunConfig = Field(default_factory=ReportRunConfig, description="The A/B report.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="pipelines.report.spec.ReportConfig")
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
 
     def __post_init__(self) -> None:
