@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from contracts.names import REQUEST_CONDITION
-from contracts.settings import Field, config_class
+from lum.config import VllmSettings  # noqa: F401  (re-exported)
 from lum.tokenizer import BOS, PAD, BehaviourTokenizer
 
 
@@ -222,20 +222,6 @@ class TorchEngine:
 
     def close(self) -> None:
         pass
-
-
-@config_class
-class VllmSettings:
-    """vLLM engine knobs; the defaults suit the 2-core CPU machine (see ../shared/STACK.md and benchmarks/)."""
-
-    dtype: str = Field("auto", description="vLLM compute dtype: auto = bfloat16 on GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
-    # prefix caching shares whole blocks; vLLM 0.32 on CPU takes multiples of 32 only
-    block_size: int = Field(32, ge=1, description="vLLM KV block size (prefix caching shares whole blocks).")
-    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, reserved up front).")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="vLLM max tokens per scheduler step.")
-    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (off only for comparison).")
-    cpu_threads_bind: str | None = Field("0-1", description="vLLM CPU thread binding (VLLM_CPU_OMP_THREADS_BIND; empty keeps vLLM's one core).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs).")
 
 
 def resolve_vllm_dtype(dtype: str) -> str:

@@ -53,7 +53,7 @@ from contracts.embeddings import (
 )
 from contracts.embeddings import MANIFEST_FILE as MANIFEST
 from contracts.files import atomic_path, write_parquet_atomic
-from contracts.settings import Field, config_class
+from lum.config import EmbedJobConfig  # noqa: F401  (re-exported)
 from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
 from lum.model import read_manifest
 from lum.ray_runner import run_shards_with_ray
@@ -62,22 +62,6 @@ from lum.tokenizer import BehaviourTokenizer
 
 class EmbedJobError(ValueError):
     """Bad input to the embedding job; the message says what was expected."""
-
-
-@config_class
-class EmbedJobConfig:
-    """How users are embedded: which query conditions, which engine, what is stored."""
-
-    conditions: str = Field("all", description="`all` or comma-separated condition names, e.g. surface=home|device=mobile,request.")
-    engine: Literal["vllm", "torch"] = Field("vllm", description="Embedding engine: vLLM (the production path) or the torch group-query engine.")
-    max_history: int | None = Field(None, ge=1, description="Behaviours per prompt (default: the tokenizer's max_history).")
-    window_stride: int = Field(16, ge=1, description="Rolling: the history window moves in steps of this many behaviours.")
-    shards: int = Field(8, ge=1, description="Output shards by user hash (the unit of resume).")
-    output_dtype: Literal["float32", "float16"] = Field("float32", description="Precision of the stored vectors.")
-    dim: int | None = Field(None, ge=1, description="Reduce to this many dimensions (PCA fitted on a sample).")
-    pca_sample: int = Field(20_000, ge=1, description="Users sampled to fit the PCA.")
-    groups_per_call: int = Field(256, ge=1, description="Query groups handed to the engine at once (progress granularity).")
-    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
 
 
 @dataclass(frozen=True)

@@ -24,18 +24,8 @@ from tqdm.auto import tqdm
 from contracts.progress import bars_off
 from transformers import LlamaForCausalLM
 
-from contracts.settings import Field, config_class
+from lum.config import EvalConfig  # noqa: F401  (re-exported)
 from lum.tokenizer import PAD, BehaviourTokenizer
-
-
-@config_class
-class EvalConfig:
-    """Next-item evaluation of the LM on the test window."""
-
-    k: int = Field(10, ge=1, description="Cut-off of HR@k and NDCG@k.")
-    max_users: int | None = Field(2000, ge=1, description="A seeded sample of test users, for speed (None: all).")
-    batch_size: int = Field(64, ge=1, description="Users per forward pass.")
-    seed: int = Field(0, description="Seed of the user sample.")
 
 
 def _metrics(ranks: np.ndarray, k: int) -> dict[str, float]:

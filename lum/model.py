@@ -27,26 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from contracts.embeddings import MODEL_MANIFEST_FILE as MANIFEST_FILE  # the feature store reads it too
 from contracts.files import write_json_atomic
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    max_positions: int = 4096
-    rope_theta: float = 10_000.0
-
-
-PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset(64, 2, 2, 2, 128, max_positions=2048),
-    "small": ModelPreset(256, 4, 4, 4, 688, max_positions=2048),
-    "base": ModelPreset(512, 8, 8, 8, 1376),
-    "1b": ModelPreset(2048, 22, 32, 4, 5632),
-    "7b": ModelPreset(4096, 32, 32, 32, 11008),
-}
+from lum.config import PRESETS, ModelPreset  # noqa: F401  (re-exported: the presets are part of the LM's settings)
 
 
 class ModelFolderError(ValueError):

@@ -34,12 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from contracts.progress import bars_off
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from contracts.files import atomic_path
-from contracts.settings import Field, config_class
+from contracts.progress import bars_off
+from lum.config import PretrainConfig  # noqa: F401  (re-exported)
 from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
 from lum.model_card import write_model_card
@@ -47,33 +46,6 @@ from lum.sequences import Batch, make_batch, plan_epochs, user_segments
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-@config_class
-class PretrainConfig:
-    """How the behaviour LM is pretrained (the model size comes from `preset`, see lum/model.py)."""
-
-    preset: str = Field("tiny", description="Model size: a preset of lum/model.py (tiny, small, base, 1b, 7b).")
-    epochs: int = Field(10, ge=1, description="Passes over the pretraining window.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (the schedule still spans all epochs).")
-    row_tokens: int = Field(512, ge=8, description="Tokens per (packed) training row; also the longest segment.")
-    rows_per_batch: int = Field(8, ge=1, description="Rows per optimizer step (split across processes).")
-    packing: bool = Field(True, description="Pack several users per row (attention isolated per user).")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a share of the peak (cosine decay).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    bf16: bool = Field(False, description="bf16 autocast.")
-    seed: int = Field(0, description="Random seed (data order, initialisation).")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the resume point).")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
-    # item factors (lum/item_factors.py, id tokenization only), folded into the saved plain Llama
-    share_category: bool = Field(False, description="id: a category component shared by the item tokens of each category.")
-    content_column: str | None = Field(None, description="id: add a learned map of this items-table vector column to every item token.")
-
-    def __post_init__(self) -> None:
-        get_preset(self.preset)
 
 
 class NextItemObjective(torch.nn.Module):

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from contracts.files import write_json_atomic
-from contracts.settings import Field, config_class
+from lum.config import TokenizerConfig  # noqa: F401  (re-exported)
 from lum.errors import TokenizerError  # defined apart: lum.semantic_tokens raises it too
 
 FORMAT_VERSION = 1
@@ -48,34 +48,6 @@ SEMANTIC_FILE = "semantic_ids.npz"
 PAD, BOS, UNK_CONDITION, UNK_ITEM = 0, 1, 2, 3
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[UNK_CONDITION]", "[UNK_ITEM]")
 ITEM_SIDE_PREFIXES = ("CAT:", "I:", "S", "T:")
-
-
-@config_class
-class TokenizerConfig:
-    """How events become tokens: which conditions, which items get their own token, how items are coded."""
-
-    condition_columns: tuple[str, ...] = Field((), description="Condition columns, in back-off order (empty: every condition column of the log).")
-    item_tokenization: Literal["id", "semantic"] = Field("id", description="id: a token per frequent item; semantic: codes from the items' content.")
-    min_item_count: int = Field(5, ge=1, description="Items seen fewer times share their category's token.")
-    min_condition_count: int = Field(5, ge=1, description="Rarer condition combinations back off to coarser ones.")
-    max_history: int = Field(100, ge=1, description="Behaviours per training segment and per query (the last ones).")
-    history_events: Literal["auto", "positive", "all"] = Field(
-        "auto", description="Which events are behaviours: positive (clicks), all, or auto (all for a log of ratings such as MovieLens, else positive).")
-    category_column: str = Field("category", description="The items-table column whose token rare and new items fall back to.")
-    semantic_levels: int = Field(3, ge=1, le=8, description="semantic: code levels per item (each is a token).")
-    semantic_codebook_size: int = Field(256, ge=2, description="semantic: codes per level.")
-    text_columns: tuple[str, ...] = Field((), description="semantic: item text columns.")
-    categorical_columns: tuple[str, ...] = Field((), description="semantic: item categorical columns.")
-    numeric_columns: tuple[str, ...] = Field((), description="semantic: item numeric columns.")
-    vector_column: str | None = Field(None, description="semantic: an items-table column holding a content vector.")
-    seed: int = Field(0, description="Random seed of the semantic codebooks.")
-    # Queries are left-filled with [BOS] to a multiple of this, so vLLM's prefix cache (whole 32-token blocks on CPU)
-    # holds a user's entire history; 1 turns it off (and is what a tokenizer saved before the option means).
-    prompt_align: int = Field(32, ge=1, description="Queries are left-filled with [BOS] to a multiple of this many tokens.")
-
-    @property
-    def tokens_per_item(self) -> int:
-        return 1 if self.item_tokenization == "id" else self.semantic_levels + 1
 
 
 def condition_key(columns: tuple[str, ...], values: tuple[Any, ...]) -> str:

@@ -34,36 +34,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
-from contracts.settings import Field, config_class
+from ranker.config import DLRMConfig  # noqa: F401  (re-exported)
 from ranker.features import DLRMInputs
 
 SPARSE_PREFIX = "sparse_arch."  # parameters under it are embedding tables; the rest is the dense part
-
-
-@config_class
-class DLRMConfig:
-    """The TorchRec DLRM and how it is trained."""
-
-    embedding_dim: int = Field(32, ge=1, description="DLRM table dimension D.")
-    dense_arch_layers: tuple[int, ...] = Field((256, 128), description="Dense arch layer sizes (then D: DLRM projects the dense input to D).")
-    over_arch_layers: tuple[int, ...] = Field((256, 128), description="Over arch layer sizes (then 1: the logit).")
-    interaction: Literal["dot", "dcn"] = Field("dot", description="DLRM's pairwise dot products, or DLRM_DCN's low-rank cross net.")
-    dcn_layers: int = Field(3, ge=1, description="dcn: cross layers.")
-    dcn_low_rank: int = Field(64, ge=1, description="dcn: low-rank dimension.")
-    batch_size: int = Field(2048, ge=1, description="Global batch (under torchrun every rank takes batch_size / world rows).")
-    epochs: int = Field(5, ge=1, description="Most epochs (early stopping on the latest part of the training window).")
-    patience: int = Field(2, ge=0, description="Validations without a better AUC before stopping.")
-    # more than one lets the model be kept from the middle of an epoch, before id tables overfit
-    evals_per_epoch: int = Field(1, ge=1, description="Validations per epoch, at equal shares of its batches; the best one is kept.")
-    # 0 by default: on the demo it barely moved CTR@10 and cost GAUC (docs/history.md); > 0 batches whole requests
-    listwise_weight: float = Field(0.0, ge=0, description="Weight of a listwise loss over each request's candidates, added to the log loss.")
-    dense_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the dense part.")
-    embedding_lr: float = Field(0.05, gt=0, description="Row-wise Adagrad learning rate of the tables.")
-    embedding_eps: float = Field(1e-8, gt=0, description="Row-wise Adagrad epsilon.")
-    engine: Literal["dmp", "plain"] = Field("dmp", description="dmp: TorchRec DistributedModelParallel (fused tables); plain: an unsharded module.")
-    eval_batch_size: int = Field(16_384, ge=1, description="Rows per scoring batch.")
-    seed: int = Field(0, description="Random seed (weights, batch order).")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
 
 
 def build_dlrm(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig) -> DLRM:

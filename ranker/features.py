@@ -45,7 +45,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from contracts.names import ITEM_COUNTERS
-from contracts.settings import Field, config_class
+from ranker.config import FeatureConfig  # noqa: F401  (re-exported)
 
 from ranker.schema import (
     FLAG_COLUMNS,
@@ -61,25 +61,6 @@ from ranker.schema import (
 )
 
 OOV = 0  # id of unseen / rare / null values in every vocabulary
-
-
-@config_class
-class FeatureConfig:
-    """Which inputs a ranker gets from a training-set row (both models read the same pipeline)."""
-
-    history_len: int = Field(50, ge=1, description="Most recent history items pooled (the column is newest last).")
-    min_count: int = Field(1, ge=1, description="Values seen fewer times in the fitting rows share the OOV id.")
-    max_vocab: int | None = Field(None, ge=1, description="Keep only the most frequent values of each vocabulary.")
-    # "scores" by default: as good as the vectors on the demo, in a fifth of the time (docs/history.md)
-    lum_inputs: Literal["scores", "vectors"] = Field(
-        "scores", description="LUM inputs: the similarities and cosines only, or also the user and item vectors themselves.")
-    # off by default: a tree splits a many-level id into memorised groups; the counters carry what an id knows
-    lightgbm_ids: bool = Field(False, description="LightGBM: also use the raw user and item ids as categorical features.")
-    # on by default, the DLRM as published; the demo turns it off, its id tables memorise within an epoch (docs/history.md)
-    dlrm_ids: bool = Field(True, description="DLRM: embed the raw user and item ids (off: they reach it only through counters, context and history).")
-    # a pointwise model cannot compare rows; off by default since it needs every candidate of a request scored together
-    request_features: bool = Field(
-        False, description="Also each candidate's scores relative to the other candidates of its request (same user and time).")
 
 
 # ---------------------------------------------------------------------------------------------------- arrow reads

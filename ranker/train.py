@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from contracts.settings import Field, config_class, from_saved
+from ranker.config import RankerConfig  # noqa: F401  (re-exported)
 from ranker.dlrm import DLRMConfig, predict, scoring_model, train_dlrm
 from ranker.features import DLRMInputs, FeatureConfig, FeaturePipeline
 from ranker.gbdt import LightGBMConfig, predict_lightgbm, train_lightgbm
@@ -42,29 +42,6 @@ RANKER_FILE = "ranker.json"
 FEATURES_FILE = "features.json"
 DLRM_FILE = "dlrm.pt"
 LIGHTGBM_FILE = "lightgbm.txt"
-
-
-@config_class
-class RankerConfig:
-    """One ranker: its model, its variant (which LUM / history inputs), and the settings of its parts."""
-
-    model: Literal["dlrm", "lightgbm"] = Field("dlrm", description="The ranker model.")
-    variant: str = Field("base", description="Inputs: base | lum | pooled-history | lum+pooled.")
-    # by time, not random rows: random rows share users and moments with the fitting rows and reward memorising ids
-    valid_fraction: float = Field(0.1, ge=0, lt=1, description="The latest part of the training window, by time, that picks the epoch / iteration.")
-    features: FeatureConfig = Field(default_factory=FeatureConfig, description="Inputs built from a training-set row.")
-    dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
-    lightgbm: LightGBMConfig = Field(default_factory=LightGBMConfig, description="LightGBM settings.")
-
-    def __post_init__(self) -> None:
-        variant_parts(self.variant)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RankerConfig:
-        return from_saved(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------------- the split

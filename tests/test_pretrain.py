@@ -36,7 +36,7 @@ def test_7b_preset_has_llama2_7b_shapes():
 def test_unknown_preset():
     with pytest.raises(ModelFolderError, match="unknown model preset 'huge'"):
         build_model("huge", 100)
-    with pytest.raises(ModelFolderError, match="unknown model preset"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge': expected one of tiny, small"):
         PretrainConfig(preset="huge")
 
 

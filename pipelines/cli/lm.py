@@ -15,10 +15,7 @@ from typing import Any
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from lum.embed_job import EmbedJobConfig
-from lum.evaluate import EvalConfig
-from lum.pretrain import PretrainConfig
-from lum.tokenizer import TokenizerConfig
+from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
 from pipelines.cli.common import UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths

@@ -18,10 +18,7 @@ from contracts.names import VARIANTS
 from pipelines.cli.common import _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths
-from ranker.dlrm import DLRMConfig
-from ranker.features import FeatureConfig
-from ranker.gbdt import LightGBMConfig
-from ranker.train import RankerConfig
+from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
 
 MODEL_CHOICE = click.Choice(["dlrm", "lightgbm"])
 VARIANT_CHOICE = click.Choice(list(VARIANTS))

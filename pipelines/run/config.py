@@ -39,17 +39,11 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from contracts.settings import Field, config_class
-from lum.embed_job import EmbedJobConfig
-from lum.evaluate import EvalConfig
-from lum.pretrain import PretrainConfig
-from lum.tokenizer import TokenizerConfig
+from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
 from pipelines.data.split import Protocol, SplitConfig
 from pipelines.report.spec import ReportConfig
-from ranker.dlrm import DLRMConfig
-from ranker.features import FeatureConfig
-from ranker.gbdt import LightGBMConfig
+from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
 from ranker.schema import variant_parts
-from ranker.train import RankerConfig
 
 _SPLIT = SplitConfig()
 _RANKER = RankerConfig()

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lum.embed_job import EmbedJobConfig
+from lum.config import EmbedJobConfig
 from pipelines.data.contract import METADATA_KEY, EventContract, read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
 

@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from lum.pretrain import PretrainConfig
-from lum.tokenizer import TOKENIZER_FILE, TokenizerConfig
+from lum.config import PretrainConfig, TokenizerConfig
+from lum.tokenizer import TOKENIZER_FILE
 from pipelines.data.contract import read_events, write_json_atomic
 from pipelines.data.sources.base import read_dataset_info
 from pipelines.paths import RunPaths

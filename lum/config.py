@@ -1,0 +1,129 @@
+"""Every setting of the behaviour LM, in one light module: presets, tokenizer, pretraining, evaluation, embedding.
+
+The CLI builds its options from these dataclasses and a run config's `lm:` and `embed:` sections are made of them
+(see contracts/settings.py), so this is the one place a default of the LM side is defined. Kept free of torch and
+transformers so that reading a config or `lum --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from contracts.settings import Field, config_class
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_positions: int = 4096
+    rope_theta: float = 10_000.0
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(64, 2, 2, 2, 128, max_positions=2048),
+    "small": ModelPreset(256, 4, 4, 4, 688, max_positions=2048),
+    "base": ModelPreset(512, 8, 8, 8, 1376),
+    "1b": ModelPreset(2048, 22, 32, 4, 5632),
+    "7b": ModelPreset(4096, 32, 32, 32, 11008),
+}
+
+
+@config_class
+class PretrainConfig:
+    """How the behaviour LM is pretrained (the model size comes from `preset`, see lum/model.py)."""
+
+    preset: str = Field("tiny", description="Model size: a preset of lum/model.py (tiny, small, base, 1b, 7b).")
+    epochs: int = Field(10, ge=1, description="Passes over the pretraining window.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (the schedule still spans all epochs).")
+    row_tokens: int = Field(512, ge=8, description="Tokens per (packed) training row; also the longest segment.")
+    rows_per_batch: int = Field(8, ge=1, description="Rows per optimizer step (split across processes).")
+    packing: bool = Field(True, description="Pack several users per row (attention isolated per user).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a share of the peak (cosine decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    bf16: bool = Field(False, description="bf16 autocast.")
+    seed: int = Field(0, description="Random seed (data order, initialisation).")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the resume point).")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
+    # item factors (lum/item_factors.py, id tokenization only), folded into the saved plain Llama
+    share_category: bool = Field(False, description="id: a category component shared by the item tokens of each category.")
+    content_column: str | None = Field(None, description="id: add a learned map of this items-table vector column to every item token.")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset '{self.preset}': expected one of {', '.join(PRESETS)}")
+
+
+@config_class
+class TokenizerConfig:
+    """How events become tokens: which conditions, which items get their own token, how items are coded."""
+
+    condition_columns: tuple[str, ...] = Field((), description="Condition columns, in back-off order (empty: every condition column of the log).")
+    item_tokenization: Literal["id", "semantic"] = Field("id", description="id: a token per frequent item; semantic: codes from the items' content.")
+    min_item_count: int = Field(5, ge=1, description="Items seen fewer times share their category's token.")
+    min_condition_count: int = Field(5, ge=1, description="Rarer condition combinations back off to coarser ones.")
+    max_history: int = Field(100, ge=1, description="Behaviours per training segment and per query (the last ones).")
+    history_events: Literal["auto", "positive", "all"] = Field(
+        "auto", description="Which events are behaviours: positive (clicks), all, or auto (all for a log of ratings such as MovieLens, else positive).")
+    category_column: str = Field("category", description="The items-table column whose token rare and new items fall back to.")
+    semantic_levels: int = Field(3, ge=1, le=8, description="semantic: code levels per item (each is a token).")
+    semantic_codebook_size: int = Field(256, ge=2, description="semantic: codes per level.")
+    text_columns: tuple[str, ...] = Field((), description="semantic: item text columns.")
+    categorical_columns: tuple[str, ...] = Field((), description="semantic: item categorical columns.")
+    numeric_columns: tuple[str, ...] = Field((), description="semantic: item numeric columns.")
+    vector_column: str | None = Field(None, description="semantic: an items-table column holding a content vector.")
+    seed: int = Field(0, description="Random seed of the semantic codebooks.")
+    # Queries are left-filled with [BOS] to a multiple of this, so vLLM's prefix cache (whole 32-token blocks on CPU)
+    # holds a user's entire history; 1 turns it off (and is what a tokenizer saved before the option means).
+    prompt_align: int = Field(32, ge=1, description="Queries are left-filled with [BOS] to a multiple of this many tokens.")
+
+    @property
+    def tokens_per_item(self) -> int:
+        return 1 if self.item_tokenization == "id" else self.semantic_levels + 1
+
+
+@config_class
+class EvalConfig:
+    """Next-item evaluation of the LM on the test window."""
+
+    k: int = Field(10, ge=1, description="Cut-off of HR@k and NDCG@k.")
+    max_users: int | None = Field(2000, ge=1, description="A seeded sample of test users, for speed (None: all).")
+    batch_size: int = Field(64, ge=1, description="Users per forward pass.")
+    seed: int = Field(0, description="Seed of the user sample.")
+
+
+@config_class
+class VllmSettings:
+    """vLLM engine knobs; the defaults suit the 2-core CPU machine (see ../shared/STACK.md and benchmarks/)."""
+
+    dtype: str = Field("auto", description="vLLM compute dtype: auto = bfloat16 on GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
+    # prefix caching shares whole blocks; vLLM 0.32 on CPU takes multiples of 32 only
+    block_size: int = Field(32, ge=1, description="vLLM KV block size (prefix caching shares whole blocks).")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, reserved up front).")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="vLLM max tokens per scheduler step.")
+    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (off only for comparison).")
+    cpu_threads_bind: str | None = Field("0-1", description="vLLM CPU thread binding (VLLM_CPU_OMP_THREADS_BIND; empty keeps vLLM's one core).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs).")
+
+
+@config_class
+class EmbedJobConfig:
+    """How users are embedded: which query conditions, which engine, what is stored."""
+
+    conditions: str = Field("all", description="`all` or comma-separated condition names, e.g. surface=home|device=mobile,request.")
+    engine: Literal["vllm", "torch"] = Field("vllm", description="Embedding engine: vLLM (the production path) or the torch group-query engine.")
+    max_history: int | None = Field(None, ge=1, description="Behaviours per prompt (default: the tokenizer's max_history).")
+    window_stride: int = Field(16, ge=1, description="Rolling: the history window moves in steps of this many behaviours.")
+    shards: int = Field(8, ge=1, description="Output shards by user hash (the unit of resume).")
+    output_dtype: Literal["float32", "float16"] = Field("float32", description="Precision of the stored vectors.")
+    dim: int | None = Field(None, ge=1, description="Reduce to this many dimensions (PCA fitted on a sample).")
+    pca_sample: int = Field(20_000, ge=1, description="Users sampled to fit the PCA.")
+    groups_per_call: int = Field(256, ge=1, description="Query groups handed to the engine at once (progress granularity).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
