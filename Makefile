@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo test lint bench lock clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# ruff: pyflakes, pycodestyle and import order at the line length the code keeps (pyproject.toml [tool.ruff])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all $(if $(filter 1,$(FULL)),--full,--quick) $(if $(ONLY),--only $(ONLY))

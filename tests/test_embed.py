@@ -163,7 +163,7 @@ def test_events_after_the_as_of_time_never_change_an_embedding(model, torch_engi
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), paths[name])
     tables = {}
     for name, path in paths.items():
-        job = EmbeddingJob(folder, path, AsOf(times=(AS_OF,)), tmp_path / f"out-{name}", EmbedJobConfig(shards=2))
+        job = EmbeddingJob(folder, path, AsOf(times=(AS_OF,)), tmp_path / f"out-{name}", EmbedJobConfig(engine="torch", shards=2))
         job.open_engine(torch_engine)
         job.run(progress=False)
         tables[name] = read_user_embeddings(tmp_path / f"out-{name}")
@@ -174,7 +174,7 @@ def test_events_after_the_as_of_time_never_change_an_embedding(model, torch_engi
 
 def test_snapshot_job_output_contract_items_and_counts(model, torch_engine, events_file, tmp_path, tiny_sim):
     folder, tokenizer = model
-    job = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(shards=3, conditions="all"))
+    job = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(engine="torch", shards=3, conditions="all"))
     job.open_engine(torch_engine)
     manifest = job.run(progress=False)
     users = read_user_embeddings(tmp_path / "out")
@@ -197,7 +197,7 @@ def test_snapshot_job_output_contract_items_and_counts(model, torch_engine, even
     np.testing.assert_allclose(np.asarray(items.embedding[item_id]), head[tokenizer.token_to_id[f"I:{item_id}"]], atol=1e-6)
     assert np.dot(row.embedding, items.embedding[item_id]) == pytest.approx(float(np.dot(row.embedding, head[tokenizer.token_to_id[f"I:{item_id}"]])), rel=1e-5)
     # a re-run finds everything done
-    again = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(shards=3))
+    again = EmbeddingJob(folder, events_file, AsOf.parse("2025-01-10,2025-01-25"), tmp_path / "out", EmbedJobConfig(engine="torch", shards=3))
     assert again.run(progress=False)["totals"] == manifest["totals"]
     assert again.engine is None  # nothing was left to compute
 
@@ -208,7 +208,7 @@ def test_rolling_mode_gives_one_embedding_per_row_time(model, torch_engine, even
     rows = events[events.user_id.isin(["u1", "u2", "u3"])][["user_id", "ts"]]
     rows_file = tmp_path / "rows.parquet"
     rows.to_parquet(rows_file)
-    job = EmbeddingJob(folder, events_file, AsOf.parse(f"rows:{rows_file}"), tmp_path / "rolling", EmbedJobConfig(shards=2, conditions="all"))
+    job = EmbeddingJob(folder, events_file, AsOf.parse(f"rows:{rows_file}"), tmp_path / "rolling", EmbedJobConfig(engine="torch", shards=2, conditions="all"))
     job.open_engine(torch_engine)
     job.run(progress=False)
     frame = read_user_embeddings(tmp_path / "rolling").to_pandas()
@@ -219,7 +219,7 @@ def test_rolling_mode_gives_one_embedding_per_row_time(model, torch_engine, even
 
 def test_pca_and_float16(model, torch_engine, events_file, tmp_path):
     folder, _ = model
-    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "pca", EmbedJobConfig(shards=2, dim=8, output_dtype="float16"))
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "pca", EmbedJobConfig(engine="torch", shards=2, dim=8, output_dtype="float16"))
     job.open_engine(torch_engine)
     job.run(progress=False)
     frame = read_user_embeddings(tmp_path / "pca").to_pandas()
@@ -260,11 +260,11 @@ def test_a_killed_job_resumes_to_the_same_result(model, events_file, tmp_path):
 def test_bad_input(model, events_file, tmp_path):
     folder, tokenizer = model
     with pytest.raises(ValueError, match=r"unknown query condition\(s\) surface=moon; this model knows: .*surface=home"):
-        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(conditions="surface=moon"))
+        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch", conditions="surface=moon"))
     with pytest.raises(EmbedJobError, match="is not a LUM model folder"):
-        EmbeddingJob(tmp_path, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig())
+        EmbeddingJob(tmp_path, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch"))
     with pytest.raises(EmbedJobError, match="not after the first event"):
-        EmbeddingJob(folder, events_file, AsOf.parse("2020-01-01"), tmp_path / "o", EmbedJobConfig())
+        EmbeddingJob(folder, events_file, AsOf.parse("2020-01-01"), tmp_path / "o", EmbedJobConfig(engine="torch"))
     with pytest.raises(EmbedJobError, match="cannot read as-of"):
         AsOf.parse("yesterday-ish")
     broken = tmp_path / "broken"
@@ -273,8 +273,8 @@ def test_bad_input(model, events_file, tmp_path):
     config["vocab_size"] += 5
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(EmbedJobError, match="token rows but its tokenizer"):
-        EmbeddingJob(broken, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig())
-    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(shards=2))
+        EmbeddingJob(broken, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch"))
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch", shards=2))
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "manifest.json").write_text(json.dumps({"settings": {"other": 1}, "shards": {}}))
     with pytest.raises(EmbedJobError, match="made with other settings"):
@@ -285,7 +285,7 @@ def test_ray_data_run_writes_the_same_shards(model, torch_engine, events_file, t
     import ray
 
     folder, _ = model
-    config = EmbedJobConfig(shards=4)
+    config = EmbedJobConfig(engine="torch", shards=4)
     local = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "local", config)
     local.open_engine(torch_engine)
     local.run(progress=False)
@@ -324,11 +324,11 @@ def test_request_condition_queries_each_rows_own_context(model, torch_engine, ti
 def test_request_condition_needs_rows_with_context(model, events_file, tmp_path):
     folder, _ = model
     with pytest.raises(EmbedJobError, match="rolling mode"):
-        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(conditions="request"))
+        EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch", conditions="request"))
     rows = tmp_path / "rows.parquet"
     pq.write_table(pq.read_table(events_file, columns=["user_id", "ts"]), rows)
     with pytest.raises(EmbedJobError, match="condition column"):
-        EmbeddingJob(folder, events_file, AsOf(rows_path=str(rows)), tmp_path / "o", EmbedJobConfig(conditions="request"))
+        EmbeddingJob(folder, events_file, AsOf(rows_path=str(rows)), tmp_path / "o", EmbedJobConfig(engine="torch", conditions="request"))
 
 
 def test_a_semantic_id_model_gets_an_item_vector_for_every_item(events_file, tiny_sim, tmp_path):
@@ -342,7 +342,7 @@ def test_a_semantic_id_model_gets_an_item_vector_for_every_item(events_file, tin
                              categorical_columns=("category",), vector_column="content")
     pretrain(events.to_pandas(), folder, PretrainConfig(preset="tiny", max_steps=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(), progress=False)
     tokenizer = BehaviourTokenizer.load(folder)
-    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "out", EmbedJobConfig(shards=1, conditions="surface=home"))
+    job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "out", EmbedJobConfig(engine="torch", shards=1, conditions="surface=home"))
     job.open_engine(TorchEngine(str(folder)))
     job.run(progress=False)
     table = pq.read_table(tmp_path / "out" / "items.parquet").to_pandas()
