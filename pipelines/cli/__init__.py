@@ -36,6 +36,7 @@ import yaml
 
 from contracts.progress import PROGRESS_ENV
 
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
@@ -66,11 +67,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on when stderr is a terminal].")
 def main(verbosity: str | None, log_level: str | None, progress: bool | None) -> None:
     """LUM-style user-model features for an existing ranker."""
-    level = log_level or verbosity or "INFO"
-    logging.basicConfig(level=getattr(logging, level), format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("vllm", "feast", "transformers", "torch", "ray"):
-        logging.getLogger(noisy).setLevel(max(getattr(logging, level), logging.WARNING if level != "DEBUG" else logging.DEBUG))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level if level != "INFO" else "WARNING")
+    level = getattr(logging, log_level or verbosity or "INFO")
+    # our own loggers at the chosen level; libraries (vLLM, Feast, transformers, TorchRec's loaders) at warnings unless -v
+    logging.basicConfig(level=level if level == logging.DEBUG else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("lum", "feature_store", "ranker", "pipelines", "contracts"):
+        logging.getLogger(ours).setLevel(level)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == logging.DEBUG else "WARNING")
     if progress is not None:  # unset: bars only when stderr is a terminal (contracts/progress.py)
         os.environ[PROGRESS_ENV] = "1" if progress else "0"
 

@@ -26,22 +26,24 @@ The package, one job per module:
     for_run.py      report_run: a run folder's facts -> build_report
 """
 
-from pipelines.report.build import build_report
-from pipelines.report.compute import evaluate_protocol, interval, verdict
-from pipelines.report.spec import COMPARISONS, TARGETS, ReportConfig, ScoreColumn, resolve_config, score_columns
-from ranker.metrics import SortedAUC, UserBootstrap  # the report's bootstrap lives in ranker.metrics
+from __future__ import annotations
 
-__all__ = [
-    "COMPARISONS",
-    "TARGETS",
-    "ReportConfig",
-    "ScoreColumn",
-    "SortedAUC",
-    "UserBootstrap",
-    "build_report",
-    "evaluate_protocol",
-    "interval",
-    "resolve_config",
-    "score_columns",
-    "verdict",
-]
+import importlib
+from typing import Any
+
+# names -> the module defining them, imported on first use: the run config reads ReportConfig (spec.py) without
+# paying for matplotlib and scikit-learn, which only building a report needs
+_EXPORTS = {
+    "build_report": "pipelines.report.build",
+    "evaluate_protocol": "pipelines.report.compute", "interval": "pipelines.report.compute", "verdict": "pipelines.report.compute",
+    "COMPARISONS": "pipelines.report.spec", "TARGETS": "pipelines.report.spec", "ReportConfig": "pipelines.report.spec",
+    "ScoreColumn": "pipelines.report.spec", "resolve_config": "pipelines.report.spec", "score_columns": "pipelines.report.spec",
+    "SortedAUC": "ranker.metrics", "UserBootstrap": "ranker.metrics",  # the report's bootstrap lives in ranker.metrics
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipelines.report' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
