@@ -8,5 +8,6 @@
     train_dist.py  `torchrun --nproc_per_node=N -m ranker.train_dist ...`
     metrics.py     AUC, GAUC, logloss, NE, calibration, RelaImpr, per-slice tables, paired bootstrap over users
 
-This package imports neither `lum` nor `feature_store`: it meets them through the training-set table.
+This package imports neither `lum` nor `feature_store`: it meets them through the training-set table, whose column
+names, condition slugs and variant names it shares with the feature store through `contracts.names`.
 """
