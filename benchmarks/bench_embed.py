@@ -167,8 +167,10 @@ def main() -> None:
             rss, seconds = peak_rss_of_job(tiny_dir, n, tmp)
             rows.append({"engine": "torch job (lum embed), tiny", "K": 4, "users": n, "seconds": round(seconds, 1), "peak_rss_mib": round(rss)})
             print(rows[-1], flush=True)
-    write_results("embed", rows, notes=f"{args.preset} preset, simulator default world, histories of up to 100 behaviours (every impression is a behaviour here; prompts average about 120 tokens); "
-                  f"median of {args.repeats} runs per cell ({args.naive_repeats} for naive); vLLM with prefix caching (block 32) bound to both cores; torch engine with 2 threads")
+    write_results("embed", rows, notes=f"{args.preset} preset, simulator default world, histories of up to 100 behaviours "
+                  "(every impression is a behaviour here; prompts average about 120 tokens); "
+                  f"median of {args.repeats} runs per cell ({args.naive_repeats} for naive); "
+                  "vLLM with prefix caching (block 32) bound to both cores; torch engine with 2 threads")
 
 
 if __name__ == "__main__":

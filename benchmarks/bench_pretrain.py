@@ -56,7 +56,9 @@ def main() -> None:
                 packing=packing, checkpoint_every=10**9,
             )
             with tempfile.TemporaryDirectory() as tmp:
-                manifest = pretrain(frame, Path(tmp) / "m", config, TokenizerConfig(("surface", "device", "daypart"), max_history=100), item_frame, progress=False)
+                manifest = pretrain(
+                    frame, Path(tmp) / "m", config, TokenizerConfig(("surface", "device", "daypart"), max_history=100), item_frame, progress=False
+                )
                 log = json.loads((Path(tmp) / "m" / "training_log.json").read_text())
             # training steps only, after 3 warm-up steps (tokenization and saving are not counted)
             timed = log[3:]

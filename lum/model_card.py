@@ -33,7 +33,9 @@ def model_card(manifest: dict[str, Any], tokenizer: BehaviourTokenizer) -> str:
         items = (f"**semantic**: every item (new ones too) is {config.semantic_levels} code tokens `S0:<code> ... S{config.semantic_levels - 1}:<code>` "
                  f"({config.semantic_codebook_size} codes a level, learned from the items' {content}) plus a tie-break `T:<k>`. "
                  f"A behaviour is {1 + config.tokens_per_item} tokens.")
-    listed = ", ".join(f"`{c}`" for c in conditions[:_LISTED_CONDITIONS]) + (f", ... ({len(conditions)} in all)" if len(conditions) > _LISTED_CONDITIONS else "")
+    listed = ", ".join(f"`{c}`" for c in conditions[:_LISTED_CONDITIONS]) + (
+        f", ... ({len(conditions)} in all)" if len(conditions) > _LISTED_CONDITIONS else ""
+    )
     settings = json.dumps(manifest.get("pretrain_config", {}), sort_keys=True)
     example = full[0] if full else "surface=home"
     return f"""# Behaviour LM `{manifest['model_version']}`

@@ -37,7 +37,9 @@ class ShardWorker:
         }
 
 
-def run_shards_with_ray(job: Any, shards: list[int], projection: np.ndarray | None, actors: int, address: str | None = None) -> Iterator[tuple[int, ShardRecord]]:
+def run_shards_with_ray(
+    job: Any, shards: list[int], projection: np.ndarray | None, actors: int, address: str | None = None
+) -> Iterator[tuple[int, ShardRecord]]:
     """Yield (shard, its record for the manifest) as the actors finish shards."""
     import ray
 

@@ -39,7 +39,9 @@ def train_lightgbm(
         valid_sets = [lgb.Dataset(x_valid, label=y_valid, reference=fit_set)]
         # the first metric (config.early_stopping_metric) decides
         callbacks = [lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False), lgb.record_evaluation(history)]
-    booster = lgb.train(config.params(), fit_set, num_boost_round=config.n_estimators, valid_sets=valid_sets, valid_names=["valid"][: len(valid_sets)], callbacks=callbacks)
+    booster = lgb.train(
+        config.params(), fit_set, num_boost_round=config.n_estimators, valid_sets=valid_sets, valid_names=["valid"][: len(valid_sets)], callbacks=callbacks
+    )
     best = booster.best_iteration or booster.current_iteration()
     return LightGBMResult(booster, int(best), {k: [float(x) for x in v] for k, v in history.get("valid", {}).items()})
 

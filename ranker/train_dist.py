@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     top = {k: v for k, v in {"model": args.model, "variant": args.variant, "valid_fraction": args.valid_fraction}.items() if v is not None}
     dlrm = {
         k: v
-        for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "embedding_dim": args.embedding_dim, "engine": args.engine, "seed": args.seed}.items()
+        for k, v in {
+            "epochs": args.epochs, "batch_size": args.batch_size, "embedding_dim": args.embedding_dim, "engine": args.engine, "seed": args.seed
+        }.items()
         if v is not None
     }
     lightgbm = {"seed": args.seed} if args.seed is not None else {}

@@ -104,7 +104,8 @@ def test_snapshot_prompts_fill_whole_cache_blocks_from_their_own_history_only(mo
     later = AS_OF + pd.Timedelta(days=5)
     conds = resolve_conditions(tokenizer, "all")[:1]
     early_only, _ = build_queries(tokenizer, events, pd.DataFrame({"user_id": users, "ts": AS_OF, "key": AS_OF}), conds, 40, 8, align=32)
-    both, _ = build_queries(tokenizer, events, pd.DataFrame({"user_id": list(users) * 2, "ts": [AS_OF] * 10 + [later] * 10, "key": [AS_OF] * 10 + [later] * 10}),
+    both, _ = build_queries(tokenizer, events,
+                            pd.DataFrame({"user_id": list(users) * 2, "ts": [AS_OF] * 10 + [later] * 10, "key": [AS_OF] * 10 + [later] * 10}),
                             conds, 40, 8, align=32)
     early_both = [g for g in both if g.keys[0][0] == AS_OF]
     assert len(early_both) == len(early_only) and len(both) > len(early_only)
@@ -340,7 +341,8 @@ def test_a_semantic_id_model_gets_an_item_vector_for_every_item(events_file, tin
     folder = tmp_path / "semantic"
     config = TokenizerConfig(("surface", "device", "daypart"), item_tokenization="semantic", semantic_codebook_size=16,
                              categorical_columns=("category",), vector_column="content")
-    pretrain(events.to_pandas(), folder, PretrainConfig(preset="tiny", max_steps=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(), progress=False)
+    pretrain(events.to_pandas(), folder, PretrainConfig(preset="tiny", max_steps=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(),
+             progress=False)
     tokenizer = BehaviourTokenizer.load(folder)
     job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "out", EmbedJobConfig(engine="torch", shards=1, conditions="surface=home"))
     job.open_engine(TorchEngine(str(folder)))

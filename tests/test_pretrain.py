@@ -274,7 +274,10 @@ def test_semantic_mode_predicts_every_code_of_the_next_item(tmp_path, tiny_sim):
         ("surface", "device", "daypart"), item_tokenization="semantic", semantic_codebook_size=16,
         categorical_columns=("category",), vector_column="content",
     )
-    manifest = pretrain(events.to_pandas(), tmp_path / "sem", PretrainConfig(preset="tiny", epochs=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(), progress=False)
+    manifest = pretrain(
+        events.to_pandas(), tmp_path / "sem", PretrainConfig(preset="tiny", epochs=3, rows_per_batch=4, row_tokens=512), config, items.to_pandas(),
+        progress=False,
+    )
     assert manifest["item_tokenization"] == "semantic"
     assert manifest["semantic_ids_report"]["n_items"] == items.num_rows
     tokenizer = BehaviourTokenizer.load(tmp_path / "sem", expected_fingerprint=manifest["tokenizer_fingerprint"])

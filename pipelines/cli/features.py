@@ -110,9 +110,11 @@ def features_get(user_id, item_ids, conditions, request_time, http_url, run_dir)
         "user_id": answer.user_id, "model_version": answer.model_version, "request_time": answer.request_time.isoformat(),
         "user_found": answer.user_found, "user_counters": answer.user_counters, "hist_item_ids": answer.hist_item_ids,
         "conditions": [{"condition": c, "found": bool(f), "stale": bool(s), "as_of": None if t is None else t.isoformat(), "embedding": vec(v) if f else None}
-                       for c, f, s, t, v in zip(answer.conditions, answer.user_vector_found, answer.user_vector_stale, answer.user_vector_as_of, answer.user_vectors)],
+                       for c, f, s, t, v in zip(answer.conditions, answer.user_vector_found, answer.user_vector_stale, answer.user_vector_as_of,
+                                                answer.user_vectors)],
         "items": [{"item_id": i, "found": bool(ok), "category": cat, **{k: (None if np.isnan(v[n]) else float(v[n])) for k, v in answer.item_counters.items()},
-                   "lum_found": bool(lf)} for n, (i, ok, cat, lf) in enumerate(zip(answer.item_ids, answer.item_found, answer.item_category, answer.item_vector_found))],
+                   "lum_found": bool(lf)}
+                  for n, (i, ok, cat, lf) in enumerate(zip(answer.item_ids, answer.item_found, answer.item_category, answer.item_vector_found))],
     }, indent=2, default=str))
 
 

@@ -75,7 +75,8 @@ def evaluate_command(protocol: str, preset: str, run_dir: str, **options: Any) -
 
 @click.command("embed")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A model folder written by `lum pretrain`.")
-@click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Events Parquet (the run's data/events.parquet or a split window).")
+@click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Events Parquet (the run's data/events.parquet or a split window).")
 @click.option("--as-of", "as_of", required=True, help="Snapshot time(s) TS[,TS...], or rows:PATH for one embedding per (user, time) row (rolling).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (resumed when it exists).")
 @config_options(EmbedJobConfig)

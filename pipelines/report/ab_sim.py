@@ -21,7 +21,7 @@ over users, not a pass over the rows.
                       ABConfig(position_decay=0.6))
     sim.ctr_table()                          # policies x CTR@k
     sim.lift("dlrm/lum", "dlrm/base", k=10)  # CTRLift(lift=+0.041, low=+0.030, high=+0.052, ...)
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

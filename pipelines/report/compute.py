@@ -268,7 +268,8 @@ def targets(goals: dict[str, Any], lifts: list[dict[str, Any]], ab: dict[str, An
                 met = bool(value >= float(threshold) and low > 0)
             else:
                 met = bool(high >= 0)
-            out.append({"target": key, "threshold": threshold, "model": model, "description": description, "value": value, "low": low, "high": high, "met": met})
+            out.append({"target": key, "threshold": threshold, "model": model, "description": description,
+                        "value": value, "low": low, "high": high, "met": met})
     return out
 
 

@@ -154,7 +154,11 @@ def _glance(report: dict[str, Any]) -> list[Block]:
     if rows:
         headers = (["protocol"] if multi else []) + ["model", "comparison", "ΔAUC", "ΔGAUC", *[f"simulated CTR@{k} lift" for k in ks]]
         blocks += [
-            Block("note", "Lift of the variant with LUM features over its baseline, with its 95% interval. Green (gain): a clear gain, the interval is above 0; red (loss): a clear loss; otherwise no clear difference."),
+            Block(
+                "note",
+                "Lift of the variant with LUM features over its baseline, with its 95% interval. "
+                "Green (gain): a clear gain, the interval is above 0; red (loss): a clear loss; otherwise no clear difference.",
+            ),
             Block("table", table=Table(headers, rows)),
         ]
     items = []
@@ -216,7 +220,8 @@ def _environment_blocks(environment: dict[str, Any] | None) -> list[Block]:
         [Cell("platform"), Cell(f"{hw.get('platform')}, Python {hw.get('python')}")],
     ]
     rows += [[Cell(name), Cell(version or "not installed")] for name, version in (environment.get("libraries") or {}).items()]
-    return [Block("h3", "Environment"), Block("note", "Where this report was made: the code's commit, the hardware, and the libraries that produce its numbers."),
+    return [Block("h3", "Environment"),
+            Block("note", "Where this report was made: the code's commit, the hardware, and the libraries that produce its numbers."),
             Block("table", table=Table(["component", "version / value"], rows))]
 
 
@@ -226,7 +231,8 @@ def _durations_blocks(durations: dict[str, Any] | None) -> list[Block]:
     rows = [[Cell(str(k)), Cell(seconds(v), cls="num")] for k, v in durations.items()]
     total = sum(float(v) for v in durations.values() if finite(v))
     rows.append([Cell("total"), Cell(seconds(total), cls="num")])
-    return [Block("h3", "Step durations"), Block("note", "The steps before this report; the report step's own duration is recorded in run_state.json once it has finished."),
+    return [Block("h3", "Step durations"),
+            Block("note", "The steps before this report; the report step's own duration is recorded in run_state.json once it has finished."),
             Block("table", table=Table(["step", "duration"], rows))]
 
 
@@ -289,11 +295,18 @@ def _protocol_blocks(p: dict[str, Any], band: tuple[float, float]) -> list[Block
     if rows:
         blocks += [
             Block("h3", "Change vs the same model's base"),
-            Block("note", "Paired bootstrap over users: both variants scored on the same resamples. Green: a clear improvement; red: a clear loss (lower logloss and NE are better)."),
+            Block(
+                "note",
+                "Paired bootstrap over users: both variants scored on the same resamples. "
+                "Green: a clear improvement; red: a clear loss (lower logloss and NE are better).",
+            ),
             Block("table", table=Table(["model", "variant", "ΔAUC", "ΔGAUC", "RelaImpr", "Δlogloss", "ΔNE", "Δcalibration"], rows)),
         ]
     if p["lifts"]:
-        rows = [[Cell(_label(x["model"])), Cell(x["comparison"]), Cell(METRIC_LABELS[x["metric"]]), _lift_cell(x), Cell(x["verdict"], cls=x["outcome"])] for x in p["lifts"]]
+        rows = [
+            [Cell(_label(x["model"])), Cell(x["comparison"]), Cell(METRIC_LABELS[x["metric"]]), _lift_cell(x), Cell(x["verdict"], cls=x["outcome"])]
+            for x in p["lifts"]
+        ]
         blocks += [Block("h3", "Lift of LUM features"), Block("table", table=Table(["model", "comparison", "metric", "lift", "verdict"], rows))]
     if p["targets"]:
         rows = []
@@ -333,7 +346,8 @@ def _ab_blocks(p: dict[str, Any]) -> list[Block]:
             f"{ab.get('position_decay_from', 'the report config')}). CTR@k = expected clicks in the top k / k. Lifts are relative, with a "
             "95% interval from a paired bootstrap over users.",
         ),
-        Block("table", table=Table(["ranker", *[f"CTR@{k}" for k in ab["ks"]]], [[Cell(r["label"]), *[_num(r[f"ctr@{k}"]) for k in ab["ks"]]] for r in ab["ctr"]])),
+        Block("table", table=Table(["ranker", *[f"CTR@{k}" for k in ab["ks"]]],
+                                   [[Cell(r["label"]), *[_num(r[f"ctr@{k}"]) for k in ab["ks"]]] for r in ab["ctr"]])),
     ]
     if ab["lifts"]:
         top_k = max(ab["ks"])
@@ -405,9 +419,20 @@ def _side_by_side_blocks(protocols: list[dict[str, Any]]) -> list[Block]:
 
 
 HOW_TO_READ = [
-    "AUC: probability that a random click is scored above a random non-click. GAUC: AUC within each user, averaged with the user's impressions as weights (users with a single class are skipped): it measures ranking for the same user, which is what a feed does.",
-    "logloss and NE (logloss / entropy of the base CTR; below 1 beats predicting the average) measure the probabilities; calibration = mean predicted / observed CTR (1 is calibrated; outside the report config's calibration_band it is flagged). RelaImpr = (AUC - 0.5) / (AUC_base - 0.5) - 1.",
-    "Intervals: 95%, from resampling users with replacement; deltas are paired (both variants on the same resamples). A lift is a clear gain when its whole interval is above 0.",
+    (
+        "AUC: probability that a random click is scored above a random non-click. "
+        "GAUC: AUC within each user, averaged with the user's impressions as weights (users with a single class are skipped): "
+        "it measures ranking for the same user, which is what a feed does."
+    ),
+    (
+        "logloss and NE (logloss / entropy of the base CTR; below 1 beats predicting the average) measure the probabilities; "
+        "calibration = mean predicted / observed CTR (1 is calibrated; outside the report config's calibration_band it is flagged). "
+        "RelaImpr = (AUC - 0.5) / (AUC_base - 0.5) - 1."
+    ),
+    (
+        "Intervals: 95%, from resampling users with replacement; deltas are paired (both variants on the same resamples). "
+        "A lift is a clear gain when its whole interval is above 0."
+    ),
 ]
 
 
@@ -432,7 +457,10 @@ def report_blocks(report: dict[str, Any], plots: dict[str, bytes]) -> list[Block
                 Cell(f"{d.get('start', MISSING)} to {d.get('end', MISSING)}"),
             ]
         )
-    blocks += [Block("h2", "Run"), Block("table", table=Table(["protocol", "split", "LUM features", "test rows", "users", "rows without earlier user history", "test window"], rows))]
+    blocks += [
+        Block("h2", "Run"),
+        Block("table", table=Table(["protocol", "split", "LUM features", "test rows", "users", "rows without earlier user history", "test window"], rows)),
+    ]
     blocks += _data_blocks(report)
     if meta.get("model_versions"):
         blocks += [Block("h3", "Model versions"), Block("table", table=_kv_table(meta["model_versions"], "component", "version"))]
@@ -450,7 +478,9 @@ def report_blocks(report: dict[str, Any], plots: dict[str, bytes]) -> list[Block
         blocks += [Block("h2", "LM size vs lift"), Block("table", table=Table(["preset", "LM parameters", "GAUC lift (+LUM vs base)"], rows))]
         if report.get("plots", {}).get("lm_scaling"):
             blocks.append(Block("image", text="LM size vs GAUC lift", image=report["plots"]["lm_scaling"]))
-    config_text = yaml.safe_dump(jsonable({"run config": meta.get("config") or {}, "report config": report["report_config"]}), sort_keys=False, default_flow_style=None, width=110)
+    config_text = yaml.safe_dump(
+        jsonable({"run config": meta.get("config") or {}, "report config": report["report_config"]}), sort_keys=False, default_flow_style=None, width=110
+    )
     blocks += [Block("h2", "Configuration"), Block("pre", text=config_text)]
     blocks += [Block("h2", "How to read this report"), Block("bullets", items=[(text, "") for text in HOW_TO_READ])]
     for block in blocks:

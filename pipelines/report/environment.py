@@ -84,7 +84,9 @@ def _gpus() -> list[str]:
             pass
     if shutil.which("nvidia-smi"):
         try:
-            done = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False)
+            done = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False
+            )
             if done.returncode == 0:
                 return [line.strip() for line in done.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.TimeoutExpired):

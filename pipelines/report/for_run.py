@@ -15,7 +15,9 @@ REPORT_STEP = "report"  # the run's step that calls report_run: still running wh
 SLICE_COLUMNS = ("surface", "device", "daypart", "feedback")  # condition columns the report slices by, when present
 
 
-def run_inputs(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float]) -> tuple[list[pd.DataFrame], dict[str, Any], Any]:
+def run_inputs(
+    config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float]
+) -> tuple[list[pd.DataFrame], dict[str, Any], Any]:
     """(scored tables, meta, ReportConfig) of a finished run: what report_run passes to build_report."""
     import pyarrow.parquet as pq
 
