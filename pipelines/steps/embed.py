@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from contracts.embeddings import MODEL_MANIFEST_FILE
 from lum.config import EmbedJobConfig
 from pipelines.data.contract import METADATA_KEY, EventContract, read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
@@ -37,7 +38,7 @@ def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool
         return ",".join(configured)
     from lum.tokenizer import BehaviourTokenizer
 
-    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    manifest = json.loads((model_dir / MODEL_MANIFEST_FILE).read_text())
     first = manifest["condition_columns"][0]
     tokenizer = BehaviourTokenizer.load(model_dir, expected_fingerprint=manifest["tokenizer_fingerprint"])
     names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
@@ -50,7 +51,7 @@ def request_time_conditions(model_dir: Path, events: Path) -> bool:
     """Whether every condition column of the model is known at request time. Only then may a row's own context be
     a query condition: MovieLens' feedback level is derived from the rating, so querying it would leak the label."""
 
-    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    manifest = json.loads((model_dir / MODEL_MANIFEST_FILE).read_text())
     contract = EventContract.from_json(pq.read_schema(events).metadata[METADATA_KEY])
     known = {c.name: c.known_at for c in contract.conditions}
     return all(known.get(c) == "request" for c in manifest["condition_columns"])

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from contracts.embeddings import MODEL_MANIFEST_FILE
 from lum.config import PretrainConfig, TokenizerConfig
 from lum.tokenizer import TOKENIZER_FILE
 from pipelines.data.contract import read_events, write_json_atomic
@@ -63,7 +64,7 @@ def check_model_matches(model_dir: Path, pretrain_config: PretrainConfig, tokeni
     silently keep the old model (and every embedding, feature and ranker built from it). A setting the folder
     does not record (written before the setting existed) counts as that setting's default.
     """
-    manifest = json.loads((model_dir / "lum_manifest.json").read_text())
+    manifest = json.loads((model_dir / MODEL_MANIFEST_FILE).read_text())
     saved = {"pretrain": manifest.get("pretrain_config", {}), "tokenizer": json.loads((model_dir / TOKENIZER_FILE).read_text())["config"]}
     wanted = {"pretrain": pretrain_config, "tokenizer": tokenizer}
     differ = []
@@ -97,7 +98,7 @@ def pretrain_step(
     events = _window(paths, protocol, "pretrain")
     tokenizer_config = resolve_tokenizer(paths, protocol, tokenizer)
     out = out_dir or paths.model_dir(protocol, pretrain_config.preset)
-    if (out / "lum_manifest.json").exists() and not force:
+    if (out / MODEL_MANIFEST_FILE).exists() and not force:
         check_model_matches(out, pretrain_config, tokenizer_config)
         return UP_TO_DATE
     return pretrain(
