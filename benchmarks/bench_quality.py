@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import RESULTS_DIR, write_results
+from contracts.names import LUM_ITEM_COLUMN, LUM_USER_PREFIX, TRAINING_SET_METADATA_KEY
 
 
 def sample_users(table: pa.Table, users: int, seed: int) -> np.ndarray:
@@ -82,13 +83,14 @@ def lum_columns(model_dir: Path, table: pa.Table, events: pd.DataFrame, schema, 
     item_tokens = tokenizer.item_ids(table.column("item_id").to_pandas().astype(str))[:, 0]
     out = table
     for k, s in enumerate(names):
-        column = f"lum_user__{s}"
+        column = LUM_USER_PREFIX + s
         values = pa.array([None if np.isnan(v).any() else v for v in users[k]], pa.list_(pa.float32()))
         out = out.set_column(out.schema.get_field_index(column), column, values)
-    out = out.set_column(out.schema.get_field_index("lum_item"), "lum_item", pa.array(list(head[item_tokens]), pa.list_(pa.float32())))
-    meta = json.loads(out.schema.metadata[b"lum.training_set"])
+    out = out.set_column(out.schema.get_field_index(LUM_ITEM_COLUMN), LUM_ITEM_COLUMN, pa.array(list(head[item_tokens]), pa.list_(pa.float32())))
+    key = TRAINING_SET_METADATA_KEY.encode()
+    meta = json.loads(out.schema.metadata[key])
     meta["lum_dim"] = dim
-    return out.replace_schema_metadata({**out.schema.metadata, b"lum.training_set": json.dumps(meta).encode()})
+    return out.replace_schema_metadata({**out.schema.metadata, key: json.dumps(meta).encode()})
 
 
 def train_and_score(train: pa.Table, test: pa.Table, variant: str, options: dict) -> np.ndarray:
