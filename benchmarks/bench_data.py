@@ -19,8 +19,8 @@ from benchmarks.common import peak_rss_mib, write_results
 
 
 def _run_case(preset_name: str, n_users: int | None, queue: mp.Queue) -> None:
-    from pipelines.paths import RunPaths
     from pipelines.data.sources.simulator import preset, simulate_to_run
+    from pipelines.paths import RunPaths
 
     overrides = {} if n_users is None else {"n_users": n_users}
     config = preset(preset_name, **overrides)

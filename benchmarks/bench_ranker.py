@@ -67,10 +67,10 @@ def main() -> None:
                         help="batch sizes for the DMP throughput curve (comma-separated; empty to skip)")
     args = parser.parse_args()
 
+    from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
     from ranker.dlrm import DLRMConfig
     from ranker.gbdt import LightGBMConfig
     from ranker.schema import METADATA_KEY, read_metadata
-    from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
     from ranker.train import RankerConfig, train_ranker
 
     started = time.perf_counter()
@@ -139,7 +139,8 @@ def main() -> None:
     started = time.perf_counter()
     booster = train_ranker(table, RankerConfig(model="lightgbm", variant=args.variant, lightgbm=LightGBMConfig()))
     rows.append({
-        "what": "LightGBM train", "variant": args.variant, "seconds": round(booster.training["seconds"], 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "what": "LightGBM train", "variant": args.variant, "seconds": round(booster.training["seconds"], 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
         "best_iteration": booster.training["best_iteration"], "valid_auc": round(booster.training["valid_auc"], 4),
         "features": len(booster.training["feature_names"]), "load_avg_1m": round(os.getloadavg()[0], 2),
     })

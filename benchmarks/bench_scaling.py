@@ -126,8 +126,8 @@ def shards_for(n_users: int) -> int:
 
 def job_in_fresh_process(model_dir: Path, n_users: int, tmp: Path) -> tuple[float, float, int]:
     """(job seconds, peak RSS MiB, users embedded) of a whole `lum embed` snapshot job on a world of n_users."""
-    from pipelines.paths import RunPaths
     from pipelines.data.sources.simulator import preset, simulate_to_run
+    from pipelines.paths import RunPaths
 
     world = "large" if n_users > 100_000 else "default"
     paths = RunPaths(tmp / f"world-{n_users}")
@@ -253,7 +253,8 @@ def main() -> None:
                     fits.append({"curve": curve, "engine": engine, "time vs": "users (peak RSS)",
                                  **growth([r["users"] for r in sel], [r["peak_rss_mib"] for r in sel])})
     for fit in fits:
-        rows.append({"curve": f"growth: {fit['curve']}", "engine": fit["engine"], "fit": f"time ~ x^{fit['exponent']}" if "RSS" not in fit["time vs"] else f"RSS ~ x^{fit['exponent']}",
+        rows.append({"curve": f"growth: {fit['curve']}", "engine": fit["engine"],
+                     "fit": f"time ~ x^{fit['exponent']}" if "RSS" not in fit["time vs"] else f"RSS ~ x^{fit['exponent']}",
                      "variable": fit["time vs"], "growth": fit["growth"]})
     print(f"plot: {plot_curves(rows, RESULTS_DIR / 'scaling.png')}")
     write_results("scaling", rows, notes="synthetic histories of exact length on random-initialised models (speed does not depend on the weights); "

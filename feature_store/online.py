@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timezone
 from dataclasses import dataclass, field
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +185,13 @@ class _DirectTransport:
             by_view.setdefault(view, []).append(name)
         rows = len(next(iter(entities.values())))
         out: dict[str, list[Any]] = {}
-        for view_name, names in by_view.items():
+        for view_name, view_features in by_view.items():
             view = self._view(view_name)
             keys = [c.name for c in view.entity_columns]
             tuples = list(zip(*(entities[k] for k in keys)))
             unique = list(dict.fromkeys(tuples))
             protos = [EntityKey(join_keys=keys, entity_values=[Value(string_val=v) for v in t]) for t in unique]
-            read = self.provider.online_read(config=self.store.config, table=view, entity_keys=protos, requested_features=names)
+            read = self.provider.online_read(config=self.store.config, table=view, entity_keys=protos, requested_features=view_features)
             # convert each distinct key's answer once (a request repeats keys to pad its rows)
             decoded: dict[tuple, tuple[int, dict[str, Any]]] = {}
             for key, (stamp, data) in zip(unique, read):
@@ -201,7 +201,7 @@ class _DirectTransport:
                 seconds = int((stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()) if stamp else 0
                 decoded[key] = (seconds, {n: _proto_value(v) for n, v in data.items()})
             answers = [decoded[t] for t in tuples]
-            for name in names:
+            for name in view_features:
                 out[f"{view_name}__{name}"] = [values.get(name) for _, values in answers]
                 out[f"{view_name}__{name}{TIMESTAMP_SUFFIX}"] = [seconds if name in values else 0 for seconds, values in answers]
         assert all(len(v) == rows for v in out.values())

@@ -27,10 +27,9 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from contracts.progress import bars_off
-
 from contracts import names
 from contracts.names import LUM_ITEM_COLUMN, MISSING_LUM_COLUMN, TRAINING_SET_METADATA_KEY, lum_user_column, slug
+from contracts.progress import bars_off
 from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
 
 METADATA_KEY = TRAINING_SET_METADATA_KEY.encode()
@@ -156,7 +155,9 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
         known = set(settings.get("conditions") or [])
         unknown = [c for c in conditions if c not in known]
         if unknown:
-            raise FeatureStoreError(f"condition(s) {', '.join(unknown)} were not ingested for {settings.get('model_version')}; ingested: {', '.join(sorted(known))}")
+            raise FeatureStoreError(
+                f"condition(s) {', '.join(unknown)} were not ingested for {settings.get('model_version')}; ingested: {', '.join(sorted(known))}"
+            )
 
     base_cols = ["user_id", "item_id", "ts"] + (["label"] if "label" in frame.columns else [])
     out = frame[base_cols + [c for c in config.context_columns if c not in base_cols]].copy()

@@ -39,7 +39,6 @@ from contracts.names import REQUEST_CONDITION
 from lum.config import VllmSettings  # noqa: F401  (re-exported)
 from lum.tokenizer import BOS, PAD, BehaviourTokenizer
 
-
 REQUEST = REQUEST_CONDITION  # the query condition taken from each as-of row's own context
 REQUEST_TOKEN = -1  # its placeholder id until the row's token is known
 
@@ -109,7 +108,11 @@ def build_queries(
     """
     beh = tokenizer.behaviours(events)
     tpb = 1 + tokenizer.config.tokens_per_item
-    body_tokens = np.concatenate([tokenizer.condition_ids(beh)[:, None], tokenizer.item_ids(beh["item_id"])], axis=1) if len(beh) else np.zeros((0, tpb), np.int64)
+    body_tokens = (
+        np.concatenate([tokenizer.condition_ids(beh)[:, None], tokenizer.item_ids(beh["item_id"])], axis=1)
+        if len(beh)
+        else np.zeros((0, tpb), np.int64)
+    )
     beh_ts = beh["ts"].to_numpy()
     users = beh["user_id"].astype(str).to_numpy()
     bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]) if len(users) else np.array([0])

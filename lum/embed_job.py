@@ -26,17 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
-
-from contracts.progress import bars_off
 
 from contracts.embeddings import (
     ITEMS_FILE,
@@ -53,8 +51,9 @@ from contracts.embeddings import (
 )
 from contracts.embeddings import MANIFEST_FILE as MANIFEST
 from contracts.files import atomic_path, write_parquet_atomic
+from contracts.progress import bars_off
 from lum.config import EmbedJobConfig  # noqa: F401  (re-exported)
-from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
+from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, build_queries, resolve_conditions
 from lum.model import read_manifest
 from lum.ray_runner import run_shards_with_ray
 from lum.tokenizer import BehaviourTokenizer
@@ -267,7 +266,12 @@ class EmbeddingJob:
         pick = sample[rng.permutation(len(sample))[: self.config.pca_sample]]
         pca = PCA(n_components=self.config.dim, random_state=0).fit(pick)
         with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
-            np.savez(tmp, components=pca.components_.astype(np.float32), explained_variance_ratio=pca.explained_variance_ratio_, model_version=np.array(self.model_version))
+            np.savez(
+                tmp,
+                components=pca.components_.astype(np.float32),
+                explained_variance_ratio=pca.explained_variance_ratio_,
+                model_version=np.array(self.model_version),
+            )
         return pca.components_.astype(np.float32)
 
     def item_table(self, projection: np.ndarray | None) -> pa.Table:

@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-
-from contracts.progress import bars_off
 from transformers import LlamaForCausalLM
 
+from contracts.progress import bars_off
 from lum.config import EvalConfig  # noqa: F401  (re-exported)
 from lum.tokenizer import PAD, BehaviourTokenizer
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,16 +46,15 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from contracts.names import ITEM_COUNTERS
 from ranker.config import FeatureConfig  # noqa: F401  (re-exported)
-
 from ranker.schema import (
     FLAG_COLUMNS,
     HISTORY_CATEGORIES,
     HISTORY_ITEMS,
     LUM_ITEM_COLUMN,
     LUM_USER_PREFIX,
+    REQUEST_CONDITION,
     FeatureSchema,
     RankerInputError,
-    REQUEST_CONDITION,
     parse_condition,
     variant_parts,
 )
@@ -447,7 +446,9 @@ class FeaturePipeline:
         categorical = self.lightgbm_categorical
         blocks = [np.stack([self.vocabularies[c].ids(table.column(c)) for c in categorical], axis=1).astype(np.float32)]
         names = list(categorical)
-        blocks.append(np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1) if schema.counter_columns else np.zeros((table.num_rows, 0)))
+        blocks.append(
+            np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1) if schema.counter_columns else np.zeros((table.num_rows, 0))
+        )
         names += list(schema.counter_columns)
         blocks.append(self._flags(table))
         names += list(FLAG_COLUMNS)

@@ -31,10 +31,10 @@ from contracts.names import (
     LUM_ITEM_COLUMN,
     LUM_USER_PREFIX,
     LUM_VARIANTS,
-    MISSING_LUM_COLUMN,
-    REQUEST_CONDITION,
+    MISSING_LUM_COLUMN,  # noqa: F401  (re-exported)
+    REQUEST_CONDITION,  # noqa: F401  (re-exported)
     VARIANTS,
-    slug,
+    slug,  # noqa: F401  (re-exported)
 )
 from contracts.names import TRAINING_SET_METADATA_KEY as METADATA_KEY
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,10 +32,10 @@ import pyarrow.compute as pc
 import torch
 
 from ranker.config import RankerConfig  # noqa: F401  (re-exported)
-from ranker.dlrm import DLRMConfig, predict, scoring_model, train_dlrm
-from ranker.features import DLRMInputs, FeatureConfig, FeaturePipeline
-from ranker.gbdt import LightGBMConfig, predict_lightgbm, train_lightgbm
-from ranker.schema import FeatureSchema, RankerInputError, as_arrow, check_table, validate_training_table, variant_parts
+from ranker.dlrm import predict, scoring_model, train_dlrm
+from ranker.features import DLRMInputs, FeaturePipeline
+from ranker.gbdt import predict_lightgbm, train_lightgbm
+from ranker.schema import FeatureSchema, RankerInputError, as_arrow, check_table, validate_training_table
 
 FORMAT = 1
 RANKER_FILE = "ranker.json"

@@ -11,14 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from pipelines.cli import main
 
 LUM = shutil.which("lum", path=str(Path(sys.executable).parent)) or "lum"
 
 
-def run(*args: str) -> "click.testing.Result":
+def run(*args: str) -> "Result":
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
@@ -156,11 +156,11 @@ def test_version_log_level_and_progress_conventions(tmp_path, monkeypatch):
 
 def test_options_come_from_the_config_dataclasses():
     """A command's option defaults are its component's config defaults, and bad values name the option."""
-    from pipelines.cli.lm import embed_command, pretrain_command, pretrain_configs
-    from pipelines.cli.options import build_config
     from lum.embed_job import EmbedJobConfig
     from lum.pretrain import PretrainConfig
     from lum.tokenizer import TokenizerConfig
+    from pipelines.cli.lm import embed_command, pretrain_command, pretrain_configs
+    from pipelines.cli.options import build_config
 
     params = dict(pretrain_command.make_context("pretrain", []).params)
     assert pretrain_configs(params) == (PretrainConfig(), TokenizerConfig())

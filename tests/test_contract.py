@@ -21,8 +21,8 @@ from pipelines.data.contract import (
     validate_events,
     validate_items,
 )
-from pipelines.paths import RunPaths
 from pipelines.data.sources.base import SourceOutput, write_source_output
+from pipelines.paths import RunPaths
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 CONTRACT = EventContract.from_specs(conditions=["surface"], extras=["hour:request:int64", "rating:after_event:float64"])

@@ -26,10 +26,10 @@ from feature_store.serve import FeatureServer, free_port
 from feature_store.training_set import TrainingSetConfig, _list_array, build_training_set, training_set_metadata
 from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig
 from pipelines.data.contract import read_events
-from pipelines.steps.features import build_window_training_set, context_columns, prepare_repo
-from pipelines.paths import RunPaths
 from pipelines.data.sources.simulator import preset, simulate_to_run
 from pipelines.data.split import SplitConfig, split_run
+from pipelines.paths import RunPaths
+from pipelines.steps.features import build_window_training_set, context_columns, prepare_repo
 
 T1 = pd.Timestamp("2025-01-15", tz="UTC")
 T2 = pd.Timestamp("2025-01-22", tz="UTC")

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipelines.cli import main
 from lum.embed_job import EmbedJobConfig
 from lum.evaluate import EvalConfig
 from lum.pretrain import PretrainConfig
 from lum.tokenizer import TokenizerConfig
+from pipelines.cli import main
 from pipelines.data.split import SplitConfig
 from pipelines.run.config import ConfigError, load_run_config
 from ranker.dlrm import DLRMConfig
@@ -178,7 +178,8 @@ def test_run_config_sections_reach_the_ranker_config(tmp_path):
     assert (dlrm.patience, dlrm.evals_per_epoch, dlrm.listwise_weight) == (0, 3, 0.5)
     default = load_run_config(None).rankers.ranker_config("dlrm", "lum")
     assert default.dlrm == DLRMConfig() and default.features.dlrm_ids is True  # one definition: the component's own defaults
-    for bad, message in (({"lightgbm": {"early_stopping_metric": "ndcg"}}, r"rankers\.lightgbm\.early_stopping_metric: Input should be 'auc' or 'binary_logloss'"),
+    for bad, message in (({"lightgbm": {"early_stopping_metric": "ndcg"}},
+                          r"rankers\.lightgbm\.early_stopping_metric: Input should be 'auc' or 'binary_logloss'"),
                          ({"dlrm": {"listwise_weight": -1}}, r"rankers\.dlrm\.listwise_weight: Input should be greater than or equal to 0 \(got -1\)")):
         path.write_text(yaml.safe_dump({"rankers": bad}))
         with pytest.raises(ConfigError, match=message):  # when the config is read, before any step runs

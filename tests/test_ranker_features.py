@@ -13,6 +13,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection
 
+from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
 from ranker.features import OOV, FeatureConfig, FeaturePipeline, Vocabulary, lum_features, relative_to_request, request_condition
 from ranker.schema import (
     HISTORY_ITEMS,
@@ -25,7 +26,6 @@ from ranker.schema import (
     slug,
     validate_training_table,
 )
-from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
 from ranker.train import time_split
 
 

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from benchmarks.synthetic import SyntheticConfig, split_by_time, synthetic_training_set
 from ranker.dlrm import DLRMConfig, train_dlrm
 from ranker.features import FeatureConfig, FeaturePipeline
 from ranker.gbdt import LightGBMConfig
 from ranker.metrics import auc
 from ranker.schema import METADATA_KEY, FeatureSchema, RankerInputError, read_metadata
-from benchmarks.synthetic import SyntheticConfig, split_by_time, synthetic_training_set
 from ranker.train import RankerConfig, TrainedRanker, time_split, train_ranker
 
 REPO = Path(__file__).resolve().parents[1]

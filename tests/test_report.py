@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from tabulate import tabulate
 
 from pipelines.report import ReportConfig, build_report, verdict
@@ -331,8 +330,18 @@ def test_report_with_identical_scores_says_no_clear_difference(tmp_path):
 def test_report_protocols_side_by_side_and_partial_score_columns(tmp_path):
     first = make_scored(n_users=100, seed=1).drop(columns=["score__lightgbm__lum", "relevance"])
     second = make_scored(n_users=100, seed=2)[["user_id", "item_id", "label", "score__dlrm__base", "score__dlrm__lum"]]
-    protocols = [{"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"}, {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling", "cold_share": 0.0}]
-    meta = _meta(protocols=protocols, durations={"data": 1.5, "pretrain": 75.0}, lm_scaling=[{"preset": "tiny", "params": 3e5, "gauc_lift": 0.01, "low": 0.0, "high": 0.02}, {"preset": "small", "params": 3e6, "gauc_lift": 0.02, "low": 0.01, "high": 0.03}])
+    protocols = [
+        {"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"},
+        {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling", "cold_share": 0.0},
+    ]
+    meta = _meta(
+        protocols=protocols,
+        durations={"data": 1.5, "pretrain": 75.0},
+        lm_scaling=[
+            {"preset": "tiny", "params": 3e5, "gauc_lift": 0.01, "low": 0.0, "high": 0.02},
+            {"preset": "small", "params": 3e6, "gauc_lift": 0.02, "low": 0.01, "high": 0.03},
+        ],
+    )
     report = build_report([first, second], meta, tmp_path, ReportConfig(n_bootstrap=20, ab_bootstrap=50))
     a, b = report["protocols"]
     assert (a["name"], a["split"], a["feature_mode"], b["name"]) == ("global+snapshot", "global", "snapshot", "per-user+rolling")
@@ -450,7 +459,9 @@ def test_no_slice_is_shown_twice(tmp_path):
     families = {s.family for s in distinct_slices(frame, [], ReportConfig())}
     assert "earlier user history" in families
     # the report shows the table's distinct slices once each
-    report = build_report(frame.drop(columns=["surface_copy"]), _meta(slice_columns=["surface", "surface", "device"]), tmp_path, ReportConfig(n_bootstrap=3, ab_bootstrap=5))
+    report = build_report(
+        frame.drop(columns=["surface_copy"]), _meta(slice_columns=["surface", "surface", "device"]), tmp_path, ReportConfig(n_bootstrap=3, ab_bootstrap=5)
+    )
     shown = [(s["family"], s["value"]) for s in report["protocols"][0]["slices"]]
     assert len(shown) == len(set(shown)) and report["report_config"]["slice_columns"] == ["surface", "device"]
 
@@ -491,7 +502,11 @@ def _lift(model: str, comparison: str, delta: float, low: float, high: float) ->
 
 def test_slice_plot_scale_is_not_set_by_the_wide_unknown_slice():
     def slice_(family, value, delta, low, high):
-        return {"family": family, "value": value, "lifts": [_lift("dlrm", "+LUM vs base", delta, low, high), _lift("lightgbm", "+LUM vs base", delta / 2, low / 2, high / 2)]}
+        return {
+            "family": family,
+            "value": value,
+            "lifts": [_lift("dlrm", "+LUM vs base", delta, low, high), _lift("lightgbm", "+LUM vs base", delta / 2, low / 2, high / 2)],
+        }
 
     slices = [
         slice_("surface", "home", 0.010, 0.008, 0.012),
@@ -514,7 +529,8 @@ def test_slice_plot_scale_is_not_set_by_the_wide_unknown_slice():
 
 
 def test_templates_render_blocks_and_tabulate_markdown_tables():
-    table = Table(["name", "value"], [[Cell("a|b"), Cell("0.7000", "0.6000 to 0.8000", "num gain")], [Cell("<b>x</b>"), Cell("1.0800", "", "num warn", mark="⚠ off")]])
+    table = Table(["name", "value"], [[Cell("a|b"), Cell("0.7000", "0.6000 to 0.8000", "num gain")],
+                                      [Cell("<b>x</b>"), Cell("1.0800", "", "num warn", mark="⚠ off")]])
     blocks = [Block("h2", "Section"), Block("note", "a note"), Block("table", table=table), Block("bullets", items=[("careful", "warn"), ("fine", "")])]
     expected_table = tabulate(
         [["a\\|b", "0.7000 (0.6000 to 0.8000) **gain**"], ["<b>x</b>", "1.0800 **⚠ off**"]],
@@ -689,7 +705,10 @@ def open_in_chromium(page: Path, screenshot: Path, width: int = 1280) -> dict:
 def test_report_renders_in_headless_chromium(tmp_path):
     if _chromium_binary() is None:
         pytest.skip("no Chromium binary found (Debian: apt-get install chromium; or set $CHROMIUM); .ci/run installs it")
-    protocols = [{"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"}, {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling"}]
+    protocols = [
+        {"name": "global+snapshot", "split": "global", "feature_mode": "snapshot"},
+        {"name": "per-user+rolling", "split": "per-user", "feature_mode": "rolling"},
+    ]
     meta = _meta(
         run="browser-test",
         protocols=protocols,
@@ -698,7 +717,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
         config={"seed": 0, "lm": {"preset": "tiny"}},
         durations={"data": 2.1, "pretrain": 95.0, "embed": 31.4, "rankers": 140.2, "report": 8.0},
         targets={"gauc_lift_min": 0.01, "ctr_lift_min": 0.03},
-        lm_scaling=[{"preset": "tiny", "params": 3e5, "gauc_lift": 0.011, "low": 0.006, "high": 0.016}, {"preset": "small", "params": 3.2e6, "gauc_lift": 0.018, "low": 0.012, "high": 0.024}],
+        lm_scaling=[
+            {"preset": "tiny", "params": 3e5, "gauc_lift": 0.011, "low": 0.006, "high": 0.016},
+            {"preset": "small", "params": 3.2e6, "gauc_lift": 0.018, "low": 0.012, "high": 0.024},
+        ],
     )
     frames = [make_scored(n_users=200, seed=1), make_scored(n_users=200, seed=2)]
     report = build_report(frames, meta, tmp_path, ReportConfig(n_bootstrap=30, ab_bootstrap=100))

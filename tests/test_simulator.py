@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data.contract import read_events
-from pipelines.paths import RunPaths
 from pipelines.data.sources.simulator import PRESETS, SIMULATOR_CONTRACT, examination, preset, simulate, simulate_to_run
+from pipelines.paths import RunPaths
 
 
 def test_same_seed_same_data_other_seed_other_data(tiny_sim):

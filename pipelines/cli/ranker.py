@@ -96,9 +96,10 @@ def ranker_evaluate(protocol, model, variant, run_dir) -> None:
 @_friendly_errors
 def ranker_score(ranker_folder, requests_path, source, out_path, run_dir) -> None:
     """Batch-score a Parquet of requests with a saved ranker, features read from Feast."""
+    from pathlib import Path
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pathlib import Path
 
     from pipelines.data.contract import write_parquet_atomic
     from pipelines.steps.rankers import score_requests

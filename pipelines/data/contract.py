@@ -48,7 +48,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from contracts import files
-from contracts.files import write_parquet_atomic  # re-exported: the steps write their Parquet files with it
+from contracts.files import write_parquet_atomic  # noqa: F401  (re-exported: the steps write their Parquet files with it)
 
 KnownAt = Literal["request", "after_event", "truth"]
 ExtraType = Literal["string", "int64", "float64", "list<float32>"]

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.data.contract import EventContract, read_events
-from pipelines.paths import RunPaths
 from pipelines.data.split import WINDOWS, cold_rows, format_summary, summarize
+from pipelines.paths import RunPaths
 
 
 def describe_events(table: pa.Table, contract: EventContract) -> dict[str, Any]:

@@ -24,7 +24,7 @@ test rows with no event in an earlier window; a per-user split leaves none.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np

@@ -23,7 +23,8 @@ from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig
 from pipelines.run.state import RunState
-from pipelines.steps import UP_TO_DATE, data as data_steps
+from pipelines.steps import UP_TO_DATE
+from pipelines.steps import data as data_steps
 from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
 from pipelines.steps.features import ingest_embeddings
 from pipelines.steps.lm import evaluate_step as evaluate_lm

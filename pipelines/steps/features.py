@@ -12,10 +12,10 @@ from feature_store.offline_tables import StatsConfig
 from feature_store.repo import FeatureRepo, OnlineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
-from pipelines.steps.lm import default_history_events
-from pipelines.paths import RunPaths
 from pipelines.data.sources.base import read_dataset_info
 from pipelines.data.split import dataset_fingerprint
+from pipelines.paths import RunPaths
+from pipelines.steps.lm import default_history_events
 
 # Request-time columns that are not ranking features: ids of a session or request do not generalise, and the
 # slot `position` is decided by the ranker itself (learning from it would copy the logging policy's order).

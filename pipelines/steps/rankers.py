@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from contracts.names import TRAINING_SET_METADATA_KEY
 from feature_store.repo import FeatureRepo
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
-from pipelines.steps.features import build_window_training_set
 from pipelines.paths import RunPaths
+from pipelines.steps.features import build_window_training_set
 from ranker.metrics import metrics_by, ranking_metrics
 from ranker.train import RankerConfig, TrainedRanker, train_ranker
 

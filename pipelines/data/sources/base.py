@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 
 from contracts import files
-from pipelines.data.contract import EventContract, METADATA_KEY, write_parquet_atomic
+from pipelines.data.contract import METADATA_KEY, EventContract, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 

@@ -51,12 +51,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from contracts.progress import bars_off
-
 from contracts.files import atomic_path
+from contracts.progress import bars_off
 from pipelines.data.contract import ColumnSpec, EventContract, ValidationOptions, validate_events, write_parquet_atomic
-from pipelines.paths import RunPaths
 from pipelines.data.sources.base import write_dataset_info
+from pipelines.paths import RunPaths
 
 SURFACES = ("home", "search", "item_detail", "cart")
 DEVICES = ("mobile", "desktop", "tablet")
@@ -177,7 +176,7 @@ def _prefixed_ids(prefix: str, index: np.ndarray) -> pa.Array:
 
 def make_catalog(config: SimulatorConfig) -> ItemCatalog:
     rng = np.random.default_rng([config.seed, 1])
-    C, D, I = config.n_categories, config.latent_dim, config.n_items
+    C, D, I = config.n_categories, config.latent_dim, config.n_items  # noqa: E741  (the model's notation)
     category_vectors = _unit(rng.normal(size=(C, D)))
     complement = rng.permutation(C)
     category = rng.integers(0, C, size=I)
