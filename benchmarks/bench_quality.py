@@ -25,6 +25,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,14 +94,11 @@ def lum_columns(model_dir: Path, table: pa.Table, events: pd.DataFrame, schema, 
     return out.replace_schema_metadata({**out.schema.metadata, key: json.dumps(meta).encode()})
 
 
-def train_and_score(train: pa.Table, test: pa.Table, variant: str, options: dict) -> np.ndarray:
-    from ranker.features import FeatureConfig
-    from ranker.train import RankerConfig, train_ranker
+def train_and_score(train: pa.Table, test: pa.Table, variant: str, rankers: Any) -> np.ndarray:
+    """LightGBM of `variant` with the run's ranker settings (its `rankers:` section): [N] test scores."""
+    from ranker.train import train_ranker
 
-    config = RankerConfig(model="lightgbm", variant=variant,
-                          features=FeatureConfig(lum_inputs=options.get("lum_inputs", "scores"), lightgbm_ids=options.get("lightgbm_ids", False),
-                                                 request_features=options.get("request_features", False)))
-    return np.asarray(train_ranker(train, config).score(test), dtype=np.float64)
+    return np.asarray(train_ranker(train, rankers.ranker_config("lightgbm", variant)).score(test), dtype=np.float64)
 
 
 def logged_pretrain_seconds(model_dir: Path) -> float | None:
@@ -205,7 +203,7 @@ def main() -> None:
     schema = FeatureSchema.from_table(train)
     events = pd.concat([read_events(paths.split_file(protocol, w))[0].to_pandas() for w in ("pretrain", "train", "test")], ignore_index=True)
     events = events[events["user_id"].astype(str).isin(set(users))]
-    options = state["rankers"]
+    options = state.rankers
     epochs = {k: int(v) for k, v in (p.split("=") for p in args.epochs.split(",") if p)}
     presets = [p for p in args.presets.split(",") if p]
     histories = sorted({int(h) for h in args.histories.split(",") if h})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Union
 
 import pandas as pd
 
+from contracts.files import write_bytes_atomic
 from pipelines.report.compute import evaluate_protocol
 from pipelines.report.document import report_blocks
 from pipelines.report.environment import collect_environment
@@ -24,10 +24,8 @@ META_KEYS = ("protocols", "data", "model_versions", "config", "durations", "slic
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename: a reader sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """A reader sees the old file or the new one, never a partial one (contracts.files)."""
+    write_bytes_atomic(data, path)
 
 
 def slug(name: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from contracts.embeddings import MODEL_MANIFEST_FILE
 from pipelines.paths import RunPaths
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict
 
@@ -33,7 +34,7 @@ def run_inputs(
     info = read_dataset_info(paths)
     meta = {
         "run": paths.root.name, "protocols": protocols, "data": {k: v for k, v in info.items() if k not in ("contract",)},
-        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.pretrain.preset) / "lum_manifest.json").read_text())["model_version"]
+        "model_versions": {p.name: json.loads((paths.model_dir(p.split, config.lm.pretrain.preset) / MODEL_MANIFEST_FILE).read_text())["model_version"]
                            for p, _ in scored},
         "config": config_dict(config),
         # the report step's own entry is a placeholder (0 s) while it runs: leave it out rather than print 0.0 s

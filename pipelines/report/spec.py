@@ -8,12 +8,13 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from contracts.names import VARIANTS
 from contracts.settings import config_class
 from pipelines.data.sources.simulator import SimulatorConfig
 
 SCORE_PREFIX = "score__"
 MODEL_ORDER = ("dlrm", "lightgbm")
-VARIANT_ORDER = ("base", "lum", "pooled-history", "lum+pooled")
+VARIANT_ORDER = VARIANTS
 MODEL_LABELS = {"dlrm": "DLRM", "lightgbm": "LightGBM"}
 VARIANT_LABELS = {"base": "base", "lum": "+LUM", "pooled-history": "pooled-history", "lum+pooled": "LUM+pooled"}
 METRICS = ("auc", "gauc", "logloss", "ne", "calibration")  # the variants table, each with an interval

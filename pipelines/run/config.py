@@ -38,6 +38,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from contracts.names import VARIANTS
 from contracts.settings import Field, config_class
 from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
 from pipelines.data.split import Protocol, SplitConfig
@@ -121,7 +122,7 @@ class RankersConfig:
     """Which rankers the run trains (every model x variant) and the settings they share."""
 
     models: tuple[Literal["dlrm", "lightgbm"], ...] = Field(("dlrm", "lightgbm"), min_length=1, description="Ranker models.")
-    variants: tuple[str, ...] = Field(("base", "lum", "pooled-history", "lum+pooled"), min_length=1, description="Ranker variants.")
+    variants: tuple[str, ...] = Field(VARIANTS, min_length=1, description="Ranker variants.")
     valid_fraction: float = Field(_RANKER.valid_fraction, ge=0, lt=1, description="The latest part of the training window that picks the epoch / iteration.")
     features: FeatureConfig = Field(default_factory=FeatureConfig, description="ranker.features.FeatureConfig")
     dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="ranker.dlrm.DLRMConfig")

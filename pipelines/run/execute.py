@@ -11,7 +11,6 @@ same ones the single-step commands (`lum data split`, `lum pretrain`, ...) call.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,8 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from contracts.embeddings import MANIFEST_FILE as EMBEDDING_MANIFEST
+from contracts.embeddings import read_embedding_manifest
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig
@@ -91,11 +92,11 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
     else:
         as_of = snapshot_times(paths, split, protocol.snapshot_every)
-    made = json.loads((embed_dir / "manifest.json").read_text()) if (embed_dir / "manifest.json").exists() else None
-    if made and made["settings"]["conditions"] != conditions.split(","):
-        raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made['settings']['conditions']}, not {conditions.split(',')}; "
+    made = read_embedding_manifest(embed_dir) if (embed_dir / EMBEDDING_MANIFEST).exists() else None
+    if made and made.conditions != conditions.split(","):
+        raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made.conditions}, not {conditions.split(',')}; "
                               "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
-    if not made or not made.get("complete"):
+    if not made or not made.complete:
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.job, conditions), echo,
                    settings=(config.embed, conditions))
 
