@@ -311,3 +311,57 @@ def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
         assert "pretrained with other LM settings" in message
         for line in expected:
             assert line in message
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-log"
+
+
+def test_your_own_csv_log_runs_end_to_end_from_a_run_config_and_its_report_can_be_rebuilt(tmp_path, monkeypatch):
+    """examples/tiny-log: a CSV with its own column names, mapped onto the contract, from `lum run` to the report."""
+    monkeypatch.chdir(EXAMPLE.parents[1])  # the example's paths are relative to the repository root, as its comment says
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["--no-progress", "run", "--config", str(EXAMPLE / "run.yaml"), "--run", str(run)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    info = json.loads((run / "data" / "dataset.json").read_text())
+    assert info["source"]["name"] == "files" and info["source"]["column_map"] == {"uid": "user_id", "item": "item_id", "time": "ts", "clicked": "label"}
+    assert info["n_events"] == 10_580 and info["n_rejected"] == 0
+    events = pq.read_table(run / "data" / "events.parquet")
+    assert {"user_id", "item_id", "ts", "label", "surface", "device", "hour"} <= set(events.column_names)
+    assert str(events.schema.field("ts").type) == "timestamp[us, tz=UTC]"
+    steps = json.loads((run / "run_state.json").read_text())["steps"]
+    assert all(s["status"] == "done" for s in steps.values()) and "global+rolling: lightgbm lum" in steps
+    report = json.loads((run / "report" / "report.json").read_text())
+    variants = {v["column"]: v for v in report["protocols"][0]["variants"]}
+    assert set(variants) == {f"score__{m}__{v}" for m in ("dlrm", "lightgbm") for v in ("base", "lum", "pooled-history", "lum+pooled")}
+    assert all(0.0 < v["auc"]["low"] <= v["auc"]["value"] <= v["auc"]["high"] < 1.0 for v in variants.values())
+    # `lum report` builds the same report again from the run folder alone
+    again = CliRunner().invoke(main, ["report", "--run", str(run), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    rebuilt = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert rebuilt["protocols"] == report["protocols"]
+    missing = CliRunner().invoke(main, ["report", "--run", str(tmp_path)])
+    assert missing.exit_code != 0 and "has no run_state.json" in missing.output
+
+
+def test_a_run_config_can_use_a_log_imported_before(tmp_path, monkeypatch):
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    config = yaml.safe_load((EXAMPLE / "run.yaml").read_text())
+    run = tmp_path / "imported"
+    config.update(run_dir=str(run), data={"source": "imported"})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    nothing = CliRunner().invoke(main, ["run", "--config", str(path)])
+    assert nothing.exit_code != 0 and "has no finished data step" in nothing.output and str(run) in nothing.output
+    data = yaml.safe_load((EXAMPLE / "run.yaml").read_text())["data"]
+    args = ["data", "import", "files", data["path"], "--items", data["items"], "--ts-unit", "s", "--run", str(run)]
+    for option, values in (("--map", data["map"]), ("--condition", data["conditions"]), ("--extra", data["extras"])):
+        for value in values:
+            args += [option, value]
+    imported = CliRunner().invoke(main, args)
+    assert imported.exit_code == 0, imported.output
+    config["rankers"] = {"models": ["lightgbm"], "variants": ["base", "lum"]}
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["--no-progress", "run", "--config", str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "is up to date: skipped" in result.output  # the data step found the imported log and kept it
+    assert (run / "report" / "report.md").exists()

@@ -14,6 +14,7 @@
     lum run --config run.yaml                       every step, data to report, resumable
     lum demo                                        `lum run` on the embedded simulator
     lum status --run DIR                            each step of a run: state, settings hash, duration
+    lum report --run DIR [--out DIR]                the A/B report of a finished run, built again
 
 A YAML config file gives defaults for any option, nested by command name, e.g.
 
@@ -81,9 +82,9 @@ from pipelines.cli.data import data  # noqa: E402  (command groups kept in their
 from pipelines.cli.features import features  # noqa: E402
 from pipelines.cli.lm import embed_command, evaluate_command, pretrain_command  # noqa: E402
 from pipelines.cli.ranker import ranker  # noqa: E402
-from pipelines.cli.run import demo, run_command, status_command  # noqa: E402
+from pipelines.cli.run import demo, report_command, run_command, status_command  # noqa: E402
 
-for command in (data, pretrain_command, evaluate_command, embed_command, features, ranker, run_command, demo, status_command):
+for command in (data, pretrain_command, evaluate_command, embed_command, features, ranker, run_command, demo, report_command, status_command):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from pipelines.cli.common import DEFAULT_RUN, UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
-from pipelines.data.contract import METADATA_KEY, EventContract, ValidationOptions, read_table, utc_timestamp, validate_events
+from pipelines.data.contract import METADATA_KEY, EventContract, read_table, validate_events
+from pipelines.data.sources.files import FilesConfig
 from pipelines.data.split import SplitConfig
 from pipelines.paths import RunPaths
 from pipelines.run.config import DataConfig
@@ -59,61 +60,14 @@ def data_import() -> None:
     """Import an event log from MovieLens or from your own files."""
 
 
-def _validation_options(ts_unit: str, min_ts: str | None, max_ts: str | None, on_bad: str) -> ValidationOptions:
-    options = ValidationOptions(ts_unit=ts_unit, on_bad=on_bad)  # type: ignore[arg-type]
-    if min_ts:
-        options.min_ts = utc_timestamp(min_ts)
-    if max_ts:
-        options.max_ts = utc_timestamp(max_ts)
-    return options
-
-
-def _validation_flags(fn: Callable) -> Callable:
-    for decorator in reversed(
-        [
-            click.option("--ts-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", help="Unit of numeric epoch timestamps."),
-            click.option("--min-ts", default=None, help="Earliest allowed event time [default: 1990-01-01]."),
-            click.option("--max-ts", default=None, help="Latest allowed event time [default: now + 1 day]."),
-            click.option(
-                "--on-bad",
-                type=click.Choice(["fail", "quarantine"]),
-                default="fail",
-                help="fail: stop at the first bad rows; quarantine: set bad rows aside with their reasons.",
-            ),
-        ]
-    ):
-        fn = decorator(fn)
-    return fn
-
-
-def _contract_flags(fn: Callable) -> Callable:
-    for decorator in reversed(
-        [
-            click.option("--condition", "conditions", multiple=True, help="Condition column NAME[:known_at] (repeatable)."),
-            click.option("--extra", "extras", multiple=True, help="Extra column NAME[:known_at[:type]] (repeatable)."),
-            click.option("--map", "mappings", multiple=True, help="Column mapping contract_name=source_name (repeatable)."),
-            click.option("--ignore", "ignored", multiple=True, help="Source column to leave out on purpose (repeatable)."),
-        ]
-    ):
-        fn = decorator(fn)
-    return fn
-
-
-def _parse_mappings(mappings: tuple[str, ...]) -> dict[str, str]:
-    """`contract=source` pairs -> {source: contract}."""
-    out: dict[str, str] = {}
-    for text in mappings:
-        if "=" not in text:
-            raise click.BadParameter(f"'{text}': expected contract_name=source_name", param_hint="--map")
-        contract_name, source_name = text.split("=", 1)
-        out[source_name] = contract_name
-    return out
+# `lum data import files` and `lum data validate` take lum's FilesConfig (its items option only where a file is imported)
+FILES_NAMES = {"conditions": "condition", "extras": "extra"}
 
 
 @data_import.command("movielens")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--like-threshold", type=float, default=_DATA.like_threshold, help="label = 1 when rating >= this.")
-@click.option("--on-bad", type=click.Choice(["fail", "quarantine"]), default="fail", help="What to do with bad rows.")
+@click.option("--on-bad", type=click.Choice(["fail", "quarantine"]), default=_DATA.on_bad, help="What to do with bad rows.")
 @run_option
 @force_option
 @_friendly_errors
@@ -129,17 +83,14 @@ def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir
 
 @data_import.command("files")
 @click.argument("events", type=click.Path(exists=True, dir_okay=False))
-@click.option("--items", type=click.Path(exists=True, dir_okay=False), default=None, help="Items table (item_id + content).")
-@_contract_flags
-@_validation_flags
+@config_options(FilesConfig, rename=FILES_NAMES)
 @run_option
 @force_option
 @_friendly_errors
-def data_import_files(events, items, conditions, extras, mappings, ignored, ts_unit, min_ts, max_ts, on_bad, run_dir, force) -> None:
+def data_import_files(events: str, run_dir: str, force: bool, **options: Any) -> None:
     """Import your own event log (Parquet or CSV following the contract)."""
     paths = RunPaths(run_dir)
-    info = data_steps.import_files(paths, events, EventContract.from_specs(conditions, extras), items, _parse_mappings(mappings),
-                                   tuple(ignored), _validation_options(ts_unit, min_ts, max_ts, on_bad), force)
+    info = data_steps.import_files(paths, events, build_config(FilesConfig, options, rename=FILES_NAMES), force)
     if info == UP_TO_DATE:
         click.echo(f"{paths.events} is up to date ({events}): skipped")
         return
@@ -148,22 +99,22 @@ def data_import_files(events, items, conditions, extras, mappings, ignored, ts_u
 
 @data.command("validate")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@_contract_flags
-@_validation_flags
+@config_options(FilesConfig, rename=FILES_NAMES, exclude=("items",))
 @_friendly_errors
-def data_validate(path, conditions, extras, mappings, ignored, ts_unit, min_ts, max_ts, on_bad) -> None:
+def data_validate(path: str, **options: Any) -> None:
     """Check an event file against the contract; exit non-zero naming the first problem.
 
     A Parquet file written by `lum` carries its contract; for other files declare the condition and extra
     columns with --condition / --extra.
     """
-    table = read_table(path, _parse_mappings(mappings)).drop_columns(list(ignored))
+    files = build_config(FilesConfig, options, rename=FILES_NAMES)
+    table = read_table(path, files.column_map()).drop_columns(list(files.ignore))
     meta = table.schema.metadata or {}
-    if not conditions and not extras and METADATA_KEY in meta:
+    if not files.conditions and not files.extras and METADATA_KEY in meta:
         contract = EventContract.from_json(meta[METADATA_KEY])
     else:
-        contract = EventContract.from_specs(conditions, extras)
-    result = validate_events(table, contract, source=str(path), options=_validation_options(ts_unit, min_ts, max_ts, on_bad))
+        contract = files.contract()
+    result = validate_events(table, contract, source=str(path), options=files.validation_options())
     click.echo(f"{path}: {result.events.num_rows:,} valid events")
     for note in result.coercions:
         click.echo(f"  coerced {note}")

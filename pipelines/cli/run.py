@@ -55,6 +55,18 @@ def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: 
     })
 
 
+@click.command("report")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A run folder `lum run` finished.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Write the report here [default: RUN/report].")
+@_friendly_errors
+def report_command(run_dir: str, out_dir: str | None) -> None:
+    """Build the A/B report of a finished run again (after a code or template change, or into another folder)."""
+    from pipelines.run.execute import rebuild_report
+
+    rebuild_report(run_dir, out_dir)
+    click.echo(f"report: {(out_dir or RunPaths(run_dir).root / 'report')}/report.html")
+
+
 @click.command("status")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

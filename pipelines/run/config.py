@@ -2,6 +2,7 @@
 
     run_dir: runs/demo
     data: {source: simulator, preset: default, seed: 0}        # or {source: movielens, path: ../shared/data/ml-latest-small}
+                                                               # or {source: files, path: events.csv, conditions: [surface], ...}
     protocols:                                                 # one or more, distinct splits
       - {split: global, features: rolling}                     # features: rolling | snapshot (snapshot_every: 1D)
     lm:
@@ -41,6 +42,7 @@ from pydantic import TypeAdapter, ValidationError
 from contracts.names import VARIANTS
 from contracts.settings import Field, config_class
 from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
+from pipelines.data.sources.files import FilesConfig
 from pipelines.data.split import Protocol, SplitConfig
 from pipelines.report.spec import ReportConfig
 from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
@@ -55,19 +57,34 @@ class ConfigError(ValueError):
 
 
 @config_class
-class DataConfig:
-    """Where the run's events come from."""
+class DataConfig(FilesConfig):
+    """Where the run's events come from; with `source: files`, FilesConfig's keys say how your log is read."""
 
-    source: Literal["simulator", "movielens"] = Field("simulator", description="The embedded simulator, or a MovieLens folder.")
+    source: Literal["simulator", "movielens", "files", "imported"] = Field(
+        "simulator", description="The embedded simulator, a MovieLens folder, your own files, or what `lum data import` already put in run_dir.")
     preset: Literal["tiny", "default", "large"] = Field("default", description="simulator: size preset.")
     seed: int = Field(0, description="simulator: random seed (the same seed gives the same data).")
     n_users: int | None = Field(None, ge=1, description="simulator: override the preset's number of users.")
-    path: str | None = Field(None, description="movielens: the MovieLens folder.")
+    path: str | None = Field(None, description="movielens: the MovieLens folder; files: the events file (CSV or Parquet).")
     like_threshold: float = Field(4.0, description="movielens: label = 1 when rating >= this.")
 
     def __post_init__(self) -> None:
-        if self.source == "movielens" and not self.path:
-            raise ValueError("data.path must name a MovieLens folder when data.source is movielens")
+        super().__post_init__()
+        if self.source in ("movielens", "files") and not self.path:
+            what = "a MovieLens folder" if self.source == "movielens" else "the events file"
+            raise ValueError(f"data.path must name {what} when data.source is {self.source}")
+        if self.source == "files" and not self.conditions:
+            raise ValueError("data.conditions must name the log's condition columns (NAME[:known_at]) when data.source is files")
+        defaults = FilesConfig()
+        stray = [f.name for f in dataclasses.fields(FilesConfig) if f.name != "on_bad" and getattr(self, f.name) != getattr(defaults, f.name)]
+        if stray and self.source != "files":
+            raise ValueError(f"data.{', data.'.join(stray)} apply to source files only (data.source is {self.source})")
+        if self.source == "imported" and self.path:
+            raise ValueError("data.path does not apply to source imported: the data is the run folder's own (import it with `lum data import files --run DIR`)")
+
+    def files_config(self) -> FilesConfig:
+        """The FilesConfig part of this section."""
+        return FilesConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilesConfig)})
 
 
 @config_class

@@ -11,6 +11,7 @@ same ones the single-step commands (`lum data split`, `lum pretrain`, ...) call.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,11 +43,17 @@ def execute(config: RunConfig, echo: Echo = print) -> dict[str, Any]:
     started = time.perf_counter()
     data = config.data
     if data.source == "simulator":
-        make = lambda: _wrote(data_steps.simulate(paths, data.preset, data.seed, data.n_users), paths, echo)  # noqa: E731
-    else:
+        make = lambda: _wrote(data_steps.simulate(paths, data.preset, data.seed, data.n_users), paths, echo)
+    elif data.source == "movielens":
         if not Path(str(data.path)).exists():
             raise FileNotFoundError(f"data.path: no MovieLens folder at {data.path!r}")
-        make = lambda: _wrote(data_steps.import_movielens(paths, str(data.path), data.like_threshold), paths, echo)  # noqa: E731
+        make = lambda: _wrote(data_steps.import_movielens(paths, str(data.path), data.like_threshold, data.on_bad), paths, echo)
+    elif data.source == "files":
+        if not Path(str(data.path)).is_file():
+            raise FileNotFoundError(f"data.path: no events file at {data.path!r}")
+        make = lambda: _wrote(data_steps.import_files(paths, str(data.path), data.files_config()), paths, echo)
+    else:
+        make = lambda: _wrote(data_steps.imported(paths), paths, echo)
     state.step("data", make, echo, settings=data)
 
     scored: list[tuple[ProtocolConfig, Path]] = []
@@ -126,3 +133,24 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
 
 def first_event_time(paths: RunPaths) -> str:
     return pc.min(pq.read_table(paths.events, columns=["ts"]).column("ts")).as_py().isoformat()
+
+
+def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The report of a finished run, built again from what its steps wrote (`lum report --run DIR`); into the run's
+    report/ folder, or `out_dir`. The config is the one the run recorded in run_state.json."""
+    from pipelines.run.config import parse_run_config
+    from pipelines.run.state import STATE_FILE
+    from pipelines.steps.rankers import scores_file
+
+    paths = RunPaths(run_dir)
+    state_path = paths.root / STATE_FILE
+    if not state_path.exists():
+        raise FileNotFoundError(f"{paths.root} has no {STATE_FILE}: not a folder `lum run` made")
+    state = json.loads(state_path.read_text())
+    config = parse_run_config(state["config"], str(state_path))
+    scored = [(p, scores_file(paths, p.split)) for p in config.protocols]
+    missing = [str(path) for _, path in scored if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"{paths.root} has no scored test window ({', '.join(missing)}): finish the run with `lum run` first")
+    durations = {step: s.get("seconds", 0.0) for step, s in state["steps"].items()}
+    return report_run(config, paths, scored, durations, out_dir=Path(out_dir) if out_dir else None)

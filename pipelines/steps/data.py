@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pipelines.data.contract import EventContract, ValidationOptions
+from pipelines.data.sources.files import FilesConfig
 from pipelines.data.split import SplitConfig
 from pipelines.paths import RunPaths
 from pipelines.steps import UP_TO_DATE
@@ -53,16 +53,24 @@ def import_movielens(paths: RunPaths, path: str, like_threshold: float, on_bad: 
     return write_source_output(output, paths)
 
 
-def import_files(paths: RunPaths, events: str, contract: EventContract, items: str | None, column_map: dict[str, str],
-                 ignore: tuple[str, ...], options: ValidationOptions, force: bool = False) -> dict[str, Any] | str:
+def import_files(paths: RunPaths, events: str, files: FilesConfig, force: bool = False) -> dict[str, Any] | str:
     """Your own event log (Parquet or CSV following the contract) into the run folder."""
     from pipelines.data.sources.base import write_source_output
     from pipelines.data.sources.files import load_files
 
-    output = load_files(events, contract, items_path=items, column_map=column_map, ignore=ignore, options=options)
+    output = load_files(events, files.contract(), items_path=files.items, column_map=files.column_map(), ignore=tuple(files.ignore),
+                        options=files.validation_options())
     if _same_source(paths, output.source, force) and not len(output.rejected):
         return UP_TO_DATE
     return write_source_output(output, paths)
+
+
+def imported(paths: RunPaths) -> str:
+    """A run folder whose data was imported before (`lum data import files --run DIR`): nothing to do but check it."""
+    from pipelines.data.sources.base import read_dataset_info
+
+    read_dataset_info(paths)  # a clear error, naming the folder, when nothing was imported there
+    return UP_TO_DATE
 
 
 def split(paths: RunPaths, config: SplitConfig, force: bool = False) -> dict[str, Any] | str:

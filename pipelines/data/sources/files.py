@@ -3,9 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pipelines.data.contract import EventContract, ValidationOptions, read_table, validate_events, validate_items
+from contracts.settings import Field, config_class
+from pipelines.data.contract import EventContract, ValidationOptions, read_table, utc_timestamp, validate_events, validate_items
 from pipelines.data.sources.base import SourceOutput
+
+
+@config_class
+class FilesConfig:
+    """How your own event log is read and checked: its columns against the contract, its bad rows (the options of
+    `lum data import files`, and of a run config's `data:` with `source: files`)."""
+
+    items: str | None = Field(None, description="Items table (item_id + content columns), CSV or Parquet.")
+    conditions: tuple[str, ...] = Field((), description="Condition column NAME[:known_at] (known_at: request | after_event).")
+    extras: tuple[str, ...] = Field((), description="Extra column NAME[:known_at[:type]], kept as a ranker feature.")
+    map: tuple[str, ...] = Field((), description="Column mapping contract_name=source_name, e.g. user_id=userId.")
+    ignore: tuple[str, ...] = Field((), description="Source column to leave out on purpose.")
+    ts_unit: Literal["auto", "s", "ms", "us", "ns"] = Field("auto", description="Unit of numeric epoch timestamps.")
+    min_ts: str | None = Field(None, description="Earliest allowed event time (default: 1990-01-01).")
+    max_ts: str | None = Field(None, description="Latest allowed event time (default: now + 1 day).")
+    on_bad: Literal["fail", "quarantine"] = Field("fail", description="fail: stop at the first bad rows; quarantine: set bad rows aside with their reasons.")
+
+    def __post_init__(self) -> None:
+        for text in self.map:
+            if "=" not in text:
+                raise ValueError(f"map: '{text}' is not contract_name=source_name")
+
+    def contract(self) -> EventContract:
+        return EventContract.from_specs(self.conditions, self.extras)
+
+    def column_map(self) -> dict[str, str]:
+        """`contract=source` pairs -> {source: contract}."""
+        return {source: contract for contract, source in (text.split("=", 1) for text in self.map)}
+
+    def validation_options(self) -> ValidationOptions:
+        options = ValidationOptions(ts_unit=self.ts_unit, on_bad=self.on_bad)
+        if self.min_ts:
+            options.min_ts = utc_timestamp(self.min_ts)
+        if self.max_ts:
+            options.max_ts = utc_timestamp(self.max_ts)
+        return options
 
 
 def load_files(
