@@ -68,6 +68,21 @@ def test_run_writes_every_step_and_the_report(tiny_run):
     assert "global+rolling" in json.dumps(report)
 
 
+def test_the_online_store_answers_right_after_a_run(tiny_run):
+    """`lum run` ends by materializing the online store: the test window's last user has vectors and counters there."""
+    from feature_store.online import FeatureClient
+
+    run, _, _ = tiny_run
+    steps = json.loads((run / "run_state.json").read_text())["steps"]
+    assert steps["online store"]["status"] == "done" and list(steps)[-2:] == ["online store", "report"]
+    scored = pq.read_table(run / "scores" / "global.parquet", columns=["user_id", "item_id", "ts"]).to_pandas()
+    last = scored.sort_values("ts").iloc[-1]
+    client = FeatureClient(run / "feature_repo")
+    answer = client.get_ranking_features(str(last.user_id), None, [str(last.item_id), "no-such-item"])
+    assert answer.user_vector_found.any() and answer.item_vector_found.tolist() == [True, False]
+    assert answer.user_vectors.shape[1] == answer.item_vectors.shape[1] > 0
+
+
 def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
     run, config, _ = tiny_run
     before = json.loads((run / "run_state.json").read_text())["steps"]
@@ -79,7 +94,7 @@ def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
     assert "skipped" in result.output  # data, split and pretraining were not redone
     # steps that were not redone keep the durations of the run that did them; the retrained one is re-timed
     after = json.loads((run / "run_state.json").read_text())["steps"]
-    for name in ("data", "global+rolling: split", "global+rolling: pretrain", "global+rolling: dlrm base", "global+rolling: features"):
+    for name in ("data", "global+rolling: split", "global+rolling: pretrain", "global+rolling: dlrm base", "global+rolling: features", "online store"):
         assert after[name] == {"status": "done", "settings": before[name]["settings"], "seconds": before[name]["seconds"], "reused": True}, name
     assert "reused" not in after["global+rolling: dlrm lum"] and after["global+rolling: dlrm lum"]["status"] == "done"
     assert "reused" not in after["report"]

@@ -1,7 +1,8 @@
 """`lum run`: every step of a run config, from events to the A/B report, resumable.
 
     data -> split -> pretrain the LM -> next-item evaluation -> embed (rolling or snapshot) -> Feast
-         -> training sets -> rankers (DLRM, LightGBM x variants) -> evaluation -> scored test window -> report
+         -> training sets -> rankers (DLRM, LightGBM x variants) -> evaluation -> scored test window
+         -> online store (materialized) -> report
 
 Each step keeps its output in the run folder and is skipped when that output is up to date, so running the same
 config again after a failure resumes at the failed step. `run_state.json` records each step's state, settings
@@ -28,7 +29,7 @@ from pipelines.run.state import RunState
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
 from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
-from pipelines.steps.features import ingest_embeddings
+from pipelines.steps.features import ingest_embeddings, materialize_online
 from pipelines.steps.lm import evaluate_step as evaluate_lm
 from pipelines.steps.lm import pretrain_step
 from pipelines.steps.rankers import evaluate_step, score_test_window, train_step
@@ -59,6 +60,7 @@ def execute(config: RunConfig, echo: Echo = print) -> dict[str, Any]:
     scored: list[tuple[ProtocolConfig, Path]] = []
     for protocol in config.protocols:
         scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
+    state.step("online store", lambda: online_store(paths, echo), echo)
     summary = state.step("report", lambda: report_run(config, paths, scored, state.durations()), echo, settings=config.report)
     echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
     echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
@@ -129,6 +131,14 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
 
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
     return state.step(f"{name}: score test window", lambda: score_test_window(paths, split), echo)
+
+
+def online_store(paths: RunPaths, echo: Echo) -> str | None:
+    """Materialize the online store (the last protocol's selected model version and the counters): a ranking stack's
+    lookups answer right after the run."""
+    result = materialize_online(paths)
+    echo(f"online store ({result['online_store']['kind']}, model version {result['model_version']}) holds everything up to {result['end']}")
+    return UP_TO_DATE if all(mode == "up to date" for mode in result["modes"].values()) else None
 
 
 def first_event_time(paths: RunPaths) -> str:

@@ -93,3 +93,13 @@ def training_set_summary(path: Path) -> dict[str, Any]:
         if column.startswith("missing_"):
             summary[f"{column}_share"] = round(float(frame[column].mean()), 4)
     return summary
+
+
+def materialize_online(paths: RunPaths) -> dict[str, Any]:
+    """The online store (SQLite, or Redis when the repo says so) filled with the newest value of every entity of the
+    selected model version and the counters, so a lookup answers right after a run; incremental on a re-run."""
+    from feature_store.online import materialize
+
+    if not (paths.feature_repo / "feature_store.yaml").exists():
+        raise FileNotFoundError(f"{paths.feature_repo} has no Feast repo yet: the features step comes first")
+    return materialize(FeatureRepo(paths.feature_repo))
