@@ -731,3 +731,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(seen["images"]) == len(pngs) == 9  # 4 plots per protocol + LM size vs lift
     assert all(image["complete"] and image["width"] > 0 and image["height"] > 0 for image in seen["images"]), seen["images"]
     assert screenshot.stat().st_size > 50_000
+
+
+def test_durations_are_rounded_before_they_are_split_into_units():
+    from pipelines.report.formatting import seconds
+
+    assert [seconds(x) for x in (4.24, 59.94, 59.96, 119.5, 125.0, 3599.6, 7199.0, 5400.0)] == [
+        "4.2 s", "59.9 s", "1 min 00 s", "2 min 00 s", "2 min 05 s", "1 h 00 min", "2 h 00 min", "1 h 30 min"]

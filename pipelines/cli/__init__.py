@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 import yaml
 
-from contracts.progress import PROGRESS_ENV
+from contracts.progress import PROGRESS_ENV, bars_off
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -76,6 +76,9 @@ def main(verbosity: str | None, log_level: str | None, progress: bool | None) ->
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == logging.DEBUG else "WARNING")
     if progress is not None:  # unset: bars only when stderr is a terminal (contracts/progress.py)
         os.environ[PROGRESS_ENV] = "1" if progress else "0"
+    if bars_off():
+        # the Hugging Face libraries draw their own bars (loading and saving weights); they read this when imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 from pipelines.cli.data import data  # noqa: E402  (command groups kept in their own modules)

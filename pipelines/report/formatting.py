@@ -36,11 +36,13 @@ def seconds(s: Any) -> str:
     if not finite(s):
         return MISSING if s is None else str(s)
     s = float(s)
-    if s < 60:
+    if round(s, 1) < 60:
         return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(round(s % 60)):02d} s"
-    return f"{int(s // 3600)} h {int(round(s % 3600 / 60)):02d} min"
+    whole = int(round(s))  # rounded before splitting: 119.5 s is 2 min 00 s, not 1 min 60 s
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    minutes = int(round(s / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def plain(value: Any) -> str:
