@@ -380,3 +380,13 @@ def test_a_run_config_can_use_a_log_imported_before(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "is up to date: skipped" in result.output  # the data step found the imported log and kept it
     assert (run / "report" / "report.md").exists()
+
+
+def test_lum_ranker_export_writes_the_model_file_and_its_input_spec(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    for model, file in (("dlrm", "dlrm.pt2"), ("lightgbm", "lightgbm.txt")):
+        out = tmp_path / model
+        result = CliRunner().invoke(main, ["ranker", "export", "--ranker", str(run / "rankers" / f"global-{model}-lum"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        spec = json.loads((out / "model_spec.json").read_text())
+        assert spec["file"] == file and (out / file).stat().st_size > 1000 and spec["variant"] == "lum"

@@ -381,3 +381,36 @@ def test_lightgbm_keeps_the_best_iteration_of_its_stopping_metric(data, metric):
     assert len(curve) == min(best + LGBM.early_stopping_rounds, LGBM.n_estimators)  # it stopped that many rounds later
     with pytest.raises(ValueError, match="early_stopping_metric"):
         LightGBMConfig(early_stopping_metric="ndcg")
+
+
+@pytest.mark.parametrize("key", [("dlrm", "lum+pooled"), ("lightgbm", "lum")])
+def test_an_exported_ranker_scores_as_the_eager_one(rankers, data, tmp_path, key):
+    """ranker/export.py: the DLRM as a torch.export program (traced on placeholders, any batch size after) and
+    LightGBM's native text model, each with a spec of its inputs."""
+    import lightgbm as lgb
+
+    from ranker.export import SPEC_FILE, export_ranker, flat_inputs
+
+    _, test = data
+    ranker = rankers[key]
+    out = export_ranker(ranker, tmp_path / "exported")
+    spec = json.loads((out / SPEC_FILE).read_text())
+    inputs = ranker.featurize(test)
+    expected = ranker.score(inputs)
+    if key[0] == "dlrm":
+        program = torch.export.load(out / spec["file"])  # the file this test just wrote
+        for rows in (np.arange(len(expected)), np.arange(7)):  # the whole window, and another batch size
+            got = program.module()(*flat_inputs(inputs, rows)).detach().numpy()
+            np.testing.assert_allclose(got, expected[rows], atol=1e-5, rtol=0)
+        assert [d["name"] for d in spec["dense"]] == ranker.pipeline.dense_names
+        assert [s["key"] for s in spec["sparse"]] == [f.key for f in ranker.pipeline.sparse_features]
+        assert any("history" in s["ids"] for s in spec["sparse"])  # the pooled-history keys are described
+        assert spec["dense"][0]["transform"].startswith("sign(x) * log1p(|x|)") and "missing" in spec["inputs"][0]
+    else:
+        got = lgb.Booster(model_file=str(out / spec["file"])).predict(inputs)
+        np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)
+        assert [f["name"] for f in spec["features"]] == ranker.model.feature_name()
+        categorical = [f["name"] for f in spec["features"] if f["categorical"]]
+        assert categorical == ranker.pipeline.lightgbm_categorical and all(c in spec["vocabularies"] for c in categorical)
+    vocabulary = next(iter(spec["vocabularies"].values()))
+    assert vocabulary["oov_id"] == 0 and min(vocabulary["ids"].values()) == 1

@@ -3,6 +3,7 @@
     lum ranker train     --protocol global --model dlrm|lightgbm --variant base|lum|pooled-history|lum+pooled
     lum ranker evaluate  --protocol global [--model ... --variant ...]   (default: every trained ranker)
     lum ranker score     --ranker runs/x/rankers/global-dlrm-lum --requests requests.parquet --source offline|online
+    lum ranker export    --ranker runs/x/rankers/global-lightgbm-lum --out exported/   (model file + JSON input spec)
 
 Several processes (DLRM tables sharded over them, gloo on CPU):
     torchrun --nproc_per_node=2 -m ranker.train_dist --train runs/x/training_sets/global-train-....parquet --out DIR
@@ -108,3 +109,18 @@ def ranker_score(ranker_folder, requests_path, source, out_path, run_dir) -> Non
     scored = score_requests(RunPaths(run_dir), Path(ranker_folder), requests, source=source)
     write_parquet_atomic(pa.Table.from_pandas(scored, preserve_index=False), out_path)
     click.echo(f"scored {len(scored):,} requests with {ranker_folder} ({source} features): {out_path}")
+
+
+@ranker.command("export")
+@click.option("--ranker", "ranker_folder", required=True, type=click.Path(exists=True, file_okay=False), help="A saved ranker folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (replaced when it exists).")
+@_friendly_errors
+def ranker_export(ranker_folder: str, out_dir: str) -> None:
+    """Export a ranker for a non-Python stack: LightGBM's text model or the DLRM as a torch.export program, with a JSON
+    spec of its inputs (names, order, transforms, missing values, vocabularies, standardisation)."""
+    from ranker.export import SPEC_FILE, export_ranker
+    from ranker.train import TrainedRanker
+
+    out = export_ranker(TrainedRanker.load(ranker_folder), out_dir)
+    spec = json.loads((out / SPEC_FILE).read_text())
+    click.echo(f"exported {ranker_folder} to {out}: {spec['file']} and {SPEC_FILE}")

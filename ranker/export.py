@@ -1,0 +1,151 @@
+"""A trained ranker as files a non-Python ranking stack can serve: the model, and a JSON spec of its inputs.
+
+    lum ranker export --ranker runs/demo/rankers/global-lightgbm-lum --out exported/
+
+writes into `out`:
+
+    model_spec.json   the model's inputs: names and order, how each is made from a training-set row, what a missing
+                      value becomes, the vocabularies (value -> id) and the standardisation of the dense block
+    lightgbm.txt      LightGBM's native text model (any LightGBM binding loads it), or
+    dlrm.pt2          the DLRM as a `torch.export` program: probabilities [B] from
+                      dense [B, F] float32, values [nnz] int64, lengths [K * B] int64 (the KeyedJaggedTensor of the
+                      sparse keys, key-major: every row's ids of key 0, then of key 1, ...); B and nnz are dynamic.
+
+`dlrm.pt2` is for a serving runtime (AOTInductor, ExecuTorch, or `torch.export.load` in Python); loading it in
+Python may unpickle its weights, so load only files you made.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from contracts.files import write_text_atomic
+from ranker.features import FLAG_COLUMNS, OOV, DLRMInputs
+from ranker.train import TrainedRanker
+
+SPEC_FILE = "model_spec.json"
+DLRM_PROGRAM_FILE = "dlrm.pt2"
+LIGHTGBM_MODEL_FILE = "lightgbm.txt"
+SPEC_FORMAT = 1
+
+
+class DLRMScorer(torch.nn.Module):
+    """The DLRM on plain tensors: (dense [B, F] float32, values [nnz] int64, lengths [K * B] int64) -> [B] probabilities."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str]):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        sparse = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
+        return torch.sigmoid(self.model(dense, sparse).squeeze(-1))
+
+
+def flat_inputs(inputs: DLRMInputs, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense, values, lengths) of DLRMInputs, the exported program's arguments."""
+    dense, sparse, _ = inputs.batch(rows)
+    return dense, sparse.values(), sparse.lengths()
+
+
+def _dense_transform(name: str, history_len: int) -> str:
+    """How the pipeline makes one dense input from a training-set row (ranker/features.py), in words."""
+    kind, _, rest = name.partition(":")
+    if kind == "counter":
+        return f"sign(x) * log1p(|x|) of the training-set column {rest}, then standardised"
+    if kind == "flag":
+        return f"the 0/1 flag {rest} as is (null counts as 1)" if rest in FLAG_COLUMNS else f"the 0/1 indicator {rest} as is"
+    if name == "hist_len":
+        return f"log1p(min(history length, {history_len})), then standardised"
+    if kind == "lum_sim":
+        return f"dot(user vector under condition {rest}, item vector), then standardised"
+    if kind == "lum_cos":
+        return f"cosine(user vector under condition {rest}, item vector), then standardised"
+    if name in ("lum_sim_request", "lum_cos_request"):
+        return f"the {name[4:7]} under the condition that matches the row's request context, then standardised"
+    if kind in ("lum_user", "lum_item"):
+        return f"component of the {kind[4:]} vector ({rest}), then standardised"
+    if kind == "request":
+        return f"{rest}: relative to the other candidates of the row's request (same user and time), then standardised"
+    return "see ranker/features.py"
+
+
+def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
+    """The JSON spec of a ranker's inputs (see the module docstring)."""
+    pipeline = ranker.pipeline
+    vocabularies = {name: {"oov_id": OOV, "ids": {value: i + 1 for i, value in enumerate(v.values)}} for name, v in pipeline.vocabularies.items()}
+    spec: dict[str, Any] = {
+        "format": SPEC_FORMAT, "model": ranker.config.model, "variant": ranker.variant,
+        "training_set_columns": {"user": ranker.schema.user, "item": ranker.schema.item, "time": ranker.schema.time,
+                                 "lum_conditions": list(ranker.schema.lum_conditions)},
+        "vocabularies": vocabularies,
+        "output": "click probability in [0, 1]",
+    }
+    if ranker.config.model == "dlrm":
+        spec["file"] = DLRM_PROGRAM_FILE
+        spec["inputs"] = [
+            {"name": "dense", "dtype": "float32", "shape": ["B", len(pipeline.dense_names)],
+             "missing": "0 (a missing value is 0 after standardisation)"},
+            {"name": "values", "dtype": "int64", "shape": ["nnz"], "meaning": "the ids of every sparse key, key-major"},
+            {"name": "lengths", "dtype": "int64", "shape": [f"{len(pipeline.sparse_features)} * B"], "meaning": "ids per row and key, key-major"},
+        ]
+        spec["dense"] = [{"index": i, "name": name, "mean": float(pipeline.dense_mean[i]), "std": float(pipeline.dense_std[i]),
+                          "transform": _dense_transform(name, pipeline.config.history_len)} for i, name in enumerate(pipeline.dense_names)]
+        spec["sparse"] = [{"index": i, "key": f.key, "vocabulary": f.table,
+                           "ids": f"the last {pipeline.config.history_len} items of the history, mean-pooled" if f.sequence else "one id per row"}
+                          for i, f in enumerate(pipeline.sparse_features)]
+    else:
+        names = list(ranker.model.feature_name())
+        categorical = set(pipeline.lightgbm_categorical)
+        spec["file"] = LIGHTGBM_MODEL_FILE
+        spec["inputs"] = [{"name": "features", "dtype": "float32", "shape": ["B", len(names)], "missing": "NaN (LightGBM's own missing value)"}]
+        spec["features"] = [{"index": i, "name": name, "categorical": name in categorical,
+                             "transform": f"the id of the value in vocabularies.{name}" if name in categorical else "as the training set holds it"}
+                            for i, name in enumerate(names)]
+    return spec
+
+
+def placeholder_inputs(ranker: TrainedRanker, rows: int = 4) -> DLRMInputs:
+    """Rows to trace the DLRM with: dense zeros and the out-of-vocabulary id once per key and row (the values do not
+    matter to tracing; the batch size and the number of ids stay dynamic)."""
+    pipeline = ranker.pipeline
+    keys = [f.key for f in pipeline.sparse_features]
+    ids = [np.full(rows, OOV, dtype=np.int64) for _ in keys]
+    offsets = [np.arange(rows + 1, dtype=np.int64) if f.sequence else None for f in pipeline.sparse_features]
+    return DLRMInputs(torch.zeros(rows, len(pipeline.dense_names)), keys, ids, offsets, None)
+
+
+def export_ranker(ranker: TrainedRanker, out_dir: str | Path, example: DLRMInputs | None = None) -> Path:
+    """Writes `out_dir` (assembled beside it, then renamed); a DLRM is traced on `example` (default: placeholders)."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    if ranker.config.model == "dlrm":
+        program = export_dlrm(ranker, example if example is not None else placeholder_inputs(ranker))
+        torch.export.save(program, staging / DLRM_PROGRAM_FILE)
+    else:
+        ranker.model.save_model(str(staging / LIGHTGBM_MODEL_FILE), num_iteration=ranker.model.best_iteration or None)
+    write_text_atomic(json.dumps(model_spec(ranker), indent=1), staging / SPEC_FILE)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.replace(out_dir)
+    return out_dir
+
+
+def export_dlrm(ranker: TrainedRanker, example: DLRMInputs) -> torch.export.ExportedProgram:
+    """The DLRM as a torch.export program with a dynamic batch size and a dynamic number of ids."""
+    scorer = DLRMScorer(ranker.model.eval(), [f.key for f in ranker.pipeline.sparse_features]).eval()
+    args = flat_inputs(example)
+    batch, nnz = torch.export.Dim("batch", min=2), torch.export.Dim("nnz", min=2)
+    # lengths hold one count per (key, row): K * batch of them
+    with torch.no_grad():
+        return torch.export.export(scorer, args, dynamic_shapes=({0: batch}, {0: nnz}, {0: len(scorer.keys) * batch}), strict=False)
