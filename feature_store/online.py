@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -303,8 +303,15 @@ class FeatureClient:
         conditions: list[str] | None,
         candidate_item_ids: list[str],
         request_time: pd.Timestamp | str | None = None,
+        counters: Literal["as_of_request", "newest"] = "as_of_request",
     ) -> RankingFeatures:
-        """Features for one request. `conditions=None` asks every query condition of the selected version."""
+        """Features for one request. `conditions=None` asks every query condition of the selected version.
+
+        The online store holds each key's newest values only. For a `request_time` before a counter's newest value
+        (a past request), that value would come from the request's future: `counters="as_of_request"` (the
+        default) refuses such a request with a FeatureStoreError; `"newest"` takes the newest counters knowingly
+        (a caller that only wants the time-checked vectors). Vectors are always time-checked.
+        """
         conditions = list(self.conditions if conditions is None else conditions)
         unknown = [c for c in conditions if c not in self.conditions]
         if unknown:
@@ -316,6 +323,8 @@ class FeatureClient:
         user = str(user_id)
 
         got = self._read(user, conditions, items)
+        if request_time is not None and counters == "as_of_request":
+            _refuse_counters_after(got, now, user, items)
         user_counters = {c: _float(got[f"user_stats__{c}"][0]) for c in USER_COUNTERS}
         user_found = not np.isnan(user_counters["user_n_events"])
         hist_items = got["user_recent_items__hist_item_ids"][0] or []
@@ -403,6 +412,26 @@ def _response_values(proto: Any) -> dict[str, list[Any]]:
         out[name] = [_proto_value(v) if statuses[i] == _PRESENT else None for i, v in enumerate(vector.values)]
         out[name + TIMESTAMP_SUFFIX] = [t.seconds for t in vector.event_timestamps]
     return out
+
+
+# the views whose newest value per key the online store holds, and whose time says from when it is valid
+_COUNTER_VIEWS = ("user_stats", "user_recent_items", "item_stats")
+
+
+def _refuse_counters_after(got: dict[str, list[Any]], now: pd.Timestamp, user: str, items: list[str]) -> None:
+    """FeatureStoreError when a counter the request would use was written after `now` (see get_ranking_features)."""
+    limit = now.timestamp()
+    for key, stamps in got.items():
+        view = key.split("__", 1)[0]
+        if view not in _COUNTER_VIEWS or not key.endswith(TIMESTAMP_SUFFIX):
+            continue
+        for row, stamp in enumerate(stamps[: max(len(items), 1)] if view == "item_stats" else stamps[:1]):
+            if stamp and float(stamp) > limit:
+                whose = f"item {items[row]}" if view == "item_stats" else f"user {user}"
+                raise FeatureStoreError(
+                    f"the online store's {view} for {whose} is as of {pd.Timestamp(float(stamp), unit='s', tz='UTC')}, after the request time "
+                    f"{now}: it holds the newest values only, so this past request would see counters from its future. Score past requests "
+                    "with point-in-time features (`lum ranker score --source offline`), or ask without a request time for the newest values")
 
 
 def _float(value: Any) -> float:

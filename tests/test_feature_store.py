@@ -70,7 +70,7 @@ def run(tmp_path_factory, tiny_lm, torch_engine):
     materialize(repo)
     client = FeatureClient(repo)
     user = pq.read_table(paths.events, columns=["user_id"]).column("user_id")[0].as_py()
-    after_t1 = client.get_ranking_features(user, None, ["i1"], request_time=T1 + pd.Timedelta(days=1))
+    after_t1 = client.get_ranking_features(user, None, ["i1"], request_time=T1 + pd.Timedelta(days=1), counters="newest")
     repo.ingest(snap2)
     repo.ingest(rolling)
     prepare_repo(paths)
@@ -264,7 +264,7 @@ def test_online_store_answers_with_the_newest_embedding_after_incremental_materi
         mine = frame[(frame.user_id == run["user"]) & (frame.condition == "surface=home")].sort_values("event_timestamp")
         newest = mine.iloc[-1]
         if frame is later:
-            answer_at = client.get_ranking_features(run["user"], None, ["i1"], request_time=newest.event_timestamp)
+            answer_at = client.get_ranking_features(run["user"], None, ["i1"], request_time=newest.event_timestamp, counters="newest")
         np.testing.assert_allclose(answer_at.user_vectors[0], np.asarray(newest.embedding), rtol=1e-6)
         assert answer_at.user_vector_as_of[0] == newest.event_timestamp.floor("s")
     assert run["after_t1"].user_vector_as_of[0] == T1
@@ -284,13 +284,29 @@ def test_online_lookup_of_unknown_user_and_items_gives_flags_not_exceptions(run)
 
 def test_online_ttl_is_enforced_and_future_vectors_are_never_served(run):
     client = FeatureClient(run["repo"])
-    as_of = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=pd.Timestamp("2030-01-01", tz="UTC")).user_vector_as_of[0]
-    fresh = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=1))
-    stale = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=6))
-    early = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of - pd.Timedelta(seconds=1))
+    far = pd.Timestamp("2030-01-01", tz="UTC")
+    as_of = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=far, counters="newest").user_vector_as_of[0]
+    fresh = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=1), counters="newest")
+    stale = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of + pd.Timedelta(days=6), counters="newest")
+    early = client.get_ranking_features(run["user"], ["surface=home"], [], request_time=as_of - pd.Timedelta(seconds=1), counters="newest")
     assert fresh.user_vector_found[0] and not fresh.user_vector_stale[0]
     assert not stale.user_vector_found[0] and stale.user_vector_stale[0]
     assert not early.user_vector_found[0] and not early.user_vector_stale[0]
+
+
+def test_online_counters_for_a_past_request_are_refused_not_served_from_its_future(run):
+    client = FeatureClient(run["repo"])
+    end = pd.Timestamp(run["state"]["end"])
+    newest = client.get_ranking_features(run["user"], None, ["i1"])  # no request time: the newest values
+    assert newest.user_found
+    with pytest.raises(FeatureStoreError, match=r"user_stats for user .* is as of .* after the request time .* counters from its future"):
+        client.get_ranking_features(run["user"], None, ["i1"], request_time=T1)
+    with pytest.raises(FeatureStoreError, match=r"item_stats for item i1 is as of"):
+        client.get_ranking_features("nobody", [], ["i1"], request_time=T1)
+    at_end = client.get_ranking_features(run["user"], None, ["i1"], request_time=end)  # after every counter: served
+    assert at_end.user_counters == newest.user_counters
+    knowingly = client.get_ranking_features(run["user"], None, ["i1"], request_time=T1, counters="newest")
+    assert knowingly.user_counters == newest.user_counters
 
 
 def test_online_matches_offline_for_the_same_moment(run):

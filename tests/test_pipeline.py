@@ -258,6 +258,12 @@ def test_ranker_score_reads_offline_and_online_features(tiny_run, tmp_path):
     window = pq.read_table(run / "scores" / "global.parquet").to_pandas().iloc[:40]
     assert scored.score.to_numpy() == pytest.approx(window.score__dlrm__lum.to_numpy(), rel=1e-5)
     assert runner.invoke(main, ["features", "materialize", "--run", str(run)]).exit_code == 0
+    # the online store holds the newest values: past requests are refused (their counters would come from their future) ...
+    past = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(requests),
+                                "--source", "online", "--out", str(tmp_path / "online.parquet")])
+    assert past.exit_code == 1 and "counters from its future" in past.output and "--source offline" in past.output
+    # ... and requests of now (no ts) are scored from it
+    pq.write_table(test.select(["user_id", "item_id", "surface", "device", "daypart", "hour"]), requests)
     online = runner.invoke(main, ["ranker", "score", "--run", str(run), "--ranker", str(ranker), "--requests", str(requests),
                                   "--source", "online", "--out", str(tmp_path / "online.parquet")])
     assert online.exit_code == 0, online.output
