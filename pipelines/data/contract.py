@@ -250,13 +250,22 @@ def read_table(path: str | Path, column_map: dict[str, str] | None = None) -> pa
 def read_events(path: str | Path) -> tuple[pa.Table, EventContract]:
     """Read a validated events Parquet file (as written by `write_parquet_atomic`) and its contract."""
     table = pq.read_table(path)
-    meta = table.schema.metadata or {}
+    return table, _contract_of(table.schema, path)
+
+
+def read_contract(path: str | Path) -> EventContract:
+    """The contract of a validated events Parquet file, from its schema alone (no rows are read)."""
+    return _contract_of(pq.read_schema(path), path)
+
+
+def _contract_of(schema: pa.Schema, path: str | Path) -> EventContract:
+    meta = schema.metadata or {}
     if METADATA_KEY not in meta:
         raise ContractError(
             f"{path}: not a validated events file (no contract in its metadata): run `lum data validate` or "
             "`lum data import files` on it first"
         )
-    return table, EventContract.from_json(meta[METADATA_KEY])
+    return EventContract.from_json(meta[METADATA_KEY])
 
 
 def write_json_atomic(payload: Any, path: str | Path) -> None:

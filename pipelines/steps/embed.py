@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from contracts.embeddings import MODEL_MANIFEST_FILE
 from lum.config import EmbedJobConfig
-from pipelines.data.contract import METADATA_KEY, EventContract, read_events, write_parquet_atomic
+from pipelines.data.contract import read_contract, read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 
@@ -52,7 +52,7 @@ def request_time_conditions(model_dir: Path, events: Path) -> bool:
     a query condition: MovieLens' feedback level is derived from the rating, so querying it would leak the label."""
 
     manifest = json.loads((model_dir / MODEL_MANIFEST_FILE).read_text())
-    contract = EventContract.from_json(pq.read_schema(events).metadata[METADATA_KEY])
+    contract = read_contract(events)
     known = {c.name: c.known_at for c in contract.conditions}
     return all(known.get(c) == "request" for c in manifest["condition_columns"])
 

@@ -13,17 +13,20 @@ import pyarrow.parquet as pq
 from contracts.embeddings import MODEL_MANIFEST_FILE
 from lum.config import PretrainConfig, TokenizerConfig
 from lum.tokenizer import TOKENIZER_FILE
-from pipelines.data.contract import read_events, write_json_atomic
+from pipelines.data.contract import read_contract, read_events, write_json_atomic
 from pipelines.data.sources.base import read_dataset_info
 from pipelines.paths import RunPaths
 from pipelines.steps import UP_TO_DATE
 
 
-def _window(paths: RunPaths, protocol: str, window: str) -> pd.DataFrame:
-    path = paths.split_file(protocol, window)
+def _require_split(paths: RunPaths, protocol: str) -> None:
     if not paths.split_summary(protocol).exists():
         raise FileNotFoundError(f"{paths.split_dir(protocol)} has no finished split: run `lum data split --protocol {protocol}` first")
-    table, _ = read_events(path)
+
+
+def _window(paths: RunPaths, protocol: str, window: str) -> pd.DataFrame:
+    _require_split(paths, protocol)
+    table, _ = read_events(paths.split_file(protocol, window))
     return table.to_pandas()
 
 
@@ -39,7 +42,8 @@ def default_history_events(paths: RunPaths) -> str:
 def resolve_tokenizer(paths: RunPaths, protocol: str, tokenizer: TokenizerConfig) -> TokenizerConfig:
     """The tokenizer settings with the data's defaults filled in: every condition column of the log when none is
     named, and `auto` history events decided by the data source."""
-    _, contract = read_events(paths.split_file(protocol, "pretrain"))
+    _require_split(paths, protocol)
+    contract = read_contract(paths.split_file(protocol, "pretrain"))
     changes: dict[str, Any] = {}
     if not tokenizer.condition_columns:
         changes["condition_columns"] = tuple(contract.condition_names)
@@ -69,11 +73,11 @@ def check_model_matches(model_dir: Path, pretrain_config: PretrainConfig, tokeni
     wanted = {"pretrain": pretrain_config, "tokenizer": tokenizer}
     differ = []
     for section, config in wanted.items():
+        defaults = type(config)()
         for f in fields(config):
             if f.name in _RUNTIME_ONLY or (section == "tokenizer" and f.name in _SEMANTIC_ONLY and tokenizer.item_tokenization != "semantic"):
                 continue
-            default = getattr(type(config)(), f.name)
-            have, want = _comparable(saved[section].get(f.name, default)), _comparable(getattr(config, f.name))
+            have, want = _comparable(saved[section].get(f.name, getattr(defaults, f.name))), _comparable(getattr(config, f.name))
             if have != want:
                 differ.append(f"lm.{section}.{f.name}: the model has {have!r}, the config asks {want!r}")
     if differ:
@@ -95,14 +99,13 @@ def pretrain_step(
     UP_TO_DATE when the folder already holds a model made with these settings (an error when with others)."""
     from lum.pretrain import pretrain
 
-    events = _window(paths, protocol, "pretrain")
     tokenizer_config = resolve_tokenizer(paths, protocol, tokenizer)
     out = out_dir or paths.model_dir(protocol, pretrain_config.preset)
     if (out / MODEL_MANIFEST_FILE).exists() and not force:
         check_model_matches(out, pretrain_config, tokenizer_config)
         return UP_TO_DATE
     return pretrain(
-        events,
+        _window(paths, protocol, "pretrain"),  # read only when there is a model to train
         out,
         pretrain_config,
         tokenizer_config,
