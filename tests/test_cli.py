@@ -170,3 +170,6 @@ def test_options_come_from_the_config_dataclasses():
     assert config.vllm.block_size == 64 and config.vllm.enable_prefix_caching is False and config.shards == EmbedJobConfig().shards
     result = CliRunner().invoke(main, ["pretrain", "--epochs", "0", "--run", "nowhere"])
     assert result.exit_code == 2 and "--epochs: Input should be greater than or equal to 1" in result.output
+    nested = CliRunner().invoke(main, ["embed", "--model", ".", "--events", "pyproject.toml", "--as-of", "2025-01-01", "--out", "x",
+                                       "--vllm-block-size", "0"])
+    assert nested.exit_code == 2 and "--vllm-block-size: Input should be greater than or equal to 1" in nested.output

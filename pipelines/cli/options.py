@@ -45,16 +45,15 @@ def _is_config(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind) and hasattr(kind, "__pydantic_fields__")
 
 
-def _option_names(cls: type, prefix: str, rename: dict[str, str]) -> list[tuple[str, str, Any, Any]]:
-    """(python keyword, option name, annotation, FieldInfo) of every leaf field, nested configs flattened."""
+def _option_names(cls: type, prefix: str, rename: dict[str, str], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str, str, Any]]:
+    """(field path, python keyword, option name, FieldInfo) of every leaf field, nested configs flattened."""
     out = []
     for name, info in _fields(cls).items():
         option = rename.get(name, prefix + name.replace("_", "-"))
-        keyword = option.replace("-", "_")
         if _is_config(info.annotation):
-            out += _option_names(info.annotation, option + "-", {})
+            out += _option_names(info.annotation, option + "-", {}, (*path, name))
         else:
-            out.append((keyword, option, info.annotation, info))
+            out.append(((*path, name), option.replace("-", "_"), option, info))
     return out
 
 
@@ -62,10 +61,10 @@ def config_options(cls: type, *, prefix: str = "", rename: dict[str, str] | None
     """A decorator adding one click option per field of the config dataclass `cls` (see the module docstring)."""
     rename = rename or {}
     decorators = []
-    for keyword, option, kind, info in _option_names(cls, prefix, rename):
+    for _, keyword, option, info in _option_names(cls, prefix, rename):
         if keyword in exclude or option in exclude:
             continue
-        kind, optional = _unwrap_optional(kind)
+        kind, optional = _unwrap_optional(info.annotation)
         default = _default(info)
         help_text = info.description or ""
         attrs: dict[str, Any] = {"default": default, "show_default": True, "help": help_text}
@@ -97,30 +96,28 @@ def config_options(cls: type, *, prefix: str = "", rename: dict[str, str] | None
 
 def config_values(cls: type, kwargs: dict[str, Any], *, prefix: str = "", rename: dict[str, str] | None = None) -> dict[str, Any]:
     """The nested mapping of `cls`'s fields from parsed keywords (the options `config_options` made); pops them."""
-    rename = rename or {}
     values: dict[str, Any] = {}
-    for name, info in _fields(cls).items():
-        option = rename.get(name, prefix + name.replace("_", "-"))
-        if _is_config(info.annotation):
-            values[name] = config_values(info.annotation, kwargs, prefix=option + "-")
+    for path, keyword, _, info in _option_names(cls, prefix, rename or {}):
+        if keyword not in kwargs:
             continue
-        keyword = option.replace("-", "_")
-        if keyword in kwargs:
-            value = kwargs.pop(keyword)
-            kind, _ = _unwrap_optional(info.annotation)
-            # click gives () for an unused nargs option without a default; a fixed tuple that is optional means None
-            if typing.get_origin(kind) is tuple and value == () and _default(info) is None:
-                value = None
-            values[name] = value
+        value = kwargs.pop(keyword)
+        # click gives () for an unused nargs option without a default; a fixed tuple that is optional means None
+        if typing.get_origin(_unwrap_optional(info.annotation)[0]) is tuple and value == () and _default(info) is None:
+            value = None
+        node = values
+        for section in path[:-1]:
+            node = node.setdefault(section, {})
+        node[path[-1]] = value
     return values
 
 
 def build_config(cls: type, kwargs: dict[str, Any], *, prefix: str = "", rename: dict[str, str] | None = None, **fixed: Any) -> Any:
-    """`cls` from parsed keywords (popping them) plus `fixed` field values; a bad value is a click usage error."""
+    """`cls` from parsed keywords (popping them) plus `fixed` field values; a bad value is a click usage error that
+    names the option."""
+    options = {path: option for path, _, option, _ in _option_names(cls, prefix, rename or {})}
     values = {**config_values(cls, kwargs, prefix=prefix, rename=rename), **fixed}
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"--{(prefix + '-'.join(map(str, e['loc']))).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
-                             for e in exc.errors())
+        problems = "; ".join(f"--{options[tuple(e['loc'])]}: {e['msg']}" if tuple(e["loc"]) in options else e["msg"] for e in exc.errors())
         raise click.UsageError(problems) from exc
