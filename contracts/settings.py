@@ -15,7 +15,6 @@ names the field.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, TypeVar
 
 from pydantic import ConfigDict, Field, TypeAdapter
@@ -47,16 +46,9 @@ def from_saved(cls: type[T], data: dict[str, Any]) -> T:
     return TypeAdapter(cls).validate_python(_known_keys(cls, data))
 
 
-def _known_keys(cls: type, data: Any) -> Any:
-    if not (isinstance(data, dict) and dataclasses.is_dataclass(cls)):
+def _known_keys(cls: Any, data: Any) -> Any:
+    """`data` without the keys the settings dataclass `cls` does not have, nested sections included."""
+    known = getattr(cls, "__pydantic_fields__", None)
+    if known is None or not isinstance(data, dict):
         return data
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    nested = {name: getattr(cls, "__pydantic_fields__", {}).get(name) for name in hints}
-    out = {}
-    for name, value in data.items():
-        if name not in hints:
-            continue
-        info = nested.get(name)
-        kind = info.annotation if info is not None else None
-        out[name] = _known_keys(kind, value) if isinstance(kind, type) and dataclasses.is_dataclass(kind) else value
-    return out
+    return {name: _known_keys(known[name].annotation, value) for name, value in data.items() if name in known}

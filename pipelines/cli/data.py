@@ -28,12 +28,9 @@ def data() -> None:
 
 
 
-def _report_written(info: dict[str, Any], paths: RunPaths) -> None:
-    click.echo(f"wrote {info['n_events']:,} events to {paths.events}")
-    if info.get("n_items_table") is not None:
-        click.echo(f"wrote {info['n_items_table']:,} items to {paths.items}")
-    if info["n_rejected"]:
-        click.echo(f"set aside {info['n_rejected']:,} rejected rows with their reasons in {paths.quarantine}", err=True)
+def _say(result: dict[str, Any] | str, paths: RunPaths, what: str) -> None:
+    for line, warning in data_steps.result_lines(result, paths, what):
+        click.echo(line, err=warning)
 
 
 @data.command("make")
@@ -48,11 +45,9 @@ def data_make(preset: str, seed: int, n_users: int | None, run_dir: str, force: 
     paths = RunPaths(run_dir)
     started = time.perf_counter()
     info = data_steps.simulate(paths, preset, seed, n_users, force)
-    if info == UP_TO_DATE:
-        click.echo(f"{paths.events} is up to date (simulator preset {preset}, seed {seed}): skipped")
-        return
-    _report_written(info, paths)
-    click.echo(f"simulated in {time.perf_counter() - started:.1f} s")
+    _say(info, paths, f"simulator preset {preset}, seed {seed}")
+    if info != UP_TO_DATE:
+        click.echo(f"simulated in {time.perf_counter() - started:.1f} s")
 
 
 @data.group("import")
@@ -74,11 +69,7 @@ FILES_NAMES = {"conditions": "condition", "extras": "extra"}
 def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir: str, force: bool) -> None:
     """Import a MovieLens folder (100K, 1M, or latest/25M layout, detected)."""
     paths = RunPaths(run_dir)
-    info = data_steps.import_movielens(paths, path, like_threshold, on_bad, force)
-    if info == UP_TO_DATE:
-        click.echo(f"{paths.events} is up to date ({path}): skipped")
-        return
-    _report_written(info, paths)
+    _say(data_steps.import_movielens(paths, path, like_threshold, on_bad, force), paths, path)
 
 
 @data_import.command("files")
@@ -90,11 +81,7 @@ def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir
 def data_import_files(events: str, run_dir: str, force: bool, **options: Any) -> None:
     """Import your own event log (Parquet or CSV following the contract)."""
     paths = RunPaths(run_dir)
-    info = data_steps.import_files(paths, events, build_config(FilesConfig, options, rename=FILES_NAMES), force)
-    if info == UP_TO_DATE:
-        click.echo(f"{paths.events} is up to date ({events}): skipped")
-        return
-    _report_written(info, paths)
+    _say(data_steps.import_files(paths, events, build_config(FilesConfig, options, rename=FILES_NAMES), force), paths, events)
 
 
 @data.command("validate")

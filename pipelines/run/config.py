@@ -28,10 +28,10 @@ another section, where it belongs).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import hashlib
 import json
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +76,7 @@ class DataConfig(FilesConfig):
         if self.source == "files" and not self.conditions:
             raise ValueError("data.conditions must name the log's condition columns (NAME[:known_at]) when data.source is files")
         defaults = FilesConfig()
-        stray = [f.name for f in dataclasses.fields(FilesConfig) if f.name != "on_bad" and getattr(self, f.name) != getattr(defaults, f.name)]
+        stray = [f.name for f in fields(FilesConfig) if f.name != "on_bad" and getattr(self, f.name) != getattr(defaults, f.name)]
         if stray and self.source != "files":
             raise ValueError(f"data.{', data.'.join(stray)} apply to source files only (data.source is {self.source})")
         if self.source == "imported" and self.path:
@@ -84,7 +84,7 @@ class DataConfig(FilesConfig):
 
     def files_config(self) -> FilesConfig:
         """The FilesConfig part of this section."""
-        return FilesConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FilesConfig)})
+        return FilesConfig(**{f.name: getattr(self, f.name) for f in fields(FilesConfig)})
 
 
 @config_class
@@ -233,13 +233,12 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
 
 
 def config_dict(config: Any) -> Any:
-    """A config as plain JSON values (tuples as lists)."""
+    """A config (or a tuple or list of them, or plain values) as plain JSON values (tuples as lists)."""
+    if isinstance(config, (tuple, list)):
+        return [config_dict(part) for part in config]
     return json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str))
 
 
 def settings_hash(*parts: Any) -> str:
     """A short stable hash of settings (configs or plain values), for `run_state.json` and `lum status`."""
-    import hashlib
-
-    text = json.dumps([config_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(config_dict(parts), sort_keys=True).encode()).hexdigest()[:12]

@@ -24,15 +24,15 @@ from contracts.embeddings import MANIFEST_FILE as EMBEDDING_MANIFEST
 from contracts.embeddings import read_embedding_manifest
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
-from pipelines.run.config import ProtocolConfig, RunConfig
-from pipelines.run.state import RunState
+from pipelines.run.config import ProtocolConfig, RunConfig, parse_run_config
+from pipelines.run.state import STATE_FILE, RunState
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
 from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
 from pipelines.steps.features import ingest_embeddings, materialize_online
 from pipelines.steps.lm import evaluate_step as evaluate_lm
 from pipelines.steps.lm import pretrain_step
-from pipelines.steps.rankers import evaluate_step, score_test_window, train_step
+from pipelines.steps.rankers import evaluate_step, score_test_window, scores_file, train_step
 
 Echo = Callable[[str], None]
 
@@ -68,10 +68,8 @@ def execute(config: RunConfig, echo: Echo = print) -> dict[str, Any]:
 
 
 def _wrote(result: dict[str, Any] | str, paths: RunPaths, echo: Echo) -> dict[str, Any] | str:
-    if result == UP_TO_DATE:
-        echo(f"{paths.events} is up to date: skipped")
-    else:
-        echo(f"wrote {result['n_events']:,} events to {paths.events}")
+    for line, _ in data_steps.result_lines(result, paths):
+        echo(line)
     return result
 
 
@@ -148,10 +146,6 @@ def first_event_time(paths: RunPaths) -> str:
 def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """The report of a finished run, built again from what its steps wrote (`lum report --run DIR`); into the run's
     report/ folder, or `out_dir`. The config is the one the run recorded in run_state.json."""
-    from pipelines.run.config import parse_run_config
-    from pipelines.run.state import STATE_FILE
-    from pipelines.steps.rankers import scores_file
-
     paths = RunPaths(run_dir)
     state_path = paths.root / STATE_FILE
     if not state_path.exists():
@@ -162,5 +156,4 @@ def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> di
     missing = [str(path) for _, path in scored if not path.exists()]
     if missing:
         raise FileNotFoundError(f"{paths.root} has no scored test window ({', '.join(missing)}): finish the run with `lum run` first")
-    durations = {step: s.get("seconds", 0.0) for step, s in state["steps"].items()}
-    return report_run(config, paths, scored, durations, out_dir=Path(out_dir) if out_dir else None)
+    return report_run(config, paths, scored, RunState(paths, config).durations(), out_dir=Path(out_dir) if out_dir else None)

@@ -29,6 +29,18 @@ def _same_source(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
     )
 
 
+def result_lines(result: dict[str, Any] | str, paths: RunPaths, what: str = "") -> list[tuple[str, bool]]:
+    """What a data step did, for the user: (line, is a warning) pairs; `what` names the source of a skipped step."""
+    if result == UP_TO_DATE:
+        return [(f"{paths.events} is up to date{f' ({what})' if what else ''}: skipped", False)]
+    lines = [(f"wrote {result['n_events']:,} events to {paths.events}", False)]
+    if result.get("n_items_table") is not None:
+        lines.append((f"wrote {result['n_items_table']:,} items to {paths.items}", False))
+    if result["n_rejected"]:
+        lines.append((f"set aside {result['n_rejected']:,} rejected rows with their reasons in {paths.quarantine}", True))
+    return lines
+
+
 def simulate(paths: RunPaths, preset: str, seed: int, n_users: int | None = None, force: bool = False) -> dict[str, Any] | str:
     """The embedded simulator's event log (and items table) into the run folder."""
     from pipelines.data.sources import simulator
