@@ -65,23 +65,34 @@ class EmbedJobError(ValueError):
 
 @dataclass(frozen=True)
 class AsOf:
-    """Snapshot times, or `rows`: one query per (user, time) of an impressions table (rolling mode)."""
+    """Snapshot times, or `rows`: one query per (user, time) of an impressions table (rolling mode).
+
+    `for_rows` (snapshots only): an impressions table (user_id, ts) whose rows the snapshots are for. A user is then
+    embedded at an as-of time only when one of the user's rows joins that snapshot (the newest as-of time at or
+    before the row, as Feast's point-in-time join picks it), and at the last as-of time in any case (the snapshot a
+    service serves next). The vectors a training set joins are those a full daily job writes; the rest are skipped.
+    """
 
     times: tuple[pd.Timestamp, ...] = ()
     rows_path: str | None = None
+    for_rows: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "AsOf":
+    def parse(cls, text: str, for_rows: str | None = None) -> "AsOf":
         if text.startswith("rows:"):
+            if for_rows:
+                raise EmbedJobError("--for-rows restricts snapshot times; rolling mode (--as-of rows:PATH) embeds each row already")
             return cls(rows_path=text[5:])
         try:
-            times = tuple(_utc(t) for t in text.split(","))
+            times = tuple(sorted(_utc(t) for t in text.split(",")))
         except ValueError as exc:
             raise EmbedJobError(f"cannot read as-of time(s) '{text}': expected ISO times, comma-separated, or rows:PATH") from exc
-        return cls(times=times)
+        return cls(times=times, for_rows=for_rows)
 
     def describe(self) -> str:
-        return f"rows:{self.rows_path}" if self.rows_path else ",".join(t.isoformat() for t in self.times)
+        if self.rows_path:
+            return f"rows:{self.rows_path}"
+        return ",".join(t.isoformat() for t in self.times) + (f" for rows:{self.for_rows}" if self.for_rows else "")
 
 
 def _utc(text: str | pd.Timestamp) -> pd.Timestamp:
@@ -155,6 +166,12 @@ class EmbeddingJob:
                 )
         elif not Path(self.as_of.rows_path).exists():
             raise EmbedJobError(f"{self.as_of.rows_path}: rows file for rolling embeddings not found")
+        if self.as_of.for_rows:
+            if not Path(self.as_of.for_rows).exists():
+                raise EmbedJobError(f"{self.as_of.for_rows}: the --for-rows file (user_id, ts) not found")
+            lacking = [c for c in ("user_id", "ts") if c not in pq.read_schema(self.as_of.for_rows).names]
+            if lacking:
+                raise EmbedJobError(f"{self.as_of.for_rows}: the --for-rows file lacks column(s) {', '.join(lacking)}")
         if REQUEST in dict(self.conditions):
             if self.as_of.rows_path is None:
                 raise EmbedJobError("the `request` condition takes each row's own context: it needs rolling mode (--as-of rows:PATH)")
@@ -173,8 +190,18 @@ class EmbeddingJob:
             rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
             return rows.assign(key=rows["ts"])
         users = events["user_id"].astype(str).unique()
-        frames = [pd.DataFrame({"user_id": users, "ts": t, "key": t}) for t in self.as_of.times]
-        return pd.concat(frames, ignore_index=True)
+        times = self.as_of.times
+        if not self.as_of.for_rows:
+            frames = [pd.DataFrame({"user_id": users, "ts": t, "key": t}) for t in times]
+            return pd.concat(frames, ignore_index=True)
+        rows = _read_shard(self.as_of.for_rows, ["user_id", "ts"], shard, self.config.shards)
+        row_ns = pd.to_datetime(rows["ts"], utc=True).astype("datetime64[ns, UTC]").astype("int64").to_numpy()
+        which = np.searchsorted(np.array([t.value for t in times], dtype=np.int64), row_ns, side="right") - 1  # the newest as-of <= ts
+        needed = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "k": which})[which >= 0]
+        last = pd.DataFrame({"user_id": users, "k": len(times) - 1})
+        pairs = pd.concat([needed, last], ignore_index=True).drop_duplicates().sort_values(["user_id", "k"], kind="stable")
+        stamps = pd.Series(times).iloc[pairs["k"].to_numpy()].to_numpy()
+        return pd.DataFrame({"user_id": pairs["user_id"].to_numpy(), "ts": stamps, "key": stamps})
 
     # ------------------------------------------------------------------ engine
     def open_engine(self, engine: Any = None) -> None:
@@ -197,6 +224,7 @@ class EmbeddingJob:
             "events": _file_fingerprint(self.events_path),
             "as_of": self.as_of.describe(),
             "rows": None if not self.as_of.rows_path else _file_fingerprint(self.as_of.rows_path),
+            "for_rows": None if not self.as_of.for_rows else _file_fingerprint(self.as_of.for_rows),
             "conditions": [n for n, _ in self.conditions],
             "max_history": self.max_history,
             "prompt_align": 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align,

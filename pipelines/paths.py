@@ -16,14 +16,29 @@
       evaluations/<protocol>-<preset>.json   next-item HR@10 / NDCG@10 of the model and its baselines
       embeddings/<name>/            output of `lum embed` (users/ shards, items.parquet, manifest.json)
       feature_repo/                 the Feast repo (feature_store.yaml, definitions.py, lum_features.yaml, data/)
+      feature_repo@<features>/      the repo of a second protocol on the same split (another feature mode, same LM)
       training_sets/<protocol>-<window>-<service>.parquet   point-in-time training sets built through Feast
       (later steps add rankers/, report/)
+
+A protocol key names a split (`global`, `per-user`), optionally followed by `@<feature mode>` when a second
+protocol of the run uses the same split with other LUM features (`global@rolling`): its split and LM are the
+split's, its feature repo, training sets, rankers and scores its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def split_of(protocol: str) -> str:
+    """The split of a protocol key (`global@rolling` -> `global`)."""
+    return protocol.split("@", 1)[0]
+
+
+def feature_mode_of(protocol: str) -> str | None:
+    """The feature mode of a secondary protocol key (`global@rolling` -> `rolling`), None for a plain split."""
+    return protocol.split("@", 1)[1] if "@" in protocol else None
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,7 @@ class RunPaths:
         return self.data_dir / "dataset.json"
 
     def split_dir(self, protocol: str) -> Path:
-        return self.root / "splits" / protocol
+        return self.root / "splits" / split_of(protocol)
 
     def split_file(self, protocol: str, window: str) -> Path:
         return self.split_dir(protocol) / f"{window}.parquet"
@@ -63,17 +78,23 @@ class RunPaths:
         return self.split_dir(protocol) / "summary.json"
 
     def model_dir(self, protocol: str, preset: str) -> Path:
-        return self.root / "models" / f"{protocol}-{preset}"
+        return self.root / "models" / f"{split_of(protocol)}-{preset}"
 
     def evaluation(self, protocol: str, preset: str) -> Path:
-        return self.root / "evaluations" / f"{protocol}-{preset}.json"
+        return self.root / "evaluations" / f"{split_of(protocol)}-{preset}.json"
 
     def embeddings(self, name: str) -> Path:
         return self.root / "embeddings" / name
 
     @property
     def feature_repo(self) -> Path:
+        """The run's main Feast repo: what `lum features`, `lum serve` and the online store use."""
         return self.root / "feature_repo"
+
+    def feature_repo_of(self, protocol: str) -> Path:
+        """The Feast repo of a protocol key: the main one, or `feature_repo@<mode>` for a secondary protocol."""
+        mode = feature_mode_of(protocol)
+        return self.feature_repo if mode is None else self.root / f"feature_repo@{mode}"
 
     def training_set(self, protocol: str, window: str, service: str) -> Path:
         return self.root / "training_sets" / f"{protocol}-{window}-{service}.parquet"

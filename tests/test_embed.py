@@ -218,6 +218,36 @@ def test_rolling_mode_gives_one_embedding_per_row_time(model, torch_engine, even
     assert set(zip(frame.user_id, frame.event_timestamp)) == expected
 
 
+def test_snapshots_for_rows_are_the_full_jobs_vectors_that_those_rows_join(model, torch_engine, events_file, tmp_path):
+    """--for-rows: a user is embedded at an as-of time only when one of its rows joins that snapshot (the newest at or
+    before the row), and at the last as-of time always; each vector equals the full daily job's."""
+    folder, _ = model
+    events = pq.read_table(events_file).to_pandas()
+    times = pd.date_range("2025-01-10", "2025-01-20", freq="1D", tz="UTC")
+    as_of = ",".join(t.isoformat() for t in times)
+    rows = events[events.user_id.isin(["u1", "u2", "u3", "u4"])][["user_id", "ts"]].copy()
+    rows = rows[(rows.ts >= times[0]) & (rows.ts < times[-1])]
+    rows_file = tmp_path / "rows.parquet"
+    rows.to_parquet(rows_file)
+    config = EmbedJobConfig(engine="torch", shards=2, conditions="surface=home,surface=cart")
+    jobs = {}
+    for name, parsed in (("full", AsOf.parse(as_of)), ("needed", AsOf.parse(as_of, for_rows=str(rows_file)))):
+        job = EmbeddingJob(folder, events_file, parsed, tmp_path / name, config)
+        job.open_engine(torch_engine)
+        job.run(progress=False)
+        jobs[name] = read_user_embeddings(tmp_path / name).to_pandas().set_index(["user_id", "event_timestamp", "condition"])
+    full, needed = jobs["full"], jobs["needed"]
+    joined = {(u, times[times <= t].max()) for u, t in rows.itertuples(index=False)}
+    everyone_last = {(u, t) for u, t in full.index.droplevel("condition").unique() if t == times[-1]}
+    expected = {(u, t) for u, t in joined | everyone_last if (u, t) in set(full.index.droplevel("condition"))}
+    assert set(needed.index.droplevel("condition").unique()) == expected
+    assert len(expected) < len(full.index.droplevel("condition").unique()) / 3  # most (user, day) pairs are never joined
+    for key in needed.index:
+        np.testing.assert_allclose(needed.embedding[key], full.embedding[key], atol=1e-5)
+    with pytest.raises(EmbedJobError, match="for-rows"):
+        AsOf.parse(f"rows:{rows_file}", for_rows=str(rows_file))
+
+
 def test_pca_and_float16(model, torch_engine, events_file, tmp_path):
     folder, _ = model
     job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "pca", EmbedJobConfig(engine="torch", shards=2, dim=8, output_dtype="float16"))

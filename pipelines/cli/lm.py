@@ -78,14 +78,17 @@ def evaluate_command(protocol: str, preset: str, run_dir: str, **options: Any) -
 @click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Events Parquet (the run's data/events.parquet or a split window).")
 @click.option("--as-of", "as_of", required=True, help="Snapshot time(s) TS[,TS...], or rows:PATH for one embedding per (user, time) row (rolling).")
+@click.option("--for-rows", "for_rows", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Snapshots only: a Parquet of rows (user_id, ts); embed a user at an as-of time only when one of its rows joins that "
+                   "snapshot (the newest at or before the row), and at the last as-of time always.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (resumed when it exists).")
 @config_options(EmbedJobConfig)
 @click.option("--settings-json", default=None, help="The whole EmbedJobConfig as JSON (what `lum run` passes); replaces the options above.")
 @click.option("--ray", "ray_actors", type=int, default=None, help="Run the shards on Ray Data with this many engine actors.")
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local instance).")
 @_friendly_errors
-def embed_command(model_dir: str, events_path: str, as_of: str, out_dir: str, settings_json: str | None, ray_actors: int | None,
-                  ray_address: str | None, **options: Any) -> None:
+def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | None, out_dir: str, settings_json: str | None,
+                  ray_actors: int | None, ray_address: str | None, **options: Any) -> None:
     """Embed users per query condition with the behaviour LM (LUM's knowledge querying)."""
     from lum.embed_job import AsOf, EmbeddingJob
 
@@ -96,7 +99,7 @@ def embed_command(model_dir: str, events_path: str, as_of: str, out_dir: str, se
             raise click.UsageError(f"--settings-json is not an EmbedJobConfig: {exc}") from exc
     else:
         config = build_config(EmbedJobConfig, options)
-    job = EmbeddingJob(model_dir, events_path, AsOf.parse(as_of), out_dir, config)
+    job = EmbeddingJob(model_dir, events_path, AsOf.parse(as_of, for_rows), out_dir, config)
     try:
         manifest = job.run(ray_actors=ray_actors, ray_address=ray_address)
     finally:

@@ -104,6 +104,27 @@ def data_summary(frame: pd.DataFrame, protocol: dict[str, Any]) -> dict[str, Any
     return summary
 
 
+FRESHNESS_BUCKETS_H = (0, 6, 12, 24, 48, 24 * 7)  # lag buckets of the freshness table: [0, 6h), [6h, 12h), ..., >= 7 days
+
+
+def freshness(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """How old the LUM user vector each test row joined was: request time minus the vector's as-of time (the
+    scored table's `lum_as_of`), in hours; None when the table has no such column (no LUM features)."""
+    if "lum_as_of" not in frame.columns or "ts" not in frame.columns:
+        return None
+    as_of = pd.to_datetime(frame["lum_as_of"], utc=True)
+    hours = ((pd.to_datetime(frame["ts"], utc=True) - as_of).dt.total_seconds() / 3600.0)[as_of.notna()].to_numpy()
+    out: dict[str, Any] = {"rows": int(len(frame)), "with_vector": int(len(hours)),
+                           "without_vector_share": float(1 - len(hours) / len(frame)) if len(frame) else float("nan")}
+    if len(hours):
+        out["hours"] = {"mean": float(hours.mean()), **{f"p{q}": float(np.percentile(hours, q)) for q in (10, 50, 90, 99)}, "max": float(hours.max())}
+        edges = [*FRESHNESS_BUCKETS_H, np.inf]
+        counts, _ = np.histogram(hours, bins=edges)
+        out["buckets"] = [{"from_h": float(a), "to_h": None if b == np.inf else float(b), "share": float(c / len(hours))}
+                          for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- variants and lifts
 
 
@@ -306,6 +327,7 @@ def evaluate_protocol(
         "split": protocol.get("split"),
         "feature_mode": protocol.get("feature_mode"),
         "data": data_summary(frame, protocol),
+        "freshness": freshness(frame),
         "columns": [asdict(c) | {"label": c.label} for c in columns],
         "variants": variants(columns, points, samples, config),
         "lifts": lifts,

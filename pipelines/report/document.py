@@ -324,6 +324,8 @@ def _protocol_blocks(p: dict[str, Any], band: tuple[float, float]) -> list[Block
                 ]
             )
         blocks += [Block("h3", "Targets"), Block("table", table=Table(["target", "model", "goal", "estimate", "status"], rows))]
+    if p.get("freshness"):
+        blocks += _freshness_blocks(p["freshness"], p.get("feature_mode"))
     if p["ab"]:
         blocks += _ab_blocks(p)
     if p["slices"]:
@@ -333,6 +335,31 @@ def _protocol_blocks(p: dict[str, Any], band: tuple[float, float]) -> list[Block
         if p["plots"].get(key):
             blocks.append(Block("image", text=alt, image=p["plots"][key]))
     return blocks
+
+
+def _hours(value: float) -> str:
+    return f"{value:.1f} h" if value < 48 else f"{value / 24:.1f} d"
+
+
+def _freshness_blocks(f: dict[str, Any], mode: str | None) -> list[Block]:
+    """The freshness lag of the LUM user vectors the test rows joined (compute.freshness)."""
+    what = {"snapshot": "the newest batch snapshot at or before the request, as a deployed service would have it",
+            "rolling": "one vector per request, computed from the history just before it (no batch job can serve this)"}.get(mode or "", "")
+    blocks = [Block("h3", "Freshness of the LUM features"),
+              Block("note", "Hours between a test request and the as-of time of the user vector it was scored with"
+                            + (f": {what}." if what else ".") + f" Rows without a vector: {pct_plain(f['without_vector_share'])}.")]
+    if f.get("hours"):
+        h = f["hours"]
+        blocks.append(Block("table", table=Table(["mean", "p10", "median", "p90", "p99", "max"],
+                                                 [[Cell(_hours(h[k]), cls="num") for k in ("mean", "p10", "p50", "p90", "p99", "max")]])))
+        rows = [[Cell(f"{_hours(b['from_h'])} to {_hours(b['to_h'])}" if b["to_h"] is not None else f"{_hours(b['from_h'])} or more"),
+                 Cell(pct_plain(b["share"]), cls="num")] for b in f["buckets"]]
+        blocks.append(Block("table", table=Table(["lag", "share of rows with a vector"], rows)))
+    return blocks
+
+
+def pct_plain(share: float) -> str:
+    return f"{100 * share:.1f}%" if finite(share) else MISSING
 
 
 def _ab_blocks(p: dict[str, Any]) -> list[Block]:
@@ -396,6 +423,12 @@ def _slice_blocks(p: dict[str, Any]) -> list[Block]:
 def _side_by_side_blocks(protocols: list[dict[str, Any]]) -> list[Block]:
     blocks = [Block("h2", "Protocols side by side")]
     names = [p["name"] for p in protocols]
+    modes = {p.get("feature_mode") for p in protocols}
+    if {"snapshot", "rolling"} <= modes:
+        blocks.append(Block("note", "Snapshot LUM features are what a deployment serves: a batch job refreshes each user's vectors every period and "
+                                    "a request reads the newest one from before it (the deployable number). Rolling features are computed "
+                                    "for each request from the history just before it: an upper bound no batch job can serve. "
+                                    "The freshness tables in each protocol's section give the lag."))
     keys = list(dict.fromkeys((v["model"], v["variant"]) for p in protocols for v in p["variants"]))
     rows = []
     for model, variant in keys:

@@ -3,8 +3,9 @@
     run_dir: runs/demo
     data: {source: simulator, preset: default, seed: 0}        # or {source: movielens, path: ../shared/data/ml-latest-small}
                                                                # or {source: files, path: events.csv, conditions: [surface], ...}
-    protocols:                                                 # one or more, distinct splits
-      - {split: global, features: rolling}                     # features: rolling | snapshot (snapshot_every: 1D)
+    protocols:                                                 # one or more; two may share a split with other features
+      - {split: global, features: snapshot, engine: vllm}      # features: snapshot (snapshot_every: 1D) | rolling
+      - {split: global, features: rolling, engine: torch}      # engine: overrides embed.job.engine for this protocol
     lm:
       pretrain: {preset: tiny, epochs: 10}                     # lum.pretrain.PretrainConfig
       tokenizer: {item_tokenization: semantic, ...}            # lum.tokenizer.TokenizerConfig
@@ -96,6 +97,7 @@ class ProtocolConfig:
         "rolling", description="rolling: one embedding per (user, request time); snapshot: one per user per period.")
     fractions: tuple[float, float, float] = Field(_SPLIT.fractions, description="Shares of the pretraining, ranker-training and test windows.")
     snapshot_every: str = Field("1D", description="snapshot: the period between as-of times (a pandas frequency).")
+    engine: Literal["vllm", "torch"] | None = Field(None, description="The embedding engine of this protocol (default: embed.job.engine).")
 
     def __post_init__(self) -> None:
         try:
@@ -161,7 +163,8 @@ class RunConfig:
 
     run_dir: str = Field("runs/demo", description="The run folder (every step's output).")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the events come from.")
-    protocols: tuple[ProtocolConfig, ...] = Field((ProtocolConfig(),), min_length=1, description="Evaluation protocols (distinct splits).")
+    protocols: tuple[ProtocolConfig, ...] = Field((ProtocolConfig(),), min_length=1,
+                                                  description="Evaluation protocols (distinct splits, or one split with two feature modes).")
     lm: LMConfig = Field(default_factory=LMConfig, description="The behaviour LM.")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="The embedding step.")
     rankers: RankersConfig = Field(default_factory=RankersConfig, description="The rankers.")
@@ -169,10 +172,22 @@ class RunConfig:
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
 
     def __post_init__(self) -> None:
-        splits = [p.split for p in self.protocols]
-        if len(set(splits)) != len(splits):
-            # one LM per split; two feature modes of one LM would share its model version in the feature store
-            raise ValueError(f"protocols must have distinct splits (got {splits}); run a second config for another feature mode")
+        seen: dict[str, ProtocolConfig] = {}
+        for p in self.protocols:
+            first = seen.setdefault(p.split, p)
+            if first is p:
+                continue
+            # one LM per split: protocols sharing a split share its windows and LM and differ in their LUM features
+            if p.features == first.features:
+                raise ValueError(f"two protocols on split {p.split} with the same features ({p.features}): give them distinct splits or feature modes")
+            if p.fractions != first.fractions:
+                raise ValueError(f"protocols on split {p.split} must have the same fractions (got {first.fractions} and {p.fractions})")
+
+    def protocol_key(self, protocol: ProtocolConfig) -> str:
+        """Where a protocol's outputs live (pipelines.paths): its split, or `split@features` for the second protocol on
+        a split (the first on a split is its headline: the main feature repo, and the online store's source)."""
+        first = next(p for p in self.protocols if p.split == protocol.split)
+        return protocol.split if first == protocol else f"{protocol.split}@{protocol.features}"
 
 
 # --------------------------------------------------------------------------------------------------------- loading

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,24 +94,27 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     elif not paths.evaluation(split, lm.pretrain.preset).exists():
         state.step(f"{name}: evaluate LM", lambda: evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate), echo, settings=lm.evaluate)
 
+    key = config.protocol_key(protocol)  # where this protocol's features, rankers and scores live (pipelines.paths)
     embed_dir = paths.embeddings(f"{split}-{lm.pretrain.preset}-{protocol.features}")
     conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling", events=paths.events)
+    rows = embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet")
     if protocol.features == "rolling":
-        as_of = "rows:" + str(embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet"))
-    else:
-        as_of = snapshot_times(paths, split, protocol.snapshot_every)
+        as_of, for_rows = "rows:" + str(rows), None
+    else:  # the daily job's snapshots, computed where a training or test row joins them (and the last one for everyone)
+        as_of, for_rows = snapshot_times(paths, split, protocol.snapshot_every), rows
+    job = replace(config.embed.job, engine=protocol.engine) if protocol.engine else config.embed.job
     made = read_embedding_manifest(embed_dir) if (embed_dir / EMBEDDING_MANIFEST).exists() else None
     if made and made.conditions != conditions.split(","):
         raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made.conditions}, not {conditions.split(',')}; "
                               "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
     if not made or not made.complete:
-        state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, config.embed.job, conditions), echo,
-                   settings=(config.embed, conditions))
+        state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, job, conditions, for_rows), echo,
+                   settings=(config.embed, conditions, job.engine))
 
     def features() -> str | None:
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
-        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True)
+        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True, protocol=key)
         how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
         echo(f"features: model version {result['version']} selected ({how})")
         return UP_TO_DATE if result["skipped"] else None
@@ -122,13 +126,13 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
             ranker_config = rankers.ranker_config(model, variant)
 
             def train_and_evaluate(ranker_config=ranker_config, model=model, variant=variant) -> str | None:
-                _, trained = train_step(paths, split, ranker_config)
-                result = evaluate_step(paths, split, model, variant)["overall"]
+                _, trained = train_step(paths, key, ranker_config)
+                result = evaluate_step(paths, key, model, variant)["overall"]
                 echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
                 return None if trained else UP_TO_DATE
 
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
-    return state.step(f"{name}: score test window", lambda: score_test_window(paths, split), echo)
+    return state.step(f"{name}: score test window", lambda: score_test_window(paths, key), echo)
 
 
 def online_store(paths: RunPaths, echo: Echo) -> str | None:
@@ -152,7 +156,7 @@ def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> di
         raise FileNotFoundError(f"{paths.root} has no {STATE_FILE}: not a folder `lum run` made")
     state = json.loads(state_path.read_text())
     config = parse_run_config(state["config"], str(state_path))
-    scored = [(p, scores_file(paths, p.split)) for p in config.protocols]
+    scored = [(p, scores_file(paths, config.protocol_key(p))) for p in config.protocols]
     missing = [str(path) for _, path in scored if not path.exists()]
     if missing:
         raise FileNotFoundError(f"{paths.root} has no scored test window ({', '.join(missing)}): finish the run with `lum run` first")

@@ -17,7 +17,8 @@ from pipelines.data.contract import read_contract, read_events, write_parquet_at
 from pipelines.paths import RunPaths
 
 
-def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, job: EmbedJobConfig, conditions: str) -> None:
+def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, job: EmbedJobConfig, conditions: str,
+                        for_rows: Path | None = None) -> None:
     """`lum embed` as its own process (vLLM's engine processes then never outlive or disturb the caller), with the
     run's job settings handed over as validated JSON."""
     from dataclasses import asdict, replace
@@ -25,6 +26,8 @@ def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path
     settings = json.dumps(asdict(replace(job, conditions=conditions)))
     command = [sys.executable, "-m", "pipelines.cli", "embed", "--model", str(model_dir), "--events", str(events),
                "--as-of", as_of, "--out", str(out_dir), "--settings-json", settings]
+    if for_rows is not None:
+        command += ["--for-rows", str(for_rows)]
     done = subprocess.run(command)
     if done.returncode != 0:
         raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command[:12])} ...")
@@ -69,8 +72,11 @@ def embedding_rows(paths: RunPaths, split: str, out: Path) -> Path:
 
 
 def snapshot_times(paths: RunPaths, split: str, every: str) -> str:
-    """Period boundaries from the start of the training window to the end of the test window."""
+    """The daily (every `every`) batch job's as-of times: each period boundary from the start of the training window
+    to the end of the test window, and the first boundary after the last event (the snapshot the online store
+    serves after the run)."""
     summary = json.loads(paths.split_summary(split).read_text())["windows"]
     start = pd.Timestamp(summary["train"]["ts_min"]).floor(every)
-    end = pd.Timestamp(summary["test"]["ts_max"])
-    return ",".join(t.isoformat() for t in pd.date_range(start, end, freq=every))
+    last = pd.Timestamp(summary["test"]["ts_max"])
+    after = last.floor(every) + pd.tseries.frequencies.to_offset(every)
+    return ",".join(t.isoformat() for t in pd.date_range(start, after, freq=every))

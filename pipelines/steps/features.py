@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,25 @@ def prepare_repo(
     lum_ttl_days: float | None = None,
     model_version: str | None = None,
     rebuild_stats: bool = False,
+    protocol: str | None = None,
 ) -> tuple[FeatureRepo, list[str], bool]:
-    """Create/update the run's Feast repo, (re)build the offline tables when the events changed, `feast apply`.
+    """Create/update the run's Feast repo (or a protocol key's, see pipelines.paths), (re)build the offline tables
+    when the events changed, `feast apply`.
 
     Returns the repo, the registered feature views, and whether the offline tables were rebuilt.
     """
     read_dataset_info(paths)  # a clear error when the run has no data yet
-    repo = FeatureRepo(paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol) if protocol else paths.feature_repo)
     repo.init(online=online, lum_ttl_days=lum_ttl_days)
     stamp = repo.data / "stats" / "stats.json"
     fingerprint = dataset_fingerprint(paths)
     rebuilt = False
+    main_stamp = paths.feature_repo / "data" / "stats" / "stats.json"
+    if (repo.root != paths.feature_repo and not rebuild_stats and main_stamp.exists()
+            and json.loads(main_stamp.read_text()).get("dataset_fingerprint") == fingerprint
+            and (not stamp.exists() or json.loads(stamp.read_text()).get("dataset_fingerprint") != fingerprint)):
+        # a secondary protocol's repo: the counters come from the same events, so the main repo's tables are copied
+        shutil.copytree(main_stamp.parent, stamp.parent, dirs_exist_ok=True)
     if rebuild_stats or not stamp.exists() or json.loads(stamp.read_text()).get("dataset_fingerprint") != fingerprint:
         events, _ = read_events(paths.events)
         items = pq.read_table(paths.items).to_pandas() if paths.items.exists() else None
@@ -52,12 +61,13 @@ def prepare_repo(
 
 
 def ingest_embeddings(paths: RunPaths, embed_dir: Path, item_valid_from: str | None = None,
-                      select: bool | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
-    """Ingest a `lum embed` output into the run's repo, then rebuild what changed and `feast apply` once."""
-    repo = FeatureRepo(paths.feature_repo)
+                      select: bool | None = None, protocol: str | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
+    """Ingest a `lum embed` output into the run's repo (or a protocol key's), then rebuild what changed and
+    `feast apply` once."""
+    repo = FeatureRepo(paths.feature_repo_of(protocol) if protocol else paths.feature_repo)
     repo.init()
     result = repo.ingest(embed_dir, item_valid_from=item_valid_from, select=select)
-    _, views, _ = prepare_repo(paths)
+    _, views, _ = prepare_repo(paths, protocol=protocol)
     return repo, result, views
 
 
@@ -75,7 +85,7 @@ def build_window_training_set(
     if not split_file.exists():
         raise FileNotFoundError(f"{split_file} not found: run `lum data split --protocol {protocol}` first")
     impressions, _ = read_events(split_file)
-    repo = FeatureRepo(paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
     config = TrainingSetConfig(feature_service=service, context_columns=context_columns(split_file), conditions=conditions)
     table = build_training_set(repo, impressions.to_pandas(), config, progress=progress)
     out = paths.training_set(protocol, window, service)

@@ -40,7 +40,7 @@ MODELS = ("dlrm", "lightgbm")
 def _state_fingerprint(paths: RunPaths, protocol: str, window: str) -> str:
     """What a training set depends on: the split, the offline tables, and the selected LUM version's ingested data
     (not which version is selected elsewhere: switching versions back and forth keeps each one's sets valid)."""
-    repo = FeatureRepo(paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
     settings = repo.settings()
     version = settings.get("model_version")
     ingested = repo.ingested().get(version) if version else None
@@ -52,7 +52,7 @@ def _state_fingerprint(paths: RunPaths, protocol: str, window: str) -> str:
 
 def ensure_training_set(paths: RunPaths, protocol: str, window: str, progress: bool = True) -> Path:
     """The (protocol, window) training set with every stored feature, rebuilt only when its inputs changed."""
-    repo = FeatureRepo(paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
     version = repo.settings().get("model_version")
     service = "ranker_lum_pooled" if version else "ranker_pooled"
     out = paths.training_set(protocol, window, service)
@@ -144,6 +144,32 @@ def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, prog
     return result
 
 
+def lum_as_of(paths: RunPaths, protocol: str, rows: pd.DataFrame) -> pd.Series | None:
+    """[N] the as-of time of the LUM user vector each row (user_id, ts) joins: the newest of the selected version
+    at or before the row's time and within the TTL, as the point-in-time join picks it (NaT where none); None when
+    the protocol's repo has no LUM version. Request time minus this is the feature's freshness lag."""
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
+    settings = repo.settings()
+    version = settings.get("model_version")
+    if not version:
+        return None
+    import pyarrow.dataset as ds
+
+    source = ds.dataset(repo.data / "lum_user" / version, format="parquet").to_table(columns=["user_id", "event_timestamp"])
+    stamps = source.to_pandas().drop_duplicates().rename(columns={"event_timestamp": "lum_as_of"})
+    stamps["user_id"] = stamps["user_id"].astype(str)
+    stamps["lum_as_of"] = pd.to_datetime(stamps["lum_as_of"], utc=True).astype("datetime64[ns, UTC]")
+    left = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "order": np.arange(len(rows))})
+    left["ts"] = pd.to_datetime(rows["ts"], utc=True).astype("datetime64[ns, UTC]").to_numpy()
+    left["ts"] = left["ts"].dt.tz_localize("UTC") if left["ts"].dt.tz is None else left["ts"]
+    joined = pd.merge_asof(left.sort_values("ts"), stamps.sort_values("lum_as_of"), left_on="ts", right_on="lum_as_of", by="user_id",
+                           direction="backward", allow_exact_matches=True)
+    ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
+    if ttl > pd.Timedelta(0):
+        joined.loc[joined["ts"] - joined["lum_as_of"] > ttl, "lum_as_of"] = pd.NaT
+    return joined.sort_values("order")["lum_as_of"].reset_index(drop=True)
+
+
 def score_test_window(paths: RunPaths, protocol: str, progress: bool = True) -> Path:
     """The test window with every trained ranker's score and the slice columns the report needs."""
     test_path = ensure_training_set(paths, protocol, "test", progress)
@@ -160,6 +186,9 @@ def score_test_window(paths: RunPaths, protocol: str, progress: bool = True) -> 
     if extras:  # the split window and the training set share row order (one row per impression)
         for column in extras:
             frame[column] = window.column(column).to_numpy()
+    as_of = lum_as_of(paths, protocol, frame)
+    if as_of is not None:
+        frame["lum_as_of"] = as_of
     for folder in sorted((paths.root / "rankers").glob(f"{protocol}-*")):
         if not (folder / "ranker.json").exists():
             continue
