@@ -144,3 +144,14 @@ def test_protocols_may_share_a_split_only_with_other_features_and_the_same_fract
                                         {"split": "global", "features": "rolling", "fractions": [0.5, 0.3, 0.2]}]})
     config = parse_run_config({"protocols": [{"split": "global", "features": "snapshot"}, {"split": "global", "features": "rolling"}]})
     assert [config.protocol_key(p) for p in config.protocols] == ["global", "global@rolling"]
+
+
+def test_a_run_folder_refuses_to_mix_another_embedding_folder_of_the_same_version_into_a_repo(two_protocols):
+    """Re-using a run folder with the feature modes swapped would ingest rolling vectors beside the snapshots."""
+    from feature_store.repo import FeatureStoreError
+    from pipelines.run.execute import refuse_other_embeddings
+
+    run = two_protocols
+    refuse_other_embeddings(run / "feature_repo", run / "embeddings" / "global-tiny-snapshot")  # its own folder: fine
+    with pytest.raises(FeatureStoreError, match="global-tiny-snapshot.*another config"):
+        refuse_other_embeddings(run / "feature_repo", run / "embeddings" / "global-tiny-rolling")

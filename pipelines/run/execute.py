@@ -114,6 +114,7 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     def features() -> str | None:
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
+        refuse_other_embeddings(paths.feature_repo_of(key), embed_dir)
         _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True, protocol=key)
         how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
         echo(f"features: model version {result['version']} selected ({how})")
@@ -133,6 +134,21 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
 
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
     return state.step(f"{name}: score test window", lambda: score_test_window(paths, key), echo)
+
+
+def refuse_other_embeddings(repo_dir: Path, embed_dir: Path) -> None:
+    """A run's feature repo holds one embedding folder per model version: another folder of the same version (say,
+    rolling vectors left by an earlier config of this run folder) would mix into the point-in-time join."""
+    from feature_store.repo import FeatureRepo, FeatureStoreError
+
+    manifest = read_embedding_manifest(embed_dir)
+    entry = FeatureRepo(repo_dir).ingested().get(manifest.model_version, {})
+    others = sorted({job["source"] for job in entry.get("jobs", {}).values()} - {str(embed_dir.resolve())})
+    if others:
+        raise FeatureStoreError(
+            f"{repo_dir} already holds embeddings of {manifest.model_version} from {', '.join(others)}, not from {embed_dir}: a run folder made "
+            "with another config (feature mode or protocol order)? Remove the run's feature_repo*/, training_sets/, rankers/ and scores/, "
+            "or use another run_dir")
 
 
 def online_store(paths: RunPaths, echo: Echo) -> str | None:
