@@ -155,3 +155,16 @@ def test_a_run_folder_refuses_to_mix_another_embedding_folder_of_the_same_versio
     refuse_other_embeddings(run / "feature_repo", run / "embeddings" / "global-tiny-snapshot")  # its own folder: fine
     with pytest.raises(FeatureStoreError, match="global-tiny-snapshot.*another config"):
         refuse_other_embeddings(run / "feature_repo", run / "embeddings" / "global-tiny-rolling")
+
+
+def test_lum_demo_rolling_runs_what_configs_demo_side_by_side_yaml_says():
+    from pipelines.cli.run import demo_config
+    from pipelines.run.config import config_dict, load_run_config
+
+    configs = Path(__file__).parents[1] / "configs"
+    side = load_run_config(configs / "demo-side-by-side.yaml")
+    assert config_dict(demo_config("runs/demo-side-by-side", rolling=True)) == config_dict(side)
+    # the same run as the demo's plus the rolling protocol: its snapshot protocol gives the demo's numbers
+    demo = load_run_config(configs / "demo.yaml")
+    assert config_dict(side.protocols[0]) == config_dict(demo.protocols[0]) and len(side.protocols) == 2
+    assert config_dict(side.lm) == config_dict(demo.lm) and config_dict(side.rankers) == config_dict(demo.rankers)

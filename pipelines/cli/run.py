@@ -32,24 +32,28 @@ def run_command(config_path: str | None, run_dir: str | None) -> None:
 @click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
 @click.option("--lm-preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", help="Behaviour-LM size.")
 @click.option("--epochs", type=int, default=10, help="Pretraining epochs.")
-# rolling rows each are their own vLLM request; on a 2-core CPU the torch group-query engine embeds them much faster
-# (benchmarks/bench_rolling.py)
-@click.option("--engine", type=click.Choice(["vllm", "torch"]), default="torch", help="Embedding engine (rolling rows: torch is faster on CPU).")
+@click.option("--snapshot-engine", type=click.Choice(["vllm", "torch"]), default="vllm", help="Engine of the daily snapshot job (the deployable features).")
+@click.option("--rolling/--no-rolling", default=False,
+              help="Also run the rolling features beside the snapshots (one embedding per request: the upper bound; configs/demo-side-by-side.yaml).")
 @_friendly_errors
-def demo(run_dir: str, preset: str, lm_preset: str, epochs: int, engine: str) -> None:
-    """`lum run` on the embedded simulator: global split by time, rolling LUM features, every ranker, the report."""
+def demo(run_dir: str, preset: str, lm_preset: str, epochs: int, snapshot_engine: str, rolling: bool) -> None:
+    """`lum run` on the embedded simulator: global split by time, daily vLLM snapshot features (deployable) beside
+    rolling ones (upper bound), every ranker, the report."""
     from pipelines.run.execute import execute
 
-    execute(demo_config(run_dir, preset, lm_preset, epochs, engine), echo=click.echo)
+    execute(demo_config(run_dir, preset, lm_preset, epochs, snapshot_engine, rolling), echo=click.echo)
 
 
-def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 10, engine: str = "torch") -> RunConfig:
+def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 10, snapshot_engine: str = "vllm",
+                rolling: bool = False) -> RunConfig:
     """What `lum demo` runs (configs/demo.yaml writes the same down; a test keeps the two equal)."""
+    protocols = [{"split": "global", "features": "snapshot", "engine": snapshot_engine}]
+    if rolling:  # rolling rows each are their own vLLM request: the torch group-query engine is much faster on CPU (bench_rolling.py)
+        protocols.append({"split": "global", "features": "rolling", "engine": "torch"})
     return load_run_config(None, {
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
-        "protocols": [{"split": "global", "features": "rolling"}],
+        "protocols": protocols,
         "lm": {"pretrain": {"preset": lm_preset, "epochs": epochs}, "tokenizer": DEMO_ITEM_TOKENS},
-        "embed": {"job": {"engine": engine}},
         "rankers": {"features": {"request_features": True, "dlrm_ids": False}, "dlrm": {"patience": 0}},
         "targets": DEMO_TARGETS,
     })
