@@ -54,7 +54,7 @@ from contracts.files import atomic_path, write_parquet_atomic
 from contracts.progress import bars_off
 from lum.config import EmbedJobConfig  # noqa: F401  (re-exported)
 from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, build_queries, resolve_conditions
-from lum.model import read_manifest
+from lum.model import read_manifest, verify_weights
 from lum.ray_runner import run_shards_with_ray
 from lum.tokenizer import BehaviourTokenizer
 
@@ -128,6 +128,7 @@ class EmbeddingJob:
         if not (self.model_dir / "config.json").exists():
             raise EmbedJobError(f"{self.model_dir} is not a LUM model folder (no config.json): point --model at the output of `lum pretrain`")
         self.manifest_in = read_manifest(self.model_dir)
+        verify_weights(self.model_dir, self.manifest_in)  # before any engine loads them
         self.tokenizer = BehaviourTokenizer.load(self.model_dir, expected_fingerprint=self.manifest_in["tokenizer_fingerprint"])
         model_config = json.loads((self.model_dir / "config.json").read_text())
         if model_config["vocab_size"] != self.tokenizer.vocab_size:

@@ -92,6 +92,35 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 of a model folder's weights file (read in 8 MiB blocks: a 7B checkpoint is never held in memory)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(directory: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """ModelFolderError unless the weights file is the one the manifest recorded: a damaged or swapped
+    `model.safetensors` would otherwise give random vectors under the same model version."""
+    directory = Path(directory)
+    manifest = read_manifest(directory) if manifest is None else manifest
+    expected = manifest.get("weights_sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise ModelFolderError(f"{directory / MANIFEST_FILE} records no weights_sha256 (a folder written before weights were hashed, "
+                               "or not by `lum pretrain`): pretrain it again")
+    if not (directory / WEIGHTS_FILE).exists():
+        raise ModelFolderError(f"{directory / WEIGHTS_FILE} not found: the model folder is incomplete")
+    actual = weights_digest(directory)
+    if actual != expected:
+        raise ModelFolderError(f"{directory / WEIGHTS_FILE} is not the file its manifest recorded (sha256 {actual[:16]}..., manifest "
+                               f"{expected[:16]}...): it was changed, damaged or copied from another model; pretrain again or restore it")
+
+
 def save_hf_tokenizer(directory: Path, vocab: list[str]) -> None:
     """A WordLevel tokenizer over the behaviour vocabulary beside the checkpoint.
 
@@ -115,6 +144,7 @@ class LoadedModel:
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     manifest = read_manifest(directory)
+    verify_weights(directory, manifest)
     model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     return LoadedModel(model=model, manifest=manifest)

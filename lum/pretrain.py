@@ -40,7 +40,7 @@ from contracts.files import atomic_path
 from contracts.progress import bars_off
 from lum.config import PretrainConfig  # noqa: F401  (re-exported)
 from lum.item_factors import ItemFactors, item_side_facts
-from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, write_manifest
+from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, weights_digest, write_manifest
 from lum.model_card import write_model_card
 from lum.sequences import Batch, make_batch, plan_epochs, user_segments
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
@@ -133,6 +133,20 @@ def _load_states(objective, optimizer, model_state: dict, optim_state: dict) -> 
     set_optimizer_state_dict(objective, optimizer, optim_state, options=options)
 
 
+def _load_checkpoint(path: Path, partial: Path) -> dict[str, Any]:
+    """A resume checkpoint, read without unpickling arbitrary objects: a `.partial/` folder is a place another user
+    or process can write to, and a pickled payload there would run as this process. `weights_only=True` admits
+    tensors and plain containers of numbers and strings, which is all a checkpoint this code writes holds."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError (or RuntimeError for a truncated file)
+        raise ValueError(f"{path} is not a resume checkpoint this code wrote (it holds objects other than tensors and plain values, "
+                         f"or is damaged: {str(exc).splitlines()[0][:200]}); remove {partial} to start over") from None
+    if not isinstance(state, dict) or not {"settings", "step", "log", "model", "optimizer", "scheduler"} <= set(state):
+        raise ValueError(f"{path} is not a resume checkpoint this code wrote (missing keys); remove {partial} to start over")
+    return state
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:  # a checkpoint is complete or absent, never half written
         torch.save(obj, tmp)
@@ -223,7 +237,7 @@ def pretrain(
     step, log = 0, []
     checkpoint = partial / CHECKPOINT_FILE
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = _load_checkpoint(checkpoint, partial)
         if state["settings"] != settings:
             raise ValueError(
                 f"{checkpoint} was written by a run with other settings; remove {partial} to start over"
@@ -317,6 +331,7 @@ def _write_model_folder(out_dir, partial, tokenizer, config, model_state, log, e
         "continued_from": None if base_manifest is None else base_manifest["model_version"],
         "semantic_ids_report": None if tokenizer.semantic is None else tokenizer.semantic["report"],
         **(extra_manifest or {}),
+        "weights_sha256": weights_digest(staging),  # checked wherever the weights are loaded (lum.model.verify_weights)
     }
     write_manifest(staging, manifest)
     write_model_card(staging, manifest, tokenizer)

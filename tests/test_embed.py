@@ -16,11 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 
 from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
 from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig, EmbedJobError, read_user_embeddings
 from lum.model import load_model
 from lum.tokenizer import BehaviourTokenizer
+from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 AS_OF = pd.Timestamp("2025-01-20", tz="UTC")
@@ -310,6 +312,40 @@ def test_bad_input(model, events_file, tmp_path):
     (tmp_path / "o" / "manifest.json").write_text(json.dumps({"settings": {"other": 1}, "shards": {}}))
     with pytest.raises(EmbedJobError, match="made with other settings"):
         job.run(progress=False)
+
+
+def test_damaged_or_swapped_weights_are_refused_before_any_engine_loads_them(model, events_file, tmp_path):
+    """The manifest records the weights' sha256; a changed file would embed random vectors under the same version."""
+    from lum.model import ModelFolderError, load_model
+
+    folder, _ = model
+    cases = {}
+    flipped = tmp_path / "flipped"
+    shutil.copytree(folder, flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.choice(np.arange(1024, len(data)), size=2000, replace=False):  # past the header: the file still parses
+        data[i] ^= 0xFF
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    cases["flipped"] = (flipped, "is not the file its manifest recorded")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    (truncated / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    cases["truncated"] = (truncated, "is not the file its manifest recorded")
+    unhashed = tmp_path / "unhashed"
+    shutil.copytree(folder, unhashed)
+    manifest = json.loads((unhashed / "lum_manifest.json").read_text())
+    manifest.pop("weights_sha256")
+    (unhashed / "lum_manifest.json").write_text(json.dumps(manifest))
+    cases["unhashed"] = (unhashed, "records no weights_sha256")
+    for name, (bad, message) in cases.items():
+        with pytest.raises(ModelFolderError, match=message):
+            EmbeddingJob(bad, events_file, AsOf(times=(AS_OF,)), tmp_path / f"o-{name}", EmbedJobConfig(engine="torch"))
+        with pytest.raises(ModelFolderError, match=message):
+            load_model(bad)
+    result = CliRunner().invoke(main, ["embed", "--model", str(flipped), "--events", str(events_file), "--as-of", "2025-01-20",
+                                       "--engine", "torch", "--out", str(tmp_path / "cli")])
+    assert result.exit_code != 0 and "model.safetensors is not the file its manifest recorded" in result.output
 
 
 def test_ray_data_run_writes_the_same_shards(model, torch_engine, events_file, tmp_path):

@@ -191,7 +191,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_reaches_the_same_result(tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists() and not resumed.exists(), "the run was not interrupted mid-way"
-    step_at_kill = torch.load(checkpoint, weights_only=False)["step"]
+    step_at_kill = torch.load(checkpoint, weights_only=True)["step"]  # plain tensors and values: no unpickling needed
     total = json.loads((straight / "training_log.json").read_text())[-1]["step"]
     assert 0 < step_at_kill < total
 
@@ -202,6 +202,31 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_reaches_the_same_result(tm
     log_a = json.loads((straight / "training_log.json").read_text())
     log_b = json.loads((resumed / "training_log.json").read_text())
     assert [round(x["loss"], 5) for x in log_a] == [round(x["loss"], 5) for x in log_b]
+
+
+class _Payload:
+    """What an attacker would place as checkpoint.pt: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_in_a_partial_folder_is_refused_and_never_runs(tmp_path):
+    out = tmp_path / "model"
+    partial = tmp_path / "model.partial"
+    partial.mkdir()
+    marker = tmp_path / "payload-ran"
+    torch.save({"settings": _Payload(marker), "step": 1}, partial / "checkpoint.pt")
+    config = PretrainConfig(preset="tiny", epochs=1, rows_per_batch=2, row_tokens=128, threads=1)
+    with pytest.raises(ValueError, match="checkpoint.pt is not a resume checkpoint this code wrote.*remove"):
+        pretrain(cyclic_events(n_users=10), out, config, TokenizerConfig(("mode",), min_condition_count=1), progress=False)
+    assert not marker.exists() and not out.exists()
+    (partial / "checkpoint.pt").write_bytes(b"garbage")  # a damaged file: the same clear error
+    with pytest.raises(ValueError, match="not a resume checkpoint"):
+        pretrain(cyclic_events(n_users=10), out, config, TokenizerConfig(("mode",), min_condition_count=1), progress=False)
 
 
 def test_two_processes_with_fsdp_follow_the_one_process_loss_curve(tmp_path):
