@@ -17,6 +17,7 @@ so one stamped after the request time is never served: historical requests belon
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -50,10 +51,12 @@ def _newest_timestamp(store: Any, view: str) -> pd.Timestamp | None:
 def materialize(repo: FeatureRepo, end: pd.Timestamp | None = None, full: bool = False) -> dict[str, Any]:
     """Write the newest value of every entity into the online store, view by view.
 
-    Each view is materialized up to `end`, or by default up to just after the newest timestamp of its own
-    offline data: a new embedding snapshot is picked up even when the counters already reach further. The first
-    run, a change of the selected model version or of the online store, and `full=True` materialize a view from
-    the start; later runs continue from where that view's last run ended.
+    Each view is materialized up to `end` (rows stamped at or before it, as the offline point-in-time join sees
+    them at `end`), or by default up to just after the newest timestamp of its own offline data: a new embedding
+    snapshot is picked up even when the counters already reach further. The first run, a change of the selected
+    model version or of the online store, and `full=True` materialize a view from the start, into an emptied view:
+    Feast only upserts, so values newer than `end` from an earlier run would otherwise stay online (and be served
+    as if they were as of `end`). Later runs continue from where that view's last run ended.
     """
     store = repo.store()
     settings = repo.settings()
@@ -75,17 +78,28 @@ def materialize(repo: FeatureRepo, end: pd.Timestamp | None = None, full: bool =
             ends[view], modes[view] = previous[view], "up to date"
             continue
         if view in previous:
-            store.materialize_incremental(end_date=view_end.to_pydatetime(), feature_views=[view])
-            modes[view] = "incremental"
+            # from our own record of where this view's last run ended, not Feast's `materialize_incremental`: that
+            # starts at the latest end of any earlier run, which after a full run to an earlier `end` lies ahead
+            start, modes[view] = pd.Timestamp(previous[view]), "incremental"
         else:
-            store.materialize(start_date=pd.Timestamp("1970-01-01", tz="UTC").to_pydatetime(), end_date=view_end.to_pydatetime(),
-                              feature_views=[view])
-            modes[view] = "full"
+            _empty_online_view(store, view)
+            start, modes[view] = pd.Timestamp("1970-01-01", tz="UTC"), "full"
+        store.materialize(start_date=start.to_pydatetime(), end_date=view_end.to_pydatetime(), feature_views=[view])
         ends[view] = view_end.isoformat()
     state = {"model_version": version, "online_store": settings["online_store"], "views": ends, "modes": modes,
              "end": max(ends.values()) if ends else None, "seconds": round(time.perf_counter() - started, 2)}
     write_text_atomic(json.dumps(state, indent=2), repo.materialized_file)
     return state
+
+
+def _empty_online_view(store: Any, view: str) -> None:
+    """Delete a view's rows from the online store and recreate its (empty) table, through the online store's own
+    `update` (SQLite: DROP and CREATE TABLE in the same database file, so open connections of running clients
+    see the new rows; Redis: the view's fields of every key)."""
+    provider = store._get_provider()
+    table = store.get_feature_view(view)
+    provider.update_infra(project=store.project, tables_to_delete=[table], tables_to_keep=[], entities_to_delete=[], entities_to_keep=[], partial=True)
+    provider.update_infra(project=store.project, tables_to_delete=[], tables_to_keep=[table], entities_to_delete=[], entities_to_keep=[], partial=True)
 
 
 # ---------------------------------------------------------------------- the answer
@@ -250,13 +264,18 @@ class FeatureClient:
         between requests, up to `item_cache_size` items. The online store only changes when it is materialized,
         and every request first checks the repo's materialization record (one `stat`): when it changed, the cache
         is emptied and the store's clock re-read, so a cached answer is always the one the store would give.
-        User features are never cached."""
+        User features are never cached.
+
+        One client may be shared by threads (a web server's worker pool): the cache and the re-read of the
+        materialization record are guarded by a lock, which is never held during a store read."""
         self.repo = repo if isinstance(repo, FeatureRepo) else FeatureRepo(repo)
         if not self.repo.materialized_file.exists():
             raise FeatureStoreError(f"{self.repo.root}: the online store was never materialized; run `lum features materialize`")
         self.item_cache_size = item_cache_size if item_cache else 0
         self._item_rows: dict[str, dict[str, Any]] = {}  # item id -> its answer, for every item-keyed feature
         self._state_stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # guards _item_rows, _generation and the settings _refresh sets
+        self._generation = 0  # +1 whenever the cache is emptied: a read begun before must not refill it
         self._refresh()
         if http_url:
             self.transport: Any = _HttpTransport(http_url)
@@ -266,6 +285,10 @@ class FeatureClient:
     def _refresh(self) -> None:
         """Re-read the materialization record (the store's clock) and the repo settings (selected version,
         conditions, TTL), and drop cached items, whenever the record changed: a materialization happened."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
         info = self.repo.materialized_file.stat()
         stamp = (info.st_mtime_ns, info.st_size)
         if stamp != self._state_stamp:
@@ -277,21 +300,32 @@ class FeatureClient:
             self.state = json.loads(self.repo.materialized_file.read_text())
             self.clock = pd.Timestamp(self.state["end"])
             self._item_rows.clear()
+            self._generation += 1
             self._state_stamp = stamp
 
-    def _read(self, user: str, conditions: list[str], items: list[str]) -> dict[str, list[Any]]:
-        """One store read for the user's views and the items not cached; item answers come back in `items` order."""
+    def _read(self, user: str, conditions: list[str], items: list[str], model_version: str | None, generation: int) -> dict[str, list[Any]]:
+        """One store read for the user's views and the items not cached; item answers come back in `items` order.
+
+        The cached rows are taken in one step under the lock (another thread may evict them right after), and
+        the fresh ones are cached only when no materialization emptied the cache since `generation`."""
         distinct = list(dict.fromkeys(items))
-        to_read = [i for i in distinct if i not in self._item_rows] if self.item_cache_size else distinct
-        got = self.transport.read(*self._one_read(user, conditions, to_read))
+        cached: dict[str, dict[str, Any]] = {}
+        if self.item_cache_size:
+            with self._lock:
+                if generation == self._generation:
+                    cached = {i: self._item_rows[i] for i in distinct if i in self._item_rows}
+        to_read = [i for i in distinct if i not in cached]
+        got = self.transport.read(*self._one_read(user, conditions, to_read, model_version))
         item_names = [name for name in got if name.startswith(ITEM_VIEW_PREFIXES)]
         fresh = {item: {name: got[name][j] for name in item_names} for j, item in enumerate(to_read)}
-        rows = {**{i: self._item_rows[i] for i in distinct if i in self._item_rows}, **fresh}
-        if self.item_cache_size:
-            for item, row in fresh.items():
-                if len(self._item_rows) >= self.item_cache_size:
-                    self._item_rows.pop(next(iter(self._item_rows)))  # the oldest entry
-                self._item_rows[item] = row
+        rows = {**cached, **fresh}
+        if self.item_cache_size and fresh:
+            with self._lock:
+                if generation == self._generation:
+                    for item, row in fresh.items():
+                        if item not in self._item_rows and len(self._item_rows) >= self.item_cache_size:
+                            self._item_rows.pop(next(iter(self._item_rows)))  # the oldest entry
+                        self._item_rows[item] = row
         names = item_names or (list(next(iter(rows.values()))) if rows else [])
         for name in names:
             got[name] = [rows[i][name] for i in items]
@@ -312,17 +346,19 @@ class FeatureClient:
         default) refuses such a request with a FeatureStoreError; `"newest"` takes the newest counters knowingly
         (a caller that only wants the time-checked vectors). Vectors are always time-checked.
         """
-        conditions = list(self.conditions if conditions is None else conditions)
-        unknown = [c for c in conditions if c not in self.conditions]
+        with self._lock:  # one consistent view of the store's settings for the whole request
+            self._refresh_locked()
+            model_version, served, dim, ttl, clock, generation = self.model_version, self.conditions, self.dim, self.ttl, self.clock, self._generation
+        conditions = list(served if conditions is None else conditions)
+        unknown = [c for c in conditions if c not in served]
         if unknown:
-            raise FeatureStoreError(f"condition(s) {', '.join(unknown)} are not served (served: {', '.join(self.conditions) or 'none'})")
-        self._refresh()
-        now = self.clock if request_time is None else pd.Timestamp(request_time)
+            raise FeatureStoreError(f"condition(s) {', '.join(unknown)} are not served (served: {', '.join(served) or 'none'})")
+        now = clock if request_time is None else pd.Timestamp(request_time)
         now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
         items = [str(i) for i in candidate_item_ids]
         user = str(user_id)
 
-        got = self._read(user, conditions, items)
+        got = self._read(user, conditions, items, model_version, generation)
         if request_time is not None and counters == "as_of_request":
             _refuse_counters_after(got, now, user, items)
         user_counters = {c: _float(got[f"user_stats__{c}"][0]) for c in USER_COUNTERS}
@@ -335,31 +371,31 @@ class FeatureClient:
             {c: np.zeros(0) for c in ITEM_COUNTERS}
         item_found = ~np.isnan(item_counters["item_n_impressions"])
         item_category = list(got["item_info__item_category"][:n]) if n else []
-        item_vectors = np.zeros((n, self.dim), np.float32)
+        item_vectors = np.zeros((n, dim), np.float32)
         item_vector_found = np.zeros(n, bool)
-        if self.model_version and n:
+        if model_version and n:
             for j, (vector, version) in enumerate(zip(got["lum_item__item_embedding"][:n], got["lum_item__item_model_version"][:n])):
-                if vector is not None and version == self.model_version and len(vector) == self.dim:
+                if vector is not None and version == model_version and len(vector) == dim:
                     item_vectors[j], item_vector_found[j] = vector, True
 
         k = len(conditions)
-        user_vectors = np.zeros((k, self.dim), np.float32)
+        user_vectors = np.zeros((k, dim), np.float32)
         found, stale = np.zeros(k, bool), np.zeros(k, bool)
         as_of: list[pd.Timestamp | None] = [None] * k
-        if self.model_version and k:
+        if model_version and k:
             for j, (vector, version, stamp) in enumerate(zip(got["lum_user_interest__embedding"][:k], got["lum_user_interest__model_version"][:k],
                                                              got["lum_user_interest__embedding" + TIMESTAMP_SUFFIX][:k])):
-                if vector is None or version != self.model_version:
+                if vector is None or version != model_version:
                     continue
                 as_of[j] = pd.Timestamp(stamp, unit="s", tz="UTC")
                 if as_of[j] > now:  # computed after the request: never served (ask the offline store about the past)
                     continue
-                if self.ttl > pd.Timedelta(0) and as_of[j] < now - self.ttl:
+                if ttl > pd.Timedelta(0) and as_of[j] < now - ttl:
                     stale[j] = True
                     continue
                 user_vectors[j], found[j] = vector, True
         return RankingFeatures(
-            user_id=user, conditions=conditions, item_ids=items, request_time=now, model_version=self.model_version,
+            user_id=user, conditions=conditions, item_ids=items, request_time=now, model_version=model_version,
             user_vectors=user_vectors, user_vector_found=found, user_vector_stale=stale, user_vector_as_of=as_of,
             item_vectors=item_vectors, item_vector_found=item_vector_found, user_counters=user_counters, user_found=user_found,
             item_counters=item_counters, item_found=item_found, item_category=item_category,
@@ -367,7 +403,7 @@ class FeatureClient:
         )
 
 
-    def _one_read(self, user: str, conditions: list[str], items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    def _one_read(self, user: str, conditions: list[str], items: list[str], model_version: str | None) -> tuple[list[str], dict[str, list[str]]]:
         """One Feast read for the whole request: R = max(N, K, 1) entity rows carry the user in every row, the
         K conditions in rows 0..K-1 (then cycling) and the N items in rows 0..N-1 (then repeating the last).
         Feast reads each view once per distinct key, so the padding costs nothing, and one call instead of
@@ -377,10 +413,10 @@ class FeatureClient:
         entities: dict[str, list[str]] = {"user_id": [user] * rows}
         if items:
             features += [f"item_stats:{c}" for c in ITEM_COUNTERS] + ["item_info:item_category"]
-            if self.model_version:
+            if model_version:
                 features += ["lum_item:item_embedding", "lum_item:item_model_version"]
             entities["item_id"] = items + [items[-1]] * (rows - len(items))
-        if self.model_version and conditions:
+        if model_version and conditions:
             features += ["lum_user_interest:embedding", "lum_user_interest:model_version"]
             entities["condition"] = [conditions[r % len(conditions)] for r in range(rows)]
         return features, entities

@@ -2,6 +2,8 @@
 
     with FeatureServer(repo) as server:          # http://127.0.0.1:<free port>
         FeatureClient(repo, http_url=server.url).get_ranking_features(...)
+
+and a throwaway Redis server for a Redis online store (tests, benchmarks): `with RedisServer() as redis: ...`.
 """
 
 from __future__ import annotations
@@ -79,3 +81,47 @@ class FeatureServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisServer:
+    """A throwaway `redis-server` on a free localhost port, nothing saved to disk (tests, benchmarks).
+
+        with RedisServer() as redis:                 # redis.url == "127.0.0.1:<port>", Feast's connection string
+            repo.init(online=OnlineStoreConfig("redis", redis.url))
+    """
+
+    def __init__(self, port: int | None = None, start_timeout_s: float = 10.0):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise FeatureStoreError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.port = port or free_port()
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "RedisServer":
+        import redis
+
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise FeatureStoreError(f"redis-server did not answer on {self.url}") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+import yaml
 
 from pipelines.data.sources.simulator import preset, simulate
 
@@ -53,3 +54,37 @@ def tiny_lm(tmp_path_factory, tiny_sim):
         progress=False,
     )
     return folder, manifest
+
+
+# the run config of the shared tiny run (tests/test_pipeline.py, tests/test_serve.py)
+TINY_RUN = {
+    "data": {"source": "simulator", "preset": "tiny"},
+    "protocols": [{"split": "global", "features": "rolling"}],
+    # semantic ids as the demo (configs/demo.yaml), with a codebook that fits the tiny preset's 300 items
+    # one torch thread: the same-model test pretrains again in this process after the rankers set one thread
+    "lm": {"pretrain": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "threads": 1},
+           "tokenizer": {"item_tokenization": "semantic", "vector_column": "content", "categorical_columns": ["category"],
+                         "semantic_codebook_size": 16, "semantic_levels": 2}},
+    "embed": {"job": {"engine": "torch"}, "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
+    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "dlrm": {"epochs": 2, "threads": 1}, "lightgbm": {"threads": 1},
+                "features": {"request_features": True}},
+    "report": {"n_bootstrap": 20},
+    "targets": {"gauc_lift_min": 0.01},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """`lum run` of TINY_RUN on the tiny simulator (torch engine, about 1-2 min): (run folder, config file, output).
+
+    Shared by tests/test_pipeline.py and tests/test_serve.py; a test that changes the run puts it back as it found it."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), **TINY_RUN}))
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return root / "run", config, result.output

@@ -24,30 +24,7 @@ from ranker.dlrm import DLRMConfig
 from ranker.features import FeatureConfig
 from ranker.gbdt import LightGBMConfig
 
-TINY_RUN = {
-    "data": {"source": "simulator", "preset": "tiny"},
-    "protocols": [{"split": "global", "features": "rolling"}],
-    # semantic ids as the demo (configs/demo.yaml), with a codebook that fits the tiny preset's 300 items
-    # one torch thread: the same-model test pretrains again in this process after the rankers set one thread
-    "lm": {"pretrain": {"preset": "tiny", "epochs": 2, "rows_per_batch": 4, "threads": 1},
-           "tokenizer": {"item_tokenization": "semantic", "vector_column": "content", "categorical_columns": ["category"],
-                         "semantic_codebook_size": 16, "semantic_levels": 2}},
-    "embed": {"job": {"engine": "torch"}, "conditions": ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]},
-    "rankers": {"models": ["dlrm", "lightgbm"], "variants": ["base", "lum"], "dlrm": {"epochs": 2, "threads": 1}, "lightgbm": {"threads": 1},
-                "features": {"request_features": True}},
-    "report": {"n_bootstrap": 20},
-    "targets": {"gauc_lift_min": 0.01},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
-    root = tmp_path_factory.mktemp("pipeline")
-    config = root / "run.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), **TINY_RUN}))
-    result = CliRunner().invoke(main, ["run", "--config", str(config)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return root / "run", config, result.output
+# `tiny_run` (a finished `lum run` of TINY_RUN, shared with tests/test_serve.py) lives in tests/conftest.py
 
 
 def test_run_writes_every_step_and_the_report(tiny_run):

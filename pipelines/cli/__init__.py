@@ -15,6 +15,7 @@
     lum demo                                        `lum run` on the embedded simulator
     lum status --run DIR                            each step of a run: state, settings hash, duration
     lum report --run DIR [--out DIR]                the A/B report of a finished run, built again
+    lum serve --run DIR [--model --variant --port]  the ranking service: POST /rank, GET /healthz, GET /spec
 
 A YAML config file gives defaults for any option, nested by command name, e.g.
 
@@ -86,8 +87,10 @@ from pipelines.cli.features import features  # noqa: E402
 from pipelines.cli.lm import embed_command, evaluate_command, pretrain_command  # noqa: E402
 from pipelines.cli.ranker import ranker  # noqa: E402
 from pipelines.cli.run import demo, report_command, run_command, status_command  # noqa: E402
+from pipelines.cli.serve import serve_command  # noqa: E402
 
-for command in (data, pretrain_command, evaluate_command, embed_command, features, ranker, run_command, demo, report_command, status_command):
+for command in (data, pretrain_command, evaluate_command, embed_command, features, ranker, run_command, demo, report_command, status_command,
+                serve_command):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""`lum serve`: the ranking service of a run (a trained ranker fed from the Feast online store; pipelines/serve.py).
+
+    lum serve --run runs/demo [--model lightgbm|dlrm] [--variant lum] [--protocol global] [--host 127.0.0.1] [--port 8000]
+"""
+
+from __future__ import annotations
+
+import click
+
+from contracts.names import VARIANTS
+from pipelines.cli.common import run_option
+
+
+@click.command("serve")
+@click.option("--model", type=click.Choice(["lightgbm", "dlrm"]), default="lightgbm", help="Which trained ranker.")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="lum", help="Which variant of it.")
+@click.option("--protocol", default=None, help="Protocol key of the ranker folder rankers/<protocol>-<model>-<variant> "
+              "[default: the run's first protocol's split].")
+@click.option("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 exposes the service to the network).")
+@click.option("--port", type=int, default=8000)
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A model_spec.json (`lum ranker export`) the ranker's inputs must match [default: the ranker's own].")
+@click.option("--access-log/--no-access-log", default=False, help="Log every request.")
+@run_option
+def serve_command(model, variant, protocol, host, port, spec_path, access_log, run_dir) -> None:
+    """Serve POST /rank (scores of a user's candidates), GET /healthz and GET /spec until interrupted (Ctrl-C)."""
+    from pathlib import Path
+
+    from pipelines.paths import RunPaths
+    from pipelines.serve import RankingService, ServeError, default_protocol_key, ranker_folder, serve
+
+    if not Path(run_dir).is_dir():
+        raise click.BadParameter(f"{run_dir} is not a run folder", param_hint="--run")
+    try:
+        protocol = protocol or default_protocol_key(run_dir)
+    except ServeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--protocol") from exc
+    folder = ranker_folder(run_dir, model, variant, protocol)
+    if not (folder / "ranker.json").exists():
+        trained = sorted(p.name for p in (Path(run_dir) / "rankers").glob("*") if (p / "ranker.json").exists())
+        raise click.BadParameter(f"{folder} holds no trained ranker (trained: {', '.join(trained) or 'none'})", param_hint="--model/--variant/--protocol")
+    repo = RunPaths(run_dir).feature_repo
+    if not (repo / "data" / "materialized.json").exists():
+        raise click.BadParameter(f"{repo}: the online store was never materialized; run `lum features materialize --run {run_dir}`", param_hint="--run")
+    try:
+        service = RankingService(folder, repo, spec_path=spec_path)
+    except (ServeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    health = service.health()
+    click.echo(f"ranking with {folder} ({health['online_store']} online store, materialized until {health['materialized_until']}) "
+               f"on http://{host}:{port}: POST /rank, GET /healthz, GET /spec; Ctrl-C stops it")
+    serve(service, host=host, port=port, access_log=access_log)

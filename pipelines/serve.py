@@ -1,0 +1,319 @@
+"""The ranking service: a trained ranker of a run, fed from the Feast online store, behind `POST /rank`.
+
+    lum serve --run runs/demo [--model lightgbm] [--variant lum] [--host 127.0.0.1] [--port 8000]
+
+    POST /rank   {"user_id": "u7", "context": {"surface": "home", "device": "mobile", "daypart": "evening", "hour": 20},
+                  "item_ids": ["i1", "i2"], "request_time": null, "return_inputs": false}
+              -> {"scores": [...], "item_ids": [...], "model": "lightgbm", "variant": "lum", "ranker": "global-lightgbm-lum",
+                  "model_version": "...", "request_time": "...", "features": {"user_found": true, "items_found": 2, ...}}
+    GET /healthz  ranker, model version, online store kind, materialized-until time
+    GET /spec     the ranker's model_spec.json (inputs, order, transforms, missing values; see ranker/export.py)
+
+One feature path for training, offline scoring and online scoring: a request's features come from
+`FeatureClient.get_ranking_features` as rows in the training-set contract (`RankingFeatures.to_frame`), and the
+ranker's own `featurize` (the FeaturePipeline it was trained with) turns them into model inputs. Nothing here
+computes a feature.
+
+Time. Without `request_time` the store's clock is used (the newest time it was materialized up to: in production,
+now). A past `request_time` is answered only when every counter the request reads is as of that time or older;
+otherwise the online store would serve values from the request's future, and the request is refused (HTTP 409,
+the message names the view, the key and both times). Vectors stamped after the request time are never served.
+
+Threads. The HTTP app runs `rank` in a thread pool; one `RankingService` (its FeatureClient, ranker and pipeline)
+is shared by those threads.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from feature_store.online import FeatureClient, RankingFeatures
+from feature_store.repo import FeatureRepo, FeatureStoreError
+from pipelines.paths import RunPaths
+from ranker.export import SPEC_FILE, flat_inputs, model_spec
+from ranker.features import DLRMInputs
+from ranker.schema import RankerInputError, as_arrow, variant_parts
+from ranker.train import TrainedRanker
+
+MAX_CANDIDATES = 1000
+PROBE_ID = "__lum_serve_probe__"
+
+
+class ServeError(ValueError):
+    """The service cannot start (a missing ranker folder or online store, a spec that does not match)."""
+
+
+class RankingError(ValueError):
+    """A request the service answers with an error: `status` is its HTTP status (422 bad request, 409 past request)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+class RankRequest(BaseModel):
+    """One ranking request: a user, the request context, the candidates."""
+
+    user_id: str
+    context: dict[str, Any] = Field(default_factory=dict, description="the ranker's request-time context columns, e.g. surface, device, hour")
+    item_ids: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    request_time: str | None = Field(None, description="ISO time; default: the online store's clock (its materialized-until time)")
+    return_inputs: bool = Field(False, description="also return the model inputs in the order of GET /spec")
+
+
+@dataclass
+class Ranked:
+    """The in-process answer: what `/rank` returns (`body`), with the features frame and model inputs behind it."""
+
+    body: dict[str, Any]
+    features: RankingFeatures
+    frame: pd.DataFrame
+    inputs: DLRMInputs | np.ndarray
+
+
+def default_protocol_key(run_dir: str | Path) -> str:
+    """The protocol key of the rankers `lum serve` picks by default: the run's first protocol's split (`global`)."""
+    state = Path(run_dir) / "run_state.json"
+    if not state.exists():
+        raise ServeError(f"{run_dir} has no run_state.json (not a finished `lum run`?): pass --protocol, e.g. --protocol global")
+    protocols = json.loads(state.read_text()).get("config", {}).get("protocols") or []
+    if not protocols:
+        raise ServeError(f"{state} lists no protocols: pass --protocol")
+    return str(protocols[0]["split"])
+
+
+def ranker_folder(run_dir: str | Path, model: str, variant: str, protocol: str | None = None) -> Path:
+    """runs/<run>/rankers/<protocol>-<model>-<variant> (the protocol defaults to `default_protocol_key`)."""
+    from pipelines.steps.rankers import ranker_dir
+
+    return ranker_dir(RunPaths(Path(run_dir)), protocol or default_protocol_key(run_dir), model, variant)
+
+
+def _json_rows(array: np.ndarray) -> list:
+    """A float array as JSON lists, NaN as null."""
+    values = array.astype(np.float64)
+    return np.where(np.isnan(values), None, values).tolist()
+
+
+class RankingService:
+    """Scores ranking requests with one trained ranker and the run's online store; `rank` is what `/rank` calls."""
+
+    def __init__(self, ranker_dir: str | Path, repo: str | Path | FeatureRepo, client: FeatureClient | None = None, spec_path: str | Path | None = None):
+        """`spec_path`: a model_spec.json to hold the ranker to (default: the ranker folder's own, else the one
+        `ranker/export.py` makes from the ranker). The service refuses to start when the featurizer's inputs
+        differ from the spec's, in names or order."""
+        self.ranker_dir = Path(ranker_dir)
+        if not (self.ranker_dir / "ranker.json").exists():
+            raise ServeError(f"{self.ranker_dir} holds no trained ranker (no ranker.json): train it with `lum run` or `lum ranker train`")
+        self.ranker = TrainedRanker.load(self.ranker_dir)
+        self.repo = repo if isinstance(repo, FeatureRepo) else FeatureRepo(repo)
+        if not self.repo.materialized_file.exists():
+            raise ServeError(f"{self.repo.root}: the online store was never materialized: run `lum features materialize --run RUN` (or `lum run`)")
+        self.client = client or FeatureClient(self.repo)
+        schema = self.ranker.schema
+        self.context_columns = list(schema.context_columns)
+        use_lum, _ = variant_parts(self.ranker.variant)
+        self.conditions = list(schema.lum_conditions.values()) if use_lum else []
+        if use_lum:
+            served = self.repo.settings()
+            if schema.model_version and served.get("model_version") != schema.model_version:
+                raise ServeError(f"{self.ranker_dir} was trained on LUM model version {schema.model_version}, but {self.repo.root} serves "
+                                 f"{served.get('model_version')}: select that version (`lum features apply --model-version ...`) and materialize")
+            missing = [c for c in self.conditions if c not in (served.get("conditions") or [])]
+            if missing:
+                raise ServeError(f"{self.repo.root} does not serve the condition(s) {', '.join(missing)} that {self.ranker_dir.name} reads")
+        own = Path(spec_path) if spec_path else self.ranker_dir / SPEC_FILE
+        self.spec = json.loads(own.read_text()) if own.exists() else model_spec(self.ranker)
+        self.check_spec()
+
+    # ------------------------------------------------------------------ start-up check
+    def check_spec(self) -> None:
+        """Featurize a probe request through the whole online path; its inputs must be the spec's, in the spec's order."""
+        ranked = self.rank({"user_id": PROBE_ID, "context": {c: None for c in self.context_columns}, "item_ids": [PROBE_ID]}, probe=True)
+        inputs = ranked.inputs
+        spec = self.spec
+        problems = []
+        if spec.get("model") != self.ranker.config.model or spec.get("variant") != self.ranker.variant:
+            problems.append(f"the spec is for {spec.get('model')}/{spec.get('variant')}, the ranker is {self.ranker.config.model}/{self.ranker.variant}")
+        elif isinstance(inputs, DLRMInputs):
+            dense = [d["name"] for d in spec.get("dense", [])]
+            sparse = [s["key"] for s in spec.get("sparse", [])]
+            if inputs.dense.shape[1] != len(dense) or list(self.ranker.pipeline.dense_names) != dense:
+                problems.append(f"dense inputs: the featurizer makes {inputs.dense.shape[1]} ({', '.join(self.ranker.pipeline.dense_names[:5])}, ...), "
+                                f"the spec lists {len(dense)} ({', '.join(dense[:5])}, ...)")
+            if list(inputs.keys) != sparse:
+                problems.append(f"sparse keys: the featurizer makes {inputs.keys}, the spec lists {sparse}")
+        else:
+            schema, variant = self.ranker.schema, self.ranker.variant
+            columns = schema.feature_columns(variant) + ([schema.time] if self.ranker.config.features.request_features else [])
+            _, names = self.ranker.pipeline.lightgbm_inputs(as_arrow(ranked.frame, columns))  # the names of the matrix featurize made
+            features = [f["name"] for f in spec.get("features", [])]
+            if inputs.shape[1] != len(features) or names != features or list(self.ranker.model.feature_name()) != features:
+                first = next((i for i, (a, b) in enumerate(zip(names, features)) if a != b), min(len(names), len(features)))
+                problems.append(f"features: the featurizer makes {inputs.shape[1]}, the spec lists {len(features)}; first difference at index {first}")
+        vocabularies = {name: v.values for name, v in self.ranker.pipeline.vocabularies.items()}
+        listed = {name: list(v["ids"]) for name, v in spec.get("vocabularies", {}).items()}
+        if vocabularies != listed:
+            problems.append(f"vocabularies differ: {sorted(k for k in set(vocabularies) | set(listed) if vocabularies.get(k) != listed.get(k))}")
+        if problems:
+            raise ServeError(f"{self.ranker_dir}: the ranker's inputs do not match its model spec: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, request: RankRequest | dict[str, Any]) -> RankRequest:
+        if isinstance(request, RankRequest):
+            return request
+        from pydantic import ValidationError
+
+        try:
+            return RankRequest.model_validate(request)
+        except ValidationError as exc:
+            raise RankingError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+    def rank(self, request: RankRequest | dict[str, Any], probe: bool = False) -> Ranked:
+        """Scores of one request's candidates, in their order (raises RankingError with the HTTP status to answer)."""
+        started = time.perf_counter()
+        request = self._request(request)
+        missing = [c for c in self.context_columns if c not in request.context]
+        unknown = [c for c in request.context if c not in self.context_columns]
+        if missing or unknown:
+            parts = ([f"missing context column(s) {', '.join(missing)}"] if missing else []) + \
+                    ([f"unknown context column(s) {', '.join(unknown)}"] if unknown else [])
+            raise RankingError(f"{'; '.join(parts)}: {self.ranker_dir.name} reads exactly {', '.join(self.context_columns) or 'none'}")
+        when = None
+        if request.request_time is not None:
+            try:
+                when = pd.Timestamp(request.request_time)
+            except (ValueError, TypeError) as exc:
+                raise RankingError(f"request_time '{request.request_time}' is not an ISO time: {exc}") from exc
+            if pd.isna(when):
+                raise RankingError(f"request_time '{request.request_time}' is not a time")
+        try:
+            answer = self.client.get_ranking_features(request.user_id, self.conditions, request.item_ids, request_time=when)
+        except FeatureStoreError as exc:
+            raise RankingError(str(exc), status=409 if "counters from its future" in str(exc) else 422) from exc
+        frame = answer.to_frame(dict(request.context))
+        try:
+            inputs = self.ranker.featurize(frame)
+        except RankerInputError as exc:
+            raise RankingError(str(exc)) from exc
+        scores = self.ranker.score(inputs)
+        body: dict[str, Any] = {
+            "scores": [float(s) for s in scores],
+            "item_ids": list(answer.item_ids),
+            "model": self.ranker.config.model,
+            "variant": self.ranker.variant,
+            "ranker": self.ranker_dir.name,
+            "model_version": self.ranker.schema.model_version if self.conditions else None,
+            "request_time": answer.request_time.isoformat(),
+            "features": self.found(answer),
+        }
+        if request.return_inputs:
+            body["inputs"] = self.inputs_json(inputs)
+        body["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return Ranked(body, answer, frame, inputs)
+
+    @staticmethod
+    def found(answer: RankingFeatures) -> dict[str, Any]:
+        """What the online store knew: the user, the candidates, the LUM vectors per condition (found, stale, as-of)."""
+        return {
+            "user_found": bool(answer.user_found),
+            "items_found": int(answer.item_found.sum()),
+            "item_vectors_found": int(answer.item_vector_found.sum()),
+            "history_len": len(answer.hist_item_ids),
+            "lum": {c: {"found": bool(f), "stale": bool(s), "as_of": None if t is None else t.isoformat()}
+                    for c, f, s, t in zip(answer.conditions, answer.user_vector_found, answer.user_vector_stale, answer.user_vector_as_of)},
+        }
+
+    def inputs_json(self, inputs: DLRMInputs | np.ndarray) -> dict[str, Any]:
+        """The model inputs as GET /spec names them: LightGBM's `features` [N, F] (null = missing), or the DLRM's
+        `dense` [N, F] float32, `values` [nnz] and `lengths` [K * N] int64 (key-major)."""
+        if isinstance(inputs, DLRMInputs):
+            dense, values, lengths = flat_inputs(inputs)
+            return {"dense": _json_rows(dense.numpy()), "values": values.numpy().tolist(), "lengths": lengths.numpy().tolist()}
+        return {"features": _json_rows(inputs)}
+
+    def health(self) -> dict[str, Any]:
+        state = json.loads(self.repo.materialized_file.read_text())
+        return {"status": "ok", "ranker": self.ranker_dir.name, "model": self.ranker.config.model, "variant": self.ranker.variant,
+                "model_version": self.ranker.schema.model_version if self.conditions else None,
+                "online_store": state["online_store"]["kind"], "materialized_until": state["end"],
+                "online_model_version": state.get("model_version")}
+
+
+# ---------------------------------------------------------------------- HTTP
+def create_app(service: RankingService):
+    """The FastAPI app of a service: POST /rank, GET /healthz, GET /spec."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="lum ranking service", summary=f"{service.ranker_dir.name}, features from the Feast online store")
+
+    @app.post("/rank")
+    def rank(request: RankRequest):  # a plain def: FastAPI runs it in its thread pool
+        try:
+            return service.rank(request).body
+        except RankingError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/healthz")
+    def healthz():
+        return service.health()
+
+    @app.get("/spec")
+    def spec():
+        return service.spec
+
+    return app
+
+
+class BackgroundServer:
+    """The app under a real uvicorn server in a thread of this process, on 127.0.0.1 (tests, benchmarks).
+
+        with BackgroundServer(service) as server:
+            requests.post(f"{server.url}/rank", json=...)
+    """
+
+    def __init__(self, service: RankingService, port: int | None = None, host: str = "127.0.0.1"):
+        from feature_store.serve import free_port
+
+        self.service, self.host, self.port = service, host, port or free_port()
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        import uvicorn
+
+        config = uvicorn.Config(create_app(self.service), host=self.host, port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"lum-serve-{self.port}", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ServeError(f"the ranking service did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def serve(service: RankingService, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:
+    """Serve until interrupted (Ctrl-C stops uvicorn cleanly: it finishes the requests in flight)."""
+    import uvicorn
+
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info", access_log=access_log)
