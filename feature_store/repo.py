@@ -8,7 +8,8 @@
         registry.db               Feast's registry (written by apply)
         online.db                 the SQLite online store (written by materialize)
         stats/*.parquet           ordinary features, point-in-time (see offline_tables.py)
-        lum_user/<version>/*.parquet   ingested user embeddings of each model version (several coexist)
+        lum_user/<version>/<job>/*.parquet   ingested user embeddings of each model version (several coexist), one
+                                       folder per embedding job, moved in whole (staging/<job>/ until then)
         lum_item/<version>/items.parquet
         ingested.json             every ingested embedding job, by version: dimension, conditions, as-of times
         materialized.json         what the online store holds: model version and materialized-until time
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -267,11 +269,20 @@ class FeatureRepo:
                 "embed every job of a version with the same settings, or ingest it as its own version"
             )
 
-        # all checks passed: copy shards (temporary name, then rename), then record the job
+        # all checks passed: copy the shards into a staging folder, move it into the version's source folder with one
+        # rename, then record the job. Feast reads every file under the version's folder (Dask does not skip hidden
+        # names), so an interrupted ingest must leave nothing there: readers see all of a job's shards or none.
         user_dir = self.data / "lum_user" / version
         user_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.data / "staging" / job_id
+        if staging.exists():  # left by an interrupted ingest of this job
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
         for path in shard_files:
-            copy_file_atomic(path, user_dir / f"{job_id}-{path.name}")
+            copy_file_atomic(path, staging / path.name)
+        if (user_dir / job_id).exists():  # moved in by an ingest killed before it recorded the job
+            shutil.rmtree(user_dir / job_id)
+        staging.replace(user_dir / job_id)
         if not item_path.exists():
             write_parquet_atomic(item_table, item_path)
         conditions = manifest.conditions

@@ -427,6 +427,52 @@ def test_two_model_versions_coexist_and_the_selected_one_is_served(run, tmp_path
     np.testing.assert_allclose(np.asarray(second), 2 * np.asarray(first), rtol=1e-6)
 
 
+def test_an_interrupted_ingest_leaves_nothing_feast_reads_and_a_rerun_completes(run, tmp_path, monkeypatch):
+    """Shards are staged outside the version's source folder and moved in with one rename: a Ctrl-C (or kill)
+    mid-copy leaves the served data as it was; ingesting again finishes the job."""
+    import dask.dataframe as dd
+
+    import feature_store.repo as repo_module
+
+    paths = RunPaths(tmp_path / "interrupted")
+    shutil.copytree(run["paths"].root, paths.root)
+    repo = FeatureRepo(paths.feature_repo)
+    job = tmp_path / "snap3"
+    shutil.copytree(run["snap1"], job)
+    t3 = pd.Timestamp("2025-01-27", tz="UTC")
+    manifest = json.loads((job / "manifest.json").read_text())
+    manifest["settings"]["as_of"] = t3.isoformat()
+    (job / "manifest.json").write_text(json.dumps(manifest))
+    for path in sorted((job / "users").glob("*.parquet")):
+        table = pq.read_table(path)
+        stamps = pa.array([t3] * table.num_rows).cast(table.schema.field("event_timestamp").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("event_timestamp"), "event_timestamp", stamps), path)
+    assert len(manifest["shards"]) >= 2
+    source = repo.data / "lum_user" / run["version"]
+
+    def served_rows() -> int:  # what Feast's file store reads: Dask over every file under the folder
+        return len(dd.read_parquet(str(source)).compute())
+
+    before, ingested_before = served_rows(), repo.ingested_file.read_text()
+    copies = {"n": 0}
+    real_copy = repo_module.copy_file_atomic
+
+    def interrupted_copy(src, dst):
+        copies["n"] += 1
+        if copies["n"] == 2:
+            raise KeyboardInterrupt
+        real_copy(src, dst)
+
+    monkeypatch.setattr(repo_module, "copy_file_atomic", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt):
+        repo.ingest(job)
+    assert served_rows() == before and repo.ingested_file.read_text() == ingested_before
+    monkeypatch.setattr(repo_module, "copy_file_atomic", real_copy)
+    result = repo.ingest(job)
+    assert not result["skipped"] and served_rows() == before + result["rows"]
+    assert not any((repo.data / "staging").iterdir())
+
+
 def test_item_cache_serves_repeated_candidates_and_follows_a_new_materialization(run, tmp_path):
     """Cached candidates are not read again; after a version switch and materialization a long-lived client
     serves the new item vectors (the cache is dropped when the materialization record changes)."""
