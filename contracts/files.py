@@ -10,10 +10,12 @@ temporary file, which the next write of the same target overwrites.
         torch.save(state, tmp)
 
 No fsync: this protects readers from partial files and crashed writers, not a file system from a power cut.
+`file_sha256` says whether an input file is the same one (by content, not by name or time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -87,3 +89,12 @@ def copy_file_atomic(source: str | Path, path: str | Path) -> None:
     """Copy the bytes of `source` to `path` (no metadata), atomically."""
     with atomic_path(path) as tmp:
         shutil.copyfile(source, tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 8 MiB blocks (what makes two inputs the same input, whatever their names)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -173,3 +173,21 @@ def test_options_come_from_the_config_dataclasses():
     nested = CliRunner().invoke(main, ["embed", "--model", ".", "--events", "pyproject.toml", "--as-of", "2025-01-01", "--out", "x",
                                        "--vllm-block-size", "0"])
     assert nested.exit_code == 2 and "--vllm-block-size: Input should be greater than or equal to 1" in nested.output
+
+
+def test_a_changed_file_at_the_same_path_is_never_taken_as_up_to_date(tmp_path):
+    """Re-importing compares the files' content (sha256), the contract and the options, not the path alone."""
+    events = tmp_path / "log.csv"
+    events.write_text("user_id,item_id,ts,label,surface\n1,a,2024-01-01T00:00:00Z,1,home\n1,b,2024-01-01T00:01:00Z,0,home\n")
+    args = ["data", "import", "files", str(events), "--run", str(tmp_path / "run")]
+    assert run(*args, "--condition", "surface").exit_code == 0
+    again = run(*args, "--condition", "surface")
+    assert again.exit_code == 0 and "up to date" in again.output
+    events.write_text(events.read_text() + "2,a,2024-01-01T00:02:00Z,1,cart\n")  # same path, same size class, new content
+    changed = run(*args, "--condition", "surface")
+    assert changed.exit_code != 0 and "events_sha256" in changed.output and "content changed" in changed.output
+    assert pq.read_table(tmp_path / "run/data/events.parquet").num_rows == 2  # the old data is kept, never mixed
+    forced = run(*args, "--condition", "surface", "--force")
+    assert forced.exit_code == 0 and pq.read_table(tmp_path / "run/data/events.parquet").num_rows == 3
+    other_contract = run(*args, "--ignore", "surface")  # the same file read under another contract is other data too
+    assert other_contract.exit_code != 0 and "contract" in other_contract.output

@@ -21,10 +21,13 @@ def _same_source(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
     if not paths.dataset_info.exists() or force:
         return False
     existing = json.loads(paths.dataset_info.read_text())["source"]
-    if json.loads(json.dumps(source)) == existing:
+    wanted = json.loads(json.dumps(source))
+    if wanted == existing:
         return True
+    changed = sorted(k for k in {*wanted, *existing} if wanted.get(k) != existing.get(k))
+    hint = " (the file's content changed)" if any(k.endswith("_sha256") for k in changed) else ""
     raise FileExistsError(
-        f"{paths.root} already holds data from {existing.get('name')} with other parameters; pass --force to "
+        f"{paths.root} already holds data from {existing.get('name')} with other {', '.join(changed)}{hint}; pass --force to "
         "replace it or choose another run folder (nothing is overwritten silently)"
     )
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
+from contracts.files import file_sha256
 from contracts.settings import Field, config_class
 from pipelines.data.contract import EventContract, ValidationOptions, read_table, utc_timestamp, validate_events, validate_items
 from pipelines.data.sources.base import SourceOutput
@@ -75,6 +78,11 @@ def load_files(
             "name": "files",
             "events": str(events_path),
             "items": None if items_path is None else str(items_path),
+            # by content: a file changed at the same path is new data, never "up to date"
+            "events_sha256": file_sha256(events_path),
+            "items_sha256": None if items_path is None else file_sha256(items_path),
+            "contract": json.loads(contract.to_json()),
+            "options": None if options is None else {k: str(v) if v is not None else None for k, v in asdict(options).items()},
             "column_map": dict(column_map or {}),
             "ignored_columns": list(ignore),
         },
