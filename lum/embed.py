@@ -252,6 +252,10 @@ class VllmEngine:
         from vllm import LLM, PoolingParams
         from vllm.config import PoolerConfig
 
+        from contracts.processes import watch_descendants
+
+        # vLLM's engine core and workers (the model and its KV cache) would outlive a killed job: a watchdog stops them
+        self._watchdog = watch_descendants()
         self._params = PoolingParams(use_activation=False)
         self.llm = LLM(
             model=str(model_dir),
@@ -284,3 +288,6 @@ class VllmEngine:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - shutting down twice or after a crash must not mask the real error
             pass
+        if self._watchdog.poll() is None:  # the engine's processes are gone: nothing left to watch over
+            self._watchdog.kill()
+            self._watchdog.wait()

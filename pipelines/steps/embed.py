@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts.embeddings import MODEL_MANIFEST_FILE
+from contracts.processes import die_with_parent
 from lum.config import EmbedJobConfig
 from pipelines.data.contract import read_contract, read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
@@ -28,7 +29,7 @@ def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path
                "--as-of", as_of, "--out", str(out_dir), "--settings-json", settings]
     if for_rows is not None:
         command += ["--for-rows", str(for_rows)]
-    done = subprocess.run(command)
+    done = subprocess.run(command, preexec_fn=die_with_parent)  # a killed `lum run` takes its embedding job with it
     if done.returncode != 0:
         raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command[:12])} ...")
 def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool, events: Path) -> str:
