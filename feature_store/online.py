@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from contracts import names
 from contracts.files import write_text_atomic
@@ -130,36 +131,55 @@ class RankingFeatures:
     hist_item_ids: list[str] = field(default_factory=list)
     hist_categories: list[str] = field(default_factory=list)
 
-    def to_frame(self, context: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row per candidate in the training-set contract (what `build_training_set` returns offline),
-        its metadata in `frame.attrs["lum.training_set"]`."""
+    def to_table(self, context: dict[str, Any] | None = None) -> pa.Table:
+        """One row per candidate in the training-set contract (what `build_training_set` returns offline), as an
+        Arrow table with the contract metadata in its schema (what the ranker reads without a pandas round trip)."""
         from feature_store.training_set import METADATA_KEY, contract_metadata
 
         n = len(self.item_ids)
-        frame = pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "user_id": self.user_id, "item_id": self.item_ids,
-                              "ts": self.request_time})
+        columns: dict[str, pa.Array] = {
+            "row_id": pa.array(np.arange(n, dtype=np.int64)),
+            "user_id": pa.array([self.user_id] * n, pa.string()),
+            "item_id": pa.array(self.item_ids, pa.string()),
+            "ts": pa.array(np.full(n, self.request_time.value, dtype="datetime64[ns]"), pa.timestamp("ns", tz="UTC")),
+        }
         for name, value in (context or {}).items():
-            frame[name] = value
-        frame["item_category"] = self.item_category
+            columns[name] = pa.array([value] * n)
+        columns["item_category"] = pa.array(self.item_category, pa.string())
         for name in USER_COUNTERS[:-1]:
-            frame[name] = self.user_counters[name]
+            columns[name] = pa.array(np.full(n, self.user_counters[name], dtype=np.float64))
         since = (self.request_time - pd.Timestamp("1970-01-01", tz="UTC")).total_seconds() - self.user_counters["user_last_event_s"]
-        frame["user_hours_since_last"] = since / 3600.0
+        columns["user_hours_since_last"] = pa.array(np.full(n, since / 3600.0, dtype=np.float64))
         for name in ITEM_COUNTERS:
-            frame[name] = self.item_counters[name]
-        frame["hist_item_ids"] = [list(self.hist_item_ids)] * n
-        frame["hist_categories"] = [list(self.hist_categories)] * n
+            columns[name] = pa.array(np.asarray(self.item_counters[name], dtype=np.float64))
+        columns["hist_item_ids"] = pa.array([list(self.hist_item_ids)] * n, pa.list_(pa.string()))
+        columns["hist_categories"] = pa.array([list(self.hist_categories)] * n, pa.list_(pa.string()))
         for k, condition in enumerate(self.conditions):
-            vector = list(self.user_vectors[k]) if self.user_vector_found[k] else None
-            frame[lum_user_column(condition)] = [vector] * n
-        frame["lum_item"] = [list(v) if ok else None for v, ok in zip(self.item_vectors, self.item_vector_found)]
-        frame["missing_user_stats"] = np.int8(not self.user_found)
-        frame["missing_item_stats"] = (~self.item_found).astype(np.int8)
-        frame["missing_lum"] = ((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8)
+            columns[lum_user_column(condition)] = _vector_rows(np.tile(self.user_vectors[k], (n, 1)), np.full(n, bool(self.user_vector_found[k])))
+        columns["lum_item"] = _vector_rows(self.item_vectors, self.item_vector_found)
+        columns["missing_user_stats"] = pa.array(np.full(n, not self.user_found, dtype=np.int8))
+        columns["missing_item_stats"] = pa.array((~self.item_found).astype(np.int8))
+        columns["missing_lum"] = pa.array(((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8))
         dim = self.user_vectors.shape[1] if self.model_version else None
-        frame.attrs[METADATA_KEY.decode()] = contract_metadata(frame.columns, (context or {}).keys(), self.conditions, dim,
-                                                               self.model_version, None)
+        meta = contract_metadata(columns, (context or {}).keys(), self.conditions, dim, self.model_version, None)
+        return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+    def to_frame(self, context: dict[str, Any] | None = None) -> pd.DataFrame:
+        """`to_table` as a DataFrame, its metadata in `frame.attrs["lum.training_set"]`."""
+        from feature_store.training_set import METADATA_KEY
+
+        table = self.to_table(context)
+        frame = table.to_pandas()
+        frame.attrs[METADATA_KEY.decode()] = json.loads(table.schema.metadata[METADATA_KEY])
         return frame
+
+
+def _vector_rows(vectors: np.ndarray, found: np.ndarray) -> pa.Array:
+    """[N, D] float32 vectors as a list<float> column, null where not `found`."""
+    n, d = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array(~np.asarray(found, dtype=bool)))
 
 
 # ---------------------------------------------------------------------- transports

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from feature_store.online import FeatureClient, RankingFeatures
@@ -41,7 +42,7 @@ from feature_store.repo import FeatureRepo, FeatureStoreError
 from pipelines.paths import RunPaths
 from ranker.export import SPEC_FILE, flat_inputs, model_spec
 from ranker.features import DLRMInputs
-from ranker.schema import RankerInputError, as_arrow, variant_parts
+from ranker.schema import RankerInputError, variant_parts
 from ranker.train import TrainedRanker
 
 MAX_CANDIDATES = 1000
@@ -64,7 +65,8 @@ class RankRequest(BaseModel):
     """One ranking request: a user, the request context, the candidates."""
 
     user_id: str
-    context: dict[str, Any] = Field(default_factory=dict, description="the ranker's request-time context columns, e.g. surface, device, hour")
+    context: dict[str, str | int | float | bool | None] = Field(default_factory=dict,
+                                                                description="the ranker's request-time context columns, e.g. surface, device, hour")
     item_ids: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
     request_time: str | None = Field(None, description="ISO time; default: the online store's clock (its materialized-until time)")
     return_inputs: bool = Field(False, description="also return the model inputs in the order of GET /spec")
@@ -72,11 +74,11 @@ class RankRequest(BaseModel):
 
 @dataclass
 class Ranked:
-    """The in-process answer: what `/rank` returns (`body`), with the features frame and model inputs behind it."""
+    """The in-process answer: what `/rank` returns (`body`), with the training-set rows and model inputs behind it."""
 
     body: dict[str, Any]
     features: RankingFeatures
-    frame: pd.DataFrame
+    table: pa.Table  # the request's rows in the training-set contract (RankingFeatures.to_table)
     inputs: DLRMInputs | np.ndarray
 
 
@@ -107,14 +109,25 @@ def _json_rows(array: np.ndarray) -> list:
 class RankingService:
     """Scores ranking requests with one trained ranker and the run's online store; `rank` is what `/rank` calls."""
 
-    def __init__(self, ranker_dir: str | Path, repo: str | Path | FeatureRepo, client: FeatureClient | None = None, spec_path: str | Path | None = None):
+    def __init__(self, ranker_dir: str | Path, repo: str | Path | FeatureRepo, client: FeatureClient | None = None,
+                 spec_path: str | Path | None = None, threads: int | None = 1):
         """`spec_path`: a model_spec.json to hold the ranker to (default: the ranker folder's own, else the one
         `ranker/export.py` makes from the ranker). The service refuses to start when the featurizer's inputs
-        differ from the spec's, in names or order."""
+        differ from the spec's, in names or order.
+
+        `threads`: compute threads of one request's model call (LightGBM's `num_threads`; for a DLRM torch's
+        thread count, which is process-wide, so set here). One is right for a server: requests run side by
+        side, and a 100-candidate batch is too small to split (on 2 busy cores OpenMP's spinning threads made a
+        DLRM call 100x slower). None leaves both libraries' defaults."""
         self.ranker_dir = Path(ranker_dir)
         if not (self.ranker_dir / "ranker.json").exists():
             raise ServeError(f"{self.ranker_dir} holds no trained ranker (no ranker.json): train it with `lum run` or `lum ranker train`")
         self.ranker = TrainedRanker.load(self.ranker_dir)
+        self.threads = threads
+        if threads and self.ranker.config.model == "dlrm":
+            import torch
+
+            torch.set_num_threads(threads)
         self.repo = repo if isinstance(repo, FeatureRepo) else FeatureRepo(repo)
         if not self.repo.materialized_file.exists():
             raise ServeError(f"{self.repo.root}: the online store was never materialized: run `lum features materialize --run RUN` (or `lum run`)")
@@ -155,7 +168,7 @@ class RankingService:
         else:
             schema, variant = self.ranker.schema, self.ranker.variant
             columns = schema.feature_columns(variant) + ([schema.time] if self.ranker.config.features.request_features else [])
-            _, names = self.ranker.pipeline.lightgbm_inputs(as_arrow(ranked.frame, columns))  # the names of the matrix featurize made
+            _, names = self.ranker.pipeline.lightgbm_inputs(ranked.table.select(columns))  # the names of the matrix featurize made
             features = [f["name"] for f in spec.get("features", [])]
             if inputs.shape[1] != len(features) or names != features or list(self.ranker.model.feature_name()) != features:
                 first = next((i for i, (a, b) in enumerate(zip(names, features)) if a != b), min(len(names), len(features)))
@@ -200,12 +213,12 @@ class RankingService:
             answer = self.client.get_ranking_features(request.user_id, self.conditions, request.item_ids, request_time=when)
         except FeatureStoreError as exc:
             raise RankingError(str(exc), status=409 if "counters from its future" in str(exc) else 422) from exc
-        frame = answer.to_frame(dict(request.context))
+        table = answer.to_table(dict(request.context))
         try:
-            inputs = self.ranker.featurize(frame)
+            inputs = self.ranker.featurize(table)
         except RankerInputError as exc:
             raise RankingError(str(exc)) from exc
-        scores = self.ranker.score(inputs)
+        scores = self.ranker.score(inputs, threads=self.threads)
         body: dict[str, Any] = {
             "scores": [float(s) for s in scores],
             "item_ids": list(answer.item_ids),
@@ -219,7 +232,7 @@ class RankingService:
         if request.return_inputs:
             body["inputs"] = self.inputs_json(inputs)
         body["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return Ranked(body, answer, frame, inputs)
+        return Ranked(body, answer, table, inputs)
 
     @staticmethod
     def found(answer: RankingFeatures) -> dict[str, Any]:

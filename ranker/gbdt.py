@@ -46,6 +46,7 @@ def train_lightgbm(
     return LightGBMResult(booster, int(best), {k: [float(x) for x in v] for k, v in history.get("valid", {}).items()})
 
 
-def predict_lightgbm(booster: lgb.Booster, x: np.ndarray) -> np.ndarray:
-    """[N] click probabilities at the booster's best iteration."""
-    return booster.predict(x, num_iteration=booster.best_iteration or None).astype(np.float64)
+def predict_lightgbm(booster: lgb.Booster, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """[N] click probabilities at the booster's best iteration (`threads`: LightGBM's num_threads, default all cores)."""
+    extra = {"num_threads": threads} if threads else {}
+    return booster.predict(x, num_iteration=booster.best_iteration or None, **extra).astype(np.float64)

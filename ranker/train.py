@@ -100,12 +100,13 @@ class TrainedRanker:
             return self.pipeline.dlrm_inputs(table, with_labels=False)
         return self.pipeline.lightgbm_inputs(table)[0]
 
-    def score(self, data: pa.Table | pd.DataFrame | DLRMInputs | np.ndarray) -> np.ndarray:
-        """[N] click probabilities in input order, from a table or from `featurize`'s output."""
+    def score(self, data: pa.Table | pd.DataFrame | DLRMInputs | np.ndarray, threads: int | None = None) -> np.ndarray:
+        """[N] click probabilities in input order, from a table or from `featurize`'s output. `threads`: LightGBM's
+        prediction threads (default: all cores); a DLRM uses torch's process-wide setting."""
         inputs = data if isinstance(data, (DLRMInputs, np.ndarray)) else self.featurize(data)
         if self.config.model == "dlrm":
             return predict(self.model, inputs, self.config.dlrm.eval_batch_size)
-        return predict_lightgbm(self.model, inputs)
+        return predict_lightgbm(self.model, inputs, threads)
 
     def save(self, out_dir: str | Path) -> Path:
         """Writes the folder atomically (assembled beside it, then renamed)."""

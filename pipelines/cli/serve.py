@@ -20,9 +20,10 @@ from pipelines.cli.common import run_option
 @click.option("--port", type=int, default=8000)
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A model_spec.json (`lum ranker export`) the ranker's inputs must match [default: the ranker's own].")
+@click.option("--threads", type=int, default=1, help="Compute threads of one request's model call (requests run side by side).")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request.")
 @run_option
-def serve_command(model, variant, protocol, host, port, spec_path, access_log, run_dir) -> None:
+def serve_command(model, variant, protocol, host, port, spec_path, threads, access_log, run_dir) -> None:
     """Serve POST /rank (scores of a user's candidates), GET /healthz and GET /spec until interrupted (Ctrl-C)."""
     from pathlib import Path
 
@@ -43,7 +44,7 @@ def serve_command(model, variant, protocol, host, port, spec_path, access_log, r
     if not (repo / "data" / "materialized.json").exists():
         raise click.BadParameter(f"{repo}: the online store was never materialized; run `lum features materialize --run {run_dir}`", param_hint="--run")
     try:
-        service = RankingService(folder, repo, spec_path=spec_path)
+        service = RankingService(folder, repo, spec_path=spec_path, threads=threads)
     except (ServeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     health = service.health()
