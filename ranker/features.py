@@ -222,8 +222,12 @@ def request_groups(table: pa.Table, schema: FeatureSchema) -> np.ndarray:
     for column in (schema.user, schema.time):
         if column not in table.column_names:
             raise RankerInputError(f"request features need column '{column}' to tell which rows are one request's candidates")
-    keys = pd.DataFrame({"user": _strings(table.column(schema.user)).to_numpy(zero_copy_only=False),
-                         "time": pc.cast(table.column(schema.time), pa.int64()).to_numpy(zero_copy_only=False)})
+    users = _strings(table.column(schema.user))
+    times = pc.cast(table.column(schema.time), pa.int64())
+    if table.num_rows and users.null_count == 0 and times.null_count == 0 and \
+            pc.count_distinct(users).as_py() == 1 and pc.count_distinct(times).as_py() == 1:
+        return np.zeros(table.num_rows, dtype=np.int64)  # one request (the ranking service's case): no groupby needed
+    keys = pd.DataFrame({"user": users.to_numpy(zero_copy_only=False), "time": times.to_numpy(zero_copy_only=False)})
     return keys.groupby(["user", "time"], sort=False, dropna=False).ngroup().to_numpy().astype(np.int64)
 
 
@@ -231,12 +235,30 @@ def relative_to_request(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """[N, F] per-candidate values -> [N, 3F]: value minus its request's mean, minus its request's max, and its
     rank within the request (1 = highest; ties share the average rank). NaN stays NaN and is left out of the
     request's mean and max. Only the row's own request is read: no other request, and no label."""
+    if len(groups) and (groups == groups[0]).all():  # one request: the same numbers with numpy, without pandas' groupby
+        return _relative_to_one_request(values)
     frame = pd.DataFrame(values.astype(np.float64, copy=False))
     by_request = frame.groupby(groups, sort=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mean, top = by_request.transform("mean").to_numpy(), by_request.transform("max").to_numpy()
         rank = by_request.rank(ascending=False, method="average").to_numpy()
+    return np.concatenate([values - mean, values - top, rank], axis=1).astype(np.float32)
+
+
+def _relative_to_one_request(values: np.ndarray) -> np.ndarray:
+    """`relative_to_request` when every row is one request's (pandas' mean/max skip NaN; its average rank is
+    scipy's `rankdata` of the negated values over the non-NaN rows)."""
+    from scipy.stats import rankdata
+
+    x = values.astype(np.float64, copy=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column that is NaN on every row: NaN, as pandas gives
+        mean, top = np.nanmean(x, axis=0, keepdims=True), np.nanmax(x, axis=0, keepdims=True)
+    rank = np.full_like(x, np.nan)
+    for j in range(x.shape[1]):
+        present = ~np.isnan(x[:, j])
+        rank[present, j] = rankdata(-x[present, j], method="average")
     return np.concatenate([values - mean, values - top, rank], axis=1).astype(np.float32)
 
 

@@ -236,6 +236,19 @@ def test_relative_to_request_values():
     np.testing.assert_allclose(out[:, [1, 3, 5]], [[2, 0, 1], [np.nan] * 3, [-2, -4, 2], [0, 0, 1]])  # NaN left out
 
 
+def test_relative_to_one_request_takes_numpy_and_gives_the_groupby_numbers():
+    """One request (the ranking service's case) skips pandas' groupby; ties, NaN and an all-NaN column as before."""
+    rng = np.random.default_rng(0)
+    values = np.round(rng.normal(size=(50, 4)), 1)  # rounded: ties
+    values[rng.random((50, 4)) < 0.2] = np.nan
+    values[:, 3] = np.nan
+    one = relative_to_request(values, np.zeros(50, dtype=np.int64))
+    # the same rows as the first of two requests: the groupby path
+    two = relative_to_request(np.concatenate([values, values[::-1]]), np.repeat([0, 1], 50))[:50]
+    np.testing.assert_array_equal(np.isnan(one), np.isnan(two))
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-6, equal_nan=True)
+
+
 def _slates(table: pa.Table, rows: int, size: int) -> pa.Table:
     """The first `rows` rows regrouped into requests of `size` candidates (one user and one time each)."""
     part = table.slice(0, rows)
