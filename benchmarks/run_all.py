@@ -59,6 +59,8 @@ BENCHES = (
     Bench("features", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
     Bench("scaling", quick=("--quick", "--users", "100"), full=("--full",)),
+    # the ranking service on runs/demo when it is finished, else on a tiny run it makes (about 2 minutes)
+    Bench("serve", quick=("--requests", "100", "--models", "lightgbm"), full=()),
     # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users
     Bench("quality", quick=("--run", "runs/demo", "--presets", "tiny", "--histories", "5,100", "--users", "1000", "--bootstrap", "50"),
           full=("--run", "runs/demo", "--presets", "tiny,small", "--epochs", "small=3", "--histories", "5,20,50,100"),

@@ -30,7 +30,7 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "scaling", "quality-demo", "quality-movielens")
+ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "serve", "scaling", "quality-demo", "quality-movielens")
 
 Row = dict[str, Any]
 
@@ -78,6 +78,9 @@ TABLES: dict[str, list[Table]] = {
         Table((("what", "what"), ("seconds", "s"), ("best_iteration", "best iteration"), ("valid_auc", "valid AUC"),
                ("features", "features")), when=lambda row: row.get("what") == "LightGBM train", title="LightGBM"),
     ],
+    "serve": [Table((("model", "model"), ("store", "store"), ("route", "route"), ("clients", "clients"), ("p50_ms", "p50 ms"),
+                     ("p99_ms", "p99 ms"), ("goal_p99_ms", "goal p99 ms"), ("requests_per_s", "requests/s"), ("errors", "errors"),
+                     ("met", "met")))],
     "scaling": [
         Table((("curve", "curve"), ("engine", "engine"), ("preset", "preset"), ("params", "parameters"), ("history", "history"),
                ("K", "K"), ("users", "users"), ("seconds", "s"), ("users_per_s", "users/s"), ("history_tokens_per_s", "history tokens/s"),
