@@ -41,7 +41,7 @@ def test_validate_quarantine_mode_reports_reasons(tmp_path):
     assert result.exit_code == 1
     assert "1 valid events" in result.output
     assert "1 x label: hold values other than 0/1" in result.output
-    assert "1 x user_id: are null or empty" in result.output
+    assert "1 x user_id: are null, empty or only whitespace" in result.output
 
 
 def test_make_is_resumable_and_never_overwrites_silently(tmp_path):

@@ -132,7 +132,7 @@ def test_null_and_empty_ids_name_rows_and_values():
     with pytest.raises(ContractError) as err:
         check(events(user_id=["u1", None, "u2", ""]))
     text = str(err.value)
-    assert "events.csv: column 'user_id': 2 row(s) are null or empty" in text
+    assert "events.csv: column 'user_id': 2 row(s) are null, empty or only whitespace" in text
     assert "row 2: null, row 4: ''" in text
 
 
@@ -190,7 +190,7 @@ def test_quarantine_sets_bad_rows_aside_with_reasons_and_drops_nothing():
     assert result.events.column("user_id").to_pylist() == ["u1", "u4"]
     reasons = dict(zip(result.rejected["row"], result.rejected["reason"]))
     assert set(reasons) == {2, 3, 4}
-    assert reasons[2].startswith("user_id: are null or empty")
+    assert reasons[2].startswith("user_id: are null, empty or only whitespace")
     assert reasons[3].startswith("label: hold values other than 0/1")
     assert reasons[4].startswith("user_id,item_id,ts: are duplicate events")
     assert result.rejected.loc[result.rejected.row == 3, "label"].item() == "7"  # input values kept

@@ -49,8 +49,35 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise click.BadParameter(f"cannot read config {path}: {exc}") from exc
     if not isinstance(loaded, dict):
         raise click.BadParameter(f"config {path} must be a mapping of command names to options")
+    problems = _unknown_defaults(ctx, ctx.command, loaded, "")
+    if problems:  # a misspelt option would otherwise be ignored and its default used without a word
+        raise click.BadParameter(f"config {path}: " + "; ".join(problems))
     ctx.default_map = loaded
     return value
+
+
+def _unknown_defaults(ctx: click.Context, command: click.Command, mapping: dict, where: str) -> list[str]:
+    """The keys of an option-defaults mapping that name no sub-command or option of `command`, with a hint."""
+    import difflib
+
+    if isinstance(command, click.Group):
+        known = list(command.list_commands(ctx))
+        options = [p.name for p in command.params if isinstance(p, click.Option) and p.name]
+    else:
+        known, options = [], [p.name for p in command.params if p.name]
+    problems = []
+    for key, value in mapping.items():
+        at = f"{where}.{key}" if where else str(key)
+        if key in known:
+            sub = command.get_command(ctx, key)  # type: ignore[union-attr]
+            if isinstance(value, dict):
+                problems += _unknown_defaults(ctx, sub, value, at)
+            else:
+                problems.append(f"{at}: expected a mapping of {key}'s options")
+        elif key not in options:
+            close = difflib.get_close_matches(str(key), known + options, n=1)
+            problems.append(f"{at}: no such command or option" + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -27,5 +27,24 @@ def _friendly_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (ContractError, FileNotFoundError, FileExistsError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except Exception as exc:
+            if _is_connection_error(exc):  # an online store (Redis) or server that does not answer: say which, not 80 lines
+                raise click.ClickException(f"cannot connect: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+                                           "Is the Redis server (or feature server) running at the address in the repo's "
+                                           "feature_store.yaml / --redis-url / --http?") from exc
+            raise
 
     return wrapper
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A refused or reset connection, however the client library wraps it (redis, requests, the OS)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in ("ConnectionError", "TimeoutError") and "redis" in type(exc).__module__:
+            return True
+        if type(exc).__module__.startswith(("redis", "requests", "urllib3")) and "Connection" in type(exc).__name__:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

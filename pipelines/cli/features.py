@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 import numpy as np
@@ -106,7 +107,7 @@ def features_get(user_id, item_ids, conditions, request_time, http_url, run_dir)
     def vec(v: np.ndarray) -> list[float]:
         return [round(float(x), 5) for x in v]
 
-    click.echo(json.dumps({
+    click.echo(json.dumps(_nan_to_null({
         "user_id": answer.user_id, "model_version": answer.model_version, "request_time": answer.request_time.isoformat(),
         "user_found": answer.user_found, "user_counters": answer.user_counters, "hist_item_ids": answer.hist_item_ids,
         "conditions": [{"condition": c, "found": bool(f), "stale": bool(s), "as_of": None if t is None else t.isoformat(), "embedding": vec(v) if f else None}
@@ -115,7 +116,18 @@ def features_get(user_id, item_ids, conditions, request_time, http_url, run_dir)
         "items": [{"item_id": i, "found": bool(ok), "category": cat, **{k: (None if np.isnan(v[n]) else float(v[n])) for k, v in answer.item_counters.items()},
                    "lum_found": bool(lf)}
                   for n, (i, ok, cat, lf) in enumerate(zip(answer.item_ids, answer.item_found, answer.item_category, answer.item_vector_found))],
-    }, indent=2, default=str))
+    }), indent=2, default=str, allow_nan=False))
+
+
+def _nan_to_null(value: Any) -> Any:
+    """NaN (an unknown user's counters) as JSON null: `NaN` is not JSON, and a stack's parser would reject the answer."""
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value
 
 
 @features.command("serve")

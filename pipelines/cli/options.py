@@ -119,5 +119,9 @@ def build_config(cls: type, kwargs: dict[str, Any], *, prefix: str = "", rename:
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"--{options[tuple(e['loc'])]}: {e['msg']}" if tuple(e["loc"]) in options else e["msg"] for e in exc.errors())
+        def shown(e: dict[str, Any]) -> str:
+            got = "" if isinstance(e.get("input"), (dict, list, tuple)) else f" (got {e.get('input')!r})"
+            return f"--{options[tuple(e['loc'])]}: {e['msg']}{got}" if tuple(e["loc"]) in options else e["msg"] + got
+
+        problems = "; ".join(shown(e) for e in exc.errors())
         raise click.UsageError(problems) from exc

@@ -244,7 +244,12 @@ def read_table(path: str | Path, column_map: dict[str, str] | None = None) -> pa
             f"{path}: column mapping names source column(s) {', '.join(missing_sources)} that the file does not have "
             f"(it has: {', '.join(table.column_names)})"
         )
-    return table.rename_columns([column_map.get(c, c) for c in table.column_names])
+    names = [column_map.get(c, c) for c in table.column_names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ContractError(f"{path}: column(s) {', '.join(repr(n) for n in twice)} appear more than once (in the file's header, or "
+                            "after the column mapping): give every column its own name")
+    return table.rename_columns(names)
 
 
 def read_events(path: str | Path) -> tuple[pa.Table, EventContract]:
@@ -324,7 +329,12 @@ def _python_values(array: pa.Array | pa.ChunkedArray) -> Callable[[], np.ndarray
     return lambda: np.asarray(array.to_pylist(), dtype=object)
 
 
+MISSING_AS_TEXT = ("None", "nan", "NaN", "null", "NULL")  # ids refused as a missing value another tool wrote as text
+
+
 def _coerce_id(table: pa.Table, name: str, check: _Checker, coercions: list[str]) -> pa.Array:
+    """A string id column: integers become strings ("1"; a float column such as 1.0 is refused, never guessed),
+    null, empty, whitespace-only and missing-as-text values are bad rows, and ids are normalised to Unicode NFC."""
     col = table.column(name)
     typ = col.type
     if pa.types.is_dictionary(typ):
@@ -338,10 +348,19 @@ def _coerce_id(table: pa.Table, name: str, check: _Checker, coercions: list[str]
     elif not pa.types.is_string(typ):
         raise check.structural(name, f"has type {typ}; expected string ids (integer ids are converted to strings)")
     arr = col.combine_chunks()
-    null_or_empty = pc.fill_null(pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(arr), 0)), True)
+    null_or_empty = pc.fill_null(pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)), True)
     bad = np.asarray(null_or_empty.to_numpy(zero_copy_only=False), dtype=bool)
-    check.flag(name, bad, _python_values(arr), "are null or empty", "a non-empty id")
-    return arr
+    check.flag(name, bad, _python_values(arr), "are null, empty or only whitespace", "a non-empty id")
+    # a missing value written out as text by another tool (pandas writes None and NaN so): not an id
+    as_text = pc.fill_null(pc.is_in(arr, pa.array(MISSING_AS_TEXT)), False)
+    check.flag(name, np.asarray(as_text.to_numpy(zero_copy_only=False), dtype=bool), _python_values(arr),
+               f"are a missing value written as text ({', '.join(MISSING_AS_TEXT)})", "a real id (rename such ids if they are real)")
+    # one spelling per id: composed and decomposed accents are the same user or item (Unicode NFC)
+    normalized = pc.utf8_normalize(arr, "NFC")
+    changed = int(pc.sum(pc.not_equal(normalized, arr).fill_null(False)).as_py() or 0)
+    if changed:
+        coercions.append(f"{name}: {changed} id(s) normalised to Unicode NFC")
+    return normalized
 
 
 def detect_epoch_unit(values: np.ndarray) -> str:
@@ -486,6 +505,8 @@ def validate_events(
     `reason`).
     """
     options = options or ValidationOptions()
+    if table.num_rows == 0:
+        raise ContractError(f"{source}: no rows (only a header?): an event log needs at least one event")
     missing = [c for c in REQUIRED_COLUMNS + tuple(c.name for c in contract.columns) if c not in table.column_names]
     if missing:
         raise ContractError(
