@@ -52,14 +52,15 @@ CASES = [
      ["embed.job.engine", "'vllm' or 'torch'", "'onnx'"]),
     ("a misspelt run-config key", lambda t: ["run", "--config", _write(t, "typo.yaml", "rankers: {modles: [dlrm]}\n")],
      ["rankers.modles: unknown key", "did you mean `models`"]),
-    ("a misspelt key in lum --config", lambda t: ["--config", _write(t, "cfg.yaml", "data:\n  make:\n    presett: tiny\n"), "data", "make", "--run", str(t / "r")],
+    ("a misspelt key in lum --config",
+     lambda t: ["--config", _write(t, "cfg.yaml", "data:\n  make:\n    presett: tiny\n"), "data", "make", "--run", str(t / "r")],
      ["cfg.yaml", "data.make.presett: no such command or option", "did you mean preset"]),
     ("a command in lum --config that does not exist", lambda t: ["--config", _write(t, "cmd.yaml", "pretrian: {epochs: 2}\n"), "data", "make"],
      ["pretrian: no such command or option", "did you mean pretrain"]),
     ("pretrain --max-steps -3", lambda t: ["pretrain", "--max-steps", "-3", "--run", str(t / "r")], ["--max-steps", "-3"]),
     ("pretrain --checkpoint-every 0", lambda t: ["pretrain", "--checkpoint-every", "0", "--run", str(t / "r")], ["--checkpoint-every", "0"]),
     ("pretrain --max-history 0", lambda t: ["pretrain", "--max-history", "0", "--run", str(t / "r")], ["--max-history", "0"]),
-    ("pretrain --dim-like preset", lambda t: ["pretrain", "--preset", "huge", "--run", str(t / "r")], ["huge"]),
+    ("pretrain --preset huge", lambda t: ["pretrain", "--preset", "huge", "--run", str(t / "r")], ["huge"]),
 ]
 
 
