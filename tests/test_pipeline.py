@@ -193,7 +193,7 @@ def test_run_config_defaults_are_the_components_own():
     ({"lm": {"tokenizer": {"semantic_levels": 9}}}, r"lm\.tokenizer\.semantic_levels: Input should be less than or equal to 8"),
     ({"embed": {"job": {"engine": "onnx"}}}, r"embed\.job\.engine: Input should be 'vllm' or 'torch'"),
     ({"embed": {"job": {"conditions": "surface=home"}}}, r"set the query conditions in embed\.conditions"),
-    ({"protocols": [{"split": "global"}, {"split": "global", "features": "snapshot"}]}, "distinct splits"),
+    ({"protocols": [{"split": "global"}, {"split": "global"}]}, "two protocols on split global with the same features"),
     ({"protocols": [{"snapshot_every": "daily"}]}, "snapshot_every must be a pandas frequency"),
     ({"data": {"source": "movielens"}}, "data.path must name a MovieLens folder"),
     ({"rankers": {"variants": ["lum+magic"]}}, "magic"),

@@ -40,9 +40,11 @@ def serve_command(model, variant, protocol, host, port, spec_path, threads, acce
     if not (folder / "ranker.json").exists():
         trained = sorted(p.name for p in (Path(run_dir) / "rankers").glob("*") if (p / "ranker.json").exists())
         raise click.BadParameter(f"{folder} holds no trained ranker (trained: {', '.join(trained) or 'none'})", param_hint="--model/--variant/--protocol")
-    repo = RunPaths(run_dir).feature_repo
+    repo = RunPaths(run_dir).feature_repo_of(protocol)  # a second protocol on a split has its own repo (pipelines.paths)
     if not (repo / "data" / "materialized.json").exists():
-        raise click.BadParameter(f"{repo}: the online store was never materialized; run `lum features materialize --run {run_dir}`", param_hint="--run")
+        hint = (f"run `lum features materialize --run {run_dir}`" if repo == RunPaths(run_dir).feature_repo else
+                "`lum run` fills the online store of each split's headline protocol only; a second protocol's rankers are for evaluation")
+        raise click.BadParameter(f"{repo}: the online store was never materialized; {hint}", param_hint="--run")
     try:
         service = RankingService(folder, repo, spec_path=spec_path, threads=threads)
     except (ServeError, ValueError) as exc:
