@@ -245,11 +245,19 @@ class _DirectTransport:
 class _HttpTransport:
     """`feast serve`'s `POST /get-online-features` (see README: the request is the same JSON)."""
 
-    def __init__(self, url: str, timeout_s: float = 10.0):
+    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3):
         import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
 
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
         self.session = requests.Session()
+        # `feast serve` restarts its workers now and then: a refused or reset connection (or a 502/503/504 on the
+        # way) is tried again after 0.1, 0.2, 0.4 s. The request only reads, so repeating the POST is safe.
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=0.1,
+                      status_forcelist=(502, 503, 504), allowed_methods=None, raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
 
     def read(self, features: list[str], entities: dict[str, list[str]]) -> dict[str, list[Any]]:
         body = {"features": features, "entities": entities, "full_feature_names": True}

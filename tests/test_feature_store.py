@@ -383,6 +383,78 @@ def test_http_route_through_feast_serve_matches_the_python_client(run):
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+class _ResettingProxy:
+    """A TCP proxy in front of a real `feast serve` that resets its first `resets` connections (as a worker restart
+    does) and forwards the rest."""
+
+    def __init__(self, target_port: int, resets: int):
+        import socket
+        import threading
+
+        self.target_port, self.resets = target_port, resets
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import struct
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.resets > 0:
+                self.resets -= 1
+                client.recv(65536)  # the request arrives, then the connection is reset: no answer
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (a, b):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_http_client_retries_a_connection_that_feast_serve_resets(run):
+    """Issue 21: a worker restart of `feast serve` resets a connection; the client asks again instead of failing."""
+    from feature_store.online import _HttpTransport
+
+    with FeatureServer(run["repo"]) as server:
+        proxy = _ResettingProxy(server.port, resets=2)
+        try:
+            answer = FeatureClient(run["repo"], http_url=f"http://127.0.0.1:{proxy.port}").get_ranking_features(run["user"], None, ["i1"])
+            assert proxy.resets == 0 and answer.item_found.tolist() == [True]
+            proxy.resets = 1
+            no_retry = _HttpTransport(f"http://127.0.0.1:{proxy.port}", retries=0)
+            with pytest.raises(Exception, match="(?i)connection"):  # the control: without retries the reset is an error
+                no_retry.read(["user_stats:user_n_events"], {"user_id": [run["user"]]})
+        finally:
+            proxy.close()
+    expected = FeatureClient(run["repo"]).get_ranking_features(run["user"], None, ["i1"])
+    np.testing.assert_allclose(answer.user_vectors, expected.user_vectors, rtol=1e-6)
+
+
 def test_cli_get_prints_the_request_and_apply_errors_without_data(run, tmp_path):
     from click.testing import CliRunner
 
