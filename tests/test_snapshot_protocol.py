@@ -168,3 +168,31 @@ def test_lum_demo_rolling_runs_what_configs_demo_side_by_side_yaml_says():
     demo = load_run_config(configs / "demo.yaml")
     assert config_dict(side.protocols[0]) == config_dict(demo.protocols[0]) and len(side.protocols) == 2
     assert config_dict(side.lm) == config_dict(demo.lm) and config_dict(side.rankers) == config_dict(demo.rankers)
+
+
+def test_an_embedding_folder_made_with_another_engine_is_not_reused(two_protocols):
+    from dataclasses import replace
+
+    from contracts.embeddings import read_embedding_manifest
+    from lum.config import EmbedJobConfig
+    from pipelines.run.execute import refuse_other_job_settings
+
+    folder = two_protocols / "embeddings" / "global-tiny-snapshot"
+    made = read_embedding_manifest(folder)
+    refuse_other_job_settings(folder, made, EmbedJobConfig(engine="torch"))  # what made it: fine
+    with pytest.raises(FileExistsError, match="engine: 'torch' there, 'vllm' in the config"):
+        refuse_other_job_settings(folder, made, EmbedJobConfig(engine="vllm"))
+    with pytest.raises(FileExistsError, match="shards: 8 there, 3 in the config"):
+        refuse_other_job_settings(folder, made, replace(EmbedJobConfig(engine="torch"), shards=3))
+
+
+def test_the_scored_test_window_holds_the_configured_rankers_only(two_protocols):
+    """A ranker folder left by an earlier config of the run folder never reaches the report."""
+    from pipelines.paths import RunPaths
+    from pipelines.steps.rankers import score_test_window
+
+    paths = RunPaths(two_protocols)
+    only = pq.read_table(score_test_window(paths, "global", progress=False, rankers=[("lightgbm", "base")])).column_names
+    assert [c for c in only if c.startswith("score__")] == ["score__lightgbm__base"]
+    restored = pq.read_table(score_test_window(paths, "global", progress=False, rankers=[("lightgbm", "base"), ("lightgbm", "lum")]))
+    assert {"score__lightgbm__base", "score__lightgbm__lum"} <= set(restored.column_names)

@@ -107,6 +107,8 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     if made and made.conditions != conditions.split(","):
         raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made.conditions}, not {conditions.split(',')}; "
                               "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
+    if made:
+        refuse_other_job_settings(embed_dir, made, job)
     if not made or not made.complete:
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, job, conditions, for_rows), echo,
                    settings=(config.embed, conditions, job.engine))
@@ -133,7 +135,21 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
                 return None if trained else UP_TO_DATE
 
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
-    return state.step(f"{name}: score test window", lambda: score_test_window(paths, key), echo)
+    configured = [(m, v) for m in rankers.models for v in rankers.variants]
+    return state.step(f"{name}: score test window", lambda: score_test_window(paths, key, rankers=configured), echo)
+
+
+def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any) -> None:
+    """An embedding folder made with another engine or job settings is not reused as if it were this config's."""
+    wanted = {"engine": job.engine, "max_history": job.max_history, "window_stride": job.window_stride, "shards": job.shards,
+              "output_dtype": job.output_dtype, "dim": job.dim}
+    recorded = {"engine": made.engine, **{k: made.settings.get(k) for k in wanted if k != "engine"}}
+    if wanted["max_history"] is None:  # the tokenizer's, resolved by the job: not comparable here
+        wanted.pop("max_history")
+    changed = [f"{k}: {recorded[k]!r} there, {v!r} in the config" for k, v in wanted.items() if recorded.get(k) != v]
+    if changed:
+        raise FileExistsError(f"{embed_dir} was embedded with other settings ({'; '.join(changed)}); remove that folder (and the run's "
+                              "feature_repo*/, training_sets/, rankers/, scores/) to embed again, or use another run_dir")
 
 
 def refuse_other_embeddings(repo_dir: Path, embed_dir: Path) -> None:

@@ -170,8 +170,10 @@ def lum_as_of(paths: RunPaths, protocol: str, rows: pd.DataFrame) -> pd.Series |
     return joined.sort_values("order")["lum_as_of"].reset_index(drop=True)
 
 
-def score_test_window(paths: RunPaths, protocol: str, progress: bool = True) -> Path:
-    """The test window with every trained ranker's score and the slice columns the report needs."""
+def score_test_window(paths: RunPaths, protocol: str, progress: bool = True, rankers: list[tuple[str, str]] | None = None) -> Path:
+    """The test window with every trained ranker's score (or only those of `rankers`, (model, variant) pairs: a run
+    scores what its config trains, never a ranker left in the folder by an earlier config) and the slice columns the
+    report needs."""
     test_path = ensure_training_set(paths, protocol, "test", progress)
     test = pq.read_table(test_path)
     frame = test.select([c for c in ("row_id", "user_id", "item_id", "ts", "label", *condition_columns(test)) if c in test.column_names]).to_pandas()
@@ -193,6 +195,8 @@ def score_test_window(paths: RunPaths, protocol: str, progress: bool = True) -> 
         if not (folder / "ranker.json").exists():
             continue
         model, variant = folder.name[len(protocol) + 1 :].split("-", 1)
+        if rankers is not None and (model, variant) not in rankers:
+            continue
         saved = _reused_scores(test_scores_file(paths, protocol, model, variant), _scores_stamp(test_path, folder), test.num_rows)
         frame[f"score__{model}__{variant}"] = saved if saved is not None else TrainedRanker.load(folder).score(test)
     out = scores_file(paths, protocol)
