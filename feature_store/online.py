@@ -371,7 +371,7 @@ class FeatureClient:
 
         The online store holds each key's newest values only. For a `request_time` before a counter's newest value
         (a past request), that value would come from the request's future: `counters="as_of_request"` (the
-        default) refuses such a request with a FeatureStoreError; `"newest"` takes the newest counters knowingly
+        default) refuses such a request with a PastRequestError (a FeatureStoreError); `"newest"` takes the newest counters knowingly
         (a caller that only wants the time-checked vectors). Vectors are always time-checked.
         """
         with self._lock:  # one consistent view of the store's settings for the whole request
@@ -482,6 +482,10 @@ def _response_values(proto: Any) -> dict[str, list[Any]]:
 _COUNTER_VIEWS = ("user_stats", "user_recent_items", "item_stats")
 
 
+class PastRequestError(FeatureStoreError):
+    """A request time before a counter's newest online value: answering would serve values from its future."""
+
+
 def _refuse_counters_after(got: dict[str, list[Any]], now: pd.Timestamp, user: str, items: list[str]) -> None:
     """FeatureStoreError when a counter the request would use was written after `now` (see get_ranking_features)."""
     limit = now.timestamp()
@@ -492,7 +496,7 @@ def _refuse_counters_after(got: dict[str, list[Any]], now: pd.Timestamp, user: s
         for row, stamp in enumerate(stamps[: max(len(items), 1)] if view == "item_stats" else stamps[:1]):
             if stamp and float(stamp) > limit:
                 whose = f"item {items[row]}" if view == "item_stats" else f"user {user}"
-                raise FeatureStoreError(
+                raise PastRequestError(
                     f"the online store's {view} for {whose} is as of {pd.Timestamp(float(stamp), unit='s', tz='UTC')}, after the request time "
                     f"{now}: it holds the newest values only, so this past request would see counters from its future. Score past requests "
                     "with point-in-time features (`lum ranker score --source offline`), or ask without a request time for the newest values")

@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from contracts.embeddings import MODEL_MANIFEST_FILE as MANIFEST_FILE  # the feature store reads it too
-from contracts.files import write_json_atomic
+from contracts.files import file_sha256, write_json_atomic
 from lum.config import PRESETS, ModelPreset  # noqa: F401  (re-exported: the presets are part of the LM's settings)
 
 
@@ -96,12 +96,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def weights_digest(directory: str | Path) -> str:
-    """sha256 of a model folder's weights file (read in 8 MiB blocks: a 7B checkpoint is never held in memory)."""
-    digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a model folder's weights file (streamed: a 7B checkpoint is never held in memory)."""
+    return file_sha256(Path(directory) / WEIGHTS_FILE)
 
 
 def verify_weights(directory: str | Path, manifest: dict[str, Any] | None = None) -> None:

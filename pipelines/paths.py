@@ -91,9 +91,9 @@ class RunPaths:
         """The run's main Feast repo: what `lum features`, `lum serve` and the online store use."""
         return self.root / "feature_repo"
 
-    def feature_repo_of(self, protocol: str) -> Path:
-        """The Feast repo of a protocol key: the main one, or `feature_repo@<mode>` for a secondary protocol."""
-        mode = feature_mode_of(protocol)
+    def feature_repo_of(self, protocol: str | None) -> Path:
+        """The Feast repo of a protocol key: the main one (also for None), or `feature_repo@<mode>` for a secondary protocol."""
+        mode = feature_mode_of(protocol) if protocol else None
         return self.feature_repo if mode is None else self.root / f"feature_repo@{mode}"
 
     def training_set(self, protocol: str, window: str, service: str) -> Path:

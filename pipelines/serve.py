@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from feature_store.online import FeatureClient, RankingFeatures
+from feature_store.online import FeatureClient, PastRequestError, RankingFeatures
 from feature_store.repo import FeatureRepo, FeatureStoreError
 from pipelines.paths import RunPaths
 from ranker.export import SPEC_FILE, flat_inputs, model_spec
@@ -212,7 +212,7 @@ class RankingService:
         try:
             answer = self.client.get_ranking_features(request.user_id, self.conditions, request.item_ids, request_time=when)
         except FeatureStoreError as exc:
-            raise RankingError(str(exc), status=409 if "counters from its future" in str(exc) else 422) from exc
+            raise RankingError(str(exc), status=409 if isinstance(exc, PastRequestError) else 422) from exc
         table = answer.to_table(dict(request.context))
         try:
             inputs = self.ranker.featurize(table)

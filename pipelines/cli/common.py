@@ -42,9 +42,9 @@ def _is_connection_error(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, ConnectionError) or type(exc).__name__ in ("ConnectionError", "TimeoutError") and "redis" in type(exc).__module__:
-            return True
-        if type(exc).__module__.startswith(("redis", "requests", "urllib3")) and "Connection" in type(exc).__name__:
+        module, name = type(exc).__module__, type(exc).__name__
+        if (isinstance(exc, ConnectionError) or (module.startswith(("redis", "requests", "urllib3")) and "Connection" in name)
+                or ("redis" in module and name == "TimeoutError")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -37,8 +37,8 @@ def run_command(config_path: str | None, run_dir: str | None) -> None:
               help="Also run the rolling features beside the snapshots (one embedding per request: the upper bound; configs/demo-side-by-side.yaml).")
 @_friendly_errors
 def demo(run_dir: str, preset: str, lm_preset: str, epochs: int, snapshot_engine: str, rolling: bool) -> None:
-    """`lum run` on the embedded simulator: global split by time, daily vLLM snapshot features (deployable) beside
-    rolling ones (upper bound), every ranker, the report."""
+    """`lum run` on the embedded simulator: global split by time, daily vLLM snapshot features (deployable; with
+    --rolling, rolling ones beside them: the upper bound), every ranker, the report."""
     from pipelines.run.execute import execute
 
     execute(demo_config(run_dir, preset, lm_preset, epochs, snapshot_engine, rolling), echo=click.echo)

@@ -104,11 +104,8 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         as_of, for_rows = snapshot_times(paths, split, protocol.snapshot_every), rows
     job = replace(config.embed.job, engine=protocol.engine) if protocol.engine else config.embed.job
     made = read_embedding_manifest(embed_dir) if (embed_dir / EMBEDDING_MANIFEST).exists() else None
-    if made and made.conditions != conditions.split(","):
-        raise FileExistsError(f"{embed_dir} holds embeddings for the conditions {made.conditions}, not {conditions.split(',')}; "
-                              "remove that folder (and the run's feature_repo/, training_sets/, rankers/) to embed again")
     if made:
-        refuse_other_job_settings(embed_dir, made, job)
+        refuse_other_job_settings(embed_dir, made, job, conditions.split(","))
     if not made or not made.complete:
         state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, job, conditions, for_rows), echo,
                    settings=(config.embed, conditions, job.engine))
@@ -139,10 +136,13 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     return state.step(f"{name}: score test window", lambda: score_test_window(paths, key, rankers=configured), echo)
 
 
-def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any) -> None:
-    """An embedding folder made with another engine or job settings is not reused as if it were this config's."""
+def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any, conditions: list[str] | None = None) -> None:
+    """An embedding folder made for other query conditions, or with another engine or job settings, is not reused
+    as if it were this config's (`conditions`: this config's, None to leave them unchecked)."""
     wanted = {"engine": job.engine, "max_history": job.max_history, "window_stride": job.window_stride, "shards": job.shards,
               "output_dtype": job.output_dtype, "dim": job.dim}
+    if conditions is not None:
+        wanted["conditions"] = conditions
     recorded = {"engine": made.engine, **{k: made.settings.get(k) for k in wanted if k != "engine"}}
     if wanted["max_history"] is None:  # the tokenizer's, resolved by the job: not comparable here
         wanted.pop("max_history")

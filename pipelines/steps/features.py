@@ -37,18 +37,16 @@ def prepare_repo(
     Returns the repo, the registered feature views, and whether the offline tables were rebuilt.
     """
     read_dataset_info(paths)  # a clear error when the run has no data yet
-    repo = FeatureRepo(paths.feature_repo_of(protocol) if protocol else paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
     repo.init(online=online, lum_ttl_days=lum_ttl_days)
     stamp = repo.data / "stats" / "stats.json"
     fingerprint = dataset_fingerprint(paths)
     rebuilt = False
     main_stamp = paths.feature_repo / "data" / "stats" / "stats.json"
-    if (repo.root != paths.feature_repo and not rebuild_stats and main_stamp.exists()
-            and json.loads(main_stamp.read_text()).get("dataset_fingerprint") == fingerprint
-            and (not stamp.exists() or json.loads(stamp.read_text()).get("dataset_fingerprint") != fingerprint)):
+    if repo.root != paths.feature_repo and not rebuild_stats and _stats_fingerprint(stamp) != fingerprint == _stats_fingerprint(main_stamp):
         # a secondary protocol's repo: the counters come from the same events, so the main repo's tables are copied
         shutil.copytree(main_stamp.parent, stamp.parent, dirs_exist_ok=True)
-    if rebuild_stats or not stamp.exists() or json.loads(stamp.read_text()).get("dataset_fingerprint") != fingerprint:
+    if rebuild_stats or _stats_fingerprint(stamp) != fingerprint:
         events, _ = read_events(paths.events)
         items = pq.read_table(paths.items).to_pandas() if paths.items.exists() else None
         history = "all" if default_history_events(paths) == "all" else "positive"
@@ -60,11 +58,16 @@ def prepare_repo(
     return repo, repo.apply(), rebuilt
 
 
+def _stats_fingerprint(stamp: Path) -> str | None:
+    """The dataset fingerprint the offline tables beside `stamp` were built from (None when never built)."""
+    return json.loads(stamp.read_text()).get("dataset_fingerprint") if stamp.exists() else None
+
+
 def ingest_embeddings(paths: RunPaths, embed_dir: Path, item_valid_from: str | None = None,
                       select: bool | None = None, protocol: str | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
     """Ingest a `lum embed` output into the run's repo (or a protocol key's), then rebuild what changed and
     `feast apply` once."""
-    repo = FeatureRepo(paths.feature_repo_of(protocol) if protocol else paths.feature_repo)
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
     repo.init()
     result = repo.ingest(embed_dir, item_valid_from=item_valid_from, select=select)
     _, views, _ = prepare_repo(paths, protocol=protocol)

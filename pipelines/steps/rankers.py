@@ -159,9 +159,8 @@ def lum_as_of(paths: RunPaths, protocol: str, rows: pd.DataFrame) -> pd.Series |
     stamps = source.to_pandas().drop_duplicates().rename(columns={"event_timestamp": "lum_as_of"})
     stamps["user_id"] = stamps["user_id"].astype(str)
     stamps["lum_as_of"] = pd.to_datetime(stamps["lum_as_of"], utc=True).astype("datetime64[ns, UTC]")
-    left = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "order": np.arange(len(rows))})
-    left["ts"] = pd.to_datetime(rows["ts"], utc=True).astype("datetime64[ns, UTC]").to_numpy()
-    left["ts"] = left["ts"].dt.tz_localize("UTC") if left["ts"].dt.tz is None else left["ts"]
+    left = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "order": np.arange(len(rows)),
+                         "ts": pd.DatetimeIndex(pd.to_datetime(rows["ts"], utc=True)).astype("datetime64[ns, UTC]")})
     joined = pd.merge_asof(left.sort_values("ts"), stamps.sort_values("lum_as_of"), left_on="ts", right_on="lum_as_of", by="user_id",
                            direction="backward", allow_exact_matches=True)
     ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
