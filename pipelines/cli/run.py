@@ -19,12 +19,17 @@ DEMO_ITEM_TOKENS = {"item_tokenization": "semantic", "vector_column": "content",
 @click.command("run")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Run config (YAML); see `pipelines/run/config.py`.")
 @click.option("--run", "run_dir", default=None, help="Override run_dir.")
+@click.option("--force", is_flag=True,
+              help="Redo the steps whose settings differ from those they ran with (and the steps depending on them), replacing their outputs.")
 @_friendly_errors
-def run_command(config_path: str | None, run_dir: str | None) -> None:
-    """Run every step (data ... report) from a config; finished steps are skipped, so it resumes after a failure."""
+def run_command(config_path: str | None, run_dir: str | None, force: bool) -> None:
+    """Run every step (data ... report) from a config; finished steps are skipped, so it resumes after a failure.
+
+    A step that ran with other settings than the config's is an error naming each changed setting; --force redoes it.
+    """
     from pipelines.run.execute import execute
 
-    execute(load_run_config(config_path, {"run_dir": run_dir}), echo=click.echo)
+    execute(load_run_config(config_path, {"run_dir": run_dir}), echo=click.echo, force=force)
 
 
 @click.command("demo")

@@ -13,6 +13,7 @@ same ones the single-step commands (`lum data split`, `lum pretrain`, ...) call.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from contracts.embeddings import MANIFEST_FILE as EMBEDDING_MANIFEST
-from contracts.embeddings import read_embedding_manifest
+from contracts.embeddings import MODEL_MANIFEST_FILE, read_embedding_manifest
+from contracts.files import file_sha256
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
-from pipelines.run.config import ProtocolConfig, RunConfig, parse_run_config
+from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
 from pipelines.run.state import STATE_FILE, RunState
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
@@ -38,31 +40,41 @@ from pipelines.steps.rankers import evaluate_step, score_test_window, scores_fil
 Echo = Callable[[str], None]
 
 
-def execute(config: RunConfig, echo: Echo = print) -> dict[str, Any]:
-    """Run every step of `config`; returns the report summary."""
+def execute(config: RunConfig, echo: Echo = print, force: bool = False) -> dict[str, Any]:
+    """Run every step of `config`; returns the report summary.
+
+    A step that ran before with other settings is an error naming them (`pipelines.run.state`), unless `force`: then
+    it is redone, and so is every step that depends on it.
+    """
     paths = RunPaths(config.run_dir)
-    state = RunState(paths, config)
+    state = RunState(paths, config, force=force)
     started = time.perf_counter()
     data = config.data
+    data_settings: dict[str, Any] = {"data": data}
     if data.source == "simulator":
-        make = lambda: _wrote(data_steps.simulate(paths, data.preset, data.seed, data.n_users), paths, echo)
+        make = lambda redo: _wrote(data_steps.simulate(paths, data.preset, data.seed, data.n_users, force=redo), paths, echo)
     elif data.source == "movielens":
         if not Path(str(data.path)).exists():
             raise FileNotFoundError(f"data.path: no MovieLens folder at {data.path!r}")
-        make = lambda: _wrote(data_steps.import_movielens(paths, str(data.path), data.like_threshold, data.on_bad), paths, echo)
+        make = lambda redo: _wrote(data_steps.import_movielens(paths, str(data.path), data.like_threshold, data.on_bad, force=redo), paths, echo)
     elif data.source == "files":
         if not Path(str(data.path)).is_file():
             raise FileNotFoundError(f"data.path: no events file at {data.path!r}")
-        make = lambda: _wrote(data_steps.import_files(paths, str(data.path), data.files_config()), paths, echo)
+        # the file's content is a setting: a log replaced at the same path is a change, never silently kept
+        data_settings["events_sha256"] = file_sha256(Path(str(data.path)))
+        if data.items and Path(data.items).is_file():
+            data_settings["items_sha256"] = file_sha256(Path(data.items))
+        make = lambda redo: _wrote(data_steps.import_files(paths, str(data.path), data.files_config(), force=redo), paths, echo)
     else:
-        make = lambda: _wrote(data_steps.imported(paths), paths, echo)
-    state.step("data", make, echo, settings=data)
+        make = lambda redo: _wrote(data_steps.imported(paths), paths, echo)
+    state.step("data", make, echo, settings=data_settings)
 
     scored: list[tuple[ProtocolConfig, Path]] = []
     for protocol in config.protocols:
         scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
-    state.step("online store", lambda: online_store(paths, echo), echo)
-    summary = state.step("report", lambda: report_run(config, paths, scored, state.durations()), echo, settings=config.report)
+    # the online store and the report are made again from the steps' outputs whenever those change: nothing to check
+    state.step("online store", lambda redo: online_store(paths, echo), echo)
+    summary = state.step("report", lambda redo: report_run(config, paths, scored, state.durations()), echo)
     echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
     echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
     return summary
@@ -74,25 +86,48 @@ def _wrote(result: dict[str, Any] | str, paths: RunPaths, echo: Echo) -> dict[st
     return result
 
 
+# settings that change how fast a step runs, never what it makes: changing them is not a change of the step
+RUNTIME_ONLY = ("threads", "checkpoint_every")
+
+
+def content_settings(config: Any) -> dict[str, Any]:
+    """A config as plain values without its RUNTIME_ONLY fields (at any depth)."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in RUNTIME_ONLY}
+        return value
+    return strip(config_dict(config))
+
+
 def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo: Echo) -> Path:
-    """The steps of one protocol (split ... scored test window); returns the scored test window's path."""
+    """The steps of one protocol (split ... scored test window); returns the scored test window's path.
+
+    Each step's settings hold the settings hash of the step it reads from (`after`), so a step redone with other
+    settings changes those of every step downstream of it (see `RunState`).
+    """
     split, lm = protocol.split, config.lm
     name = protocol.name
     split_config = protocol.split_config()
-    state.step(f"{name}: split", lambda: data_steps.split(paths, split_config), echo, settings=split_config)
+    state.step(f"{name}: split", lambda redo: data_steps.split(paths, split_config, force=redo), echo,
+               settings={"split": split_config, "after": state.settings_of("data")})
     model_dir = paths.model_dir(split, lm.pretrain.preset)
 
-    def pretrain() -> Any:
-        manifest = pretrain_step(paths, split, lm.pretrain, lm.tokenizer)
+    def pretrain(redo: bool) -> Any:
+        manifest = pretrain_step(paths, split, lm.pretrain, lm.tokenizer, force=redo)
         if manifest != UP_TO_DATE:
             echo(f"wrote {model_dir} ({manifest['model_version']}, {manifest['steps']} steps, final loss {manifest['final_loss']:.4f})")
         return manifest
 
-    state.step(f"{name}: pretrain", pretrain, echo, settings=(lm.pretrain, lm.tokenizer))
+    state.step(f"{name}: pretrain", pretrain, echo, settings={
+        "lm.pretrain": content_settings(lm.pretrain), "lm.tokenizer": lm.tokenizer, "after": state.settings_of(f"{name}: split")})
+    model_settings = state.settings_of(f"{name}: pretrain")
     if lm.tokenizer.item_tokenization != "id":
         echo(f"--- {name}: evaluate LM skipped: next-item evaluation ranks item tokens, which a {lm.tokenizer.item_tokenization}-ID model does not have")
-    elif not paths.evaluation(split, lm.pretrain.preset).exists():
-        state.step(f"{name}: evaluate LM", lambda: evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate), echo, settings=lm.evaluate)
+    else:
+        evaluation = paths.evaluation(split, lm.pretrain.preset)
+        state.step(f"{name}: evaluate LM",
+                   lambda redo: UP_TO_DATE if evaluation.exists() and not redo else evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate),
+                   echo, settings={"lm.evaluate": lm.evaluate, "after": model_settings})
 
     key = config.protocol_key(protocol)  # where this protocol's features, rankers and scores live (pipelines.paths)
     embed_dir = paths.embeddings(f"{split}-{lm.pretrain.preset}-{protocol.features}")
@@ -103,14 +138,26 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     else:  # the daily job's snapshots, computed where a training or test row joins them (and the last one for everyone)
         as_of, for_rows = snapshot_times(paths, split, protocol.snapshot_every), rows
     job = replace(config.embed.job, engine=protocol.engine) if protocol.engine else config.embed.job
-    made = read_embedding_manifest(embed_dir) if (embed_dir / EMBEDDING_MANIFEST).exists() else None
-    if made:
-        refuse_other_job_settings(embed_dir, made, job, conditions.split(","))
-    if not made or not made.complete:
-        state.step(f"{name}: embed", lambda: embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, job, conditions, for_rows), echo,
-                   settings=(config.embed, conditions, job.engine))
 
-    def features() -> str | None:
+    def embed(redo: bool) -> str | None:
+        if redo:
+            remove_tree(embed_dir)
+        made = read_embedding_manifest(embed_dir) if (embed_dir / EMBEDDING_MANIFEST).exists() else None
+        if made:  # a folder the state file does not describe (an older run, a copy): checked against the config itself
+            refuse_other_job_settings(embed_dir, made, job, conditions.split(","), model_version=model_version(model_dir))
+            if made.complete:
+                return UP_TO_DATE
+        embed_in_subprocess(model_dir, paths.events, as_of, embed_dir, job, conditions, for_rows)
+        return None
+
+    job_settings = {k: getattr(job, k) for k in ("engine", "max_history", "window_stride", "shards", "output_dtype", "dim", "pca_sample")}
+    state.step(f"{name}: embed", embed, echo, settings={
+        "embed.job": job_settings, "embed.conditions": conditions, "features": protocol.features, "as_of": as_of if for_rows else "rows",
+        "after": model_settings})
+
+    def features(redo: bool) -> str | None:
+        if redo:  # the repo holds the embeddings an earlier config made: it is built again from this one's
+            remove_tree(paths.feature_repo_of(key))
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
         refuse_other_embeddings(paths.feature_repo_of(key), embed_dir)
@@ -119,31 +166,56 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         echo(f"features: model version {result['version']} selected ({how})")
         return UP_TO_DATE if result["skipped"] else None
 
-    state.step(f"{name}: features", features, echo, settings=str(embed_dir))
+    state.step(f"{name}: features", features, echo, settings={"embeddings": str(embed_dir), "after": state.settings_of(f"{name}: embed")})
+    feature_settings = state.settings_of(f"{name}: features")
     rankers = config.rankers
     for model in rankers.models:
         for variant in rankers.variants:
             ranker_config = rankers.ranker_config(model, variant)
 
-            def train_and_evaluate(ranker_config=ranker_config, model=model, variant=variant) -> str | None:
-                _, trained = train_step(paths, key, ranker_config)
+            def train_and_evaluate(redo: bool, ranker_config=ranker_config, model=model, variant=variant) -> str | None:
+                _, trained = train_step(paths, key, ranker_config, force=redo)
                 result = evaluate_step(paths, key, model, variant)["overall"]
                 echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
                 return None if trained else UP_TO_DATE
 
-            state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings=ranker_config)
+            # the other model's section is not this ranker's setting: changing LightGBM's leaves leaves the DLRMs alone
+            own = {k: v for k, v in content_settings(ranker_config).items() if k not in {"dlrm", "lightgbm"} - {model}}
+            state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings={"ranker": own, "after": feature_settings})
     configured = [(m, v) for m in rankers.models for v in rankers.variants]
-    return state.step(f"{name}: score test window", lambda: score_test_window(paths, key, rankers=configured), echo)
+    # the scores are reused per ranker only while ranker and test set are unchanged (pipelines.steps.rankers)
+    return state.step(f"{name}: score test window", lambda redo: score_test_window(paths, key, rankers=configured), echo)
 
 
-def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any, conditions: list[str] | None = None) -> None:
-    """An embedding folder made for other query conditions, or with another engine or job settings, is not reused
-    as if it were this config's (`conditions`: this config's, None to leave them unchecked)."""
-    wanted = {"engine": job.engine, "max_history": job.max_history, "window_stride": job.window_stride, "shards": job.shards,
-              "output_dtype": job.output_dtype, "dim": job.dim}
+def model_version(model_dir: Path) -> str | None:
+    """The model version a model folder's manifest names (None when there is no finished model)."""
+    manifest = model_dir / MODEL_MANIFEST_FILE
+    return json.loads(manifest.read_text()).get("model_version") if manifest.exists() else None
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove a step's output folder so that no reader sees it half removed: renamed aside first, then deleted."""
+    if not folder.exists():
+        return
+    aside = folder.with_name(f".{folder.name}.removing")
+    if aside.exists():
+        shutil.rmtree(aside)
+    folder.rename(aside)
+    shutil.rmtree(aside)
+
+
+def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any, conditions: list[str] | None = None, model_version: str | None = None) -> None:
+    """An embedding folder made for other query conditions, by another model, or with another engine or job settings
+    is not reused as if it were this config's (`conditions`, `model_version`: this config's, None to leave them
+    unchecked)."""
+    wanted: dict[str, Any] = {"engine": job.engine, "max_history": job.max_history, "window_stride": job.window_stride, "shards": job.shards,
+                              "output_dtype": job.output_dtype, "dim": job.dim}
     if conditions is not None:
         wanted["conditions"] = conditions
-    recorded = {"engine": made.engine, **{k: made.settings.get(k) for k in wanted if k != "engine"}}
+    if model_version is not None:
+        wanted["model_version"] = model_version
+    recorded = {"engine": made.engine, "model_version": made.model_version,
+                **{k: made.settings.get(k) for k in wanted if k not in ("engine", "model_version")}}
     if wanted["max_history"] is None:  # the tokenizer's, resolved by the job: not comparable here
         wanted.pop("max_history")
     changed = [f"{k}: {recorded[k]!r} there, {v!r} in the config" for k, v in wanted.items() if recorded.get(k) != v]
