@@ -115,6 +115,36 @@ def verify_weights(directory: str | Path, manifest: dict[str, Any] | None = None
     if actual != expected:
         raise ModelFolderError(f"{directory / WEIGHTS_FILE} is not the file its manifest recorded (sha256 {actual[:16]}..., manifest "
                                f"{expected[:16]}...): it was changed, damaged or copied from another model; pretrain again or restore it")
+    verify_tensor_shapes(directory)
+
+
+def verify_tensor_shapes(directory: Path) -> None:
+    """ModelFolderError unless `model.safetensors` holds exactly the tensors, with the shapes, that `config.json`
+    describes. A hash re-recorded over another model's weights passes `verify_weights`; loading it would then fail
+    deep in an engine, or (a missing tensor) start from random values with no more than a warning."""
+    from safetensors import safe_open
+
+    try:
+        config = LlamaConfig.from_pretrained(directory)
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+            found = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own SafetensorError (a subclass of neither)
+        raise ModelFolderError(f"{directory}: cannot read the model ({exc})") from exc
+    except Exception as exc:
+        raise ModelFolderError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from exc
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)
+    problems = [f"{name} missing" for name in sorted(set(expected) - set(found))]
+    problems += [f"{name} not in the config" for name in sorted(set(found) - set(expected))]
+    problems += [f"{name} {list(found[name])}, config {list(shape)}" for name, shape in sorted(expected.items())
+                 if name in found and found[name] != shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ModelFolderError(f"{directory / WEIGHTS_FILE} does not hold the tensors {directory / 'config.json'} describes ({shown}): "
+                               "weights of another model; pretrain again or restore the folder")
 
 
 def save_hf_tokenizer(directory: Path, vocab: list[str]) -> None:

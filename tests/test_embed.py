@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -305,7 +306,10 @@ def test_bad_input(model, events_file, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["vocab_size"] += 5
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EmbedJobError, match="token rows but its tokenizer"):
+    from lum.model import ModelFolderError
+
+    # config.json no longer fits the weights: refused before any engine builds a model from it
+    with pytest.raises(ModelFolderError, match=r"model.embed_tokens.weight \[(\d+), 64\], config \[\d+, 64\]"):
         EmbeddingJob(broken, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch"))
     job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "o", EmbedJobConfig(engine="torch", shards=2))
     (tmp_path / "o").mkdir()
@@ -338,6 +342,21 @@ def test_damaged_or_swapped_weights_are_refused_before_any_engine_loads_them(mod
     manifest.pop("weights_sha256")
     (unhashed / "lum_manifest.json").write_text(json.dumps(manifest))
     cases["unhashed"] = (unhashed, "records no weights_sha256")
+    # another model's weights with the hash re-recorded over them (as a hand-edited manifest would): the shapes tell
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    tensors = load_file(other / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name][: tensors[name].shape[0] // 2].contiguous()
+    tensors.pop("model.norm.weight")
+    save_file(tensors, str(other / "model.safetensors"))
+    manifest = json.loads((other / "lum_manifest.json").read_text())
+    manifest["weights_sha256"] = hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest()
+    (other / "lum_manifest.json").write_text(json.dumps(manifest))
+    cases["other model"] = (other, r"does not hold the tensors .*config.json describes \(model.norm.weight missing; "
+                                   r"model.layers.0.mlp.up_proj.weight \[\d+, \d+\], config \[\d+, \d+\]\)")
     for name, (bad, message) in cases.items():
         with pytest.raises(ModelFolderError, match=message):
             EmbeddingJob(bad, events_file, AsOf(times=(AS_OF,)), tmp_path / f"o-{name}", EmbedJobConfig(engine="torch"))
