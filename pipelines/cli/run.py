@@ -21,15 +21,19 @@ DEMO_ITEM_TOKENS = {"item_tokenization": "semantic", "vector_column": "content",
 @click.option("--run", "run_dir", default=None, help="Override run_dir.")
 @click.option("--force", is_flag=True,
               help="Redo the steps whose settings differ from those they ran with (and the steps depending on them), replacing their outputs.")
+@click.option("--seeds", type=click.IntRange(1, 20), default=None,
+              help="Override seeds: train the LM and rankers with N seeds (the report adds the lifts across seeds).")
+@click.option("--holdout", type=click.Choice(["test", "validation"]), default=None,
+              help="Override holdout: validation runs on the log without its test window (in run_dir/validation), to choose settings.")
 @_friendly_errors
-def run_command(config_path: str | None, run_dir: str | None, force: bool) -> None:
+def run_command(config_path: str | None, run_dir: str | None, force: bool, seeds: int | None, holdout: str | None) -> None:
     """Run every step (data ... report) from a config; finished steps are skipped, so it resumes after a failure.
 
     A step that ran with other settings than the config's is an error naming each changed setting; --force redoes it.
     """
     from pipelines.run.execute import execute
 
-    execute(load_run_config(config_path, {"run_dir": run_dir}), echo=click.echo, force=force)
+    execute(load_run_config(config_path, {"run_dir": run_dir, "seeds": seeds, "holdout": holdout}), echo=click.echo, force=force)
 
 
 @click.command("demo")

@@ -17,6 +17,7 @@ from pipelines.report.environment import collect_environment
 from pipelines.report.formatting import jsonable
 from pipelines.report.plots import plot_ab, plot_calibration, plot_lm_scaling, plot_roc, plot_slice_lifts
 from pipelines.report.render import render_html, render_markdown
+from pipelines.report.seeds import across_seeds
 from pipelines.report.spec import ReportConfig, resolve_config, score_columns, simulator_position_decay
 
 Scored = Union[pd.DataFrame, list[pd.DataFrame]]
@@ -37,7 +38,8 @@ def build_report(scored: Scored, meta: dict[str, Any], out_dir: Path | str, conf
 
     `meta` (all optional but `run`): run, protocols (one {name, split, feature_mode, cold_share} per table), data
     (the run's dataset.json), model_versions, config, durations ({step: seconds} of the steps done), slice_columns,
-    targets ({key: threshold}, see spec.TARGETS), lm_scaling ([{preset, params, gauc_lift, low, high}]),
+    targets ({key: threshold}, see spec.TARGETS), lm_scaling ([{preset, params, gauc_lift, low, high}]), seed_runs (the
+    reports of the run's other seeds, [{seed, run, report}]: the section across seeds),
     position_decay, environment (collect_environment() of this process when absent).
     """
     frames = [scored] if isinstance(scored, pd.DataFrame) else list(scored)
@@ -86,6 +88,8 @@ def build_report(scored: Scored, meta: dict[str, Any], out_dir: Path | str, conf
         "lm_scaling": list(meta.get("lm_scaling") or []),
         "plots": {},
     }
+    if meta.get("seed_runs"):
+        report["seeds"] = across_seeds(protocols, list(meta["seed_runs"]))
     if len(report["lm_scaling"]) >= 2:
         plots["lm_scaling.png"] = plot_lm_scaling(report["lm_scaling"])
         report["plots"]["lm_scaling"] = "lm_scaling.png"

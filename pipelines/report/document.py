@@ -451,6 +451,38 @@ def _side_by_side_blocks(protocols: list[dict[str, Any]]) -> list[Block]:
     return blocks
 
 
+def _seed_blocks(sections: list[dict[str, Any]]) -> list[Block]:
+    """The lifts and targets across seeds (pipelines.report.seeds)."""
+    blocks = [
+        Block("h2", "Across seeds"),
+        Block("note", "The run repeated with every training seed moved (LM pretraining, semantic codebooks, DLRM, LightGBM) on the same data and split. "
+                      "Per seed: the lift and its bootstrap interval over users; then the mean with a 95% t-interval across seeds, which covers the "
+                      "variance of training the bootstrap leaves out (with few seeds it is wide: t = 4.30 for 3)."),
+    ]
+    for section in sections:
+        seeds = section["seeds"]
+        if len(sections) > 1:
+            blocks.append(Block("h3", section["protocol"]))
+        rows = []
+        for x in section["lifts"]:
+            row = [Cell(_label(x["model"])), Cell(x["comparison"]), Cell(METRIC_LABELS[x["metric"]])]
+            for value, boot in zip(x["values"], x["bootstrap"]):
+                row.append(Cell(MISSING, cls="num") if value is None else Cell(signed(value), ci(boot, signed) if boot else "", "num"))
+            row.append(_lift_cell({"delta": x["mean"], "low": x["low"], "high": x["high"], "outcome": x["outcome"]}))
+            row.append(Cell("yes" if x["positive_on_every_seed"] else "no", cls="met" if x["positive_on_every_seed"] else "missed"))
+            rows.append(row)
+        headers = ["model", "comparison", "metric", *[f"seed +{k}" for k in seeds], "mean over seeds", "above 0 on every seed"]
+        blocks.append(Block("table", table=Table(headers, rows)))
+        if section["targets"]:
+            rows = []
+            for t in section["targets"]:
+                marks = [MISSING if m is None else ("met" if m else "missed") for m in t["met"]]
+                rows.append([Cell(t["target"]), Cell(_label(t["model"])), Cell(t["description"]), *[Cell(m) for m in marks],
+                             Cell("yes" if t["held_on_every_seed"] else "no", cls="met" if t["held_on_every_seed"] else "missed")])
+            blocks.append(Block("table", table=Table(["target", "model", "what", *[f"seed +{k}" for k in seeds], "held on every seed"], rows)))
+    return blocks
+
+
 HOW_TO_READ = [
     (
         "AUC: probability that a random click is scored above a random non-click. "
@@ -501,6 +533,8 @@ def report_blocks(report: dict[str, Any], plots: dict[str, bytes]) -> list[Block
     blocks += _environment_blocks(report.get("environment"))
     if len(report["protocols"]) > 1:
         blocks += _side_by_side_blocks(report["protocols"])
+    if report.get("seeds"):
+        blocks += _seed_blocks(report["seeds"])
     band = _band(report)
     for p in report["protocols"]:
         blocks += _protocol_blocks(p, band)

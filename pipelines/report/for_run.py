@@ -47,13 +47,17 @@ def run_inputs(
 
 
 def report_run(config: RunConfig, paths: RunPaths, scored: list[tuple[ProtocolConfig, Path]], durations: dict[str, float],
-               out_dir: Path | None = None) -> dict[str, Any]:
+               out_dir: Path | None = None, seed_reports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The report of a finished run: each protocol's scored test window, the run's facts and settings -> report/.
 
     out_dir: where to write it (default: the run folder's report/), e.g. to rebuild a run's report elsewhere.
+    seed_reports: the reports of the run's other seeds ([{seed, run, report}], pipelines.run.subruns), for the
+    report's section across seeds.
     """
     from pipelines.report import build_report
 
     frames, meta, report_config = run_inputs(config, paths, scored, durations)
+    if seed_reports:
+        meta["seed_runs"] = seed_reports
     out = Path(out_dir) if out_dir is not None else paths.root / "report"
     return build_report(frames if len(frames) > 1 else frames[0], meta, out, report_config)

@@ -170,8 +170,17 @@ class RunConfig:
     rankers: RankersConfig = Field(default_factory=RankersConfig, description="The rankers.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="pipelines.report.spec.ReportConfig")
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
+    seeds: int = Field(1, ge=1, le=20, description="Train the LM and the rankers with this many seeds (seed k in run_dir/seeds/seed-k); "
+                                                   "the report adds the lifts across seeds (pipelines.run.subruns).")
+    holdout: Literal["test", "validation"] = Field(
+        "test", description="test: score the test window; validation: cut the test window off the log and run on the rest in "
+                            "run_dir/validation, its validation window in place of the test window (for choosing settings).")
+    validation_share: float = Field(0.5, gt=0, lt=1, description="holdout validation: the latest share of the ranker-training window "
+                                                                 "that is the validation window.")
 
     def __post_init__(self) -> None:
+        if self.holdout == "validation" and len({(p.split, p.fractions) for p in self.protocols}) > 1:
+            raise ValueError("holdout: validation cuts one test window off the log: every protocol must have the same split and fractions")
         seen: dict[str, ProtocolConfig] = {}
         for p in self.protocols:
             first = seen.setdefault(p.split, p)

@@ -25,10 +25,12 @@ import pyarrow.parquet as pq
 from contracts.embeddings import MANIFEST_FILE as EMBEDDING_MANIFEST
 from contracts.embeddings import MODEL_MANIFEST_FILE, read_embedding_manifest
 from contracts.files import file_sha256
+from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
 from pipelines.run.state import STATE_FILE, RunState
+from pipelines.run.subruns import SEEDS_DIR, before_test_window, seed_config, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
 from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
@@ -40,11 +42,13 @@ from pipelines.steps.rankers import evaluate_step, score_test_window, scores_fil
 Echo = Callable[[str], None]
 
 
-def execute(config: RunConfig, echo: Echo = print, force: bool = False) -> dict[str, Any]:
+def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: bool = True) -> dict[str, Any]:
     """Run every step of `config`; returns the report summary.
 
     A step that ran before with other settings is an error naming them (`pipelines.run.state`), unless `force`: then
-    it is redone, and so is every step that depends on it.
+    it is redone, and so is every step that depends on it. `seeds` > 1 runs the other seeds after the run's own steps
+    and before its report; `holdout: validation` runs the config on the log without its test window instead
+    (`pipelines.run.subruns`). `online`: materialize the online store (a sub-run serves nothing).
     """
     paths = RunPaths(config.run_dir)
     state = RunState(paths, config, force=force)
@@ -67,17 +71,51 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False) -> dict[
         make = lambda redo: _wrote(data_steps.import_files(paths, str(data.path), data.files_config(), force=redo), paths, echo)
     else:
         make = lambda redo: _wrote(data_steps.imported(paths), paths, echo)
+        if paths.dataset_info.exists():  # data another step put here: its fingerprint is the setting
+            data_settings["dataset"] = dataset_fingerprint(paths)
     state.step("data", make, echo, settings=data_settings)
+    if config.holdout == "validation":
+        return execute_validation(config, paths, state, echo, force)
 
     scored: list[tuple[ProtocolConfig, Path]] = []
     for protocol in config.protocols:
         scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
     # the online store and the report are made again from the steps' outputs whenever those change: nothing to check
-    state.step("online store", lambda redo: online_store(paths, echo), echo)
-    summary = state.step("report", lambda redo: report_run(config, paths, scored, state.durations()), echo)
+    if online:
+        state.step("online store", lambda redo: online_store(paths, echo), echo)
+    seed_reports = []
+    for k in range(1, config.seeds):
+        sub = seed_config(config, k)
+        into = RunPaths(sub.run_dir)
+        state.step(f"seed {k}: data", lambda redo: _wrote(share_data(paths, into, why=f"seed {k}", force=redo), into, echo), echo,
+                   settings={"after": state.settings_of("data")})
+        echo(f"=== seed {k + 1} of {config.seeds} (every training seed + {k}): {sub.run_dir}")
+        seed_reports.append({"seed": k, "run": sub.run_dir, "report": execute(sub, echo, force, online=False)})
+    summary = state.step("report", lambda redo: report_run(config, paths, scored, state.durations(), seed_reports=seed_reports), echo)
     echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
     echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
     return summary
+
+
+def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo: Echo, force: bool) -> dict[str, Any]:
+    """`holdout: validation`: the run's split (the same step as the test run's, so that run reuses it), then the log
+    without the test window into run_dir/validation, and the config run there; returns that run's report."""
+    protocol = config.protocols[0]
+    split_config = protocol.split_config()
+    split_step = f"{protocol.name}: split"
+    state.step(split_step, lambda redo: data_steps.split(paths, split_config, force=redo), echo,
+               settings={"split": split_config, "after": state.settings_of("data")})
+    sub = validation_config(config)
+
+    def cut(redo: bool) -> Any:
+        why = f"validation: {protocol.split} test window cut off"
+        made = share_data(paths, RunPaths(sub.run_dir), keep=before_test_window(paths, protocol), why=why, force=redo)
+        return _wrote(made, RunPaths(sub.run_dir), echo)
+
+    state.step("validation data", cut, echo, settings={"after": state.settings_of(split_step)})
+    shares = ", ".join(f"{f:.3f}" for f in validation_fractions(protocol, config.validation_share))
+    echo(f"=== validation run (the test window is not in it; windows {shares} of the rest): {sub.run_dir}")
+    return execute(sub, echo, force, online=False)
 
 
 def _wrote(result: dict[str, Any] | str, paths: RunPaths, echo: Echo) -> dict[str, Any] | str:
@@ -264,4 +302,11 @@ def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> di
     missing = [str(path) for _, path in scored if not path.exists()]
     if missing:
         raise FileNotFoundError(f"{paths.root} has no scored test window ({', '.join(missing)}): finish the run with `lum run` first")
-    return report_run(config, paths, scored, RunState(paths, config).durations(), out_dir=Path(out_dir) if out_dir else None)
+    seed_reports = []
+    for k in range(1, config.seeds):
+        made = paths.root / SEEDS_DIR / f"seed-{k}" / "report" / "report.json"
+        if not made.exists():
+            raise FileNotFoundError(f"{paths.root}: seed {k} of {config.seeds} has no report ({made}): finish the run with `lum run` first")
+        seed_reports.append({"seed": k, "run": str(made.parents[1]), "report": json.loads(made.read_text())})
+    return report_run(config, paths, scored, RunState(paths, config).durations(), out_dir=Path(out_dir) if out_dir else None,
+                      seed_reports=seed_reports)
