@@ -300,13 +300,23 @@ def test_report_slices(gain_report):
         families.setdefault(s["family"], {})[s["value"]] = s
     # user_no_history is user_history_len == 0 here, as in the pipeline: "earlier user history" would repeat
     # "user history: 0" and its complement, so it is not a family of its own
-    assert set(families) == {"surface", "device", "user history", "item popularity", "new item"}
-    assert list(families["user history"]) == ["0", "1-9", "10-49", "50+"]
-    for values in families.values():
-        assert sum(s["rows"] for s in values.values()) == len(frame)
+    assert set(families) == {"surface", "device", "user history", "item interactions", "item popularity", "new item"}
+    assert list(families["user history"]) == ["0", "1-5", "6-20", "21+"]
+    interactions = families["item interactions"]
+    assert interactions["0"]["rows"] == (frame["item_popularity"] == 0).sum()
+    assert interactions["1-5"]["rows"] == frame["item_popularity"].between(1, 5).sum()
+    # the cold-start slices carry the AUC lift as well, with a paired interval; the other slices GAUC only
+    few = next(x for x in interactions["1-5"]["lifts"] if (x["model"], x["variant"], x["metric"]) == ("dlrm", "lum", "auc"))
+    assert few["low"] <= few["delta"] <= few["high"] and few["delta"] == pytest.approx(
+        few["variant_value"] - few["baseline_value"])
+    assert {x["metric"] for x in families["surface"]["home"]["lifts"]} == {"gauc"}
+    # rows without a count are one slice, shown once under the first family that has it
+    unknown = interactions["unknown"]
+    assert unknown["rows"] == frame["item_popularity"].isna().sum() and unknown["same_as"] == ["item popularity: unknown"]
+    for name, values in families.items():
+        assert sum(s["rows"] for s in values.values()) + (unknown["rows"] if name == "item popularity" else 0) == len(frame), name
     popularity = families["item popularity"]
-    assert popularity["unknown"]["rows"] == frame["item_popularity"].isna().sum()
-    known = len(frame) - popularity["unknown"]["rows"]
+    known = len(frame) - unknown["rows"]
     assert 0.1 < popularity["head"]["rows"] / known <= 0.2 + 0.1  # ties keep a popularity value in one bucket
     assert popularity["tail"]["rows"] / known <= 0.5
     cold = families["user history"]["0"]

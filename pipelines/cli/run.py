@@ -25,15 +25,36 @@ DEMO_ITEM_TOKENS = {"item_tokenization": "semantic", "vector_column": "content",
               help="Override seeds: train the LM and rankers with N seeds (the report adds the lifts across seeds).")
 @click.option("--holdout", type=click.Choice(["test", "validation"]), default=None,
               help="Override holdout: validation runs on the log without its test window (in run_dir/validation), to choose settings.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override one setting of the config by its dotted key, the value read as YAML (repeatable): "
+                   "--set rankers.dlrm.batch_size=2048 --set lm.pretrain.share_category=false")
 @_friendly_errors
-def run_command(config_path: str | None, run_dir: str | None, force: bool, seeds: int | None, holdout: str | None) -> None:
+def run_command(config_path: str | None, run_dir: str | None, force: bool, seeds: int | None, holdout: str | None,
+                settings: tuple[str, ...]) -> None:
     """Run every step (data ... report) from a config; finished steps are skipped, so it resumes after a failure.
 
     A step that ran with other settings than the config's is an error naming each changed setting; --force redoes it.
     """
     from pipelines.run.execute import execute
 
-    execute(load_run_config(config_path, {"run_dir": run_dir, "seeds": seeds, "holdout": holdout}), echo=click.echo, force=force)
+    overrides = {"run_dir": run_dir, "seeds": seeds, "holdout": holdout, **parse_settings(settings)}
+    execute(load_run_config(config_path, overrides), echo=click.echo, force=force)
+
+
+def parse_settings(settings: tuple[str, ...]) -> dict[str, object]:
+    """`KEY=VALUE` pairs of --set as {dotted key: YAML value}; a malformed pair is a usage error naming it."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for pair in settings:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE with a dotted key, e.g. rankers.dlrm.batch_size=2048", param_hint="--set")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{pair!r}: the value is not YAML ({exc})", param_hint="--set") from exc
+    return out
 
 
 @click.command("demo")

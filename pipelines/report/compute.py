@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, ABSimulation, simulate_ab
 from pipelines.report.formatting import pct, signed
-from pipelines.report.slices import distinct_slices
+from pipelines.report.slices import COLD_FAMILIES, distinct_slices
 from pipelines.report.spec import (
     LIFT_METRICS,
     METRIC_LABELS,
@@ -182,16 +182,20 @@ def pair_deltas(columns: list[ScoreColumn], points: Points, samples: Samples, me
 
 
 def slices(frame: pd.DataFrame, columns: list[ScoreColumn], config: ReportConfig) -> list[dict[str, Any]]:
-    """Per distinct slice: rows, users, CTR, every variant's AUC and GAUC, and the GAUC lift of each comparison.
+    """Per distinct slice: rows, users, CTR, every variant's AUC and GAUC, and the GAUC lift of each comparison; the
+    cold-start slices (slices.COLD_FAMILIES) the AUC lift too.
 
-    A slice is bootstrapped on its own users (as paired_bootstrap on the slice's rows would), GAUC only: its
-    resamples are cheap, and AUC intervals for every slice would cost more than the rest of the report.
+    A slice is bootstrapped on its own users (as paired_bootstrap on the slice's rows would). GAUC for every slice:
+    its resamples are cheap. AUC only for the cold slices, where GAUC skips most users (a new item's rows are few
+    per user) and the AUC lift is the number to read; AUC intervals for every slice would cost more than the rest
+    of the report.
     """
     out = []
     for s in distinct_slices(frame, list(config.slice_columns), config):
         part = frame.loc[s.mask]
         label_values = part["label"].to_numpy(dtype=np.float64)
-        boot = UserBootstrap(part, [c.column for c in columns], metrics=("gauc",))
+        metrics = ("gauc", "auc") if s.family in COLD_FAMILIES else ("gauc",)
+        boot = UserBootstrap(part, [c.column for c in columns], metrics=metrics)
         points = boot.point()
         samples = boot.resample(config.n_bootstrap, config.seed)
         per_variant = {c.column: {"auc": auc(label_values, part[c.column].to_numpy(dtype=np.float64)), "gauc": points[c.column]["gauc"]} for c in columns}
@@ -204,7 +208,7 @@ def slices(frame: pd.DataFrame, columns: list[ScoreColumn], config: ReportConfig
                 "users": int(boot.n_users),
                 "ctr": float(label_values.mean()),
                 "variants": per_variant,
-                "lifts": pair_deltas(columns, points, samples, ("gauc",)),
+                "lifts": pair_deltas(columns, points, samples, metrics),
             }
         )
     return out

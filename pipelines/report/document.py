@@ -398,21 +398,26 @@ def _slice_blocks(p: dict[str, Any]) -> list[Block]:
         Block(
             "note",
             "Per slice: each variant's AUC / GAUC, and the GAUC lift of LUM features with its 95% interval (green: a clear gain, red: a clear loss). "
-            "User history: the user's events before the row. Item popularity: the item's impressions before the row's day; head = the most popular items "
+            "User history: the user's events before the row. Item interactions: the item's impressions before the row's day (0: a cold item). "
+            "For these cold-start slices and new items the AUC lift is shown too (GAUC skips users with one class, which is most of a rare item's users). "
+            "Item popularity: the same counts ranked; head = the most popular items "
             "making up the first share of test impressions, tail = the least popular making up the last share (see the report config). "
             "A slice with the same rows as another is shown once, with the other's name in brackets.",
         ),
     ]
     for model in dict.fromkeys(c["model"] for c in p["columns"]):
         columns = [c for c in p["columns"] if c["model"] == model]
-        comparisons = list(dict.fromkeys(x["comparison"] for s in p["slices"] for x in s["lifts"] if x["model"] == model))
-        headers = ["slice", "value", "rows", "users", "CTR", *[f"{_variant(c['variant'])} AUC / GAUC" for c in columns], *[f"ΔGAUC {t}" for t in comparisons]]
+        lifts = list(dict.fromkeys((x["comparison"], x.get("metric", "gauc")) for s in p["slices"] for x in s["lifts"] if x["model"] == model))
+        lifts.sort(key=lambda key: key[1] != "gauc")  # the GAUC lifts first, then the cold slices' AUC lifts
+        headers = ["slice", "value", "rows", "users", "CTR", *[f"{_variant(c['variant'])} AUC / GAUC" for c in columns],
+                   *[f"Δ{METRIC_LABELS[m]} {t}" for t, m in lifts]]
         rows = []
         for s in p["slices"]:
             value = str(s["value"]) + (f" (= {', '.join(s['same_as'])})" if s.get("same_as") else "")
             row = [Cell(s["family"]), Cell(value), Cell(f"{s['rows']:,}", cls="num"), Cell(f"{s['users']:,}", cls="num"), Cell(fixed(s["ctr"]), cls="num")]
             row += [Cell(f"{fixed(s['variants'][c['column']]['auc'])} / {fixed(s['variants'][c['column']]['gauc'])}", cls="num") for c in columns]
-            row += [_lift_cell(next((x for x in s["lifts"] if x["model"] == model and x["comparison"] == title), None)) for title in comparisons]
+            row += [_lift_cell(next((x for x in s["lifts"] if x["model"] == model and (x["comparison"], x.get("metric", "gauc")) == key), None))
+                    for key in lifts]
             rows.append(row)
         blocks += [Block("p", f"{_label(model)}:"), Block("table", table=Table(headers, rows))]
     if p["plots"].get("slice_lift"):

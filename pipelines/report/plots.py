@@ -118,7 +118,7 @@ def slice_lift_figure(slices: list[dict[str, Any]]) -> Figure | None:
         for i, (model, comparison) in enumerate(series):
             delta, low_err, high_err = [], [], []
             for s in members:
-                lift = next((x for x in s["lifts"] if x["model"] == model and x["comparison"] == comparison), None)
+                lift = next((x for x in s["lifts"] if x["model"] == model and x["comparison"] == comparison and x.get("metric", "gauc") == "gauc"), None)
                 d = lift["delta"] if lift else float("nan")
                 delta.append(d)
                 low_err.append(max(d - lift["low"], 0) if lift and np.isfinite(lift["low"]) else 0.0)

@@ -16,6 +16,8 @@ import pandas as pd
 from pipelines.report.spec import ReportConfig
 
 UNKNOWN_VALUES = ("unknown", "missing")  # slices of rows without a value: drawn apart in the slice plot
+# the cold-start families: users and items with little or no history, where the report adds the AUC lift
+COLD_FAMILIES = ("user history", "earlier user history", "item interactions", "new item")
 
 
 @dataclass
@@ -97,6 +99,11 @@ def slice_families(frame: pd.DataFrame, columns: list[str], config: ReportConfig
     elif no_history is not None:
         families.append(SliceFamily("earlier user history", pd.Series(np.where(no_history, labels[0], labels[1]), index=frame.index), labels))
     if "item_popularity" in frame.columns:
+        labels = history_labels(config.item_history_edges)
+        bins = [-np.inf, *[e - 0.5 for e in config.item_history_edges], np.inf]
+        known = frame["item_popularity"].astype(float)
+        bucket = pd.cut(known, bins=bins, labels=labels).astype(str).where(known.notna(), "unknown")
+        families.append(SliceFamily("item interactions", bucket, [label for label in [*labels, "unknown"] if (bucket == label).any()]))
         labels = ["head", "torso", "tail", "unknown"]
         bucket = popularity_buckets(frame["item_popularity"].astype(float), config)
         families.append(SliceFamily("item popularity", bucket, [label for label in labels if (bucket == label).any()]))

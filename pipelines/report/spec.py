@@ -70,7 +70,9 @@ class ReportConfig:
     # simulator generated the data with (meta["data"]), else the simulator's default. See resolve_config.
     position_decay: float | None = None
     slice_columns: tuple[str, ...] = ()  # condition columns to slice by; meta["slice_columns"] wins
-    history_edges: tuple[int, ...] = (1, 10, 50)  # user_history_len buckets: 0, 1-9, 10-49, 50+
+    # user_history_len buckets: 0, 1-5, 6-20, 21+ (the short histories where LUM and semantic ids should help most)
+    history_edges: tuple[int, ...] = (1, 6, 21)
+    item_history_edges: tuple[int, ...] = (1, 6)  # item interactions before the row's day: 0, 1-5, 6+
     head_share: float = 0.2  # head items: the most popular, making up the first 20% of test impressions
     tail_share: float = 0.5  # tail items: the least popular, making up the last 50%; torso in between
     max_slice_values: int = 12  # a condition column's largest values; the rest are pooled as "other"
@@ -85,8 +87,10 @@ class ReportConfig:
             raise ValueError("bootstrap sample counts must be >= 1")
         if not 0 < self.head_share < 1 or not 0 < self.tail_share < 1 or self.head_share + self.tail_share > 1:
             raise ValueError("head_share and tail_share must be in (0, 1) and sum to at most 1")
-        if list(self.history_edges) != sorted(set(self.history_edges)) or (self.history_edges and self.history_edges[0] < 1):
-            raise ValueError("history_edges must be increasing integers >= 1")
+        for name in ("history_edges", "item_history_edges"):
+            edges = getattr(self, name)
+            if list(edges) != sorted(set(edges)) or (edges and edges[0] < 1):
+                raise ValueError(f"{name} must be increasing integers >= 1")
         low, high = self.calibration_band
         if not 0 < low <= 1 <= high:
             raise ValueError(f"calibration_band must hold 1 (low <= 1 <= high, low > 0), got {self.calibration_band}")

@@ -250,8 +250,10 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
             continue
         *sections, name = key.split(".")
         node = data
-        for section in sections:
+        for depth, section in enumerate(sections):
             node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path or 'config'}: cannot set {key}: {'.'.join(sections[:depth + 1])} is not a section")
         node[name] = value
     return parse_run_config(data, str(path or "config"))
 
