@@ -323,3 +323,30 @@ def test_1m_movies_resaved_as_utf8(ml_1m: Path):
     text = (ml_1m / "movies.dat").read_bytes().decode("latin-1")
     (ml_1m / "movies.dat").write_bytes(text.encode("utf-8"))
     assert items_by_id(load_movielens(ml_1m).items)["914"][0] == "Café"
+
+
+def test_the_papers_protocol_config_holds_out_each_users_last_rating(ml_1m: Path, tmp_path: Path):
+    """configs/ml-1m.yaml on an ML-1M folder: leave-last-out per user (the last rating is the test row, the one
+    before it the ranker-training row), label rating >= 4; its validation run holds out the second-last."""
+    import pyarrow.parquet as pq
+
+    from pipelines.paths import RunPaths
+    from pipelines.run.config import load_run_config
+    from pipelines.run.subruns import validation_config
+    from pipelines.steps import data as data_steps
+
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "ml-1m.yaml"
+    config = load_run_config(config_file, {"data.path": str(ml_1m), "run_dir": str(tmp_path / "run")})
+    (protocol,) = config.protocols
+    assert protocol.split == "per-user" and protocol.last_k == (1, 1) and config.data.like_threshold == 4.0
+    assert config.lm.evaluate.max_users is None and config.seeds >= 3
+    paths = RunPaths(config.run_dir)
+    data_steps.import_movielens(paths, str(ml_1m), config.data.like_threshold, config.data.on_bad)
+    data_steps.split(paths, protocol.split_config())
+    windows = {w: pq.read_table(paths.split_file("per-user", w)).to_pandas() for w in ("pretrain", "train", "test")}
+    # user 1 rated 1193 (5), 914 (3.5), 661 (3) in that order; user 2 one movie only
+    test = windows["test"].set_index("user_id")
+    assert test.loc["1", "item_id"] == "661" and test.loc["1", "label"] == 0 and test.loc["2", "item_id"] == "1193"
+    assert windows["train"].set_index("user_id").loc["1", "item_id"] == "914"
+    assert windows["pretrain"]["item_id"].tolist() == ["1193"] and len(windows["train"]) == 1
+    assert validation_config(config).protocols[0].last_k == (1, 1)  # the validation row: the second-last rating

@@ -69,6 +69,7 @@ def test_a_redone_step_makes_the_steps_reading_its_output_differ_in_turn(tmp_pat
         run(_state(tmp_path), 2)
     run(_state(tmp_path, force=True), 2)
     assert calls == [("pretrain", False), ("embed", False), ("pretrain", True), ("embed", True)]
+    assert changed_settings({"after": "aaa"}, {"after": "bbb"}) == ["the step it reads from ran with other settings (aaa before, bbb now)"]
 
 
 def test_a_failed_step_is_checked_against_the_settings_it_failed_with(tmp_path):

@@ -96,6 +96,8 @@ class ProtocolConfig:
     features: Literal["rolling", "snapshot"] = Field(
         "rolling", description="rolling: one embedding per (user, request time); snapshot: one per user per period.")
     fractions: tuple[float, float, float] = Field(_SPLIT.fractions, description="Shares of the pretraining, ranker-training and test windows.")
+    last_k: tuple[int, int] | None = Field(None, description="per-user: each user's last k events for ranker training and for test "
+                                                             "(instead of fractions); [1, 1] with the LM's next-item metrics is leave-last-out.")
     snapshot_every: str = Field("1D", description="snapshot: the period between as-of times (a pandas frequency).")
     engine: Literal["vllm", "torch"] | None = Field(None, description="The embedding engine of this protocol (default: embed.job.engine).")
 
@@ -110,7 +112,7 @@ class ProtocolConfig:
         return f"{self.split}+{self.features}"
 
     def split_config(self) -> SplitConfig:
-        return SplitConfig(protocol=self.split, fractions=self.fractions)
+        return SplitConfig(protocol=self.split, fractions=self.fractions, last_k=self.last_k)
 
 
 @config_class
@@ -179,7 +181,7 @@ class RunConfig:
                                                                  "that is the validation window.")
 
     def __post_init__(self) -> None:
-        if self.holdout == "validation" and len({(p.split, p.fractions) for p in self.protocols}) > 1:
+        if self.holdout == "validation" and len({(p.split, p.fractions, p.last_k) for p in self.protocols}) > 1:
             raise ValueError("holdout: validation cuts one test window off the log: every protocol must have the same split and fractions")
         seen: dict[str, ProtocolConfig] = {}
         for p in self.protocols:
@@ -189,8 +191,9 @@ class RunConfig:
             # one LM per split: protocols sharing a split share its windows and LM and differ in their LUM features
             if p.features == first.features:
                 raise ValueError(f"two protocols on split {p.split} with the same features ({p.features}): give them distinct splits or feature modes")
-            if p.fractions != first.fractions:
-                raise ValueError(f"protocols on split {p.split} must have the same fractions (got {first.fractions} and {p.fractions})")
+            if (p.fractions, p.last_k) != (first.fractions, first.last_k):
+                raise ValueError(f"protocols on split {p.split} must have the same fractions and last_k "
+                                 f"(got {first.fractions}, {first.last_k} and {p.fractions}, {p.last_k})")
 
     def protocol_key(self, protocol: ProtocolConfig) -> str:
         """Where a protocol's outputs live (pipelines.paths): its split, or `split@features` for the second protocol on

@@ -113,8 +113,11 @@ def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo
         return _wrote(made, RunPaths(sub.run_dir), echo)
 
     state.step("validation data", cut, echo, settings={"after": state.settings_of(split_step)})
-    shares = ", ".join(f"{f:.3f}" for f in validation_fractions(protocol, config.validation_share))
-    echo(f"=== validation run (the test window is not in it; windows {shares} of the rest): {sub.run_dir}")
+    if protocol.last_k is not None:
+        windows = f"each user's last {protocol.last_k[1]} event(s) of the rest as validation, the {protocol.last_k[0]} before for training"
+    else:
+        windows = "windows " + ", ".join(f"{f:.3f}" for f in validation_fractions(protocol, config.validation_share)) + " of the rest"
+    echo(f"=== validation run (the test window is not in it; {windows}): {sub.run_dir}")
     return execute(sub, echo, force, online=False)
 
 

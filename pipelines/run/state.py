@@ -32,8 +32,13 @@ def changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]
     """`key: <recorded> before, <now> now` for every setting that differs (added and removed keys included)."""
     before, after = flat_settings(recorded), flat_settings(now)
     missing = object()
-    return [f"{key}: {before.get(key, '(not set)')!r} before, {after.get(key, '(not set)')!r} now"
-            for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
+
+    def line(key: str) -> str:
+        if key == "after":  # the settings hash of the step whose output this one reads
+            return f"the step it reads from ran with other settings ({before.get(key) or '(none)'} before, {after.get(key) or '(none)'} now)"
+        return f"{key}: {before.get(key, '(not set)')!r} before, {after.get(key, '(not set)')!r} now"
+
+    return [line(key) for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
 
 
 class RunState:

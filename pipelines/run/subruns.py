@@ -57,9 +57,18 @@ def validation_fractions(protocol: ProtocolConfig, share: float) -> tuple[float,
     return (pretrain / kept, train * (1 - share) / kept, train * share / kept)
 
 
+def validation_protocol(protocol: ProtocolConfig, share: float) -> ProtocolConfig:
+    """The protocol on the log without its test window: `validation_fractions`, or for `last_k` (k_train, k_test)
+    the last k_test events of what is left as the validation window (leave-last-out: the second-last event) and
+    the k_train before them for training, as the test run has."""
+    if protocol.last_k is not None:
+        return protocol
+    return replace(protocol, fractions=validation_fractions(protocol, share))
+
+
 def validation_config(config: RunConfig) -> RunConfig:
     """The config of the validation run, in `<run_dir>/validation/` (its test window is the validation window)."""
-    protocols = tuple(replace(p, fractions=validation_fractions(p, config.validation_share)) for p in config.protocols)
+    protocols = tuple(validation_protocol(p, config.validation_share) for p in config.protocols)
     title = f"{config.report.title} (validation window: for choosing settings; the test window is not in this run)"
     return replace(config, run_dir=str(Path(config.run_dir) / VALIDATION_DIR), holdout="test", data=DataConfig(source="imported"),
                    protocols=protocols, report=replace(config.report, title=title))
