@@ -71,6 +71,7 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: 
         make = lambda redo: _wrote(data_steps.import_files(paths, str(data.path), data.files_config(), force=redo), paths, echo)
     else:
         make = lambda redo: _wrote(data_steps.imported(paths), paths, echo)
+        state.forget_failed("data")  # an earlier try found nothing imported: it made nothing to protect
         if paths.dataset_info.exists():  # data another step put here: its fingerprint is the setting
             data_settings["dataset"] = dataset_fingerprint(paths)
     state.step("data", make, echo, settings=data_settings)

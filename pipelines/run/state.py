@@ -101,6 +101,12 @@ class RunState:
         self._write()
         return result
 
+    def forget_failed(self, name: str) -> None:
+        """Drop the record of step `name` if it failed: for a step that writes nothing (it only checks what another
+        command put there), a failed attempt left nothing made with its settings."""
+        if self.state["steps"].get(name, {}).get("status") == "failed":
+            del self.state["steps"][name]
+
     def settings_of(self, name: str) -> str:
         """The settings hash step `name` last ran with ("" when it never ran): what a step reading its output records."""
         return self.state["steps"].get(name, {}).get("settings", "")
