@@ -409,3 +409,14 @@ def test_lum_ranker_export_writes_the_model_file_and_its_input_spec(tiny_run, tm
         assert result.exit_code == 0, result.output
         spec = json.loads((out / "model_spec.json").read_text())
         assert spec["file"] == file and (out / file).stat().st_size > 1000 and spec["variant"] == "lum"
+
+
+def test_the_scored_test_window_counts_each_items_earlier_interactions_for_the_cold_slices(tiny_run):
+    """No counter before the row's day is no impression before it: the item-interactions slice has no unknowns."""
+    run, _, _ = tiny_run
+    scored = pq.read_table(run / "scores" / "global.parquet", columns=["item_popularity", "item_interactions"]).to_pandas()
+    assert (scored["item_interactions"] == scored["item_popularity"].fillna(0)).all()
+    report = json.loads((run / "report" / "report.json").read_text())
+    cold = [s for s in report["protocols"][0]["slices"] if s["family"] == "item interactions"]
+    assert {s["value"] for s in cold} <= {"0", "1-5", "6+"} and sum(s["rows"] for s in cold) == len(scored)
+    assert all({x["metric"] for x in s["lifts"]} == {"gauc", "auc"} for s in cold)

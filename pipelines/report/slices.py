@@ -98,12 +98,14 @@ def slice_families(frame: pd.DataFrame, columns: list[str], config: ReportConfig
         families[-1].aliases[history_labels(config.history_edges)[0]] = [f"earlier user history: {labels[0]}"]
     elif no_history is not None:
         families.append(SliceFamily("earlier user history", pd.Series(np.where(no_history, labels[0], labels[1]), index=frame.index), labels))
-    if "item_popularity" in frame.columns:
+    counts = "item_interactions" if "item_interactions" in frame.columns else "item_popularity"  # the first: no unknowns
+    if counts in frame.columns:
         labels = history_labels(config.item_history_edges)
         bins = [-np.inf, *[e - 0.5 for e in config.item_history_edges], np.inf]
-        known = frame["item_popularity"].astype(float)
+        known = frame[counts].astype(float)
         bucket = pd.cut(known, bins=bins, labels=labels).astype(str).where(known.notna(), "unknown")
         families.append(SliceFamily("item interactions", bucket, [label for label in [*labels, "unknown"] if (bucket == label).any()]))
+    if "item_popularity" in frame.columns:
         labels = ["head", "torso", "tail", "unknown"]
         bucket = popularity_buckets(frame["item_popularity"].astype(float), config)
         families.append(SliceFamily("item popularity", bucket, [label for label in labels if (bucket == label).any()]))

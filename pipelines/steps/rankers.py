@@ -180,6 +180,8 @@ def score_test_window(paths: RunPaths, protocol: str, progress: bool = True, ran
     frame["user_history_len"] = counters["user_n_events"].fillna(0).astype(np.int64)
     frame["user_no_history"] = frame["user_history_len"] == 0
     frame["item_popularity"] = counters["item_n_impressions"]
+    # the item counters are cumulative per period: no counter before the row's day is no impression before it
+    frame["item_interactions"] = counters["item_n_impressions"].fillna(0).astype(np.int64)
     earlier = pd.concat([read_events(paths.split_file(protocol, w))[0].select(["item_id"]).to_pandas() for w in ("pretrain", "train")])
     frame["item_is_new"] = ~frame["item_id"].isin(set(earlier["item_id"].astype(str)))
     window, _ = read_events(paths.split_file(protocol, "test"))
