@@ -30,7 +30,7 @@ from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
 from pipelines.run.state import STATE_FILE, RunState
-from pipelines.run.subruns import SEEDS_DIR, before_test_window, seed_config, share_data, validation_config, validation_fractions
+from pipelines.run.subruns import before_test_window, seed_config, seed_dir, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
 from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
@@ -102,10 +102,7 @@ def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo
     """`holdout: validation`: the run's split (the same step as the test run's, so that run reuses it), then the log
     without the test window into run_dir/validation, and the config run there; returns that run's report."""
     protocol = config.protocols[0]
-    split_config = protocol.split_config()
-    split_step = f"{protocol.name}: split"
-    state.step(split_step, lambda redo: data_steps.split(paths, split_config, force=redo), echo,
-               settings={"split": split_config, "after": state.settings_of("data")})
+    split_step = run_split(protocol, paths, state, echo)
     sub = validation_config(config)
 
     def cut(redo: bool) -> Any:
@@ -141,6 +138,15 @@ def content_settings(config: Any) -> dict[str, Any]:
     return strip(config_dict(config))
 
 
+def run_split(protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo: Echo) -> str:
+    """The split step of `protocol` (one step, shared by the test run and the validation run); returns its name."""
+    split_config = protocol.split_config()
+    name = f"{protocol.name}: split"
+    state.step(name, lambda redo: data_steps.split(paths, split_config, force=redo), echo,
+               settings={"split": split_config, "after": state.settings_of("data")})
+    return name
+
+
 def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, state: RunState, echo: Echo) -> Path:
     """The steps of one protocol (split ... scored test window); returns the scored test window's path.
 
@@ -149,9 +155,7 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     """
     split, lm = protocol.split, config.lm
     name = protocol.name
-    split_config = protocol.split_config()
-    state.step(f"{name}: split", lambda redo: data_steps.split(paths, split_config, force=redo), echo,
-               settings={"split": split_config, "after": state.settings_of("data")})
+    run_split(protocol, paths, state, echo)
     model_dir = paths.model_dir(split, lm.pretrain.preset)
 
     def pretrain(redo: bool) -> Any:
@@ -308,7 +312,7 @@ def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> di
         raise FileNotFoundError(f"{paths.root} has no scored test window ({', '.join(missing)}): finish the run with `lum run` first")
     seed_reports = []
     for k in range(1, config.seeds):
-        made = paths.root / SEEDS_DIR / f"seed-{k}" / "report" / "report.json"
+        made = seed_dir(paths.root, k) / "report" / "report.json"
         if not made.exists():
             raise FileNotFoundError(f"{paths.root}: seed {k} of {config.seeds} has no report ({made}): finish the run with `lum run` first")
         seed_reports.append({"seed": k, "run": str(made.parents[1]), "report": json.loads(made.read_text())})

@@ -36,12 +36,17 @@ VALIDATION_DIR = "validation"
 SHARED_STAMP = "shared_from.json"  # beside a sub-run's dataset.json: which data of which run it copies
 
 
+def seed_dir(run_dir: str | Path, k: int) -> Path:
+    """The run folder of seed k of the run in `run_dir`."""
+    return Path(run_dir) / SEEDS_DIR / f"seed-{k}"
+
+
 def seed_config(config: RunConfig, k: int) -> RunConfig:
     """The config of seed k: every training seed moved by k, in `<run_dir>/seeds/seed-k/`, on the run's own data."""
     lm, rankers = config.lm, config.rankers
     return replace(
         config,
-        run_dir=str(Path(config.run_dir) / SEEDS_DIR / f"seed-{k}"),
+        run_dir=str(seed_dir(config.run_dir, k)),
         seeds=1,
         data=DataConfig(source="imported"),
         lm=replace(lm, pretrain=replace(lm.pretrain, seed=lm.pretrain.seed + k), tokenizer=replace(lm.tokenizer, seed=lm.tokenizer.seed + k)),
