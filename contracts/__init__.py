@@ -7,6 +7,7 @@ What both sides of such an exchange must agree on is defined here, once:
     names.py        condition slugs, ranker variants, counter and training-set column names
     embeddings.py   the embedding folder `lum embed` writes and the feature store ingests: file names, columns,
                     the manifest (a dataclass and a validating reader)
+    candidates.py   the candidates folder `lum retrieve` writes (the same layout, one row per retrieved item)
     settings.py     how every component declares its config dataclass
 
 What does not belong here: anything only one wing uses (it stays in that wing), behaviour (training, joins,

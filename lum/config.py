@@ -127,3 +127,18 @@ class EmbedJobConfig:
     pca_sample: int = Field(20_000, ge=1, description="Users sampled to fit the PCA.")
     groups_per_call: int = Field(256, ge=1, description="Query groups handed to the engine at once (progress granularity).")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")
+
+
+@config_class
+class RetrieveJobConfig:
+    """How candidates are generated: which query conditions, which engine, how wide the search, how many kept."""
+
+    conditions: str = Field("all", description="`all` or comma-separated condition names, e.g. surface=home|device=mobile,request.")
+    engine: Literal["vllm", "torch"] = Field("vllm", description="Retrieval engine: vLLM (the production path) or the torch reference.")
+    top: int = Field(100, ge=1, description="Candidates kept per (user, condition).")
+    beam: int = Field(20, ge=1, description="Prefixes kept at the inner code levels of a semantic-id search (id models: unused).")
+    max_history: int | None = Field(None, ge=1, description="Behaviours per prompt (default: the tokenizer's max_history).")
+    window_stride: int = Field(16, ge=1, description="Rolling: the history window moves in steps of this many behaviours.")
+    shards: int = Field(8, ge=1, description="Output shards by user hash (the unit of resume).")
+    groups_per_call: int = Field(64, ge=1, description="Query groups searched at once (progress granularity).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine settings.")

@@ -111,12 +111,12 @@ def main(verbosity: str | None, log_level: str | None, progress: bool | None) ->
 
 from pipelines.cli.data import data  # noqa: E402  (command groups kept in their own modules)
 from pipelines.cli.features import features  # noqa: E402
-from pipelines.cli.lm import embed_command, evaluate_command, pretrain_command  # noqa: E402
+from pipelines.cli.lm import embed_command, evaluate_command, pretrain_command, retrieve_command  # noqa: E402
 from pipelines.cli.ranker import ranker  # noqa: E402
 from pipelines.cli.run import demo, report_command, run_command, status_command  # noqa: E402
 from pipelines.cli.serve import serve_command  # noqa: E402
 
-for command in (data, pretrain_command, evaluate_command, embed_command, features, ranker, run_command, demo, report_command, status_command,
+for command in (data, pretrain_command, evaluate_command, embed_command, retrieve_command, features, ranker, run_command, demo, report_command, status_command,
                 serve_command):
     main.add_command(command)
 

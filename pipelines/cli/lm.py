@@ -1,4 +1,4 @@
-"""`lum pretrain | evaluate | embed`: the behaviour LM and its embeddings.
+"""`lum pretrain | evaluate | embed | retrieve`: the behaviour LM, its embeddings and its candidates.
 
 Their options are made from the components' config dataclasses (lum.pretrain.PretrainConfig,
 lum.tokenizer.TokenizerConfig, lum.evaluate.EvalConfig, lum.embed_job.EmbedJobConfig), so a default is defined
@@ -15,7 +15,7 @@ from typing import Any
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
+from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, RetrieveJobConfig, TokenizerConfig
 from pipelines.cli.common import UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths
@@ -112,6 +112,42 @@ def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | 
     if config.engine == "vllm":
         # vLLM's worker processes occasionally crash at interpreter exit after all results are written (about 1 run
         # in 20, exit 134); the job is finished and recorded, so leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@click.command("retrieve")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A model folder written by `lum pretrain`.")
+@click.option("--events", "events_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Events Parquet: each query sees the user's behaviours strictly before its as-of time.")
+@click.option("--as-of", "as_of", required=True, help="Snapshot time(s) TS[,TS...], or rows:PATH for candidates per (user, time) row.")
+@click.option("--catalogue", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A Parquet with an item_id column: only these items may be retrieved (default: every item the model can write).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (resumed when it exists).")
+@config_options(RetrieveJobConfig)
+@_friendly_errors
+def retrieve_command(model_dir: str, events_path: str, as_of: str, catalogue: str | None, out_dir: str, **options: Any) -> None:
+    """Generate top-N candidate items per (user, condition) with the behaviour LM (constrained beam search)."""
+    from lum.embed_job import AsOf
+    from lum.retrieve_job import RetrievalJob
+
+    config = build_config(RetrieveJobConfig, options)
+    job = RetrievalJob(model_dir, events_path, AsOf.parse(as_of), out_dir, config, catalogue=catalogue)
+    if job.trie.unreachable:
+        click.echo(f"{job.trie.unreachable:,} catalogue items have no token sequence of their own and cannot be retrieved "
+                   "(an id model's rare and new items; a semantic-id model reaches every item with content)")
+    try:
+        manifest = job.run()
+    finally:
+        job.close()
+    totals = manifest["totals"]
+    click.echo(
+        f"wrote {totals['rows']:,} candidates ({totals['queries']:,} queries of {totals['users']:,} users, top {config.top}, "
+        f"from {job.trie.n_items:,} items) to {out_dir}; {totals['queries_without_history']:,} (user, as-of) pairs had no history and were skipped"
+    )
+    if config.engine == "vllm":
+        # as `lum embed`: vLLM's workers occasionally crash at interpreter exit after everything is written
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
