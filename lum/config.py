@@ -90,12 +90,33 @@ class TokenizerConfig:
 
 
 @config_class
+class SasRecConfig:
+    """The SASRec-style baseline of the next-item evaluation (lum/sasrec.py)."""
+
+    hidden_size: int = Field(64, ge=8, description="Item embedding and model width.")
+    layers: int = Field(2, ge=1, description="Transformer blocks.")
+    heads: int = Field(2, ge=1, description="Attention heads.")
+    max_len: int = Field(50, ge=2, description="Items per training segment and per query (the last ones).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings and in the blocks.")
+    epochs: int = Field(30, ge=1, description="At most this many passes over the training sequences.")
+    patience: int = Field(3, ge=0, description="Stop after this many epochs without a better validation NDCG@10.")
+    batch_size: int = Field(128, ge=1, description="Segments per step.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    seed: int = Field(0, description="Initialisation and data order.")
+
+
+@config_class
 class EvalConfig:
-    """Next-item evaluation of the LM on the test window."""
+    """Next-item evaluation of the LM on the test window: the model retrieves, the target is looked up in its list."""
 
     k: int = Field(10, ge=1, description="Cut-off of HR@k and NDCG@k.")
+    recall_k: int = Field(50, ge=1, description="Cut-off of Recall@k (one target per user: the hit rate at this depth).")
+    beam: int = Field(20, ge=1, description="Beam width of the semantic-id search (see lum/retrieve.py).")
+    engine: Literal["torch", "vllm"] = Field("torch", description="Retrieval engine of the model's lists.")
+    sasrec: bool = Field(True, description="Also train and score the SASRec-style baseline on the LM's pretraining window.")
+    sasrec_model: SasRecConfig = Field(default_factory=SasRecConfig, description="The SASRec-style baseline's settings.")
     max_users: int | None = Field(2000, ge=1, description="A seeded sample of test users, for speed (None: all).")
-    batch_size: int = Field(64, ge=1, description="Users per forward pass.")
+    batch_size: int = Field(64, ge=1, description="Users per search batch.")
     seed: int = Field(0, description="Seed of the user sample.")
 
 

@@ -1,13 +1,17 @@
-"""Next-item evaluation of the behaviour LM: HR@k and NDCG@k, leave-last-out, full ranking over items.
+"""Next-item evaluation of the behaviour LM: HR@k, NDCG@k and Recall@R, leave-last-out, the model retrieving.
 
 For every user with a behaviour in the test window, the target is their last behaviour there; the prompt is
 [BOS] + their last `max_history` behaviours strictly before it (any window) + the target's condition token, and
-the model ranks every item token by the dot product of the hidden state at that condition token with the
-item's output row. A target item without a token of its own (too rare in the pretraining window, or new) can
-only be missed: the share of such targets is reported. Two baselines rank the same targets:
+the model generates its top R items through the retrieval search of lum/retrieve.py (semantic-id models: the
+constrained beam search over code sequences; id models: the top item logits). The target is looked up in that
+list. A target the model cannot generate (an id model's rare or new item, an item without content codes) can
+only be missed: the share of such targets is reported. With one target per user, Recall@R is the hit rate at
+depth R (TIGER's and HSTU's convention). Three baselines rank the same targets:
 
 * popularity: the most frequent items of the history events, the same list for everybody;
-* recent: the user's most recent distinct items, most recent first, filled up with popular items.
+* recent: the user's most recent distinct items, most recent first, filled up with popular items;
+* sasrec: a SASRec-style model (lum/sasrec.py) trained on the LM's pretraining window, stopped on a validation
+  split of that window (its last behaviour per user), never on the test window.
 
 Metrics are reported overall and per target condition.
 """
@@ -18,23 +22,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from contracts.progress import bars_off
 from lum.config import EvalConfig  # noqa: F401  (re-exported)
-from lum.tokenizer import PAD, BehaviourTokenizer
+from lum.embed import QueryGroup
+from lum.retrieve import ItemTrie, RetrievalEngine, TorchRetrievalEngine, beam_search
+from lum.tokenizer import BOS, BehaviourTokenizer
 
 
-def _metrics(ranks: np.ndarray, k: int) -> dict[str, float]:
+def _metrics(ranks: np.ndarray, k: int, recall_k: int | None = None) -> dict[str, float]:
     """`ranks` [U]: 0-based rank of each target (large = not ranked)."""
     hit = ranks < k
-    return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())}
+    out = {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())}
+    if recall_k is not None:
+        out[f"recall@{recall_k}"] = float((ranks < recall_k).mean())
+    return out
 
 
 def _rank_in_lists(lists: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """[U, k] recommended item ids, [U] targets -> [U] rank of the target (k when absent)."""
+    """[U, n] recommended item ids, [U] targets -> [U] rank of the target (n when absent)."""
     match = lists == targets[:, None]
     return np.where(match.any(axis=1), match.argmax(axis=1), lists.shape[1])
 
@@ -55,106 +63,130 @@ def behaviours_before_targets(tokenizer: BehaviourTokenizer, all_events: pd.Data
     return behaviours[behaviours["ts"] < behaviours["user_id"].map(cut)]
 
 
-@torch.no_grad()
-def score_model(
-    model: LlamaForCausalLM,
+def model_lists(
+    engine: RetrievalEngine,
     tokenizer: BehaviourTokenizer,
     all_events: pd.DataFrame,
     targets: pd.DataFrame,
     config: EvalConfig,
+    depth: int,
     progress: bool = False,
-) -> np.ndarray:
-    """[U] rank of each target item among all item tokens; histories are the behaviours before each target."""
-    item_tokens = tokenizer.item_token_ids()
-    head = model.lm_head.weight[torch.as_tensor(item_tokens)]  # [V_items, H]
-    target_tok = tokenizer.item_ids(targets["item_id"])[:, 0]
-    cond_tok = tokenizer.condition_ids(targets)
-    position_of = {t: i for i, t in enumerate(item_tokens)}
-    target_pos = np.array([position_of.get(int(t), -1) for t in target_tok])
-    # histories strictly before each target's time
+) -> tuple[np.ndarray, np.ndarray]:
+    """[U, depth] the model's retrieved items per target (None-padded) and [U] whether the target can be generated."""
+    trie = ItemTrie.from_tokenizer(tokenizer)
+    generable = {item for names in trie.items.values() for item in names}
     before = behaviours_before_targets(tokenizer, all_events, targets)
     histories = tokenizer.encode_histories(before)
-    ranks = np.full(len(targets), np.iinfo(np.int64).max // 2, dtype=np.int64)
+    cond_tok = tokenizer.condition_ids(targets)
     users = targets["user_id"].astype(str).to_numpy()
-    for start in tqdm(range(0, len(targets), config.batch_size), disable=bars_off(progress), desc="evaluating"):
-        idx = np.arange(start, min(start + config.batch_size, len(targets)))
-        prompts = [np.append(histories.get(users[i], np.array([1])), cond_tok[i]) for i in idx]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(idx), width), PAD, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.as_tensor(p)
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(p) for p in prompts])[:, None]).long()
-        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
-        last = hidden[torch.arange(len(idx)), mask.sum(1) - 1]  # [B, H]
-        scores = last @ head.T  # [B, V_items]
-        for r, i in enumerate(idx):
-            if target_pos[i] >= 0:
-                ranks[i] = int((scores[r] > scores[r, target_pos[i]]).sum())
-    return ranks
+    groups = []
+    for i, user in enumerate(users):
+        tokens = histories.get(user, np.array([BOS], dtype=np.int64))
+        groups.append(QueryGroup(user, tokens, np.array([len(tokens)]), np.array([cond_tok[i]]), [(i, "")]))
+    lists = np.full((len(targets), depth), None, dtype=object)
+    for start in tqdm(range(0, len(groups), config.batch_size), disable=bars_off(progress), desc="evaluating"):
+        chunk = groups[start : start + config.batch_size]
+        for offset, per_group in enumerate(beam_search(engine, trie, chunk, config.beam, depth)):
+            ranked = [item for item, _ in per_group[0]]
+            lists[start + offset, : len(ranked)] = ranked
+    reachable = np.array([item in generable for item in targets["item_id"].astype(str)], dtype=bool)
+    return lists, reachable
+
+
+def baseline_lists(
+    tokenizer: BehaviourTokenizer, history_events: pd.DataFrame, all_events: pd.DataFrame, targets: pd.DataFrame, depth: int
+) -> dict[str, np.ndarray]:
+    """[U, depth] lists of the popularity (from `history_events`) and recent-items baselines."""
+    popular = tokenizer.behaviours(history_events)["item_id"].astype(str).value_counts().index.to_numpy()[: 2 * depth]
+    pop_lists = np.full((len(targets), depth), None, dtype=object)
+    pop_lists[:, : min(depth, len(popular))] = popular[:depth]
+    before = behaviours_before_targets(tokenizer, all_events, targets)
+    recent_by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: list(dict.fromkeys(s.astype(str).to_numpy()[::-1]))[:depth])
+    recent_lists = np.full((len(targets), depth), None, dtype=object)
+    for row, user in enumerate(targets["user_id"]):
+        recent = recent_by_user.get(user, [])
+        merged = (recent + [p for p in popular if p not in recent])[:depth]
+        recent_lists[row, : len(merged)] = merged
+    return {"popularity": pop_lists, "recent": recent_lists}
 
 
 def baseline_ranks(
     tokenizer: BehaviourTokenizer, history_events: pd.DataFrame, all_events: pd.DataFrame, targets: pd.DataFrame, k: int
 ) -> dict[str, np.ndarray]:
-    """Ranks of the targets in the popularity list (from `history_events`) and in each user's recent items."""
-    popular = tokenizer.behaviours(history_events)["item_id"].astype(str).value_counts().index.to_numpy()[: 2 * k]
+    """Ranks of the targets in the popularity list and in each user's recent items (k when absent)."""
     target_items = targets["item_id"].astype(str).to_numpy()
-    pop_lists = np.tile(popular[:k], (len(targets), 1))
+    return {name: _rank_in_lists(lists, target_items) for name, lists in baseline_lists(tokenizer, history_events, all_events, targets, k).items()}
+
+
+def sasrec_lists(
+    tokenizer: BehaviourTokenizer, train_events: pd.DataFrame, all_events: pd.DataFrame, targets: pd.DataFrame, config: EvalConfig, depth: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """[U, depth] the SASRec-style baseline's lists, trained on `train_events`, and facts of its training."""
+    from lum.sasrec import train_sasrec
+
+    trained = train_sasrec(tokenizer.behaviours(train_events), config.sasrec_model)
     before = behaviours_before_targets(tokenizer, all_events, targets)
-    recent_by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: list(dict.fromkeys(s.astype(str).to_numpy()[::-1]))[:k])
-    recent_lists = []
-    for user in targets["user_id"]:
-        recent = recent_by_user.get(user, [])
-        fill = [p for p in popular if p not in recent]
-        recent_lists.append((recent + fill)[:k])
-    return {
-        "popularity": _rank_in_lists(pop_lists, target_items),
-        "recent": _rank_in_lists(np.array(recent_lists, dtype=object), target_items),
-    }
+    by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: s.astype(str).tolist())
+    histories = [by_user.get(user, []) for user in targets["user_id"]]
+    lists = np.full((len(targets), depth), None, dtype=object)
+    top = trained.top_items(histories, depth)
+    lists[:, : top.shape[1]] = top
+    return lists, {"best_epoch": trained.best_epoch, "validation_ndcg@10": round(trained.validation_ndcg10, 4), "items": len(trained.item_ids)}
 
 
 def evaluate_next_item(
-    model: LlamaForCausalLM,
+    model: LlamaForCausalLM | None,
     tokenizer: BehaviourTokenizer,
     events_before: pd.DataFrame,
     test: pd.DataFrame,
     config: EvalConfig = EvalConfig(),
     progress: bool = False,
+    train_events: pd.DataFrame | None = None,
+    engine: RetrievalEngine | None = None,
 ) -> dict[str, Any]:
-    """HR@k / NDCG@k of the model and both baselines, overall and per target condition."""
-    if tokenizer.config.item_tokenization != "id":
-        raise ValueError(
-            "next-item evaluation ranks item tokens and supports id item tokenization only; a semantic-ID model "
-            "would need a beam search over code sequences (not implemented)"
-        )
-    model.eval()
+    """HR@k / NDCG@k / Recall@R of the model and the baselines, overall and per target condition.
+
+    events_before: every event before the test window (histories and the popularity list); train_events: the LM's
+    pretraining window, which the SASRec baseline trains on (default: events_before); engine: the retrieval engine
+    (default: the torch reference engine on `model`).
+    """
     targets = leave_last_out(tokenizer, events_before, test, config)
     if targets.empty:
         raise ValueError("the test window holds no behaviours to evaluate")
+    if engine is None:
+        if model is None:
+            raise ValueError("pass the model or a retrieval engine")
+        engine = TorchRetrievalEngine.from_model(model.eval())
+    depth = max(config.k, config.recall_k)
     all_events = pd.concat([events_before, test], ignore_index=True)
-    ranks = {"model": score_model(model, tokenizer, all_events, targets, config, progress)}
-    ranks.update(baseline_ranks(tokenizer, events_before, all_events, targets, config.k))
-    condition = tokenizer.condition_ids(targets)
-    condition_name = np.array([tokenizer.vocab[c] for c in condition])
-    target_tok = tokenizer.item_ids(targets["item_id"])[:, 0]
-    out: dict[str, Any] = {
-        "users": int(len(targets)),
-        "k": config.k,
-        "target_without_item_token": float(np.mean(~np.isin(target_tok, tokenizer.item_token_ids()))),
-        "overall": {name: _metrics(r, config.k) for name, r in ranks.items()},
-        "per_condition": {},
-    }
+    lists, reachable = model_lists(engine, tokenizer, all_events, targets, config, depth, progress)
+    all_lists = {"model": lists, **baseline_lists(tokenizer, events_before, all_events, targets, depth)}
+    out: dict[str, Any] = {"users": int(len(targets)), "k": config.k, "recall_k": config.recall_k,
+                           "item_tokenization": tokenizer.config.item_tokenization,
+                           "target_not_generable": float(np.mean(~reachable))}
+    if config.sasrec:
+        all_lists["sasrec"], out["sasrec"] = sasrec_lists(tokenizer, events_before if train_events is None else train_events,
+                                                          all_events, targets, config, depth)
+    target_items = targets["item_id"].astype(str).to_numpy()
+    ranks = {name: _rank_in_lists(found, target_items) for name, found in all_lists.items()}
+    condition_name = np.array([tokenizer.vocab[c] for c in tokenizer.condition_ids(targets)])
+    out["overall"] = {name: _metrics(r, config.k, config.recall_k) for name, r in ranks.items()}
+    out["per_condition"] = {}
     for value in np.unique(condition_name):
         sel = condition_name == value
-        out["per_condition"][value] = {"users": int(sel.sum()), **{name: _metrics(r[sel], config.k) for name, r in ranks.items()}}
+        out["per_condition"][value] = {"users": int(sel.sum()), **{name: _metrics(r[sel], config.k, config.recall_k) for name, r in ranks.items()}}
     return out
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
-    k = result["k"]
+    k, r = result["k"], result["recall_k"]
     rows = {name: m for name, m in result["overall"].items()}
-    frame = pd.DataFrame(rows).T[[f"hr@{k}", f"ndcg@{k}"]].map(lambda v: f"{v:.4f}")
-    lines = [f"{result['users']} users, targets without an item token: {result['target_without_item_token']:.1%}", frame.to_string()]
+    frame = pd.DataFrame(rows).T[[f"hr@{k}", f"ndcg@{k}", f"recall@{r}"]].map(lambda v: f"{v:.4f}")
+    lines = [f"{result['users']} users ({result['item_tokenization']} items), targets the model cannot generate: "
+             f"{result['target_not_generable']:.1%}", frame.to_string()]
+    if "sasrec" in result:
+        lines.append(f"sasrec: {result['sasrec']['items']} items, stopped at epoch {result['sasrec']['best_epoch']} "
+                     f"(validation NDCG@10 {result['sasrec']['validation_ndcg@10']:.4f}, on its training window)")
     per = {
         (cond, name): values[f"hr@{k}"]
         for cond, metrics in result["per_condition"].items()

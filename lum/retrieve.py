@@ -173,6 +173,13 @@ class TorchRetrievalEngine:
         self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
         self.max_batch_tokens = max_batch_tokens
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, max_batch_tokens: int = 16_384) -> "TorchRetrievalEngine":
+        """An engine on a model already in memory (a LlamaForCausalLM in eval mode)."""
+        engine = cls.__new__(cls)
+        engine.model, engine.max_batch_tokens = model, max_batch_tokens
+        return engine
+
     @staticmethod
     def _row(history: np.ndarray, branches: list[Branch], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Token ids [T], position ids [T], attention mask [T, T] and each branch's last position [Q] of one group."""

@@ -63,7 +63,7 @@ def pretrain_command(protocol: str, init_from: str | None, run_dir: str, force: 
 @run_option
 @_friendly_errors
 def evaluate_command(protocol: str, preset: str, run_dir: str, **options: Any) -> None:
-    """Next-item HR@k / NDCG@k on the test window against popularity and recent-items baselines."""
+    """Next-item HR@k, NDCG@k and Recall@R of the model's retrieved lists against popularity, recent items and SASRec."""
     from lum.evaluate import format_evaluation
     from pipelines.steps.lm import evaluate_step
 

@@ -125,8 +125,22 @@ def evaluate_step(paths: RunPaths, protocol: str, preset: str, eval_config: Any,
     model_dir = paths.model_dir(protocol, preset)
     loaded = load_model(model_dir)
     tokenizer = BehaviourTokenizer.load(model_dir, expected_fingerprint=loaded.manifest["tokenizer_fingerprint"])
-    history = pd.concat([_window(paths, protocol, "pretrain"), _window(paths, protocol, "train")], ignore_index=True)
-    result = evaluate_next_item(loaded.model, tokenizer, history, _window(paths, protocol, "test"), eval_config, progress)
+    pretrain_window = _window(paths, protocol, "pretrain")
+    history = pd.concat([pretrain_window, _window(paths, protocol, "train")], ignore_index=True)
+    engine = None
+    if eval_config.engine == "vllm":
+        import json
+
+        from lum.retrieve import VllmRetrievalEngine
+
+        max_len = int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+        engine = VllmRetrievalEngine(str(model_dir), max_len, max(eval_config.beam, eval_config.k, eval_config.recall_k))
+    try:
+        result = evaluate_next_item(loaded.model, tokenizer, history, _window(paths, protocol, "test"), eval_config, progress,
+                                    train_events=pretrain_window, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     result["model_version"] = loaded.manifest["model_version"]
     result["config"] = asdict(eval_config)
     write_json_atomic(result, paths.evaluation(protocol, preset))
