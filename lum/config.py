@@ -98,9 +98,9 @@ class SasRecConfig:
     heads: int = Field(2, ge=1, description="Attention heads.")
     max_len: int = Field(50, ge=2, description="Items per training segment and per query (the last ones).")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings and in the blocks.")
-    epochs: int = Field(30, ge=1, description="At most this many passes over the training sequences.")
+    epochs: int = Field(100, ge=1, description="At most this many passes over the training sequences (validation stops it earlier).")
     patience: int = Field(3, ge=0, description="Stop after this many epochs without a better validation NDCG@10.")
-    batch_size: int = Field(128, ge=1, description="Segments per step.")
+    batch_size: int = Field(64, ge=1, description="Segments per step.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     seed: int = Field(0, description="Initialisation and data order.")
 

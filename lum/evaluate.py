@@ -134,6 +134,35 @@ def sasrec_lists(
     return lists, {"best_epoch": trained.best_epoch, "validation_ndcg@10": round(trained.validation_ndcg10, 4), "items": len(trained.item_ids)}
 
 
+def hold_out_items(events: pd.DataFrame, fraction: float, seed: int = 0) -> np.ndarray:
+    """A seeded `fraction` of the items occurring in `events`, sorted: the cold items of TIGER's cold-start test.
+
+    Drop their events from the pretraining window (`events[~events.item_id.isin(cold)]`) and evaluate on targets
+    that are cold items: a semantic-id model can still generate them (their codes come from content), an id model
+    cannot (they have no token)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the share of items held out must be between 0 and 1, got {fraction}")
+    items = np.array(sorted(events["item_id"].astype(str).unique()), dtype=object)
+    n = max(1, int(round(fraction * len(items))))
+    return np.sort(np.random.default_rng(seed).choice(items, n, replace=False))
+
+
+def cold_item_stats(lists: np.ndarray, target_items: np.ndarray, cold: set[str], k: int, recall_k: int) -> dict[str, float]:
+    """How a method treats cold items: the share of its top-k slots they fill, the share of users whose top-k holds
+    one, and HR@k / Recall@R over the targets that are cold items."""
+    top = lists[:, :k]
+    is_cold = np.vectorize(lambda item: item in cold, otypes=[bool])(top) if top.size else np.zeros(top.shape, bool)
+    cold_target = np.array([t in cold for t in target_items], dtype=bool)
+    ranks = _rank_in_lists(lists[cold_target], target_items[cold_target]) if cold_target.any() else np.zeros(0, np.int64)
+    return {
+        f"cold_share_of_top{k}": float(is_cold.sum() / max(1, np.count_nonzero(top != None))),  # noqa: E711 (elementwise)
+        f"users_with_cold_in_top{k}": float(is_cold.any(axis=1).mean()) if len(top) else 0.0,
+        "cold_targets": int(cold_target.sum()),
+        f"cold_hr@{k}": float((ranks < k).mean()) if len(ranks) else None,
+        f"cold_recall@{recall_k}": float((ranks < recall_k).mean()) if len(ranks) else None,
+    }
+
+
 def evaluate_next_item(
     model: LlamaForCausalLM | None,
     tokenizer: BehaviourTokenizer,
@@ -143,12 +172,14 @@ def evaluate_next_item(
     progress: bool = False,
     train_events: pd.DataFrame | None = None,
     engine: RetrievalEngine | None = None,
+    cold_items: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """HR@k / NDCG@k / Recall@R of the model and the baselines, overall and per target condition.
 
     events_before: every event before the test window (histories and the popularity list); train_events: the LM's
     pretraining window, which the SASRec baseline trains on (default: events_before); engine: the retrieval engine
-    (default: the torch reference engine on `model`).
+    (default: the torch reference engine on `model`); cold_items: items held out of pretraining (`hold_out_items`),
+    for the `cold_items` section.
     """
     targets = leave_last_out(tokenizer, events_before, test, config)
     if targets.empty:
@@ -175,6 +206,10 @@ def evaluate_next_item(
     for value in np.unique(condition_name):
         sel = condition_name == value
         out["per_condition"][value] = {"users": int(sel.sum()), **{name: _metrics(r[sel], config.k, config.recall_k) for name, r in ranks.items()}}
+    if cold_items is not None:
+        cold = {str(i) for i in cold_items}
+        out["cold_items"] = {"held_out": len(cold), **{name: cold_item_stats(found, target_items, cold, config.k, config.recall_k)
+                                                        for name, found in all_lists.items()}}
     return out
 
 
@@ -197,4 +232,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
         table = pd.Series(per).unstack().map(lambda v: f"{v:.4f}")
         table.insert(0, "users", [result["per_condition"][c]["users"] for c in table.index])
         lines += [f"HR@{k} per condition:", table.to_string()]
+    if "cold_items" in result:
+        cold = {name: v for name, v in result["cold_items"].items() if name != "held_out"}
+        lines += [f"cold items ({result['cold_items']['held_out']} held out of pretraining):",
+                  pd.DataFrame(cold).T.map(lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)).to_string()]
     return "\n".join(lines)

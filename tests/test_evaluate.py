@@ -44,11 +44,33 @@ def test_evaluation_of_a_trained_model_reports_every_method_and_condition(tiny_l
     tables, _ = split_events(events, SplitConfig("per-user"))
     history = pd.concat([tables["pretrain"].to_pandas(), tables["train"].to_pandas()], ignore_index=True)
     tokenizer = BehaviourTokenizer.load(folder, expected_fingerprint=manifest["tokenizer_fingerprint"])
-    result = evaluate_next_item(load_model(folder).model, tokenizer, history, tables["test"].to_pandas(), EvalConfig(max_users=100))
+    from lum.config import SasRecConfig
+
+    config = EvalConfig(max_users=100, sasrec_model=SasRecConfig(epochs=4))  # a few epochs: this test is about the report's shape
+    result = evaluate_next_item(load_model(folder).model, tokenizer, history, tables["test"].to_pandas(), config)
     assert result["users"] == 100
-    assert set(result["overall"]) == {"model", "popularity", "recent"}
+    assert set(result["overall"]) == {"model", "popularity", "recent", "sasrec"}
+    assert set(result["overall"]["model"]) == {"hr@10", "ndcg@10", "recall@50"}
+    assert all(m["recall@50"] >= m["hr@10"] for m in result["overall"].values())
+    assert result["sasrec"]["best_epoch"] >= 1 and result["item_tokenization"] == "id"
     assert sum(v["users"] for v in result["per_condition"].values()) == 100
     assert all(0 <= m["hr@10"] <= 1 for m in result["overall"].values())
     assert "HR@10 per condition" in format_evaluation(result)
     with pytest.raises(ValueError, match="test window holds no behaviours"):
         evaluate_next_item(load_model(folder).model, tokenizer, history, tables["test"].to_pandas().iloc[:0], EvalConfig())
+
+
+def test_the_sasrec_baseline_learns_a_sequence_and_stops_on_its_own_validation_split():
+    from lum.sasrec import SasRecConfig, train_sasrec
+
+    # every user walks the 30 items in order from a random start: the next item is always the successor
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{(start + t) % 30}", T0 + pd.Timedelta(minutes=t)) for u, start in enumerate(rng.integers(0, 30, 200)) for t in range(12)]
+    behaviours = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"])
+    trained = train_sasrec(behaviours, SasRecConfig(epochs=60, patience=2, max_len=10, batch_size=16, lr=5e-3))
+    assert trained.validation_ndcg10 > 0.8  # the validation targets are each training user's last behaviour
+    histories = [[f"i{(s + t) % 30}" for t in range(5)] for s in range(30)]
+    top = trained.top_items(histories, 1)[:, 0]
+    assert np.mean(top == np.array([f"i{(s + 5) % 30}" for s in range(30)], dtype=object)) > 0.9
+    with pytest.raises(ValueError, match="at least two items"):
+        train_sasrec(behaviours.assign(item_id="i0"))

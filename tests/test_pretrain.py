@@ -117,7 +117,7 @@ def test_the_model_learns_condition_dependent_transitions(tmp_path):
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     loaded = load_model(tmp_path / "m")
     tokenizer = BehaviourTokenizer.load(tmp_path / "m", expected_fingerprint=manifest["tokenizer_fingerprint"])
-    result = evaluate_next_item(loaded.model, tokenizer, history, test, EvalConfig(k=10, max_users=None))
+    result = evaluate_next_item(loaded.model, tokenizer, history, test, EvalConfig(k=10, max_users=None, sasrec=False))
     model_hr = result["overall"]["model"]["hr@10"]
     assert model_hr > 0.6  # measured 0.8 (40 items: chance is 0.25)
     assert model_hr > 2 * result["overall"]["popularity"]["hr@10"]
@@ -312,8 +312,25 @@ def test_semantic_mode_predicts_every_code_of_the_next_item(tmp_path, tiny_sim):
     assert batch.n_targets == 12
     log = json.loads((tmp_path / "sem" / "training_log.json").read_text())
     assert log[-1]["loss"] < log[0]["loss"]
-    with pytest.raises(ValueError, match="supports id item tokenization only"):
-        evaluate_next_item(load_model(tmp_path / "sem").model, tokenizer, events.to_pandas(), events.to_pandas(), EvalConfig())
+
+
+def test_a_semantic_id_model_learns_condition_dependent_transitions_and_generates_them(tmp_path):
+    """The cyclic world with content codes: the beam search must find the next item of each condition."""
+    events = cyclic_events()
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_id": [f"i{n}" for n in range(40)], "content": list(rng.normal(size=(40, 8)).astype(np.float32))})
+    history = events[events.ts < T0 + pd.Timedelta(minutes=25)]
+    test = events[events.ts >= T0 + pd.Timedelta(minutes=25)]
+    config = PretrainConfig(preset="tiny", epochs=40, rows_per_batch=4, row_tokens=256, lr=1e-2, checkpoint_every=10_000)
+    tokenizer_config = TokenizerConfig(("mode",), min_condition_count=1, item_tokenization="semantic", semantic_levels=2,
+                                       semantic_codebook_size=6, vector_column="content")
+    pretrain(history, tmp_path / "m", config, tokenizer_config, items, progress=False)
+    tokenizer = BehaviourTokenizer.load(tmp_path / "m")
+    result = evaluate_next_item(load_model(tmp_path / "m").model, tokenizer, history, test, EvalConfig(k=10, max_users=None, sasrec=False))
+    model_hr = result["overall"]["model"]["hr@10"]
+    assert result["target_not_generable"] == 0.0
+    assert model_hr > 0.6  # measured 1.0 (40 items: chance is 0.25)
+    assert model_hr > 2 * result["overall"]["popularity"]["hr@10"]
 
 
 def test_bf16_autocast_trains(tmp_path):
