@@ -5,9 +5,11 @@ built by `lum.embed.build_queries`); the model then continues with the item's to
 out: the catalogue's token sequences form a prefix trie (`ItemTrie`), and at every step the next token is chosen
 among the children of the prefix generated so far (TIGER's and OneRec's constrained beam search).
 
-* semantic-id models: an item is L code tokens + a tie-break token, so the search runs L + 1 steps. It keeps the
-  `beam` best prefixes at every code level but the last; the last code level and the tie-break keep
-  max(beam, top), and the result is cut to `top` items. Cold items are reachable: their codes come from content.
+* semantic-id models: an item is L code tokens + a tie-break token, so the search runs L + 1 steps. After every
+  step it keeps the `beam` best prefixes, and more of the next best ones while the kept prefixes' subtrees hold
+  fewer than `top` items (so `top` may exceed `beam`: beam 20 / top 100 keeps 20 prefixes where they cover 100
+  items and widens where the trie thins out); the result is cut to `top` items. Cold items are reachable: their
+  codes come from content.
 * id models: an item is one token; retrieval is the top-k of the item logits at the condition token, the same
   search with one step (items without a token of their own cannot be retrieved).
 
@@ -48,12 +50,14 @@ class ItemTrie:
     depth: tokens per item (1 for id models, L + 1 for semantic ids)
     children: prefix (tuple of token ids, shorter than depth) -> [C] allowed next token ids, sorted
     items: full sequence -> the item ids it stands for (more than one only where tie-breaks ran out)
+    sizes: prefix (any length up to depth) -> how many items lie below it
     unreachable: catalogue items without a token sequence of their own (an id model's rare and new items)
     """
 
     depth: int
     children: dict[tuple[int, ...], np.ndarray]
     items: dict[tuple[int, ...], tuple[str, ...]]
+    sizes: dict[tuple[int, ...], int]
     unreachable: int = 0
 
     @classmethod
@@ -76,13 +80,17 @@ class ItemTrie:
         if not items:
             raise ValueError("the retrieval catalogue holds no item the model can generate")
         children: dict[tuple[int, ...], set[int]] = {}
-        for sequence in items:
-            for level in range(depth):
-                children.setdefault(sequence[:level], set()).add(sequence[level])
+        sizes: dict[tuple[int, ...], int] = {}
+        for sequence, names in items.items():
+            for level in range(depth + 1):
+                sizes[sequence[:level]] = sizes.get(sequence[:level], 0) + len(names)
+                if level < depth:
+                    children.setdefault(sequence[:level], set()).add(sequence[level])
         return cls(
             depth=depth,
             children={prefix: np.array(sorted(next_tokens), dtype=np.int64) for prefix, next_tokens in children.items()},
             items={sequence: tuple(names) for sequence, names in items.items()},
+            sizes=sizes,
             unreachable=int((~own).sum()),
         )
 
@@ -90,9 +98,16 @@ class ItemTrie:
     def n_items(self) -> int:
         return sum(len(v) for v in self.items.values())
 
-    def width(self, step: int, beam: int, top: int) -> int:
-        """Prefixes kept after `step`: `beam` at the inner code levels, max(beam, top) at the last code level and after."""
-        return beam if step < self.depth - 2 else max(beam, top)
+    def keep(self, ranked: list[tuple[tuple[int, ...], float]], beam: int, top: int) -> list[tuple[tuple[int, ...], float]]:
+        """The prefixes a search step keeps from `ranked` (best first): the first `beam`, then more while their
+        subtrees hold fewer than `top` items. At most max(beam, top) prefixes, since every subtree holds an item."""
+        kept, covered = [], 0
+        for entry in ranked:
+            if len(kept) >= beam and covered >= top:
+                break
+            kept.append(entry)
+            covered += self.sizes[entry[0]]
+        return kept
 
 
 @dataclass
@@ -131,8 +146,8 @@ def beam_search(
     if beam < 1 or top < 1:
         raise ValueError(f"beam ({beam}) and top ({top}) must be at least 1")
     states: list[list[list[tuple[tuple[int, ...], float]]]] = [[[((), 0.0)] for _ in range(g.n_queries)] for g in groups]
+    width = max(beam, top)  # children asked per prefix: no step keeps more prefixes than this
     for step in range(trie.depth):
-        width = trie.width(step, beam, top)
         grown: list[list[list[tuple[tuple[int, ...], float]]]] = [[[] for _ in range(g.n_queries)] for g in groups]
         requests, owners = [], []
         for gi, group in enumerate(groups):
@@ -151,7 +166,7 @@ def beam_search(
             answers = [answer for per_group in engine.expand(requests) for answer in per_group]
             for (gi, qi, prefix, score), (tokens, logprobs) in zip(owners, answers):
                 grown[gi][qi] += [(prefix + (int(t),), score + float(lp)) for t, lp in zip(tokens, logprobs)]
-        states = [[sorted(c, key=lambda entry: (-entry[1], entry[0]))[:width] for c in per_group] for per_group in grown]
+        states = [[trie.keep(sorted(c, key=lambda entry: (-entry[1], entry[0])), beam, top) for c in per_group] for per_group in grown]
     out = []
     for per_group in states:
         lists = []
