@@ -73,12 +73,9 @@ class TrainedSasRec:
 
 
 def _segments(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
-    """[S, max_len + 1] right-aligned windows of each sequence (0-padded): inputs are [:, :-1], targets [:, 1:]."""
-    rows = []
-    for seq in sequences:
-        for end in range(len(seq), 1, -max_len):
-            window = seq[max(0, end - max_len - 1) : end]
-            rows.append(np.concatenate([np.zeros(max_len + 1 - len(window), np.int64), window]))
+    """[S, max_len + 1] the last max_len + 1 items of each sequence, right-aligned and 0-padded (SASRec trains on the
+    most recent actions only): inputs are [:, :-1], targets [:, 1:]."""
+    rows = [np.concatenate([np.zeros(max_len + 1 - len(w), np.int64), w]) for w in (seq[-(max_len + 1) :] for seq in sequences)]
     return np.stack(rows) if rows else np.zeros((0, max_len + 1), np.int64)
 
 

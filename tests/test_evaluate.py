@@ -46,7 +46,7 @@ def test_evaluation_of_a_trained_model_reports_every_method_and_condition(tiny_l
     tokenizer = BehaviourTokenizer.load(folder, expected_fingerprint=manifest["tokenizer_fingerprint"])
     from lum.config import SasRecConfig
 
-    config = EvalConfig(max_users=100, sasrec_model=SasRecConfig(epochs=4))  # a few epochs: this test is about the report's shape
+    config = EvalConfig(max_users=100, sasrec=True, sasrec_model=SasRecConfig(epochs=4))  # a few epochs: this test is about the report's shape
     result = evaluate_next_item(load_model(folder).model, tokenizer, history, tables["test"].to_pandas(), config)
     assert result["users"] == 100
     assert set(result["overall"]) == {"model", "popularity", "recent", "sasrec"}

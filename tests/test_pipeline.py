@@ -188,7 +188,7 @@ def test_run_config_defaults_are_the_components_own():
 
 @pytest.mark.parametrize("data, message", [
     ({"lm": {"pretrain": {"epoch": 3}}}, r"lm\.pretrain\.epoch: unknown key; did you mean `epochs`\?"),
-    ({"lm": {"epochs": 3}}, r"lm\.epochs: unknown key; `epochs` is a key of lm\.pretrain, rankers\.dlrm"),
+    ({"lm": {"epochs": 3}}, r"lm\.epochs: unknown key; `epochs` is a key of lm\.pretrain, lm\.evaluate\.sasrec_model, rankers\.dlrm"),
     ({"lm": {"pretrain": {"epochs": "ten"}}}, r"lm\.pretrain\.epochs: Input should be a valid integer.*\(got 'ten'\)"),
     ({"lm": {"pretrain": {"epochs": 0}}}, r"lm\.pretrain\.epochs: Input should be greater than or equal to 1 \(got 0\)"),
     ({"lm": {"tokenizer": {"semantic_levels": 9}}}, r"lm\.tokenizer\.semantic_levels: Input should be less than or equal to 8"),

@@ -167,13 +167,10 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     state.step(f"{name}: pretrain", pretrain, echo, settings={
         "lm.pretrain": content_settings(lm.pretrain), "lm.tokenizer": lm.tokenizer, "after": state.settings_of(f"{name}: split")})
     model_settings = state.settings_of(f"{name}: pretrain")
-    if lm.tokenizer.item_tokenization != "id":
-        echo(f"--- {name}: evaluate LM skipped: next-item evaluation ranks item tokens, which a {lm.tokenizer.item_tokenization}-ID model does not have")
-    else:
-        evaluation = paths.evaluation(split, lm.pretrain.preset)
-        state.step(f"{name}: evaluate LM",
-                   lambda redo: UP_TO_DATE if evaluation.exists() and not redo else evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate),
-                   echo, settings={"lm.evaluate": lm.evaluate, "after": model_settings})
+    evaluation = paths.evaluation(split, lm.pretrain.preset)  # id and semantic-id models alike: the model retrieves its list
+    state.step(f"{name}: evaluate LM",
+               lambda redo: UP_TO_DATE if evaluation.exists() and not redo else evaluate_lm(paths, split, lm.pretrain.preset, lm.evaluate),
+               echo, settings={"lm.evaluate": lm.evaluate, "after": model_settings})
 
     key = config.protocol_key(protocol)  # where this protocol's features, rankers and scores live (pipelines.paths)
     embed_dir = paths.embeddings(f"{split}-{lm.pretrain.preset}-{protocol.features}")
