@@ -304,8 +304,13 @@ def _make_schedule(rng, config, n_users, weight, preferred_device, preferred_day
     )
 
 
-def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: int, first_user: int, n_users: int) -> pa.Table:
-    """Simulate `n_users` users (global indices first_user..) and return their impressions (not yet validated)."""
+def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: int, first_user: int, n_users: int,
+                   truth: list[tuple[np.ndarray, ...]] | None = None) -> pa.Table:
+    """Simulate `n_users` users (global indices first_user..) and return their impressions (not yet validated).
+
+    truth: when a list, each request's hidden state is appended to it as (request key [n], target [n, D],
+    sharpness [n], user bias [n], time [n]) per request slot (see `RequestTruth`); it draws no random numbers,
+    so the impressions are the same with or without it."""
     rng = np.random.default_rng([config.seed, 2, chunk_index])
     interest_vec, weight, pref_device, pref_daypart, user_bias, activity, join_day = _make_users(rng, config, catalog, n_users)
     sched = _make_schedule(rng, config, n_users, weight, pref_device, pref_daypart, activity, join_day)
@@ -382,6 +387,8 @@ def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: i
         cos = np.einsum("nd,nsd->ns", target, catalog.latent[slate])
         logit = config.base_logit + sharpness[surface][:, None] * cos + 0.4 * pop_z[slate] + user_bias[users, None]
         relevance = 1.0 / (1.0 + np.exp(-logit))
+        if truth is not None:
+            truth.append(((first_user + users) * 1000 + r, target.copy(), sharpness[surface], user_bias[users].copy(), ts.copy()))
         p_click = relevance * examination(position, config.position_decay)
         label = rng.random(slate.shape) < p_click
         # state: did this request get a click, and which item was clicked (the top-most click)
@@ -423,8 +430,9 @@ def simulate_chunk(config: SimulatorConfig, catalog: ItemCatalog, chunk_index: i
     )
 
 
-def generate(config: SimulatorConfig) -> tuple[ItemCatalog, Iterator[pa.Table]]:
-    """The catalog and an iterator of validated event chunks (users are disjoint across chunks)."""
+def generate(config: SimulatorConfig, truth: list[tuple[np.ndarray, ...]] | None = None) -> tuple[ItemCatalog, Iterator[pa.Table]]:
+    """The catalog and an iterator of validated event chunks (users are disjoint across chunks); `truth`: see
+    `simulate_chunk`."""
     catalog = make_catalog(config)
     start = pd.Timestamp(config.start, tz="UTC")
     options = ValidationOptions(min_ts=start, max_ts=start + pd.Timedelta(days=config.days + 1))
@@ -432,7 +440,7 @@ def generate(config: SimulatorConfig) -> tuple[ItemCatalog, Iterator[pa.Table]]:
     def chunks() -> Iterator[pa.Table]:
         for index, first_user in enumerate(range(0, config.n_users, config.chunk_users)):
             n = min(config.chunk_users, config.n_users - first_user)
-            raw = simulate_chunk(config, catalog, index, first_user, n)
+            raw = simulate_chunk(config, catalog, index, first_user, n, truth)
             yield validate_events(raw, SIMULATOR_CONTRACT, source=f"simulator chunk {index}", options=options).events
 
     return catalog, chunks()
@@ -442,6 +450,64 @@ def simulate(config: SimulatorConfig) -> tuple[pa.Table, pa.Table]:
     """Events and items in memory (for tests and small presets)."""
     catalog, chunks = generate(config)
     return pa.concat_tables(list(chunks)), catalog.table()
+
+
+@dataclass
+class RequestTruth:
+    """What the simulator knew at every request: enough for the true relevance of any item there, not only of the
+    items the logging policy showed (what a retrieval A/B needs). Truth: never a feature.
+
+    request_ids [Q] (the events' request_id), target [Q, D] the taste the request was about, sharpness [Q] its
+    surface's, user_bias [Q], ts_us [Q]; the catalogue's latent [I, D], popularity z-score [I], release_us [I].
+    """
+
+    request_ids: np.ndarray
+    target: np.ndarray
+    sharpness: np.ndarray
+    user_bias: np.ndarray
+    ts_us: np.ndarray
+    latent: np.ndarray
+    pop_z: np.ndarray
+    release_us: np.ndarray
+    base_logit: float
+
+    def index_of(self, request_ids: np.ndarray) -> np.ndarray:
+        """[N] positions of the given request ids (a KeyError names an unknown one)."""
+        position = pd.Series(np.arange(len(self.request_ids)), index=self.request_ids)
+        missing = ~pd.Index(request_ids).isin(position.index)
+        if missing.any():
+            raise KeyError(f"request ids not simulated: {', '.join(map(str, np.asarray(request_ids)[missing][:5]))}")
+        return position[request_ids].to_numpy()
+
+    def relevance(self, requests: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """requests [N] (positions), items [N, M] item indices -> [N, M] true click probability if examined."""
+        cos = np.einsum("nd,nmd->nm", self.target[requests], self.latent[items])
+        logit = self.base_logit + self.sharpness[requests, None] * cos + 0.4 * self.pop_z[items] + self.user_bias[requests, None]
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def best_items(self, requests: np.ndarray, k: int, chunk: int = 512) -> np.ndarray:
+        """[N, k] the k most relevant items released by each request's time, best first."""
+        out = []
+        for start in range(0, len(requests), chunk):
+            req = requests[start : start + chunk]
+            logit = self.sharpness[req, None] * (self.target[req] @ self.latent.T) + 0.4 * self.pop_z[None, :]  # monotone in relevance
+            logit[self.release_us[None, :] > self.ts_us[req, None]] = -np.inf
+            top = np.argpartition(-logit, k, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(logit, top, axis=1), axis=1, kind="stable")
+            out.append(np.take_along_axis(top, order, axis=1))
+        return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def simulate_with_truth(config: SimulatorConfig) -> tuple[pa.Table, pa.Table, RequestTruth]:
+    """`simulate(config)` (the same events) and every request's `RequestTruth`."""
+    parts: list[tuple[np.ndarray, ...]] = []
+    catalog, chunks = generate(config, parts)
+    events = pa.concat_tables(list(chunks))
+    keys, target, sharpness, user_bias, ts = (np.concatenate([p[i] for p in parts]) for i in range(5))
+    pop_z = (catalog.log_popularity - catalog.log_popularity.mean()) / catalog.log_popularity.std()
+    truth = RequestTruth(np.char.add("r", keys.astype(str)).astype(object), target, sharpness, user_bias, ts, catalog.latent, pop_z,
+                         catalog.release_us, config.base_logit)
+    return events, catalog.table(), truth
 
 
 def simulate_to_run(config: SimulatorConfig, paths: RunPaths, progress: bool = True) -> dict:
