@@ -59,6 +59,9 @@ BENCHES = (
     Bench("features", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
     Bench("scaling", quick=("--quick", "--users", "100"), full=("--full",)),
+    Bench("retrieve", quick=("--quick",), full=()),
+    Bench("retrieval_quality", quick=("--quick",), full=()),
+    Bench("retrieval_ab", quick=("--quick",), full=()),
     # the ranking service on runs/demo when it is finished, else on a tiny run it makes (about 2 minutes)
     Bench("serve", quick=("--requests", "100", "--models", "lightgbm"), full=()),
     # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users

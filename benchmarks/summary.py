@@ -30,7 +30,8 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "serve", "scaling", "quality-demo", "quality-movielens")
+ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "serve", "scaling", "retrieve", "retrieval_quality", "retrieval_ab",
+         "quality-demo", "quality-movielens")
 
 Row = dict[str, Any]
 
@@ -88,6 +89,17 @@ TABLES: dict[str, list[Table]] = {
         Table((("curve", "curve"), ("engine", "engine"), ("variable", "against"), ("fit", "fit"), ("growth", "growth")),
               when=lambda row: "growth" in row, title="Growth"),
     ],
+    "retrieve": [Table((("engine", "engine"), ("catalogue", "items"), ("history", "history"), ("prompt_tokens", "prompt tokens"),
+                        ("users", "users"), ("users_per_s", "users/s"), ("ms_per_user_batched", "ms/user (batch)"),
+                        ("ms_single_user_median", "ms one user"), ("candidates_per_user", "candidates")))],
+    "retrieval_quality": [Table((("dataset", "data"), ("held_out", "held out"), ("method", "method"), ("users", "users"),
+                                 ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("recall@50", "Recall@50"), ("not_generable", "not generable"),
+                                 ("cold_targets", "cold targets"), ("cold_share_of_top10", "cold share of top 10"),
+                                 ("cold_recall@50", "cold Recall@50")))],
+    "retrieval_ab": [Table((("candidates", "candidates"), ("requests", "requests"), ("mean_size", "mean size"), ("recall", "recall"),
+                            ("recall_lift", "recall lift"), ("recall_lift_low", "low"), ("recall_lift_high", "high"),
+                            ("oracle_ctr@10", "oracle CTR@10"), ("oracle_ctr@10_lift", "lift"), ("oracle_ctr@10_lift_low", "low"),
+                            ("oracle_ctr@10_lift_high", "high")))],
 }
 # the quality curves, one JSON per run folder they were measured on (bench_quality --run runs/<name>)
 QUALITY_TABLE = Table((("curve", "curve"), ("preset", "preset"), ("params", "parameters"), ("epochs", "epochs"),
