@@ -69,6 +69,12 @@ CASES = [
     ("pretrain --checkpoint-every 0", lambda t: ["pretrain", "--checkpoint-every", "0", "--run", str(t / "r")], ["--checkpoint-every", "0"]),
     ("pretrain --max-history 0", lambda t: ["pretrain", "--max-history", "0", "--run", str(t / "r")], ["--max-history", "0"]),
     ("pretrain --preset huge", lambda t: ["pretrain", "--preset", "huge", "--run", str(t / "r")], ["huge"]),
+    ("retrieve --top 0", lambda t: ["retrieve", "--model", str(t), "--events", _float_ids(t), "--as-of", "2024-01-02", "--top", "0",
+                                    "--out", str(t / "c")], ["--top", "0"]),
+    ("retrieve from a folder that is no model", lambda t: ["retrieve", "--model", str(t), "--events", _float_ids(t), "--as-of", "2024-01-02",
+                                                         "--out", str(t / "c")], ["is not a LUM model folder", "lum pretrain"]),
+    ("retrieve --as-of yesterday", lambda t: ["retrieve", "--model", str(t), "--events", _float_ids(t), "--as-of", "yesterday",
+                                              "--out", str(t / "c")], ["cannot read as-of time(s) 'yesterday'"]),
 ]
 
 
