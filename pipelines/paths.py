@@ -83,6 +83,10 @@ class RunPaths:
     def evaluation(self, protocol: str, preset: str) -> Path:
         return self.root / "evaluations" / f"{split_of(protocol)}-{preset}.json"
 
+    def retrieval_ab(self, split: str) -> Path:
+        """The retrieval A/B of a simulator run's split (pipelines/steps/retrieval.py)."""
+        return self.root / "retrieval" / f"{split_of(split)}.json"
+
     def embeddings(self, name: str) -> Path:
         return self.root / "embeddings" / name
 

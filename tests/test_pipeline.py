@@ -43,6 +43,16 @@ def test_run_writes_every_step_and_the_report(tiny_run):
         assert (run / "report" / name).stat().st_size > 500
     report = json.loads((run / "report" / "report.json").read_text())
     assert "global+rolling" in json.dumps(report)
+    # the LM of a semantic-id run is evaluated as a retriever, and the retrieval A/B is the report's retrieval section
+    assert steps["global+rolling: evaluate LM"]["status"] == steps["global+rolling: retrieval A/B"]["status"] == "done"
+    evaluation = json.loads((run / "evaluations" / "global-tiny.json").read_text())
+    assert evaluation["item_tokenization"] == "semantic" and evaluation["target_not_generable"] == 0.0
+    retrieval = json.loads((run / "retrieval" / "global.json").read_text())
+    sets = {r["candidates"]: r for r in retrieval["rows"]}
+    assert set(sets) == {"logged", "logged + LUM", "logged + popularity"}
+    assert sets["logged + LUM"]["mean_size"] > sets["logged"]["mean_size"] and sets["logged + LUM"]["recall"] >= sets["logged"]["recall"]
+    assert report["meta"]["retrieval"]["global"]["rows"] == retrieval["rows"]
+    assert "Retrieval (simulated): global split" in (run / "report" / "report.md").read_text()
 
 
 def test_the_online_store_answers_right_after_a_run(tiny_run):

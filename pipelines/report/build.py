@@ -21,7 +21,7 @@ from pipelines.report.seeds import across_seeds
 from pipelines.report.spec import ReportConfig, resolve_config, score_columns, simulator_position_decay
 
 Scored = Union[pd.DataFrame, list[pd.DataFrame]]
-META_KEYS = ("protocols", "data", "model_versions", "config", "durations", "slice_columns", "targets", "position_decay")
+META_KEYS = ("protocols", "data", "model_versions", "config", "durations", "slice_columns", "targets", "position_decay", "retrieval")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -38,7 +38,8 @@ def build_report(scored: Scored, meta: dict[str, Any], out_dir: Path | str, conf
 
     `meta` (all optional but `run`): run, protocols (one {name, split, feature_mode, cold_share} per table), data
     (the run's dataset.json), model_versions, config, durations ({step: seconds} of the steps done), slice_columns,
-    targets ({key: threshold}, see spec.TARGETS), lm_scaling ([{preset, params, gauc_lift, low, high}]), seed_runs (the
+    targets ({key: threshold}, see spec.TARGETS), retrieval ({split: its retrieval A/B, pipelines/steps/retrieval.py}),
+    lm_scaling ([{preset, params, gauc_lift, low, high}]), seed_runs (the
     reports of the run's other seeds, [{seed, run, report}]: the section across seeds),
     position_decay, environment (collect_environment() of this process when absent).
     """

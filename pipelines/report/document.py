@@ -392,6 +392,35 @@ def _ab_blocks(p: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _retrieval_blocks(split: str, retrieval: dict[str, Any]) -> list[Block]:
+    """The retrieval A/B of one split (pipelines/report/ab_retrieval.py)."""
+    settings = retrieval["settings"]
+    blocks = [
+        Block("h2", f"Retrieval (simulated): {split} split"),
+        Block("note", f"{settings['added']} candidates per retriever merged into the logged slates of {retrieval['rows'][0]['requests']:,} "
+                      f"sampled test requests: the LM's (beam search, beam {settings['beam']}, {settings['engine']} engine, under each "
+                      f"request's own context, from the behaviours before it) and popularity's. Recall: the share of the request's "
+                      f"{settings['would_click']} most relevant released items (the simulator's true relevance of every item) in the set. "
+                      f"Oracle CTR@{settings['ctr_k']}: what the best possible ranker makes of the set (the trained rankers' order would "
+                      "need their features for items the log never showed). Intervals: 95%, paired bootstrap over users."),
+    ]
+    k = settings["ctr_k"]
+    rows = []
+    for r in retrieval["rows"]:
+        def interval(metric: str) -> str:
+            return f"{fixed(r[metric])} ({fixed(r[metric + '_low'])} to {fixed(r[metric + '_high'])})"
+
+        def lift(metric: str) -> str:
+            if f"{metric}_lift" not in r:
+                return MISSING
+            return f"{pct(r[metric + '_lift'])} ({pct(r[metric + '_lift_low'])} to {pct(r[metric + '_lift_high'])})"
+
+        rows.append([Cell(r["candidates"]), Cell(f"{r['mean_size']:.1f}", cls="num"), Cell(interval("recall"), cls="num"),
+                     Cell(lift("recall"), cls="num"), Cell(interval(f"oracle_ctr@{k}"), cls="num"), Cell(lift(f"oracle_ctr@{k}"), cls="num")])
+    blocks.append(Block("table", table=Table(["candidates", "mean size", "recall", "recall lift", f"oracle CTR@{k}", f"oracle CTR@{k} lift"], rows)))
+    return blocks
+
+
 def _slice_blocks(p: dict[str, Any]) -> list[Block]:
     blocks = [
         Block("h3", "Slices"),
@@ -543,6 +572,8 @@ def report_blocks(report: dict[str, Any], plots: dict[str, bytes]) -> list[Block
     band = _band(report)
     for p in report["protocols"]:
         blocks += _protocol_blocks(p, band)
+    for split, retrieval in (meta.get("retrieval") or {}).items():
+        blocks += _retrieval_blocks(split, retrieval)
     scaling = report.get("lm_scaling") or []
     if scaling:
         rows = [[Cell(str(s.get("preset"))), Cell(f"{float(s['params']):,.0f}" if finite(s.get("params")) else MISSING, cls="num"),

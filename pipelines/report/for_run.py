@@ -42,6 +42,9 @@ def run_inputs(
         "targets": dict(config.targets),
         "slice_columns": [c for c in SLICE_COLUMNS if c in frames[0].columns],
     }
+    retrieval = {p.split: json.loads(paths.retrieval_ab(p.split).read_text()) for p, _ in scored if paths.retrieval_ab(p.split).exists()}
+    if retrieval:  # simulator runs: the retrieval A/B of each split (pipelines/steps/retrieval.py)
+        meta["retrieval"] = retrieval
     # position_decay stays None: build_report takes the one the simulator generated the data with from meta["data"]
     return frames, meta, config.report
 

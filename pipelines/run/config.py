@@ -160,6 +160,17 @@ class RankersConfig:
 
 
 @config_class
+class RetrievalABSettings:
+    """The retrieval A/B of a simulator run (pipelines/steps/retrieval.py; the report's retrieval section)."""
+
+    enabled: bool = Field(True, description="Run it on simulator data (other data has no true relevance of unshown items: skipped).")
+    requests: int = Field(1000, ge=1, description="Test requests sampled (seeded).")
+    added: int = Field(20, ge=1, description="Candidates each retriever adds to a logged slate.")
+    beam: int = Field(20, ge=1, description="Beam width of the LM's search.")
+    engine: Literal["vllm", "torch"] | None = Field(None, description="Retrieval engine (default: the protocol's embedding engine).")
+
+
+@config_class
 class RunConfig:
     """A whole run, data to report."""
 
@@ -171,6 +182,7 @@ class RunConfig:
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="The embedding step.")
     rankers: RankersConfig = Field(default_factory=RankersConfig, description="The rankers.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="pipelines.report.spec.ReportConfig")
+    retrieval: RetrievalABSettings = Field(default_factory=RetrievalABSettings, description="The retrieval A/B (simulator runs).")
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
     seeds: int = Field(1, ge=1, le=20, description="Train the LM and the rankers with this many seeds (seed k in run_dir/seeds/seed-k); "
                                                    "the report adds the lifts across seeds (pipelines.run.subruns).")

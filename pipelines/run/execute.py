@@ -38,6 +38,7 @@ from pipelines.steps.features import ingest_embeddings, materialize_online
 from pipelines.steps.lm import evaluate_step as evaluate_lm
 from pipelines.steps.lm import pretrain_step
 from pipelines.steps.rankers import evaluate_step, score_test_window, scores_file, train_step
+from pipelines.steps.retrieval import retrieval_ab_step
 
 Echo = Callable[[str], None]
 
@@ -227,7 +228,23 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
             state.step(f"{name}: {model} {variant}", train_and_evaluate, echo, settings={"ranker": own, "after": feature_settings})
     configured = [(m, v) for m in rankers.models for v in rankers.variants]
     # the scores are reused per ranker only while ranker and test set are unchanged (pipelines.steps.rankers)
-    return state.step(f"{name}: score test window", lambda redo: score_test_window(paths, key, rankers=configured), echo)
+    scored = state.step(f"{name}: score test window", lambda redo: score_test_window(paths, key, rankers=configured), echo)
+    retrieval = config.retrieval
+    if retrieval.enabled and config.data.source == "simulator" and key == split:  # one per split: it does not depend on the features
+        engine = retrieval.engine or job.engine
+        out = paths.retrieval_ab(split)
+
+        def retrieval_ab(redo: bool) -> str | None:
+            if out.exists() and not redo:
+                return UP_TO_DATE
+            table = retrieval_ab_step(paths, split, model_dir, retrieval.requests, retrieval.added, retrieval.beam, engine)["rows"]
+            merged = next(r for r in table if r["candidates"] == "logged + LUM")
+            echo(f"retrieval A/B: {merged['requests']:,} requests; LUM candidates lift the recall of the would-click items by "
+                 f"{merged['recall_lift']:+.1%} and the oracle CTR@10 by {merged['oracle_ctr@10_lift']:+.1%}")
+            return None
+
+        state.step(f"{name}: retrieval A/B", retrieval_ab, echo, settings={"retrieval": retrieval, "engine": engine, "after": model_settings})
+    return scored
 
 
 def model_version(model_dir: Path) -> str | None:

@@ -1,0 +1,100 @@
+"""The retrieval A/B step of a simulator run: LUM-retrieved candidates merged into the logged test slates.
+
+For a seeded sample of the test window's requests, the split's LM generates the top `added` items for each request's
+user from the behaviours strictly before the request, under the request's own context (`lum retrieve`'s job,
+rolling rows, the `request` condition); popularity (the most clicked items before the test window) is the
+comparison retriever. pipelines/report/ab_retrieval.py judges the sets with the simulator's true relevance of every
+item at the request, which `simulate_with_truth` recomputes from the run's own simulator settings (the same seed
+gives the same events: checked on the sampled requests' slates before anything is measured).
+
+Writes `<run>/retrieval/<split>.json`: the settings and the table (the report's retrieval section).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from contracts.files import write_json_atomic
+from pipelines.paths import RunPaths
+
+
+def retrieval_ab_table(truth: Any, item_ids: list[str], before: pd.DataFrame, test: pd.DataFrame, model_dir: Path, events_path: Path,
+                       requests: int, added: int, beam: int, engine: str, position_decay: float, progress: bool = True) -> pd.DataFrame:
+    """The retrieval A/B table (pipelines.report.ab_retrieval.retrieval_ab) of `requests` sampled test requests.
+
+    before: the events before the test window (the popularity list); test: the test window with request_id."""
+    from contracts.candidates import read_candidates
+    from lum.config import RetrieveJobConfig
+    from lum.embed_job import AsOf
+    from lum.retrieve_job import RetrievalJob
+    from pipelines.report.ab_retrieval import RetrievalABConfig, retrieval_ab
+
+    rng = np.random.default_rng(0)
+    all_requests = test.request_id.unique()
+    picked = set(rng.choice(all_requests, min(requests, len(all_requests)), replace=False))
+    shown = test[test.request_id.isin(picked)]
+    sample = shown.drop_duplicates("request_id").reset_index(drop=True)
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    slates_by_request = shown.groupby("request_id").item_id.apply(lambda s: np.array([item_index[i] for i in s]))
+    slates = [slates_by_request[r] for r in sample.request_id]
+    index = truth.index_of(sample.request_id.to_numpy())
+    shown_index = truth.index_of(shown.request_id.to_numpy())
+    stored = shown.relevance.to_numpy()
+    recomputed = truth.relevance(shown_index, shown.item_id.map(item_index).to_numpy()[:, None])[:, 0]
+    if not np.allclose(stored, recomputed, rtol=0, atol=1e-9):
+        raise ValueError("the re-simulated world does not reproduce the run's events (relevance differs): was the log made by another "
+                         "version of the simulator?")
+    context = [c for c in ("surface", "device", "daypart") if c in sample.columns]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        rows_path = tmp / "rows.parquet"
+        pq.write_table(pa.Table.from_pandas(sample[["user_id", "ts", *context]], preserve_index=False), rows_path)
+        # twice the candidates: the LM's catalogue holds items released after a request, dropped below
+        job = RetrievalJob(model_dir, events_path, AsOf(rows_path=str(rows_path)), tmp / "candidates",
+                           RetrieveJobConfig(engine=engine, conditions="request", top=2 * added, beam=beam, shards=1))
+        try:
+            job.run(progress=progress)
+        finally:
+            job.close()
+        found = read_candidates(tmp / "candidates").to_pandas()
+    lists = found.groupby(["user_id", "event_timestamp"]).item_id.apply(lambda s: np.array([item_index[i] for i in s]))
+    times = pd.to_datetime(sample.ts, utc=True)
+    released = truth.release_us
+    lum = [lists.get((u, t), np.zeros(0, np.int64)) for u, t in zip(sample.user_id, times)]
+    lum = [lst[released[lst] <= truth.ts_us[i]][:added] for lst, i in zip(lum, index)]
+    popular = before[before.label == 1].item_id.value_counts().index.map(item_index).to_numpy()[: 3 * added]
+    popularity = [popular[released[popular] <= truth.ts_us[i]][:added] for i in index]
+    return retrieval_ab(truth, sample[["request_id", "user_id"]], slates, {"LUM": lum, "popularity": popularity},
+                        RetrievalABConfig(position_decay=position_decay))
+
+
+def retrieval_ab_step(paths: RunPaths, split: str, model_dir: Path, requests: int, added: int, beam: int, engine: str,
+                      progress: bool = True) -> dict[str, Any]:
+    """Run the retrieval A/B of one split of a simulator run; write and return `<run>/retrieval/<split>.json`."""
+    from pipelines.data.sources.base import read_dataset_info
+    from pipelines.data.sources.simulator import SimulatorConfig, simulate_with_truth
+    from pipelines.steps.lm import _window
+
+    info = read_dataset_info(paths)
+    source = info.get("source", {})
+    if source.get("name") != "simulator":
+        raise ValueError("the retrieval A/B needs the simulator's truth: this run's data is not simulated")
+    raw = dict(source["config"])
+    config = SimulatorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    _, items, truth = simulate_with_truth(config)
+    before = pd.concat([_window(paths, split, "pretrain"), _window(paths, split, "train")], ignore_index=True)
+    table = retrieval_ab_table(truth, items.column("item_id").to_pylist(), before, _window(paths, split, "test"), model_dir, paths.events,
+                               requests, added, beam, engine, config.position_decay, progress)
+    result = {"split": split, "settings": {"requests": requests, "added": added, "beam": beam, "engine": engine,
+                                           "would_click": 10, "ctr_k": 10, "position_decay": config.position_decay},
+              # the logged row has no lift over itself: its empty cells are left out, not written as NaN
+              "rows": [{k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))} for row in table.to_dict("records")]}
+    write_json_atomic(result, paths.retrieval_ab(split))
+    return result
