@@ -166,15 +166,20 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def load_for_inference(model_dir: str, dtype: torch.dtype = torch.float32, threads: int | None = None) -> torch.nn.Module:
+    """The LM of a model folder in eval mode, SDPA attention (what both torch engines, embedding and retrieval, run)."""
+    from transformers import LlamaForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+
+
 class TorchEngine:
     """Group query with `transformers`: each history once, all its queries in the same forward pass."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32, max_batch_tokens: int = 16_384, threads: int | None = None):
-        from transformers import LlamaForCausalLM
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        self.model = load_for_inference(model_dir, dtype, threads)
         self.max_batch_tokens = max_batch_tokens
 
     @staticmethod
@@ -240,37 +245,56 @@ def resolve_vllm_dtype(dtype: str) -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
+def start_vllm(model_dir: str, max_model_len: int, settings: VllmSettings, **runner: object) -> tuple[object, object]:
+    """(vllm.LLM, watchdog) on a model folder with our engine settings; `runner`: the runner's own arguments.
+
+    vLLM's engine core and workers (the model and its KV cache) would outlive a killed job: the watchdog process
+    stops them (contracts/processes.py); `stop_vllm` shuts both down."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    if settings.cpu_threads_bind:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind)
+    from vllm import LLM
+
+    from contracts.processes import watch_descendants
+
+    watchdog = watch_descendants()
+    llm = LLM(
+        model=str(model_dir),
+        dtype=resolve_vllm_dtype(settings.dtype),
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        block_size=settings.block_size,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        max_num_batched_tokens=max(settings.max_num_batched_tokens, max_model_len),
+        tensor_parallel_size=settings.tensor_parallel_size,
+        seed=0,
+        **runner,
+    )
+    return llm, watchdog
+
+
+def stop_vllm(llm: object, watchdog: object) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down twice or after a crash must not mask the real error
+        pass
+    if watchdog.poll() is None:  # the engine's processes are gone: nothing left to watch over
+        watchdog.kill()
+        watchdog.wait()
+
+
 class VllmEngine:
     """The production path: vLLM's pooling runner, last-token pooling, no normalisation, token-id prompts."""
 
     def __init__(self, model_dir: str, max_model_len: int, settings: VllmSettings = VllmSettings()):
-        import os
-
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        if settings.cpu_threads_bind:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind)
-        from vllm import LLM, PoolingParams
+        from vllm import PoolingParams
         from vllm.config import PoolerConfig
 
-        from contracts.processes import watch_descendants
-
-        # vLLM's engine core and workers (the model and its KV cache) would outlive a killed job: a watchdog stops them
-        self._watchdog = watch_descendants()
         self._params = PoolingParams(use_activation=False)
-        self.llm = LLM(
-            model=str(model_dir),
-            runner="pooling",
-            convert="embed",
-            pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
-            dtype=resolve_vllm_dtype(settings.dtype),
-            enforce_eager=True,
-            max_model_len=max_model_len,
-            block_size=settings.block_size,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            max_num_batched_tokens=max(settings.max_num_batched_tokens, max_model_len),
-            tensor_parallel_size=settings.tensor_parallel_size,
-            seed=0,
-        )
+        self.llm, self._watchdog = start_vllm(model_dir, max_model_len, settings, runner="pooling", convert="embed",
+                                              pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False))
 
     def embed(self, groups: list[QueryGroup]) -> list[np.ndarray]:
         from vllm.inputs import TokensPrompt
@@ -284,10 +308,4 @@ class VllmEngine:
         return np.split(vectors, np.cumsum(sizes)[:-1]) if groups else []
 
     def close(self) -> None:
-        try:
-            self.llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - shutting down twice or after a crash must not mask the real error
-            pass
-        if self._watchdog.poll() is None:  # the engine's processes are gone: nothing left to watch over
-            self._watchdog.kill()
-            self._watchdog.wait()
+        stop_vllm(self.llm, self._watchdog)

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from lum.config import VllmSettings
-from lum.embed import QueryGroup, resolve_vllm_dtype
+from lum.embed import QueryGroup, load_for_inference, start_vllm, stop_vllm
 from lum.tokenizer import PAD, UNK_ITEM, BehaviourTokenizer
 
 
@@ -181,11 +181,7 @@ class TorchRetrievalEngine:
     """The reference engine: `transformers`, one forward pass per batch of query groups and search step."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32, max_batch_tokens: int = 16_384, threads: int | None = None):
-        from transformers import LlamaForCausalLM
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        self.model = load_for_inference(model_dir, dtype, threads)
         self.max_batch_tokens = max_batch_tokens
 
     @classmethod
@@ -256,31 +252,9 @@ class VllmRetrievalEngine:
     """vLLM's generate runner: one greedy token per branch, the trie's children as `allowed_token_ids`."""
 
     def __init__(self, model_dir: str, max_model_len: int, max_logprobs: int, settings: VllmSettings = VllmSettings()):
-        import os
-
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        if settings.cpu_threads_bind:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind)
-        from vllm import LLM
-
-        from contracts.processes import watch_descendants
-
-        self._watchdog = watch_descendants()  # vLLM's engine processes would outlive a killed job
-        self.llm = LLM(
-            model=str(model_dir),
-            runner="generate",
-            dtype=resolve_vllm_dtype(settings.dtype),
-            enforce_eager=True,
-            max_model_len=max_model_len,
-            block_size=settings.block_size,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            max_num_batched_tokens=max(settings.max_num_batched_tokens, max_model_len),
-            tensor_parallel_size=settings.tensor_parallel_size,
-            max_logprobs=max_logprobs,
-            # log-probabilities after the allowed-token mask: renormalised over the trie's children, as the torch engine
-            logprobs_mode="processed_logprobs",
-            seed=0,
-        )
+        # log-probabilities after the allowed-token mask: renormalised over the trie's children, as the torch engine's
+        self.llm, self._watchdog = start_vllm(model_dir, max_model_len, settings, runner="generate", max_logprobs=max_logprobs,
+                                              logprobs_mode="processed_logprobs")
 
     def expand(self, requests: list[tuple[np.ndarray, list[Branch]]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         from vllm import SamplingParams
@@ -308,10 +282,4 @@ class VllmRetrievalEngine:
         return out
 
     def close(self) -> None:
-        try:
-            self.llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - shutting down twice or after a crash must not mask the real error
-            pass
-        if self._watchdog.poll() is None:
-            self._watchdog.kill()
-            self._watchdog.wait()
+        stop_vllm(self.llm, self._watchdog)
