@@ -61,7 +61,7 @@ def main() -> None:
         pq.write_table(events, events_path)
         before = pd.concat([windows["pretrain"], windows["train"]], ignore_index=True)
         table = retrieval_ab_table(truth, items.column("item_id").to_pylist(), before, windows["test"], folder, events_path,
-                                   args.requests, args.added, args.beam, args.engine, config.position_decay)
+                                   args.requests, args.added, args.beam, args.engine, config.position_decay)["table"]
     # the logged row has no lift over itself: its NaN cells are left out (v != v only for NaN)
     rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if v == v} for row in table.to_dict("records")]
     write_results("retrieval_ab", rows, notes=f"simulator default world, {args.users} users, global split; tiny semantic-id LM, "

@@ -52,6 +52,9 @@ def test_run_writes_every_step_and_the_report(tiny_run):
     assert set(sets) == {"logged", "logged + LUM", "logged + popularity"}
     assert sets["logged + LUM"]["mean_size"] > sets["logged"]["mean_size"] and sets["logged + LUM"]["recall"] >= sets["logged"]["recall"]
     assert report["meta"]["retrieval"]["global"]["rows"] == retrieval["rows"]
+    ranked = {(r["ranker"], r["candidates"]) for r in retrieval["ranked"]}  # every trained ranker orders every set
+    assert ranked == {(f"{m}/{v}", c) for m in ("dlrm", "lightgbm") for v in ("base", "lum") for c in sets}
+    assert all(0 < r["ctr@10"] < 1 for r in retrieval["ranked"])
     assert "Retrieval (simulated): global split" in (run / "report" / "report.md").read_text()
 
 

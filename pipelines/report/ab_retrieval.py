@@ -68,6 +68,22 @@ def retrieval_ab(
         raise ValueError("slates and every retriever's candidates need one entry per request")
     index = truth.index_of(requests["request_id"].to_numpy())
     best = truth.best_items(index, config.would_click)
+    sets = candidate_sets(truth, index, slates, retrieved)
+    per_set = {name: _set_metrics(truth, index, found, best, config) for name, found in sets.items()}
+    boot = _UserBootstrap(requests["user_id"].to_numpy(), config)
+    rows = []
+    for name, (recall, ctr, size) in per_set.items():
+        row = {"candidates": name, "requests": len(requests), "mean_size": float(size.mean())}
+        row.update(boot.summary("recall", recall, per_set[LOGGED][0], with_lift=name != LOGGED))
+        row.update(boot.summary(f"oracle_ctr@{config.ctr_k}", ctr, per_set[LOGGED][1], with_lift=name != LOGGED))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def candidate_sets(truth: RequestTruth, index: np.ndarray, slates: list[np.ndarray], retrieved: dict[str, list[np.ndarray]]
+                   ) -> dict[str, list[np.ndarray]]:
+    """{`logged`: the slates, `logged + NAME`: each slate with the retriever's released candidates merged in}, item
+    indices per request (sorted, no duplicates). index: the requests' positions in `truth`."""
     sets = {LOGGED: [np.unique(s) for s in slates]}
     for name, found in retrieved.items():
         merged = []
@@ -76,22 +92,49 @@ def retrieval_ab(
             extra = extra[truth.release_us[extra] <= truth.ts_us[request]]  # nothing a request could not have shown
             merged.append(np.union1d(slate, extra))
         sets[f"{LOGGED} + {name}"] = merged
-    user_codes, users = pd.factorize(requests["user_id"].to_numpy(), sort=True)
-    per_set = {name: _set_metrics(truth, index, found, best, config) for name, found in sets.items()}
-    # per-user sums: a resample draws users, so a user's requests move together
-    sums = {name: [np.bincount(user_codes, weights=m, minlength=len(users)) for m in metrics] for name, metrics in per_set.items()}
-    n_requests = np.bincount(user_codes, minlength=len(users)).astype(np.float64)
-    draws = list(user_resamples(len(users), config.n_bootstrap, config.seed))
+    return sets
+
+
+def ranked_ctr(truth: RequestTruth, requests: pd.DataFrame, sets: dict[str, list[np.ndarray]], scores: dict[str, dict[str, list[np.ndarray]]],
+               config: RetrievalABConfig = RetrievalABConfig()) -> pd.DataFrame:
+    """CTR@k when a ranker orders each candidate set: one row per (ranker, set), the lift over the logged slates under
+    the same ranker. scores: {ranker: {set name: [R] the ranker's score of each of the set's items]}}."""
+    index = truth.index_of(requests["request_id"].to_numpy())
+    weights = simulator_examination(np.arange(config.ctr_k), config.position_decay)
+    boot = _UserBootstrap(requests["user_id"].to_numpy(), config)
     rows = []
-    for name, (recall_sum, ctr_sum, size_sum) in sums.items():
-        row = {"candidates": name, "requests": len(requests), "mean_size": float(size_sum.sum() / n_requests.sum())}
-        for metric, values, base in (("recall", recall_sum, sums[LOGGED][0]), (f"oracle_ctr@{config.ctr_k}", ctr_sum, sums[LOGGED][1])):
-            means = np.array([(w * values).sum() / (w * n_requests).sum() for w in draws])
-            lifts = np.array([(w * values).sum() / (w * base).sum() - 1.0 for w in draws])
-            row[metric] = float(values.sum() / n_requests.sum())
-            row[f"{metric}_low"], row[f"{metric}_high"] = (float(np.percentile(means, q)) for q in (2.5, 97.5))
-            if name != LOGGED:
-                row[f"{metric}_lift"] = float(values.sum() / base.sum() - 1.0)
-                row[f"{metric}_lift_low"], row[f"{metric}_lift_high"] = (float(np.percentile(lifts, q)) for q in (2.5, 97.5))
-        rows.append(row)
+    for ranker, by_set in scores.items():
+        ctr = {}
+        for name, items in sets.items():
+            values = np.zeros(len(items))
+            for i, (request, found, score) in enumerate(zip(index, items, by_set[name])):
+                top = found[np.lexsort((np.arange(len(found)), -np.asarray(score)))[: config.ctr_k]]  # ties: set order
+                values[i] = float((truth.relevance(np.array([request]), top[None, :])[0] * weights[: len(top)]).sum()) / config.ctr_k
+            ctr[name] = values
+        for name, values in ctr.items():
+            rows.append({"ranker": ranker, "candidates": name, **boot.summary(f"ctr@{config.ctr_k}", values, ctr[LOGGED], name != LOGGED)})
     return pd.DataFrame(rows)
+
+
+class _UserBootstrap:
+    """Means over requests with 95% intervals, and lifts over a baseline, from a paired bootstrap over users."""
+
+    def __init__(self, users: np.ndarray, config: RetrievalABConfig):
+        self.codes, unique = pd.factorize(users, sort=True)
+        self.n_users = len(unique)
+        self.n_requests = np.bincount(self.codes, minlength=self.n_users).astype(np.float64)
+        self.draws = np.stack(list(user_resamples(self.n_users, config.n_bootstrap, config.seed)))  # [B, U]
+
+    def summary(self, metric: str, values: np.ndarray, base: np.ndarray, with_lift: bool) -> dict[str, float]:
+        """{metric, metric_low, metric_high[, metric_lift, _lift_low, _lift_high]} of per-request `values`."""
+        # per-user sums: a resample draws users, so a user's requests move together
+        mine = np.bincount(self.codes, weights=values, minlength=self.n_users)
+        theirs = np.bincount(self.codes, weights=base, minlength=self.n_users)
+        means = (self.draws * mine).sum(1) / (self.draws * self.n_requests).sum(1)
+        out = {metric: float(mine.sum() / self.n_requests.sum()),
+               f"{metric}_low": float(np.percentile(means, 2.5)), f"{metric}_high": float(np.percentile(means, 97.5))}
+        if with_lift:
+            lifts = (self.draws * mine).sum(1) / (self.draws * theirs).sum(1) - 1.0
+            out |= {f"{metric}_lift": float(mine.sum() / theirs.sum() - 1.0),
+                    f"{metric}_lift_low": float(np.percentile(lifts, 2.5)), f"{metric}_lift_high": float(np.percentile(lifts, 97.5))}
+        return out

@@ -237,13 +237,15 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         def retrieval_ab(redo: bool) -> str | None:
             if out.exists() and not redo:
                 return UP_TO_DATE
-            table = retrieval_ab_step(paths, split, model_dir, retrieval.requests, retrieval.added, retrieval.beam, engine)["rows"]
-            merged = next(r for r in table if r["candidates"] == "logged + LUM")
+            result = retrieval_ab_step(paths, split, model_dir, retrieval.requests, retrieval.added, retrieval.beam, engine, configured)
+            merged = next(r for r in result["rows"] if r["candidates"] == "logged + LUM")
             echo(f"retrieval A/B: {merged['requests']:,} requests; LUM candidates lift the recall of the would-click items by "
                  f"{merged['recall_lift']:+.1%} and the oracle CTR@10 by {merged['oracle_ctr@10_lift']:+.1%}")
             return None
 
-        state.step(f"{name}: retrieval A/B", retrieval_ab, echo, settings={"retrieval": retrieval, "engine": engine, "after": model_settings})
+        # after the rankers: each of them orders the candidate sets too
+        state.step(f"{name}: retrieval A/B", retrieval_ab, echo, settings={"retrieval": retrieval, "engine": engine, "after": model_settings,
+                                                                          "rankers": [state.settings_of(f"{name}: {m} {v}") for m, v in configured]})
     return scored
 
 

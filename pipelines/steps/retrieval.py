@@ -26,15 +26,16 @@ from pipelines.paths import RunPaths
 
 
 def retrieval_ab_table(truth: Any, item_ids: list[str], before: pd.DataFrame, test: pd.DataFrame, model_dir: Path, events_path: Path,
-                       requests: int, added: int, beam: int, engine: str, position_decay: float, progress: bool = True) -> pd.DataFrame:
-    """The retrieval A/B table (pipelines.report.ab_retrieval.retrieval_ab) of `requests` sampled test requests.
+                       requests: int, added: int, beam: int, engine: str, position_decay: float, progress: bool = True) -> dict[str, Any]:
+    """The retrieval A/B (pipelines.report.ab_retrieval.retrieval_ab) of `requests` sampled test requests:
+    {"table": its rows, "sample": the requests (one test row each), "sets": {set name: [R] item indices}}.
 
     before: the events before the test window (the popularity list); test: the test window with request_id."""
     from contracts.candidates import read_candidates
     from lum.config import RetrieveJobConfig
     from lum.embed_job import AsOf
     from lum.retrieve_job import RetrievalJob
-    from pipelines.report.ab_retrieval import RetrievalABConfig, retrieval_ab
+    from pipelines.report.ab_retrieval import RetrievalABConfig, candidate_sets, retrieval_ab
 
     rng = np.random.default_rng(0)
     all_requests = test.request_id.unique()
@@ -71,13 +72,47 @@ def retrieval_ab_table(truth: Any, item_ids: list[str], before: pd.DataFrame, te
     lum = [lst[released[lst] <= truth.ts_us[i]][:added] for lst, i in zip(lum, index)]
     popular = before[before.label == 1].item_id.value_counts().index.map(item_index).to_numpy()[: 3 * added]
     popularity = [popular[released[popular] <= truth.ts_us[i]][:added] for i in index]
-    return retrieval_ab(truth, sample[["request_id", "user_id"]], slates, {"LUM": lum, "popularity": popularity},
-                        RetrievalABConfig(position_decay=position_decay))
+    retrieved = {"LUM": lum, "popularity": popularity}
+    table = retrieval_ab(truth, sample[["request_id", "user_id"]], slates, retrieved, RetrievalABConfig(position_decay=position_decay))
+    return {"table": table, "sample": sample, "sets": candidate_sets(truth, index, slates, retrieved)}
+
+
+def ranker_scores(paths: RunPaths, protocol: str, sample: pd.DataFrame, sets: dict[str, list[np.ndarray]], item_ids: list[str],
+                  rankers: list[tuple[str, str]], progress: bool = True) -> dict[str, dict[str, list[np.ndarray]]]:
+    """{model/variant: {set name: [R] scores of the set's items}}: each set's (request, item) rows get their point-in-time
+    features from the protocol's feature repo (as the test window's rows do) and each trained ranker scores them.
+
+    A set's rows go through the feature store on their own: a request's candidates are compared with each other
+    (request features), so the rows of two sets must never share a request."""
+    from feature_store.repo import FeatureRepo
+    from feature_store.training_set import TrainingSetConfig, build_training_set
+    from pipelines.steps.features import context_columns
+    from pipelines.steps.rankers import ranker_dir
+    from ranker.train import TrainedRanker
+
+    repo = FeatureRepo(paths.feature_repo_of(protocol))
+    service = "ranker_lum_pooled" if repo.settings().get("model_version") else "ranker_pooled"  # as the test window's set
+    context = context_columns(paths.split_file(protocol, "test"))
+    loaded = {f"{m}/{v}": TrainedRanker.load(ranker_dir(paths, protocol, m, v)) for m, v in rankers}
+    out: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in loaded}
+    names = np.asarray(item_ids, dtype=object)
+    for set_name, lists in sets.items():
+        which = np.repeat(np.arange(len(lists)), [len(items) for items in lists])
+        rows = sample.iloc[which][["user_id", "ts", *context]].reset_index(drop=True)
+        rows["item_id"] = names[np.concatenate(lists)] if len(which) else []
+        table = build_training_set(repo, rows, TrainingSetConfig(feature_service=service, context_columns=context), progress=progress)
+        bounds = np.cumsum([0, *[len(items) for items in lists]])
+        for name, ranker in loaded.items():
+            scores = ranker.score(table)
+            out[name][set_name] = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return out
 
 
 def retrieval_ab_step(paths: RunPaths, split: str, model_dir: Path, requests: int, added: int, beam: int, engine: str,
-                      progress: bool = True) -> dict[str, Any]:
-    """Run the retrieval A/B of one split of a simulator run; write and return `<run>/retrieval/<split>.json`."""
+                      rankers: list[tuple[str, str]] = (), progress: bool = True) -> dict[str, Any]:
+    """Run the retrieval A/B of one split of a simulator run; write and return `<run>/retrieval/<split>.json`.
+
+    rankers: (model, variant) pairs trained on the split: each orders every candidate set (CTR@10 after the ranker)."""
     from pipelines.data.sources.base import read_dataset_info
     from pipelines.data.sources.simulator import SimulatorConfig, simulate_with_truth
     from pipelines.steps.lm import _window
@@ -90,11 +125,22 @@ def retrieval_ab_step(paths: RunPaths, split: str, model_dir: Path, requests: in
     config = SimulatorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     _, items, truth = simulate_with_truth(config)
     before = pd.concat([_window(paths, split, "pretrain"), _window(paths, split, "train")], ignore_index=True)
-    table = retrieval_ab_table(truth, items.column("item_id").to_pylist(), before, _window(paths, split, "test"), model_dir, paths.events,
-                               requests, added, beam, engine, config.position_decay, progress)
+    from pipelines.report.ab_retrieval import RetrievalABConfig, ranked_ctr
+
+    item_ids = items.column("item_id").to_pylist()
+    made = retrieval_ab_table(truth, item_ids, before, _window(paths, split, "test"), model_dir, paths.events,
+                              requests, added, beam, engine, config.position_decay, progress)
     result = {"split": split, "settings": {"requests": requests, "added": added, "beam": beam, "engine": engine,
                                            "would_click": 10, "ctr_k": 10, "position_decay": config.position_decay},
-              # the logged row has no lift over itself: its empty cells are left out, not written as NaN
-              "rows": [{k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))} for row in table.to_dict("records")]}
+              "rows": _records(made["table"])}
+    if rankers:
+        scores = ranker_scores(paths, split, made["sample"], made["sets"], item_ids, list(rankers), progress)
+        ranked = ranked_ctr(truth, made["sample"][["request_id", "user_id"]], made["sets"], scores, RetrievalABConfig(position_decay=config.position_decay))
+        result["ranked"] = _records(ranked)
     write_json_atomic(result, paths.retrieval_ab(split))
     return result
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The table's rows; a logged row has no lift over itself: its empty cells are left out, not written as NaN."""
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))} for row in table.to_dict("records")]
