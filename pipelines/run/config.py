@@ -167,7 +167,8 @@ class RetrievalABSettings:
     requests: int = Field(1000, ge=1, description="Test requests sampled (seeded).")
     added: int = Field(20, ge=1, description="Candidates each retriever adds to a logged slate.")
     beam: int = Field(20, ge=1, description="Beam width of the LM's search.")
-    engine: Literal["vllm", "torch"] | None = Field(None, description="Retrieval engine (default: the protocol's embedding engine).")
+    # torch by default: the step runs in the run's own process (the embed step starts vLLM in a subprocess of its own)
+    engine: Literal["vllm", "torch"] = Field("torch", description="Retrieval engine of the A/B (vllm: the production path, slower to start).")
 
 
 @config_class

@@ -231,7 +231,7 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
     scored = state.step(f"{name}: score test window", lambda redo: score_test_window(paths, key, rankers=configured), echo)
     retrieval = config.retrieval
     if retrieval.enabled and config.data.source == "simulator" and key == split:  # one per split: it does not depend on the features
-        engine = retrieval.engine or job.engine
+        engine = retrieval.engine
         out = paths.retrieval_ab(split)
 
         def retrieval_ab(redo: bool) -> str | None:
