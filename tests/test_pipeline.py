@@ -352,7 +352,8 @@ def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
         assert forced.exit_code == 0, forced.output + repr(forced.exception)
         assert "lightgbm/base: trained" in forced.output and "lightgbm/lum: trained" in forced.output
         assert "dlrm/base: up to date" in forced.output and "dlrm/lum: up to date" in forced.output
-        assert "redone (--force)" in forced.output and forced.output.count("redone (--force)") == 2  # the two LightGBM rankers only
+        # the two LightGBM rankers, and the retrieval A/B, whose rankers order the candidate sets; nothing else
+        assert forced.output.count("redone (--force)") == 3 and "global+rolling: retrieval A/B: settings changed" in forced.output
         assert (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() != model_before
     finally:
         back = CliRunner().invoke(main, ["run", "--config", str(config), "--force"])
