@@ -66,16 +66,17 @@ def behaviours_before_targets(tokenizer: BehaviourTokenizer, all_events: pd.Data
 def model_lists(
     engine: RetrievalEngine,
     tokenizer: BehaviourTokenizer,
-    all_events: pd.DataFrame,
+    before: pd.DataFrame,
     targets: pd.DataFrame,
     config: EvalConfig,
     depth: int,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[U, depth] the model's retrieved items per target (None-padded) and [U] whether the target can be generated."""
+    """[U, depth] the model's retrieved items per target (None-padded) and [U] whether the target can be generated.
+
+    before: each target user's behaviours strictly before the target (`behaviours_before_targets`)."""
     trie = ItemTrie.from_tokenizer(tokenizer)
     generable = {item for names in trie.items.values() for item in names}
-    before = behaviours_before_targets(tokenizer, all_events, targets)
     histories = tokenizer.encode_histories(before)
     cond_tok = tokenizer.condition_ids(targets)
     users = targets["user_id"].astype(str).to_numpy()
@@ -94,13 +95,12 @@ def model_lists(
 
 
 def baseline_lists(
-    tokenizer: BehaviourTokenizer, history_events: pd.DataFrame, all_events: pd.DataFrame, targets: pd.DataFrame, depth: int
+    tokenizer: BehaviourTokenizer, history_events: pd.DataFrame, before: pd.DataFrame, targets: pd.DataFrame, depth: int
 ) -> dict[str, np.ndarray]:
-    """[U, depth] lists of the popularity (from `history_events`) and recent-items baselines."""
+    """[U, depth] lists of the popularity (from `history_events`) and recent-items (from `before`) baselines."""
     popular = tokenizer.behaviours(history_events)["item_id"].astype(str).value_counts().index.to_numpy()[: 2 * depth]
     pop_lists = np.full((len(targets), depth), None, dtype=object)
     pop_lists[:, : min(depth, len(popular))] = popular[:depth]
-    before = behaviours_before_targets(tokenizer, all_events, targets)
     recent_by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: list(dict.fromkeys(s.astype(str).to_numpy()[::-1]))[:depth])
     recent_lists = np.full((len(targets), depth), None, dtype=object)
     for row, user in enumerate(targets["user_id"]):
@@ -115,17 +115,17 @@ def baseline_ranks(
 ) -> dict[str, np.ndarray]:
     """Ranks of the targets in the popularity list and in each user's recent items (k when absent)."""
     target_items = targets["item_id"].astype(str).to_numpy()
-    return {name: _rank_in_lists(lists, target_items) for name, lists in baseline_lists(tokenizer, history_events, all_events, targets, k).items()}
+    before = behaviours_before_targets(tokenizer, all_events, targets)
+    return {name: _rank_in_lists(lists, target_items) for name, lists in baseline_lists(tokenizer, history_events, before, targets, k).items()}
 
 
 def sasrec_lists(
-    tokenizer: BehaviourTokenizer, train_events: pd.DataFrame, all_events: pd.DataFrame, targets: pd.DataFrame, config: EvalConfig, depth: int
+    tokenizer: BehaviourTokenizer, train_events: pd.DataFrame, before: pd.DataFrame, targets: pd.DataFrame, config: EvalConfig, depth: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """[U, depth] the SASRec-style baseline's lists, trained on `train_events`, and facts of its training."""
     from lum.sasrec import train_sasrec
 
     trained = train_sasrec(tokenizer.behaviours(train_events), config.sasrec_model)
-    before = behaviours_before_targets(tokenizer, all_events, targets)
     by_user = before.groupby("user_id", sort=False)["item_id"].apply(lambda s: s.astype(str).tolist())
     histories = [by_user.get(user, []) for user in targets["user_id"]]
     lists = np.full((len(targets), depth), None, dtype=object)
@@ -189,15 +189,16 @@ def evaluate_next_item(
             raise ValueError("pass the model or a retrieval engine")
         engine = TorchRetrievalEngine.from_model(model.eval())
     depth = max(config.k, config.recall_k)
-    all_events = pd.concat([events_before, test], ignore_index=True)
-    lists, reachable = model_lists(engine, tokenizer, all_events, targets, config, depth, progress)
-    all_lists = {"model": lists, **baseline_lists(tokenizer, events_before, all_events, targets, depth)}
+    # what the model and every baseline may see of each target user: their behaviours strictly before the target
+    before = behaviours_before_targets(tokenizer, pd.concat([events_before, test], ignore_index=True), targets)
+    lists, reachable = model_lists(engine, tokenizer, before, targets, config, depth, progress)
+    all_lists = {"model": lists, **baseline_lists(tokenizer, events_before, before, targets, depth)}
     out: dict[str, Any] = {"users": int(len(targets)), "k": config.k, "recall_k": config.recall_k,
                            "item_tokenization": tokenizer.config.item_tokenization,
                            "target_not_generable": float(np.mean(~reachable))}
     if config.sasrec:
         all_lists["sasrec"], out["sasrec"] = sasrec_lists(tokenizer, events_before if train_events is None else train_events,
-                                                          all_events, targets, config, depth)
+                                                          before, targets, config, depth)
     target_items = targets["item_id"].astype(str).to_numpy()
     ranks = {name: _rank_in_lists(found, target_items) for name, found in all_lists.items()}
     condition_name = np.array([tokenizer.vocab[c] for c in tokenizer.condition_ids(targets)])
