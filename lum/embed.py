@@ -28,6 +28,7 @@ sees a missing feature, never a made-up vector.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -175,6 +176,27 @@ def load_for_inference(model_dir: str, dtype: torch.dtype = torch.float32, threa
     return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
 
 
+def token_batches(sizes: list[int], max_batch_tokens: int, rows: Iterable[int] | None = None) -> Iterator[list[int]]:
+    """Row indices (all of them, or `rows`) by increasing size, cut into batches whose padded size, rows x the
+    longest, stays within `max_batch_tokens` (a longer row alone is a batch of its own)."""
+    batch: list[int] = []
+    for i in sorted(range(len(sizes)) if rows is None else rows, key=lambda i: sizes[i]):
+        if batch and (len(batch) + 1) * max(sizes[i], 1) > max_batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def forward_rows(model: torch.nn.Module, rows: list[tuple[np.ndarray, ...]]) -> torch.Tensor:
+    """[B, T, H] last hidden states of rows given as (token ids [T], position ids [T], attention mask [T, T], ...)."""
+    ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+    pos = torch.from_numpy(np.stack([r[1] for r in rows]))
+    mask = torch.from_numpy(np.stack([r[2] for r in rows]))[:, None]  # [B, 1, T, T]
+    return model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+
+
 class TorchEngine:
     """Group query with `transformers`: each history once, all its queries in the same forward pass."""
 
@@ -204,28 +226,13 @@ class TorchEngine:
     @torch.no_grad()
     def embed(self, groups: list[QueryGroup]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.zeros((0,))] * len(groups)
-        order = sorted(range(len(groups)), key=lambda i: len(groups[i].tokens) + groups[i].n_queries)
-        batch: list[int] = []
-
-        def flush() -> None:
-            width = max(len(groups[i].tokens) + groups[i].n_queries for i in batch)
-            rows = [self._row(groups[i], width) for i in batch]
-            ids = torch.from_numpy(np.stack([r[0] for r in rows]))
-            pos = torch.from_numpy(np.stack([r[1] for r in rows]))
-            mask = torch.from_numpy(np.stack([r[2] for r in rows]))[:, None]  # [B, 1, T, T]
-            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+        sizes = [len(g.tokens) + g.n_queries for g in groups]
+        for batch in token_batches(sizes, self.max_batch_tokens):
+            width = max(sizes[i] for i in batch)
+            hidden = forward_rows(self.model, [self._row(groups[i], width) for i in batch])
             for r, i in enumerate(batch):
                 L, Q = len(groups[i].tokens), groups[i].n_queries
                 out[i] = hidden[r, L : L + Q].float().numpy()
-            batch.clear()
-
-        for i in order:
-            size = len(groups[i].tokens) + groups[i].n_queries
-            if batch and (len(batch) + 1) * max(size, 1) > self.max_batch_tokens:
-                flush()
-            batch.append(i)
-        if batch:
-            flush()
         return out
 
     def close(self) -> None:

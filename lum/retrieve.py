@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from lum.config import VllmSettings
-from lum.embed import QueryGroup, load_for_inference, start_vllm, stop_vllm
+from lum.embed import QueryGroup, forward_rows, load_for_inference, start_vllm, stop_vllm, token_batches
 from lum.tokenizer import PAD, UNK_ITEM, BehaviourTokenizer
 
 
@@ -218,30 +218,16 @@ class TorchRetrievalEngine:
     def expand(self, requests: list[tuple[np.ndarray, list[Branch]]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in requests]
         sizes = [len(h) + sum(len(b.suffix) for b in branches) for h, branches in requests]
-        order = sorted((i for i in range(len(requests)) if requests[i][1]), key=lambda i: sizes[i])
-        batch: list[int] = []
-
-        def flush() -> None:
+        for batch in token_batches(sizes, self.max_batch_tokens, rows=[i for i in range(len(requests)) if requests[i][1]]):
             width = max(sizes[i] for i in batch)
             rows = [self._row(requests[i][0], requests[i][1], width) for i in batch]
-            ids = torch.from_numpy(np.stack([r[0] for r in rows]))
-            pos = torch.from_numpy(np.stack([r[1] for r in rows]))
-            mask = torch.from_numpy(np.stack([r[2] for r in rows]))[:, None]  # [B, 1, T, T]
-            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = forward_rows(self.model, rows)
             for r, i in enumerate(batch):
                 logits = self.model.lm_head(hidden[r, torch.from_numpy(rows[r][3])]).float()  # [Q, V]
                 for branch, row in zip(requests[i][1], logits):
                     allowed = torch.from_numpy(branch.allowed)
                     logprobs = torch.log_softmax(row[allowed], dim=0).numpy().astype(np.float64)
                     out[i].append(_top_k(branch.allowed, logprobs, branch.k))
-            batch.clear()
-
-        for i in order:
-            if batch and (len(batch) + 1) * sizes[i] > self.max_batch_tokens:
-                flush()
-            batch.append(i)
-        if batch:
-            flush()
         return out
 
     def close(self) -> None:
