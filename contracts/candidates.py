@@ -22,16 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts.embeddings import (
-    _SHARD_FILE,
     MANIFEST_FILE,
-    USERS_DIR,
     EmbeddingFolderError,
     ShardRecord,
     _field,
     _optional,
-    _short,
     check_model_version,
-    shard_file_name,
+    shard_paths_of,
+    shard_records,
 )
 from contracts.files import write_json_atomic
 
@@ -79,11 +77,7 @@ class CandidateManifest:
         return out
 
     def shard_paths(self, folder: str | Path) -> list[Path]:
-        paths = [Path(folder) / USERS_DIR / self.shards[s].file for s in sorted(self.shards)]
-        for path in paths:
-            if not path.is_file():
-                raise CandidateFolderError(f"{path}: shard file listed in {Path(folder) / MANIFEST_FILE} not found")
-        return paths
+        return shard_paths_of(self.shards, folder, CandidateFolderError)
 
     @classmethod
     def from_json(cls, data: Any, source: str | Path) -> CandidateManifest:
@@ -93,14 +87,7 @@ class CandidateManifest:
                 raise CandidateFolderError(f"{where}: not the manifest of a candidates folder (expected \"kind\": \"{KIND}\")")
             settings = _field(data, "settings", dict, where)
             check_model_version(_field(settings, "model_version", str, where, "settings."), where)
-            shards = {}
-            for key, record in _field(data, "shards", dict, where).items():
-                if not (isinstance(key, str) and key.isdigit() and key.isascii()) or not isinstance(record, dict):
-                    raise CandidateFolderError(f"{where}: field 'shards' has entry {_short(key)}, expected a shard number and an object")
-                file = _field(record, "file", str, where, f"shards.{key}.")
-                if not _SHARD_FILE.fullmatch(file):
-                    raise CandidateFolderError(f"{where}: field 'shards.{key}.file' is {_short(file)}, expected a name like {shard_file_name(0, 1)}")
-                shards[int(key)] = ShardRecord(file, {k: _field(record, k, int, where, f"shards.{key}.") for k in record if k != "file"})
+            shards = shard_records(data, where)
             totals = _optional(data, "totals", dict, where)
             seconds = _optional(data, "seconds_this_run", (int, float), where)
             return cls(

@@ -44,6 +44,8 @@ __all__ = [
     "read_embedding_manifest",
     "require_columns",
     "shard_file_name",
+    "shard_paths_of",
+    "shard_records",
     "write_embedding_manifest",
 ]
 
@@ -142,11 +144,7 @@ class EmbeddingManifest:
 
     def shard_paths(self, folder: str | Path) -> list[Path]:
         """The shard files under `folder/users/`, in shard order; an error naming the first one that is missing."""
-        paths = [Path(folder) / USERS_DIR / name for name in self.shard_files()]
-        for path in paths:
-            if not path.is_file():
-                raise EmbeddingFolderError(f"{path}: shard file listed in {Path(folder) / MANIFEST_FILE} not found")
-        return paths
+        return shard_paths_of(self.shards, folder)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written: optional fields that are unset are left out."""
@@ -173,18 +171,7 @@ class EmbeddingManifest:
             raise EmbeddingFolderError(f"{where}: field 'settings.conditions' must be a list of distinct non-empty strings")
         _field(settings, "as_of", str, where, "settings.")
         _optional(settings, "rows", str, where, "settings.")
-        shards = {}
-        for key, record in _field(data, "shards", dict, where).items():
-            if not (isinstance(key, str) and key.isdigit() and key.isascii()):
-                raise EmbeddingFolderError(f"{where}: field 'shards' has key {_short(key)}, expected a shard number")
-            name = f"shards.{key}."
-            if not isinstance(record, dict):
-                raise EmbeddingFolderError(f"{where}: field '{name[:-1]}' must be an object, got {type(record).__name__}")
-            file = _field(record, "file", str, where, name)
-            if not _SHARD_FILE.fullmatch(file):
-                raise EmbeddingFolderError(f"{where}: field '{name}file' is {_short(file)}, expected a name like {shard_file_name(0, 1)}")
-            counts = {k: _field(record, k, int, where, name) for k in record if k != "file"}
-            shards[int(key)] = ShardRecord(file, counts)
+        shards = shard_records(data, where)
         complete = _optional(data, "complete", bool, where) or False
         embedding_dim = _optional(data, "embedding_dim", int, where)
         if complete and embedding_dim is None:
@@ -206,6 +193,33 @@ class EmbeddingManifest:
             seconds_this_run=None if seconds is None else float(seconds),
             embedding_dim=embedding_dim,
         )
+
+
+def shard_records(data: dict[str, Any], where: str) -> dict[int, ShardRecord]:
+    """The checked `shards` field of a sharded folder's manifest (an embedding or a candidates folder): shard numbers,
+    file names that stay under `users/`, integer counts."""
+    shards = {}
+    for key, record in _field(data, "shards", dict, where).items():
+        if not (isinstance(key, str) and key.isdigit() and key.isascii()):
+            raise EmbeddingFolderError(f"{where}: field 'shards' has key {_short(key)}, expected a shard number")
+        name = f"shards.{key}."
+        if not isinstance(record, dict):
+            raise EmbeddingFolderError(f"{where}: field '{name[:-1]}' must be an object, got {type(record).__name__}")
+        file = _field(record, "file", str, where, name)
+        if not _SHARD_FILE.fullmatch(file):
+            raise EmbeddingFolderError(f"{where}: field '{name}file' is {_short(file)}, expected a name like {shard_file_name(0, 1)}")
+        counts = {k: _field(record, k, int, where, name) for k in record if k != "file"}
+        shards[int(key)] = ShardRecord(file, counts)
+    return shards
+
+
+def shard_paths_of(shards: dict[int, ShardRecord], folder: str | Path, error: type[EmbeddingFolderError] = EmbeddingFolderError) -> list[Path]:
+    """The shard files under `folder/users/`, in shard order; `error` naming the first one that is missing."""
+    paths = [Path(folder) / USERS_DIR / shards[s].file for s in sorted(shards)]
+    for path in paths:
+        if not path.is_file():
+            raise error(f"{path}: shard file listed in {Path(folder) / MANIFEST_FILE} not found")
+    return paths
 
 
 def read_embedding_manifest(folder: str | Path) -> EmbeddingManifest:
