@@ -26,6 +26,14 @@ TOKENIZER_NAMES = {"seed": "tokenizer-seed", "condition_columns": "condition", "
                    "categorical_columns": "categorical-column", "numeric_columns": "numeric-column"}
 
 
+def leave_without_vllm_teardown() -> None:
+    """End a finished vLLM job's process at once: vLLM's worker processes occasionally crash at interpreter exit after
+    all results are written (about 1 run in 20, exit 134); the job is finished and recorded, so leave without teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def pretrain_configs(options: dict[str, Any]) -> tuple[PretrainConfig, TokenizerConfig]:
     """The (PretrainConfig, TokenizerConfig) of `lum pretrain`'s parsed options."""
     return build_config(PretrainConfig, options), build_config(TokenizerConfig, options, rename=TOKENIZER_NAMES)
@@ -110,11 +118,7 @@ def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | 
         f"{totals['queries_without_history']:,} (user, as-of) pairs had no history and were skipped"
     )
     if config.engine == "vllm":
-        # vLLM's worker processes occasionally crash at interpreter exit after all results are written (about 1 run
-        # in 20, exit 134); the job is finished and recorded, so leave without teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_without_vllm_teardown()
 
 
 @click.command("retrieve")
@@ -147,7 +151,4 @@ def retrieve_command(model_dir: str, events_path: str, as_of: str, catalogue: st
         f"from {job.trie.n_items:,} items) to {out_dir}; {totals['queries_without_history']:,} (user, as-of) pairs had no history and were skipped"
     )
     if config.engine == "vllm":
-        # as `lum embed`: vLLM's workers occasionally crash at interpreter exit after everything is written
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_without_vllm_teardown()
