@@ -116,7 +116,7 @@ class EvalConfig:
     # off by default: on a large window its training costs more than the rest of the evaluation (minutes on 2 cores)
     sasrec: bool = Field(False, description="Also train and score the SASRec-style baseline on the LM's pretraining window.")
     sasrec_model: SasRecConfig = Field(default_factory=SasRecConfig, description="The SASRec-style baseline's settings.")
-    max_users: int | None = Field(2000, ge=1, description="A seeded sample of test users, for speed (None: all).")
+    max_users: int | None = Field(2000, ge=0, description="A seeded sample of test users, for speed (0 or None: all).")
     batch_size: int = Field(64, ge=1, description="Users per search batch.")
     seed: int = Field(0, description="Seed of the user sample.")
 

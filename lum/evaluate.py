@@ -51,7 +51,7 @@ def leave_last_out(tokenizer: BehaviourTokenizer, history: pd.DataFrame, test: p
     """One row per evaluated user: their target behaviour and all behaviours strictly before it."""
     test_beh = tokenizer.behaviours(test)
     targets = test_beh.groupby("user_id", sort=True).tail(1)
-    if config.max_users is not None and len(targets) > config.max_users:
+    if config.max_users and len(targets) > config.max_users:  # 0 or None: every user
         targets = targets.sample(config.max_users, random_state=config.seed).sort_values("user_id")
     return targets.reset_index(drop=True)
 

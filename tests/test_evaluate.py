@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lum.evaluate import EvalConfig, _metrics, _rank_in_lists, baseline_ranks, evaluate_next_item, format_evaluation
+from lum.evaluate import EvalConfig, _metrics, _rank_in_lists, baseline_ranks, evaluate_next_item, format_evaluation, leave_last_out
 from lum.model import load_model
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
 
@@ -34,6 +34,18 @@ def test_baselines_rank_popular_and_recent_items():
     assert ranks["popularity"].tolist() == [2, 0]
     # recent, most recent first: u1 -> b, a ; u2 -> c, a
     assert ranks["recent"].tolist() == [0, 1]
+
+
+def test_max_users_samples_targets_and_zero_or_none_means_every_user():
+    # `lum evaluate --max-users 0` is documented as "all users" (docs/lm.md)
+    test = pd.DataFrame({"user_id": [f"u{i}" for i in range(6)], "item_id": "a", "label": 1, "mode": "m",
+                         "ts": [T0 + pd.Timedelta(minutes=i) for i in range(6)]})
+    tokenizer = fit_tokenizer(test, TokenizerConfig(("mode",), min_item_count=1, min_condition_count=1))
+    assert len(leave_last_out(tokenizer, test, test, EvalConfig(max_users=4))) == 4
+    assert len(leave_last_out(tokenizer, test, test, EvalConfig(max_users=0))) == 6
+    assert len(leave_last_out(tokenizer, test, test, EvalConfig(max_users=None))) == 6
+    with pytest.raises(ValueError):
+        EvalConfig(max_users=-1)
 
 
 def test_evaluation_of_a_trained_model_reports_every_method_and_condition(tiny_lm, tiny_sim):
