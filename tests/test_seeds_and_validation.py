@@ -68,8 +68,11 @@ def test_seeds_retrain_on_the_same_data_and_the_report_shows_every_seeds_lift(tm
     assert (gauc["mean"], gauc["low"], gauc["high"]) == pytest.approx(t_interval(gauc["values"]))
     assert gauc["positive_on_every_seed"] == (min(gauc["values"]) > 0)
     target = next(t for t in section["targets"] if t["target"] == "gauc_lift_min")
-    # each seed's own verdict on the same target (the reports list auc_lift_min and gauc_lift_min in their own order)
-    met_in = lambda r: next(t["met"] for t in r["protocols"][0]["targets"] if (t["target"], t["model"]) == (target["target"], target["model"]))
+
+    def met_in(seed_report: dict) -> bool:
+        """That seed's own verdict on the same target (a report lists auc_lift_min and gauc_lift_min in its own order)."""
+        return next(t["met"] for t in seed_report["protocols"][0]["targets"] if (t["target"], t["model"]) == (target["target"], target["model"]))
+
     assert target["met"] == [met_in(report), met_in(theirs)]
     assert target["held_on_every_seed"] == all(target["met"])
     markdown = (run / "report" / "report.md").read_text()
