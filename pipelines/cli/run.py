@@ -61,7 +61,7 @@ def parse_settings(settings: tuple[str, ...]) -> dict[str, object]:
 @click.option("--run", "run_dir", default="runs/demo", type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--preset", type=click.Choice(["tiny", "default", "large"]), default="default", help="Simulator size.")
 @click.option("--lm-preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", help="Behaviour-LM size.")
-@click.option("--epochs", type=int, default=10, help="Pretraining epochs.")
+@click.option("--epochs", type=int, default=5, help="Pretraining epochs (5: chosen on the validation window, configs/demo.yaml).")
 @click.option("--snapshot-engine", type=click.Choice(["vllm", "torch"]), default="vllm", help="Engine of the daily snapshot job (the deployable features).")
 @click.option("--rolling/--no-rolling", default=False,
               help="Also run the rolling features beside the snapshots (one embedding per request: the upper bound; configs/demo-side-by-side.yaml).")
@@ -74,7 +74,7 @@ def demo(run_dir: str, preset: str, lm_preset: str, epochs: int, snapshot_engine
     execute(demo_config(run_dir, preset, lm_preset, epochs, snapshot_engine, rolling), echo=click.echo)
 
 
-def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 10, snapshot_engine: str = "vllm",
+def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 5, snapshot_engine: str = "vllm",
                 rolling: bool = False) -> RunConfig:
     """What `lum demo` runs (configs/demo.yaml writes the same down; a test keeps the two equal)."""
     protocols = [{"split": "global", "features": "snapshot", "engine": snapshot_engine}]
