@@ -7,7 +7,7 @@
       - {split: global, features: snapshot, engine: vllm}      # features: snapshot (snapshot_every: 1D) | rolling
       - {split: global, features: rolling, engine: torch}      # engine: overrides embed.job.engine for this protocol
     lm:
-      pretrain: {preset: tiny, epochs: 10}                     # lum.pretrain.PretrainConfig
+      pretrain: {preset: tiny, epochs: 5}                      # lum.pretrain.PretrainConfig
       tokenizer: {item_tokenization: semantic, ...}            # lum.tokenizer.TokenizerConfig
       evaluate: {k: 10}                                        # lum.evaluate.EvalConfig
     embed:
