@@ -28,7 +28,7 @@ from pipelines.report.document import Block, Cell, Table
 from pipelines.report.environment import git_state
 from pipelines.report.plots import UNKNOWN_PANEL, plot_slice_lifts, slice_lift_figure
 from pipelines.report.render import render_html, render_markdown
-from pipelines.report.slices import distinct_slices
+from pipelines.report.slices import distinct_slices, empty_slices
 from ranker.metrics import SortedAUC, UserBootstrap, auc, paired_bootstrap, ranking_metrics, user_resamples
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -474,6 +474,22 @@ def test_no_slice_is_shown_twice(tmp_path):
     )
     shown = [(s["family"], s["value"]) for s in report["protocols"][0]["slices"]]
     assert len(shown) == len(set(shown)) and report["report_config"]["slice_columns"] == ["surface", "device"]
+
+
+def test_an_empty_cold_start_bucket_is_named_not_silently_missing(tmp_path):
+    frame = make_scored(n_users=80, requests_per_user=4)
+    assert empty_slices(frame, ReportConfig()) == []  # every history and item-count bucket has rows here
+    # as on the simulator, where each request adds a 10-item slate: no user has 1-5 earlier events
+    frame["user_history_len"] = np.where(frame["user_history_len"].between(1, 5), 6, frame["user_history_len"])
+    frame["item_popularity"] = np.where(frame["item_popularity"] >= 6, 3.0, frame["item_popularity"])  # no item has 6+
+    assert empty_slices(frame, ReportConfig()) == ["user history: 1-5", "item interactions: 6+"]
+    report = build_report(frame, _meta(), tmp_path, ReportConfig(n_bootstrap=3, ab_bootstrap=5))
+    protocol = report["protocols"][0]
+    shown = {(s["family"], s["value"]) for s in protocol["slices"]}
+    assert ("user history", "1-5") not in shown and ("user history", "6-20") in shown and ("item interactions", "1-5") in shown
+    assert protocol["empty_slices"] == ["user history: 1-5", "item interactions: 6+"]
+    slices_section = (tmp_path / "report.md").read_text().split("### Slices")[1].split("\n### ")[0]
+    assert "No test rows in: user history: 1-5, item interactions: 6+." in slices_section
 
 
 def test_environment_block_holds_the_commit_versions_and_hardware(gain_report, tmp_path):

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, ABSimulation, simulate_ab
 from pipelines.report.formatting import pct, signed
-from pipelines.report.slices import COLD_FAMILIES, distinct_slices
+from pipelines.report.slices import COLD_FAMILIES, distinct_slices, empty_slices
 from pipelines.report.spec import (
     LIFT_METRICS,
     METRIC_LABELS,
@@ -337,5 +337,6 @@ def evaluate_protocol(
         "lifts": lifts,
         "ab": ab,
         "slices": slices(frame, columns, config),
+        "empty_slices": empty_slices(frame, config),
         "targets": targets(dict(meta.get("targets") or {}), lifts, ab, config),
     }

@@ -104,7 +104,8 @@ def slice_families(frame: pd.DataFrame, columns: list[str], config: ReportConfig
         bins = [-np.inf, *[e - 0.5 for e in config.item_history_edges], np.inf]
         known = frame[counts].astype(float)
         bucket = pd.cut(known, bins=bins, labels=labels).astype(str).where(known.notna(), "unknown")
-        families.append(SliceFamily("item interactions", bucket, [label for label in [*labels, "unknown"] if (bucket == label).any()]))
+        # every count bucket, empty or not (empty_slices names the empty ones); "unknown" only where it occurs
+        families.append(SliceFamily("item interactions", bucket, [*labels, *(["unknown"] if (bucket == "unknown").any() else [])]))
     if "item_popularity" in frame.columns:
         labels = ["head", "torso", "tail", "unknown"]
         bucket = popularity_buckets(frame["item_popularity"].astype(float), config)
@@ -131,3 +132,14 @@ def distinct_slices(frame: pd.DataFrame, columns: list[str], config: ReportConfi
             seen[key] = Slice(family.name, str(value), mask, list(family.aliases.get(value, [])))
             out.append(seen[key])
     return out
+
+
+def empty_slices(frame: pd.DataFrame, config: ReportConfig) -> list[str]:
+    """"family: value" of each cold-start bucket (user history, item interactions) that holds no row.
+
+    distinct_slices leaves empty slices out; these are named so that a reader asking for, say, users with 1-5
+    earlier events learns that the test window has none (on the simulator every request adds a 10-item slate, so a
+    user's count goes from 0 to 10) rather than finding the row missing.
+    """
+    return [f"{family.name}: {value}" for family in slice_families(frame, [], config)
+            if family.name in ("user history", "item interactions") for value in family.order if not (family.labels == value).any()]
