@@ -28,7 +28,7 @@ from pipelines.report.document import Block, Cell, Table
 from pipelines.report.environment import git_state
 from pipelines.report.plots import UNKNOWN_PANEL, plot_slice_lifts, slice_lift_figure
 from pipelines.report.render import render_html, render_markdown
-from pipelines.report.slices import distinct_slices, empty_slices
+from pipelines.report.slices import distinct_slices, empty_slices, slice_families
 from ranker.metrics import SortedAUC, UserBootstrap, auc, paired_bootstrap, ranking_metrics, user_resamples
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -456,7 +456,7 @@ def test_report_run_leaves_out_the_running_report_step_and_reads_the_run_folder(
 def test_no_slice_is_shown_twice(tmp_path):
     frame = make_scored(n_users=80, requests_per_user=4)
     frame["surface_copy"] = frame["surface"]  # the same rows under another name
-    slices = distinct_slices(frame, ["surface", "surface", "surface_copy"], ReportConfig())
+    slices = distinct_slices(slice_families(frame, ["surface", "surface", "surface_copy"], ReportConfig()))
     masks = {s.mask.tobytes() for s in slices}
     assert len(masks) == len(slices)  # every slice holds its own set of rows
     names = [s.name for s in slices]
@@ -466,7 +466,7 @@ def test_no_slice_is_shown_twice(tmp_path):
     assert next(s for s in slices if s.name == "user history: 0").same_as == ["earlier user history: none (cold user)"]
     # when "no earlier history" is not history length 0 (e.g. the length counts only recent events), it is a slicing
     frame.loc[frame.index[:40], "user_no_history"] = ~frame.loc[frame.index[:40], "user_no_history"]
-    families = {s.family for s in distinct_slices(frame, [], ReportConfig())}
+    families = {s.family for s in distinct_slices(slice_families(frame, [], ReportConfig()))}
     assert "earlier user history" in families
     # the report shows the table's distinct slices once each
     report = build_report(
@@ -478,11 +478,11 @@ def test_no_slice_is_shown_twice(tmp_path):
 
 def test_an_empty_cold_start_bucket_is_named_not_silently_missing(tmp_path):
     frame = make_scored(n_users=80, requests_per_user=4)
-    assert empty_slices(frame, ReportConfig()) == []  # every history and item-count bucket has rows here
+    assert empty_slices(slice_families(frame, [], ReportConfig())) == []  # every history and item-count bucket has rows here
     # as on the simulator, where each request adds a 10-item slate: no user has 1-5 earlier events
     frame["user_history_len"] = np.where(frame["user_history_len"].between(1, 5), 6, frame["user_history_len"])
     frame["item_popularity"] = np.where(frame["item_popularity"] >= 6, 3.0, frame["item_popularity"])  # no item has 6+
-    assert empty_slices(frame, ReportConfig()) == ["user history: 1-5", "item interactions: 6+"]
+    assert empty_slices(slice_families(frame, [], ReportConfig())) == ["user history: 1-5", "item interactions: 6+"]
     report = build_report(frame, _meta(), tmp_path, ReportConfig(n_bootstrap=3, ab_bootstrap=5))
     protocol = report["protocols"][0]
     shown = {(s["family"], s["value"]) for s in protocol["slices"]}

@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipelines.report.ab_sim import LOGGED, ORACLE, ABConfig, ABSimulation, simulate_ab
 from pipelines.report.formatting import pct, signed
-from pipelines.report.slices import COLD_FAMILIES, distinct_slices, empty_slices
+from pipelines.report.slices import COLD_FAMILIES, SliceFamily, distinct_slices, empty_slices, slice_families
 from pipelines.report.spec import (
     LIFT_METRICS,
     METRIC_LABELS,
@@ -181,7 +181,7 @@ def pair_deltas(columns: list[ScoreColumn], points: Points, samples: Samples, me
     return out
 
 
-def slices(frame: pd.DataFrame, columns: list[ScoreColumn], config: ReportConfig) -> list[dict[str, Any]]:
+def slices(frame: pd.DataFrame, columns: list[ScoreColumn], families: list[SliceFamily], config: ReportConfig) -> list[dict[str, Any]]:
     """Per distinct slice: rows, users, CTR, every variant's AUC and GAUC, and the GAUC lift of each comparison; the
     cold-start slices (slices.COLD_FAMILIES) the AUC lift too.
 
@@ -191,7 +191,7 @@ def slices(frame: pd.DataFrame, columns: list[ScoreColumn], config: ReportConfig
     of the report.
     """
     out = []
-    for s in distinct_slices(frame, list(config.slice_columns), config):
+    for s in distinct_slices(families):
         part = frame.loc[s.mask]
         label_values = part["label"].to_numpy(dtype=np.float64)
         metrics = ("gauc", "auc") if s.family in COLD_FAMILIES else ("gauc",)
@@ -326,6 +326,7 @@ def evaluate_protocol(
     points = {c.column: ranking_metrics(frame, c.column) for c in columns}
     lifts = pair_deltas(columns, points, samples, LIFT_METRICS)
     ab = ab_test(frame, columns, config, decay_origin, simulated_decay)
+    families = slice_families(frame, list(config.slice_columns), config)  # once: the slices and the empty buckets
     return {
         "name": protocol.get("name", "default"),
         "split": protocol.get("split"),
@@ -336,7 +337,7 @@ def evaluate_protocol(
         "variants": variants(columns, points, samples, config),
         "lifts": lifts,
         "ab": ab,
-        "slices": slices(frame, columns, config),
-        "empty_slices": empty_slices(frame, config),
+        "slices": slices(frame, columns, families, config),
+        "empty_slices": empty_slices(families),
         "targets": targets(dict(meta.get("targets") or {}), lifts, ab, config),
     }

@@ -461,7 +461,7 @@ def _slice_blocks(p: dict[str, Any]) -> list[Block]:
                     for key in lifts]
             rows.append(row)
         blocks += [Block("p", f"{_label(model)}:"), Block("table", table=Table(headers, rows))]
-    if p.get("empty_slices"):  # reports written before 2026-12-04 lack the key
+    if p["empty_slices"]:
         blocks.append(Block("note", f"No test rows in: {', '.join(p['empty_slices'])}."))
     if p["plots"].get("slice_lift"):
         blocks.append(Block("image", text="GAUC lift by slice", image=p["plots"]["slice_lift"]))

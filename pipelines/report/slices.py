@@ -116,11 +116,11 @@ def slice_families(frame: pd.DataFrame, columns: list[str], config: ReportConfig
     return families
 
 
-def distinct_slices(frame: pd.DataFrame, columns: list[str], config: ReportConfig) -> list[Slice]:
-    """Every non-empty slice of `slice_families`, in their order, each set of rows once."""
+def distinct_slices(families: list[SliceFamily]) -> list[Slice]:
+    """Every non-empty slice of `families` (slice_families' result), in their order, each set of rows once."""
     out: list[Slice] = []
     seen: dict[bytes, Slice] = {}
-    for family in slice_families(frame, columns, config):
+    for family in families:
         for value in family.order:
             mask = (family.labels == value).to_numpy()
             if not mask.any():
@@ -134,12 +134,12 @@ def distinct_slices(frame: pd.DataFrame, columns: list[str], config: ReportConfi
     return out
 
 
-def empty_slices(frame: pd.DataFrame, config: ReportConfig) -> list[str]:
-    """"family: value" of each cold-start bucket (user history, item interactions) that holds no row.
+def empty_slices(families: list[SliceFamily]) -> list[str]:
+    """"family: value" of each cold-start bucket (user history, item interactions) of `families` that holds no row.
 
     distinct_slices leaves empty slices out; these are named so that a reader asking for, say, users with 1-5
     earlier events learns that the test window has none (on the simulator every request adds a 10-item slate, so a
     user's count goes from 0 to 10) rather than finding the row missing.
     """
-    return [f"{family.name}: {value}" for family in slice_families(frame, [], config)
+    return [f"{family.name}: {value}" for family in families
             if family.name in ("user history", "item interactions") for value in family.order if not (family.labels == value).any()]
