@@ -17,6 +17,7 @@ __all__ = [
     "FLAG_COLUMNS",
     "HISTORY_CATEGORIES",
     "HISTORY_ITEMS",
+    "HISTORY_TIMES",
     "HISTORY_VARIANTS",
     "ITEM_COUNTERS",
     "LUM_ITEM_COLUMN",
@@ -25,6 +26,7 @@ __all__ = [
     "MISSING_LUM_COLUMN",
     "REQUEST_CONDITION",
     "SEQUENCE_COLUMNS",
+    "ATTENTION_VARIANTS",
     "TRAINING_SET_METADATA_KEY",
     "USER_COUNTERS",
     "USER_STATS_COLUMNS",
@@ -64,9 +66,12 @@ def slug(condition: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Ranker variants: which feature groups a ranker reads on top of the base features
 
-VARIANTS = ("base", "lum", "pooled-history", "lum+pooled")
-LUM_VARIANTS = ("lum", "lum+pooled")  # read the LUM user and item vectors
-HISTORY_VARIANTS = ("pooled-history", "lum+pooled")  # read the recent-items history
+VARIANTS = ("base", "lum", "pooled-history", "lum+pooled", "din", "din+lum")
+LUM_VARIANTS = ("lum", "lum+pooled", "din+lum")  # read the LUM user and item vectors
+HISTORY_VARIANTS = ("pooled-history", "lum+pooled", "din", "din+lum")  # read the recent-items history
+# weigh each recent behaviour by its relevance to the candidate (DIN's target attention) instead of mean-pooling
+# them; they also read when each behaviour happened (HISTORY_TIMES)
+ATTENTION_VARIANTS = ("din", "din+lum")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Counters
@@ -85,7 +90,8 @@ TRAINING_SET_METADATA_KEY = "lum.training_set"  # schema metadata (JSON) naming 
 CATEGORY_COLUMN = "item_category"
 HISTORY_ITEMS = "hist_item_ids"
 HISTORY_CATEGORIES = "hist_categories"
-SEQUENCE_COLUMNS = (HISTORY_ITEMS, HISTORY_CATEGORIES)
+HISTORY_TIMES = "hist_ts"  # seconds since the epoch of each history item's event (float64), aligned with HISTORY_ITEMS
+SEQUENCE_COLUMNS = (HISTORY_ITEMS, HISTORY_CATEGORIES, HISTORY_TIMES)
 LUM_USER_PREFIX = "lum_user__"
 LUM_ITEM_COLUMN = "lum_item"
 FLAG_COLUMNS = ("missing_user_stats", "missing_item_stats")  # request-time facts: whether the counters exist

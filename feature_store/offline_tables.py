@@ -13,8 +13,9 @@ so a request at t joins the newest row stamped <= t, i.e. the stats of exactly t
     item_stats.parquet         item_id, event_timestamp, item_n_impressions, item_n_clicks, item_ctr
                                (smoothed towards the global rate), refreshed at the end of every period
                                (default a day): a row stamped b counts the events before b
-    user_recent_items.parquet  user_id, event_timestamp, hist_item_ids, hist_categories
-                               (the last `history_items` engaged items, newest last)
+    user_recent_items.parquet  user_id, event_timestamp, hist_item_ids, hist_categories, hist_ts
+                               (the last `history_items` engaged items, newest last; hist_ts: each one's event
+                               time in seconds since the epoch, for a ranker that weighs behaviours by age)
     item_info.parquet          item_id, event_timestamp (1970-01-02: content is static), item_category
 """
 
@@ -28,8 +29,11 @@ import pandas as pd
 import pyarrow as pa
 
 from contracts.files import write_parquet_atomic
-from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, ITEM_COUNTERS, USER_STATS_COLUMNS
+from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ITEM_COUNTERS, USER_STATS_COLUMNS
 
+# The layout of the tables below: a run whose tables were written in another format rebuilds them (2: user_recent_items
+# gained hist_ts, the times a target-attention ranker ages its behaviours by)
+TABLES_FORMAT = 2
 ONE_US = pd.Timedelta(microseconds=1)
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 STATIC = pd.Timestamp("1970-01-02", tz="UTC")  # the timestamp of values that never change (after Feast's earliest start)
@@ -112,8 +116,10 @@ def user_recent_items(events: pd.DataFrame, items: pd.DataFrame | None, config: 
     lo = np.maximum(starts, np.arange(len(frame)) - n + 1)
     frame[HISTORY_ITEMS] = [list(item_ids[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
     frame[HISTORY_CATEGORIES] = [list(cats[a : b + 1]) for a, b in zip(lo, range(len(frame)))]
+    seconds = ((frame["ts"] - EPOCH).dt.total_seconds()).to_numpy(dtype=np.float64)
+    frame[HISTORY_TIMES] = [seconds[a : b + 1].tolist() for a, b in zip(lo, range(len(frame)))]
     last = _last_per_moment(frame, "user_id")
-    return last[["user_id", "event_timestamp", HISTORY_ITEMS, HISTORY_CATEGORIES]]
+    return last[["user_id", "event_timestamp", HISTORY_ITEMS, HISTORY_CATEGORIES, HISTORY_TIMES]]
 
 
 def _category_lookup(items: pd.DataFrame | None) -> pd.Series:
@@ -136,7 +142,8 @@ STATS_SCHEMAS = {
     "item_stats": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
                              *[(c, pa.float64()) for c in ITEM_COUNTERS]]),
     "user_recent_items": pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-                                    (HISTORY_ITEMS, pa.list_(pa.string())), (HISTORY_CATEGORIES, pa.list_(pa.string()))]),
+                                    (HISTORY_ITEMS, pa.list_(pa.string())), (HISTORY_CATEGORIES, pa.list_(pa.string())),
+                                    (HISTORY_TIMES, pa.list_(pa.float64()))]),
     "item_info": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")), (CATEGORY_COLUMN, pa.string())]),
 }
 

@@ -130,6 +130,7 @@ class RankingFeatures:
     item_category: list[str | None]  # [N]
     hist_item_ids: list[str] = field(default_factory=list)
     hist_categories: list[str] = field(default_factory=list)
+    hist_ts: list[float] = field(default_factory=list)  # seconds since the epoch of each history item's event
 
     def to_table(self, context: dict[str, Any] | None = None) -> pa.Table:
         """One row per candidate in the training-set contract (what `build_training_set` returns offline), as an
@@ -154,6 +155,7 @@ class RankingFeatures:
             columns[name] = pa.array(np.asarray(self.item_counters[name], dtype=np.float64))
         columns["hist_item_ids"] = pa.array([list(self.hist_item_ids)] * n, pa.list_(pa.string()))
         columns["hist_categories"] = pa.array([list(self.hist_categories)] * n, pa.list_(pa.string()))
+        columns["hist_ts"] = pa.array([[float(t) for t in self.hist_ts]] * n, pa.list_(pa.float64()))
         for k, condition in enumerate(self.conditions):
             columns[lum_user_column(condition)] = _vector_rows(np.tile(self.user_vectors[k], (n, 1)), np.full(n, bool(self.user_vector_found[k])))
         columns["lum_item"] = _vector_rows(self.item_vectors, self.item_vector_found)
@@ -393,6 +395,7 @@ class FeatureClient:
         user_found = not np.isnan(user_counters["user_n_events"])
         hist_items = got["user_recent_items__hist_item_ids"][0] or []
         hist_cats = got["user_recent_items__hist_categories"][0] or []
+        hist_ts = got["user_recent_items__hist_ts"][0] or []
 
         n = len(items)
         item_counters = {c: np.array([_float(v) for v in got[f"item_stats__{c}"][:n]], dtype=np.float64) for c in ITEM_COUNTERS} if n else \
@@ -427,7 +430,7 @@ class FeatureClient:
             user_vectors=user_vectors, user_vector_found=found, user_vector_stale=stale, user_vector_as_of=as_of,
             item_vectors=item_vectors, item_vector_found=item_vector_found, user_counters=user_counters, user_found=user_found,
             item_counters=item_counters, item_found=item_found, item_category=item_category,
-            hist_item_ids=list(hist_items), hist_categories=list(hist_cats),
+            hist_item_ids=list(hist_items), hist_categories=list(hist_cats), hist_ts=list(hist_ts),
         )
 
 
@@ -436,7 +439,8 @@ class FeatureClient:
         K conditions in rows 0..K-1 (then cycling) and the N items in rows 0..N-1 (then repeating the last).
         Feast reads each view once per distinct key, so the padding costs nothing, and one call instead of
         three saves two rounds of its per-call overhead (about a third of a request's latency)."""
-        features = [f"user_stats:{c}" for c in USER_COUNTERS] + ["user_recent_items:hist_item_ids", "user_recent_items:hist_categories"]
+        features = [f"user_stats:{c}" for c in USER_COUNTERS]
+        features += ["user_recent_items:hist_item_ids", "user_recent_items:hist_categories", "user_recent_items:hist_ts"]
         rows = max(len(items), len(conditions), 1)
         entities: dict[str, list[str]] = {"user_id": [user] * rows}
         if items:

@@ -9,7 +9,7 @@ Output (the training-set contract read by `ranker/`):
     row_id, user_id, item_id, ts, [label], request-context columns, item_category,
     user_n_events, user_n_clicks, user_ctr, user_recent_ctr, user_hours_since_last,
     item_n_impressions, item_n_clicks, item_ctr,
-    hist_item_ids, hist_categories                      (services with user_recent_items)
+    hist_item_ids, hist_categories, hist_ts             (services with user_recent_items; hist_ts in epoch seconds)
     lum_user__<slug> (one per query condition), lum_item (services with LUM)
     missing_user_stats, missing_item_stats, missing_lum  (int8 flags)
 
@@ -215,7 +215,8 @@ def _finish(out: pd.DataFrame, frame: pd.DataFrame, config: TrainingSetConfig, s
     arrays = {}
     for name in out.columns:
         if name in SEQUENCE_COLUMNS:  # no history yet: an empty list, not null
-            arrays[name] = _list_array(out[name], pa.string(), empty_when_missing=True)
+            kind = pa.float64() if name == names.HISTORY_TIMES else pa.string()
+            arrays[name] = _list_array(out[name], kind, empty_when_missing=True)
         elif name in vector_columns:
             arrays[name] = _list_array(out[name], pa.float32())
         elif name == "ts":

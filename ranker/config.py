@@ -45,6 +45,10 @@ class DLRMConfig:
     interaction: Literal["dot", "dcn"] = Field("dot", description="DLRM's pairwise dot products, or DLRM_DCN's low-rank cross net.")
     dcn_layers: int = Field(3, ge=1, description="dcn: cross layers.")
     dcn_low_rank: int = Field(64, ge=1, description="dcn: low-rank dimension.")
+    # the din variants' target attention (ranker/din.py); DIN's own MLP is 80-40 over its [q, k, q-k, q*k] input
+    attention_hidden: tuple[int, ...] = Field((80, 40), description="din: hidden sizes of the attention MLP.")
+    attention_softmax: bool = Field(False, description="din: softmax-normalise the weights (off: DIN's unnormalised weights).")
+    age_dim: int = Field(8, ge=0, description="din: size of the behaviour-age embedding in the attention input (0: no age).")
     batch_size: int = Field(2048, ge=1, description="Global batch (under torchrun every rank takes batch_size / world rows).")
     epochs: int = Field(5, ge=1, description="Most epochs (early stopping on the latest part of the training window).")
     patience: int = Field(2, ge=0, description="Validations without a better AUC before stopping.")
@@ -111,7 +115,7 @@ class RankerConfig:
     """One ranker: its model, its variant (which LUM / history inputs), and the settings of its parts."""
 
     model: Literal["dlrm", "lightgbm"] = Field("dlrm", description="The ranker model.")
-    variant: str = Field("base", description="Inputs: base | lum | pooled-history | lum+pooled.")
+    variant: str = Field("base", description="Inputs: base | lum | pooled-history | lum+pooled | din | din+lum.")
     # by time, not random rows: random rows share users and moments with the fitting rows and reward memorising ids
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="The latest part of the training window, by time, that picks the epoch / iteration.")
     features: FeatureConfig = Field(default_factory=FeatureConfig, description="Inputs built from a training-set row.")

@@ -31,27 +31,43 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from ranker.config import DLRMConfig  # noqa: F401  (re-exported)
+from ranker.din import DINDLRM, TargetAttention
 from ranker.features import DLRMInputs
 
-SPARSE_PREFIX = "sparse_arch."  # parameters under it are embedding tables; the rest is the dense part
+# parameters under these are embedding tables (the pooled ones, and the din variants' per-position ones); the rest
+# is the dense part
+TABLE_PREFIXES = ("sparse_arch.", "sequence_arch.")
 
 
-def build_dlrm(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig) -> DLRM:
-    """An unsharded DLRM on CPU; weights drawn from `config.seed`."""
+def is_table(name: str) -> bool:
+    return name.startswith(TABLE_PREFIXES)
+
+
+def build_dlrm(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int, config: DLRMConfig) -> DLRM | DINDLRM:
+    """An unsharded DLRM on CPU; weights drawn from `config.seed`. With per-position tables (EmbeddingConfig: the
+    din variants) a DINDLRM, TorchRec's DLRM with target attention over the history as one more feature."""
     torch.manual_seed(config.seed)
-    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    bags = [t for t in tables if isinstance(t, EmbeddingBagConfig)]
+    positions = [t for t in tables if isinstance(t, EmbeddingConfig) and not isinstance(t, EmbeddingBagConfig)]
+    ebc = EmbeddingBagCollection(tables=bags, device=torch.device("cpu"))
     dense_layers = [*config.dense_arch_layers, config.embedding_dim]
     over_layers = [*config.over_arch_layers, 1]
+    if positions:
+        ec = EmbeddingCollection(tables=positions, device=torch.device("cpu"))
+        attention = TargetAttention(2 * config.embedding_dim, config.attention_hidden, config.age_dim, config.attention_softmax)
+        dcn = config.dcn_layers if config.interaction == "dcn" else None
+        return DINDLRM(ebc, ec, dense_in, dense_layers, over_layers, attention, dcn, config.dcn_low_rank)
     if config.interaction == "dcn":
         return DLRM_DCN(ebc, dense_in, dense_layers, over_layers, dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_low_rank)
     return DLRM(ebc, dense_in, dense_layers, over_layers)
 
 
-def scoring_model(tables: list[EmbeddingBagConfig], dense_in: int, config: DLRMConfig, state: dict[str, torch.Tensor]) -> DLRM:
+def scoring_model(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int, config: DLRMConfig,
+                  state: dict[str, torch.Tensor]) -> DLRM | DINDLRM:
     """An unsharded DLRM in eval mode holding `state` (as gathered by training)."""
     model = build_dlrm(tables, dense_in, config)
     model.load_state_dict(state)
@@ -141,8 +157,8 @@ class PlainEngine:
         from torchrec.optim import RowWiseAdagrad
 
         self.model, self.listwise_weight = model, config.listwise_weight
-        sparse = [p for n, p in model.named_parameters() if n.startswith(SPARSE_PREFIX)]
-        dense = [p for n, p in model.named_parameters() if not n.startswith(SPARSE_PREFIX)]
+        sparse = [p for n, p in model.named_parameters() if is_table(n)]
+        dense = [p for n, p in model.named_parameters() if not is_table(n)]
         self.optimizers = [
             RowWiseAdagrad(sparse, lr=config.embedding_lr, eps=config.embedding_eps),
             torch.optim.Adam(dense, lr=config.dense_lr),
@@ -173,6 +189,7 @@ class DMPEngine:
     def __init__(self, model: DLRM, config: DLRMConfig, context: DistContext):
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
         from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -180,18 +197,20 @@ class DMPEngine:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         self.context, self.listwise_weight = context, config.listwise_weight
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(SPARSE_PREFIX)}
-        sharder = EmbeddingBagCollectionSharder(
-            fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": config.embedding_lr, "eps": config.embedding_eps}
-        )
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items() if is_table(k)}
+        fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": config.embedding_lr, "eps": config.embedding_eps}
+        # the pooled tables, and the din variants' per-position ones (an EmbeddingCollection), on the same fused optimizer
+        sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
         topology = TopologyFactory.create_topology(
             TrainerConfig(world_size=context.world, local_world_size=context.world), kernel_config=KernelConfig(compute_device="cpu")
         )
         # every table table-wise on the fused kernel: left alone, the planner makes small tables data-parallel,
         # and those would be trained by the dense optimizer instead of row-wise Adagrad
+        table_configs = list(model.sparse_arch.embedding_bag_collection.embedding_bag_configs())
+        if isinstance(model, DINDLRM):
+            table_configs += list(model.sequence_arch.embedding_configs())
         constraints = {
-            table.name: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])
-            for table in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+            table.name: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for table in table_configs
         }
         planner = EmbeddingShardingPlanner(
             topology=topology, batch_size=config.batch_size, constraints=constraints,
@@ -199,8 +218,8 @@ class DMPEngine:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torchrec's own deprecation notices, not ours to act on
-            plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
-            self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+            plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+            self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
         self.plan = plan
         # the sharded tables were freshly initialised: put the seeded weights back so every engine and every world
         # size starts from the same point
@@ -332,7 +351,7 @@ class DLRMResult:
 def train_dlrm(
     fit: DLRMInputs,
     valid: DLRMInputs | None,
-    tables: list[EmbeddingBagConfig],
+    tables: list[EmbeddingBagConfig | EmbeddingConfig],
     config: DLRMConfig,
     progress: bool = False,
 ) -> DLRMResult:

@@ -15,11 +15,18 @@ DLRM inputs
            matches the row's request context (most specific match wins); with `lum_inputs="vectors"` also the K
            user vectors flattened and the item vector. A missing value becomes 0 after standardisation (the
            training mean) and a flag says so.
+  din      (the target-attention variants) instead of the mean-pooled history keys, per-position keys for a
+           TorchRec EmbeddingCollection: `din_item` / `din_category` (the target's item and category, one id per
+           row) sharing their tables with `hist_item_ids` / `hist_categories` (the last `history_len` behaviours),
+           then `hist_age`, each behaviour's age bucket (request time minus `hist_ts`; ranker/din.py).
 LightGBM inputs
   The same information as one float matrix: categorical codes (declared categorical; the user and item ids
   only with `lightgbm_ids`), raw counters and LUM scores (NaN for missing: LightGBM routes missing values
   itself), and the pooled history as numbers a tree can use (its length, the share of its items in the target's
-  category, whether the target item is in it).
+  category, whether the target item is in it). The din variants add target-aware history numbers: the max, mean
+  and last-5 mean cosine between the target's item factors and the behaviours' (factors from co-engagement in the
+  fitting rows' histories, `ItemFactors`), how often and how long ago the target's category was engaged, and how
+  long ago the target item itself was.
 Request features (`request_features=True`, both models)
   A pointwise model scores each candidate alone. These give it the candidate's place among the other candidates
   of its request (the rows sharing the user and the request time): for the item counters and, with LUM, the K + 1
@@ -41,11 +48,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from contracts.names import ITEM_COUNTERS
+from contracts.names import HISTORY_TIMES, ITEM_COUNTERS
 from ranker.config import FeatureConfig  # noqa: F401  (re-exported)
+from ranker.din import AGE_KEY, TARGET_CATEGORY_KEY, TARGET_ITEM_KEY, age_buckets
 from ranker.schema import (
     FLAG_COLUMNS,
     HISTORY_CATEGORIES,
@@ -56,6 +64,7 @@ from ranker.schema import (
     FeatureSchema,
     RankerInputError,
     parse_condition,
+    variant_attention,
     variant_parts,
 )
 
@@ -142,6 +151,57 @@ class Vocabulary:
         """[N] int64 ids, OOV for unknown and null."""
         index = pc.index_in(_strings(array), value_set=self._lookup)
         return index.fill_null(-1).to_numpy().astype(np.int64) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- item factors
+
+TARGET_AWARE_NAMES = ("din_sim_max", "din_sim_mean", "din_sim_last5", "din_category_count", "din_hours_since_category",
+                      "din_hours_since_item", "din_category_share_last5")
+
+
+class ItemFactors:
+    """Unit-length item vectors [V, k] from co-engagement: the truncated SVD of the user x item matrix of the
+    fitting rows' histories (which items the same users engaged). A tree cannot compare two item ids; it can use
+    the cosine of their factors. Fitted on the fitting rows only (their histories hold events before each row)."""
+
+    def __init__(self, items: list[str], vectors: np.ndarray):
+        self.items = list(items)
+        self.matrix = np.asarray(vectors, dtype=np.float32).reshape(len(self.items), -1)
+        self._lookup = pa.array(self.items, pa.string())
+
+    @classmethod
+    def fit(cls, table: pa.Table, schema: FeatureSchema, dim: int = 16, seed: int = 0) -> ItemFactors:
+        from scipy.sparse import csr_matrix
+        from sklearn.decomposition import TruncatedSVD
+
+        values, offsets = _lists(table.column(HISTORY_ITEMS))
+        users = _strings(table.column(schema.user)).take(pa.array(np.repeat(np.arange(table.num_rows), np.diff(offsets))))
+        pairs = pd.DataFrame({"user": users.to_numpy(zero_copy_only=False), "item": _strings(values).to_numpy(zero_copy_only=False)})
+        pairs = pairs.dropna().drop_duplicates()
+        user_codes, _ = pd.factorize(pairs["user"], sort=True)
+        item_codes, items = pd.factorize(pairs["item"], sort=True)
+        k = min(dim, len(items) - 1, int(user_codes.max(initial=0)))
+        if k < 1:  # too few histories to factorise: every similarity is missing
+            return cls([], np.zeros((0, 1), dtype=np.float32))
+        matrix = csr_matrix((np.ones(len(pairs)), (user_codes, item_codes)), shape=(int(user_codes.max()) + 1, len(items)))
+        svd = TruncatedSVD(n_components=k, random_state=seed).fit(matrix)
+        vectors = (svd.components_.T * svd.singular_values_).astype(np.float32)  # [V, k]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return cls(list(items), np.where(norms > 0, vectors / np.where(norms > 0, norms, 1), np.nan))
+
+    def vectors(self, items: pa.Array) -> np.ndarray:
+        """[n, k] unit vectors of `items`, NaN rows for items without factors."""
+        index = pc.index_in(_strings(items), value_set=self._lookup).fill_null(-1).to_numpy().astype(np.int64)
+        out = np.full((len(index), self.matrix.shape[1]), np.nan, dtype=np.float32)
+        out[index >= 0] = self.matrix[index[index >= 0]]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": self.items, "vectors": np.round(self.matrix, 6).tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ItemFactors:
+        return cls(data["items"], np.asarray(data["vectors"], dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------- LUM features
@@ -267,9 +327,15 @@ def _relative_to_one_request(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SparseFeature:
-    key: str  # KeyedJaggedTensor key (the column name)
-    table: str  # vocabulary and embedding table it reads
-    sequence: bool  # multi-valued (a pooled history) or one id per row
+    key: str  # KeyedJaggedTensor key (the column name, unless `column` says otherwise)
+    table: str | None  # vocabulary and embedding table it reads (None: the age buckets, ids without a vocabulary)
+    sequence: bool  # multi-valued (a history) or one id per row
+    positional: bool = False  # looked up per position (an EmbeddingCollection: the din variants), not pooled
+    column: str | None = None  # the training-set column it reads when not `key`
+
+    @property
+    def source(self) -> str:
+        return self.column or self.key
 
 
 @dataclass
@@ -326,8 +392,10 @@ class FeaturePipeline:
         dense_names: list[str],
         dense_mean: np.ndarray,
         dense_std: np.ndarray,
+        item_factors: ItemFactors | None = None,
     ):
         self.schema, self.variant, self.config = schema, variant, config
+        self.item_factors = item_factors  # the din variants' LightGBM similarities
         self.use_lum, self.use_history = variant_parts(variant)
         self.vocabularies = vocabularies
         self.dense_names = dense_names
@@ -363,6 +431,8 @@ class FeaturePipeline:
                 # items seen only in histories still get rows: they are trained through the pooled feature
                 arrays.append(_lists(table.column(history))[0])
             pipeline.vocabularies[feature.table] = Vocabulary.fit(arrays, config.min_count, config.max_vocab)
+        if pipeline.use_attention:
+            pipeline.item_factors = ItemFactors.fit(table, schema)
         raw, names, scaled = pipeline._raw_dense(table)
         # a column may be missing on every row (lum_sim_request where no condition matches the request context, as
         # on MovieLens): it scales with mean 0 and std 1, without numpy's "mean of empty slice" warning
@@ -381,6 +451,7 @@ class FeaturePipeline:
             "dense_names": self.dense_names,
             "dense_mean": self.dense_mean.tolist(),
             "dense_std": self.dense_std.tolist(),
+            **({"item_factors": self.item_factors.to_json()} if self.item_factors is not None else {}),
         }
 
     @classmethod
@@ -393,16 +464,33 @@ class FeaturePipeline:
             data["dense_names"],
             np.asarray(data["dense_mean"]),
             np.asarray(data["dense_std"]),
+            ItemFactors.from_json(data["item_factors"]) if "item_factors" in data else None,
         )
 
     # ---- what the model sees
 
     @property
+    def use_attention(self) -> bool:
+        return variant_attention(self.variant)
+
+    @property
     def sparse_features(self) -> list[SparseFeature]:
-        """The DLRM's KJT keys: every categorical column (without the raw user and item ids unless `dlrm_ids`) and,
-        with pooled history, the two history keys."""
+        """The DLRM's KJT keys, in order: every categorical column (without the raw user and item ids unless
+        `dlrm_ids`), then with pooled history the two history keys, or with target attention the
+        EmbeddingCollection's keys (target item, history items, target category, history categories) and the
+        behaviours' age buckets (what `ranker.din.DINDLRM` splits its input by)."""
         ids = () if self.config.dlrm_ids else (self.schema.user, self.schema.item)
-        return [f for f in self._vocabulary_features if f.sequence or f.key not in ids]
+        features = [f for f in self._vocabulary_features if f.sequence or f.key not in ids]
+        if not self.use_attention:
+            return features
+        schema = self.schema
+        return [f for f in features if not f.sequence] + [
+            SparseFeature(TARGET_ITEM_KEY, schema.item, False, True, schema.item),
+            SparseFeature(HISTORY_ITEMS, schema.item, True, True),
+            SparseFeature(TARGET_CATEGORY_KEY, schema.category, False, True, schema.category),
+            SparseFeature(HISTORY_CATEGORIES, schema.category, True, True),
+            SparseFeature(AGE_KEY, None, True, True, HISTORY_TIMES),
+        ]
 
     @property
     def _vocabulary_features(self) -> list[SparseFeature]:
@@ -412,13 +500,16 @@ class FeaturePipeline:
             features += [SparseFeature(HISTORY_ITEMS, self.schema.item, True), SparseFeature(HISTORY_CATEGORIES, self.schema.category, True)]
         return features
 
-    def embedding_tables(self, dim: int) -> list[EmbeddingBagConfig]:
+    def embedding_tables(self, dim: int) -> list[EmbeddingBagConfig | EmbeddingConfig]:
         """One table per vocabulary; a history key joins its target's table. MEAN pooling: the history becomes
-        the average of its items' vectors (for a single id MEAN is that id's vector)."""
-        tables: dict[str, list[str]] = {}
+        the average of its items' vectors (for a single id MEAN is that id's vector). With target attention the
+        per-position keys get EmbeddingConfigs (an EmbeddingCollection's tables, `s_<name>`) after the bags."""
+        bags: dict[str, list[str]] = {}
+        positions: dict[str, list[str]] = {}
         for feature in self.sparse_features:
-            tables.setdefault(feature.table, []).append(feature.key)
-        return [
+            if feature.table is not None:
+                (positions if feature.positional else bags).setdefault(feature.table, []).append(feature.key)
+        tables: list[EmbeddingBagConfig | EmbeddingConfig] = [
             EmbeddingBagConfig(
                 name=f"t_{name}",
                 embedding_dim=dim,
@@ -426,8 +517,13 @@ class FeaturePipeline:
                 feature_names=keys,
                 pooling=PoolingType.MEAN,
             )
-            for name, keys in tables.items()
+            for name, keys in bags.items()
         ]
+        tables += [
+            EmbeddingConfig(name=f"s_{name}", embedding_dim=dim, num_embeddings=self.vocabularies[name].num_embeddings, feature_names=keys)
+            for name, keys in positions.items()
+        ]
+        return tables
 
     @property
     def lightgbm_categorical(self) -> list[str]:
@@ -444,15 +540,18 @@ class FeaturePipeline:
         caller has it already (`fit_dlrm`); `with_groups`: also each row's request number (the listwise loss)."""
         keys, ids, offsets = [], [], []
         for feature in self.sparse_features:
-            vocab = self.vocabularies[feature.table]
             keys.append(feature.key)
-            if feature.sequence:
-                values, row_offsets = _lists(table.column(feature.key))
+            if feature.table is None:  # the behaviours' age buckets
+                buckets, row_offsets = self._history_ages(table)
+                ids.append(buckets)
+                offsets.append(row_offsets)
+            elif feature.sequence:
+                values, row_offsets = _lists(table.column(feature.source))
                 positions, row_offsets = _last(row_offsets, self.config.history_len)
-                ids.append(vocab.ids(values.take(pa.array(positions))))
+                ids.append(self.vocabularies[feature.table].ids(values.take(pa.array(positions))))
                 offsets.append(row_offsets)
             else:
-                ids.append(vocab.ids(table.column(feature.key)))
+                ids.append(self.vocabularies[feature.table].ids(table.column(feature.source)))
                 offsets.append(None)
         raw = self._raw_dense(table)[0] if raw_dense is None else raw_dense
         dense = np.nan_to_num((raw - self.dense_mean) / self.dense_std, nan=0.0, posinf=0.0, neginf=0.0)
@@ -477,6 +576,10 @@ class FeaturePipeline:
         if self.use_history:
             blocks.append(self._history_numbers(table))
             names += ["hist_len", "hist_share_in_category", "hist_has_item"]
+        if self.use_attention:
+            block, block_names = self._target_aware_history(table)
+            blocks.append(block)
+            names += block_names
         if self.use_lum:
             lum = lum_features(table, schema)
             n, k, d = lum.users.shape
@@ -514,6 +617,87 @@ class FeaturePipeline:
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(lengths > 0, in_category / np.maximum(lengths, 1), np.nan)
         return np.stack([lengths.astype(np.float64), share, (has_item > 0).astype(np.float64)], axis=1)
+
+    def _history_hours(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(hours [nnz] between each of the last `history_len` behaviours and its row's request time, offsets [N + 1]),
+        aligned with the last `history_len` entries of `hist_item_ids`."""
+        times, offsets = _lists(table.column(HISTORY_TIMES))
+        item_offsets = _lists(table.column(HISTORY_ITEMS))[1]
+        if not np.array_equal(offsets, item_offsets):
+            row = int(np.flatnonzero(np.diff(offsets) != np.diff(item_offsets))[0])
+            raise RankerInputError(
+                f"row {row}: '{HISTORY_TIMES}' holds {int(offsets[row + 1] - offsets[row])} times but '{HISTORY_ITEMS}' "
+                f"{int(item_offsets[row + 1] - item_offsets[row])} items; they must be aligned (one time per history item)")
+        positions, offsets = _last(offsets, self.config.history_len)
+        seconds = pc.cast(times, pa.float64()).to_numpy(zero_copy_only=False)[positions] if len(positions) else np.zeros(0)
+        request = pc.cast(pc.cast(table.column(self.schema.time), pa.timestamp("us", tz="UTC")), pa.int64())
+        request_s = request.to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
+        parent = np.repeat(np.arange(table.num_rows), np.diff(offsets))
+        return (request_s[parent] - seconds) / 3600.0, offsets
+
+    def _history_ages(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(age bucket ids [nnz] of the last `history_len` behaviours, offsets [N + 1]): the `hist_age` key."""
+        hours, offsets = self._history_hours(table)
+        return age_buckets(hours), offsets
+
+    def _target_aware_history(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
+        """([N, 7], names): what a tree can use of the history's relevance to the candidate (LightGBM, din variants).
+
+        din_sim_max / din_sim_mean / din_sim_last5: cosine between the target's and each behaviour's item factors
+        (NaN where either has none); din_category_count: behaviours in the target's category; din_hours_since_category
+        and din_hours_since_item: hours since the newest behaviour in the target's category / on the target item
+        (NaN: never); din_category_share_last5: the share of the last 5 behaviours in the target's category.
+        """
+        n = table.num_rows
+        item_values, offsets = _lists(table.column(HISTORY_ITEMS))
+        positions, offsets = _last(offsets, self.config.history_len)
+        lengths = np.diff(offsets)
+        parent = np.repeat(np.arange(n), lengths)
+        from_end = np.repeat(offsets[1:], lengths) - np.arange(offsets[-1]) - 1  # 0 = the newest behaviour
+        hours = self._history_hours(table)[0]
+        history_items = _strings(item_values.take(pa.array(positions)))
+        cat_values = _lists(table.column(HISTORY_CATEGORIES))[0]
+        cat_positions = _last(_lists(table.column(HISTORY_CATEGORIES))[1], self.config.history_len)[0]
+        history_categories = _strings(cat_values.take(pa.array(cat_positions)))
+        target_items = _strings(table.column(self.schema.item)).take(pa.array(parent))
+        target_categories = _strings(table.column(self.schema.category)).take(pa.array(parent))
+        same_item = pc.equal(history_items, target_items).fill_null(False).to_numpy(zero_copy_only=False)
+        same_category = pc.equal(history_categories, target_categories).fill_null(False).to_numpy(zero_copy_only=False)
+
+        def newest(mask: np.ndarray) -> np.ndarray:
+            """[N] hours since the newest behaviour where `mask`, NaN when none."""
+            out = np.full(n, np.inf)
+            np.minimum.at(out, parent[mask], hours[mask])
+            return np.where(np.isinf(out), np.nan, out)
+
+        def per_row(values: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
+            """[N] max or mean of `values` over each row's behaviours where `mask` (NaN when none)."""
+            keep = mask & ~np.isnan(values)
+            count = np.bincount(parent[keep], minlength=n).astype(np.float64)
+            if how == "mean":
+                total = np.bincount(parent[keep], weights=values[keep], minlength=n)
+                return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+            out = np.full(n, -np.inf)
+            np.maximum.at(out, parent[keep], values[keep])
+            return np.where(count > 0, out, np.nan)
+
+        factors = self.item_factors
+        target_vectors = factors.vectors(_strings(table.column(self.schema.item)))  # [N, k]
+        history_vectors = factors.vectors(history_items)  # [nnz, k]
+        sims = np.einsum("ij,ij->i", history_vectors, target_vectors[parent]) if len(parent) else np.zeros(0)
+        everywhere, recent = np.ones(len(parent), dtype=bool), from_end < 5
+        recent_count = np.bincount(parent[recent], minlength=n).astype(np.float64)
+        recent_same = np.bincount(parent[recent], weights=same_category[recent].astype(np.float64), minlength=n)
+        block = np.stack([
+            per_row(sims, everywhere, "max"),
+            per_row(sims, everywhere, "mean"),
+            per_row(sims, recent, "mean"),
+            np.bincount(parent, weights=same_category.astype(np.float64), minlength=n),
+            newest(same_category),
+            newest(same_item),
+            np.where(recent_count > 0, recent_same / np.maximum(recent_count, 1), np.nan),
+        ], axis=1)
+        return block, list(TARGET_AWARE_NAMES)
 
     def _raw_dense(self, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray]:
         """([N, F_dense] float32 before standardisation, names, which columns get standardised)."""

@@ -23,10 +23,12 @@ import pyarrow.compute as pc
 
 # the training set's names, shared with the feature store that writes it (some only re-exported, for ranker/features.py)
 from contracts.names import (
+    ATTENTION_VARIANTS,
     CATEGORY_COLUMN,
     FLAG_COLUMNS,
     HISTORY_CATEGORIES,
     HISTORY_ITEMS,
+    HISTORY_TIMES,
     HISTORY_VARIANTS,
     LUM_ITEM_COLUMN,
     LUM_USER_PREFIX,
@@ -41,7 +43,7 @@ from contracts.names import TRAINING_SET_METADATA_KEY as METADATA_KEY
 RUN_LUM_INGEST = "run `lum features ingest` for a model version, then rebuild the training set"
 RUN_HISTORY_BUILD = (
     "rebuild the training set with the history columns (the training-set builder writes `hist_item_ids` and "
-    "`hist_categories`)"
+    "`hist_categories`, and `hist_ts` for the target-attention variants)"
 )
 
 
@@ -65,6 +67,12 @@ def variant_parts(variant: str) -> tuple[bool, bool]:
     if variant not in VARIANTS:
         raise RankerInputError(f"unknown variant '{variant}': choose one of {', '.join(VARIANTS)}")
     return variant in LUM_VARIANTS, variant in HISTORY_VARIANTS
+
+
+def variant_attention(variant: str) -> bool:
+    """Whether a variant weighs the history by target attention (DIN) instead of mean-pooling it."""
+    variant_parts(variant)
+    return variant in ATTENTION_VARIANTS
 
 
 def as_arrow(table: pa.Table | pd.DataFrame, columns: list[str] | None = None) -> pa.Table:
@@ -161,6 +169,8 @@ class FeatureSchema:
         columns = [*self.categorical_columns, *self.counter_columns, *FLAG_COLUMNS]
         if use_history:
             columns += [HISTORY_ITEMS, HISTORY_CATEGORIES]
+        if variant_attention(variant):  # the behaviours' ages are relative to the request time
+            columns += [HISTORY_TIMES, self.time]
         if use_lum:
             columns += [*self.lum_user_columns, LUM_ITEM_COLUMN]
         return columns
@@ -229,6 +239,10 @@ def validate_training_table(table: pa.Table, schema: FeatureSchema, variant: str
         raise RankerInputError(f"variant '{variant}' needs LUM features but the training set has no lum_user__* columns: {RUN_LUM_INGEST}")
     if use_history and not {HISTORY_ITEMS, HISTORY_CATEGORIES} <= names:
         raise RankerInputError(f"variant '{variant}' needs the pooled history but the training set lacks it: {RUN_HISTORY_BUILD}")
+    if variant_attention(variant) and HISTORY_TIMES not in names:
+        raise RankerInputError(
+            f"variant '{variant}' weighs behaviours by their age but the training set has no '{HISTORY_TIMES}' column "
+            f"(built before the feature store kept history times): {RUN_HISTORY_BUILD}")
     check_table(table, schema, variant, need_label=True)
 
     labels = table.column(schema.label)
@@ -250,7 +264,7 @@ def validate_training_table(table: pa.Table, schema: FeatureSchema, variant: str
         hints = []
         if any(c.startswith(LUM_USER_PREFIX) or c == LUM_ITEM_COLUMN for c in all_null):
             hints.append(f"LUM vectors are missing for every row: {RUN_LUM_INGEST} (check its as-of times cover the window)")
-        if any(c in (HISTORY_ITEMS, HISTORY_CATEGORIES) for c in all_null):
+        if any(c in (HISTORY_ITEMS, HISTORY_CATEGORIES, HISTORY_TIMES) for c in all_null):
             hints.append(f"no row has any history: {RUN_HISTORY_BUILD}, with events before the training window")
         if not hints:
             hints.append("rebuild the training set (the feature store's join found no values for them)")

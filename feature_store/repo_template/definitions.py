@@ -9,7 +9,7 @@ Feature views: lum_user_interest  (user, condition) -> embedding Array(Float32),
                lum_item           item -> item_embedding Array(Float32), item_model_version
                user_stats         user -> counters of the user's events strictly before the request
                item_stats         item -> counters of the item's impressions strictly before the request
-               user_recent_items  user -> the last engaged items and their categories (newest last)
+               user_recent_items  user -> the last engaged items, their categories and times (newest last)
                item_info          item -> item_category
 Services:      ranker_base, ranker_pooled, ranker_lum, ranker_lum_pooled (the ranker variants)
 """
@@ -22,7 +22,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.types import Array, Float32, Float64, String
 
 # the column names the offline tables are written with (one definition, shared with the ranker's training set)
-from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, ITEM_COUNTERS, USER_STATS_COLUMNS
+from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ITEM_COUNTERS, USER_STATS_COLUMNS
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data"
@@ -66,7 +66,8 @@ user_recent_items = FeatureView(
     name="user_recent_items",
     entities=[user],
     ttl=stats_ttl,
-    schema=[Field(name=HISTORY_ITEMS, dtype=Array(String)), Field(name=HISTORY_CATEGORIES, dtype=Array(String))],
+    schema=[Field(name=HISTORY_ITEMS, dtype=Array(String)), Field(name=HISTORY_CATEGORIES, dtype=Array(String)),
+            Field(name=HISTORY_TIMES, dtype=Array(Float64))],
     source=_source("user_recent_items", DATA / "stats" / "user_recent_items.parquet"),
     description="The user's last engaged items strictly before the request, newest last",
 )

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from feature_store.offline_tables import StatsConfig
+from feature_store.offline_tables import TABLES_FORMAT, StatsConfig
 from feature_store.repo import FeatureRepo, OnlineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
@@ -51,7 +51,8 @@ def prepare_repo(
         items = pq.read_table(paths.items).to_pandas() if paths.items.exists() else None
         history = "all" if default_history_events(paths) == "all" else "positive"
         counts = repo.build_stats(events.to_pandas(), items, StatsConfig(history_labels=history))
-        write_json_atomic({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history}, stamp)
+        write_json_atomic({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history,
+                           "tables_format": TABLES_FORMAT}, stamp)
         rebuilt = True
     if model_version:
         repo.select_version(model_version)
@@ -59,8 +60,12 @@ def prepare_repo(
 
 
 def _stats_fingerprint(stamp: Path) -> str | None:
-    """The dataset fingerprint the offline tables beside `stamp` were built from (None when never built)."""
-    return json.loads(stamp.read_text()).get("dataset_fingerprint") if stamp.exists() else None
+    """The dataset fingerprint the offline tables beside `stamp` were built from (None when never built, or built in
+    an older table layout: they are rebuilt)."""
+    if not stamp.exists():
+        return None
+    built = json.loads(stamp.read_text())
+    return built.get("dataset_fingerprint") if built.get("tables_format") == TABLES_FORMAT else None
 
 
 def ingest_embeddings(paths: RunPaths, embed_dir: Path, item_valid_from: str | None = None,
