@@ -133,6 +133,11 @@ def synthetic_training_set(config: SyntheticConfig = SyntheticConfig()) -> pa.Ta
     owner = np.repeat(user, hist_len)
     hist_cat = np.where(rng.random(len(owner)) < 0.7, taste[owner], rng.integers(config.categories, size=len(owner)))
     hist_item = item_of_category(hist_cat)
+    # each history item's time: hours before the row, oldest first (newest last, as the feature store writes them)
+    hist_row = np.repeat(np.arange(n), hist_len)
+    hours_ago = rng.exponential(48.0, size=len(owner))
+    hours_ago = hours_ago[np.lexsort((-hours_ago, hist_row))]
+    hist_ts = ts.astype("datetime64[us]").astype(np.int64)[hist_row] / 1e6 - hours_ago * 3600.0
 
     # LUM: noisy copies of the hidden vectors; a combined condition reuses the home vector with fresh noise
     conditions = [f"surface={x}" for x in SURFACES] + ["surface=home|device=mobile"]
@@ -155,6 +160,7 @@ def synthetic_training_set(config: SyntheticConfig = SyntheticConfig()) -> pa.Ta
         **{name: pa.array(values, pa.float64(), from_pandas=True) for name, values in counters.items()},
         "hist_item_ids": _list_column(np.asarray([f"i{x}" for x in hist_item], dtype=object), hist_len),
         "hist_categories": _list_column(np.asarray([f"c{x}" for x in hist_cat], dtype=object), hist_len),
+        "hist_ts": _list_column(hist_ts.astype(np.float64), hist_len),
     }
     missing_lum = ~lum_user_ok[user] | ~lum_item_ok[item]
     for name, vectors in zip(conditions, condition_vectors):

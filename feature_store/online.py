@@ -395,7 +395,8 @@ class FeatureClient:
         user_found = not np.isnan(user_counters["user_n_events"])
         hist_items = got["user_recent_items__hist_item_ids"][0] or []
         hist_cats = got["user_recent_items__hist_categories"][0] or []
-        hist_ts = got["user_recent_items__hist_ts"][0] or []
+        hist_ts = got["user_recent_items__hist_ts"][0]
+        hist_ts = [] if hist_ts is None else [float(t) for t in hist_ts]  # Feast gives a float array as numpy
 
         n = len(items)
         item_counters = {c: np.array([_float(v) for v in got[f"item_stats__{c}"][:n]], dtype=np.float64) for c in ITEM_COUNTERS} if n else \

@@ -113,6 +113,9 @@ class DINDLRM(nn.Module):
         over_arch_layer_sizes: ending in 1.
         attention: a TargetAttention over E = 2D.
         dcn_num_layers, dcn_low_rank_dim: DLRM_DCN's cross net instead of the dot interaction (None: dot).
+        max_history: the most history positions a row has (the feature pipeline's history_len). Eager forward pads
+            to the batch's longest history; an exported program, which cannot read a length from its data, pads to
+            this (the padding is masked, so both give the same scores).
     """
 
     def __init__(
@@ -125,9 +128,11 @@ class DINDLRM(nn.Module):
         attention: TargetAttention,
         dcn_num_layers: int | None = None,
         dcn_low_rank_dim: int = 64,
+        max_history: int = 50,
     ):
         super().__init__()
         dim = dense_arch_layer_sizes[-1]
+        self.max_history = max_history
         self.sparse_arch = SparseArch(embedding_bag_collection)
         self.sequence_arch = embedding_collection
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
@@ -154,7 +159,10 @@ class DINDLRM(nn.Module):
         target = torch.cat([looked_up[TARGET_ITEM_KEY].values(), looked_up[TARGET_CATEGORY_KEY].values()], dim=1)  # [B, 2D]
         items, categories = looked_up["hist_item_ids"], looked_up["hist_categories"]
         lengths = items.lengths()
-        steps = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            steps = self.max_history
+        else:
+            steps = max(int(lengths.max()) if lengths.numel() else 0, 1)
         behaviours = torch.cat([items.to_padded_dense(steps), categories.to_padded_dense(steps)], dim=2)  # [B, L, 2D]
         age_ids = ages["hist_age"].to_padded_dense(steps, padding_value=0)  # [B, L]
         interest, _ = self.attention(target, behaviours, age_ids, lengths)

@@ -47,9 +47,10 @@ def is_table(name: str) -> bool:
     return name.startswith(TABLE_PREFIXES)
 
 
-def build_dlrm(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int, config: DLRMConfig) -> DLRM | DINDLRM:
+def build_dlrm(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int, config: DLRMConfig, max_history: int = 50) -> DLRM | DINDLRM:
     """An unsharded DLRM on CPU; weights drawn from `config.seed`. With per-position tables (EmbeddingConfig: the
-    din variants) a DINDLRM, TorchRec's DLRM with target attention over the history as one more feature."""
+    din variants) a DINDLRM, TorchRec's DLRM with target attention over the (at most `max_history`) behaviours as
+    one more feature."""
     torch.manual_seed(config.seed)
     bags = [t for t in tables if isinstance(t, EmbeddingBagConfig)]
     positions = [t for t in tables if isinstance(t, EmbeddingConfig) and not isinstance(t, EmbeddingBagConfig)]
@@ -60,16 +61,16 @@ def build_dlrm(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int
         ec = EmbeddingCollection(tables=positions, device=torch.device("cpu"))
         attention = TargetAttention(2 * config.embedding_dim, config.attention_hidden, config.age_dim, config.attention_softmax)
         dcn = config.dcn_layers if config.interaction == "dcn" else None
-        return DINDLRM(ebc, ec, dense_in, dense_layers, over_layers, attention, dcn, config.dcn_low_rank)
+        return DINDLRM(ebc, ec, dense_in, dense_layers, over_layers, attention, dcn, config.dcn_low_rank, max_history)
     if config.interaction == "dcn":
         return DLRM_DCN(ebc, dense_in, dense_layers, over_layers, dcn_num_layers=config.dcn_layers, dcn_low_rank_dim=config.dcn_low_rank)
     return DLRM(ebc, dense_in, dense_layers, over_layers)
 
 
 def scoring_model(tables: list[EmbeddingBagConfig | EmbeddingConfig], dense_in: int, config: DLRMConfig,
-                  state: dict[str, torch.Tensor]) -> DLRM | DINDLRM:
+                  state: dict[str, torch.Tensor], max_history: int = 50) -> DLRM | DINDLRM:
     """An unsharded DLRM in eval mode holding `state` (as gathered by training)."""
-    model = build_dlrm(tables, dense_in, config)
+    model = build_dlrm(tables, dense_in, config, max_history)
     model.load_state_dict(state)
     return model.eval()
 

@@ -27,7 +27,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from contracts.files import write_text_atomic
-from ranker.features import FLAG_COLUMNS, OOV, DLRMInputs
+from ranker.din import AGE_EDGES_HOURS
+from ranker.features import FLAG_COLUMNS, OOV, DLRMInputs, SparseFeature
 from ranker.train import TrainedRanker
 
 SPEC_FILE = "model_spec.json"
@@ -77,6 +78,28 @@ def _dense_transform(name: str, history_len: int) -> str:
     return "see ranker/features.py"
 
 
+def _sparse_ids(feature: SparseFeature, history_len: int) -> str:
+    """What the ids of one sparse key are, in words."""
+    if feature.table is None:
+        return (f"age bucket of each of the last {history_len} history items: 1 + the number of edges in hours "
+                f"{list(AGE_EDGES_HOURS)} at or below (request time - hist_ts) / 3600")
+    if feature.sequence:
+        how = "one vector per position, target-attended" if feature.positional else "mean-pooled"
+        return f"the last {history_len} items of the history, {how}"
+    return "one id per row" + (" (the attention's target)" if feature.positional else "")
+
+
+TARGET_AWARE_MEANINGS = {
+    "din_sim_max": "max over the last history items of cosine(item factors of the target, of the history item); NaN when none",
+    "din_sim_mean": "mean over the last history items of that cosine",
+    "din_sim_last5": "mean of that cosine over the 5 newest history items",
+    "din_category_count": "history items in the target's category",
+    "din_hours_since_category": "hours from the newest history item in the target's category to the request; NaN when none",
+    "din_hours_since_item": "hours from the newest engagement with the target item to the request; NaN when none",
+    "din_category_share_last5": "share of the 5 newest history items in the target's category",
+}
+
+
 def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
     """The JSON spec of a ranker's inputs (see the module docstring)."""
     pipeline = ranker.pipeline
@@ -98,17 +121,20 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
         ]
         spec["dense"] = [{"index": i, "name": name, "mean": float(pipeline.dense_mean[i]), "std": float(pipeline.dense_std[i]),
                           "transform": _dense_transform(name, pipeline.config.history_len)} for i, name in enumerate(pipeline.dense_names)]
-        spec["sparse"] = [{"index": i, "key": f.key, "vocabulary": f.table,
-                           "ids": f"the last {pipeline.config.history_len} items of the history, mean-pooled" if f.sequence else "one id per row"}
-                          for i, f in enumerate(pipeline.sparse_features)]
+        spec["sparse"] = [{"index": i, "key": f.key, "vocabulary": f.table, "column": f.source,
+                           "ids": _sparse_ids(f, pipeline.config.history_len)} for i, f in enumerate(pipeline.sparse_features)]
     else:
         names = list(ranker.model.feature_name())
         categorical = set(pipeline.lightgbm_categorical)
         spec["file"] = LIGHTGBM_MODEL_FILE
         spec["inputs"] = [{"name": "features", "dtype": "float32", "shape": ["B", len(names)], "missing": "NaN (LightGBM's own missing value)"}]
         spec["features"] = [{"index": i, "name": name, "categorical": name in categorical,
-                             "transform": f"the id of the value in vocabularies.{name}" if name in categorical else "as the training set holds it"}
+                             "transform": f"the id of the value in vocabularies.{name}" if name in categorical else
+                             TARGET_AWARE_MEANINGS.get(name, "as the training set holds it")}
                             for i, name in enumerate(names)]
+        if pipeline.item_factors is not None:  # what the din_sim_* cosines are computed from
+            spec["item_factors"] = {"meaning": "unit-length item factors (co-engagement SVD of the fitting rows' histories)",
+                                    **pipeline.item_factors.to_json()}
     return spec
 
 

@@ -166,7 +166,8 @@ class ItemFactors:
 
     def __init__(self, items: list[str], vectors: np.ndarray):
         self.items = list(items)
-        self.matrix = np.asarray(vectors, dtype=np.float32).reshape(len(self.items), -1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.matrix = vectors.reshape(len(self.items), -1) if len(self.items) else np.zeros((0, 1), dtype=np.float32)
         self._lookup = pa.array(self.items, pa.string())
 
     @classmethod

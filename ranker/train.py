@@ -147,7 +147,8 @@ class TrainedRanker:
         pipeline = FeaturePipeline.from_json(json.loads((folder / FEATURES_FILE).read_text()), schema)
         if config.model == "dlrm":
             state = torch.load(folder / DLRM_FILE, weights_only=True)
-            model = scoring_model(pipeline.embedding_tables(config.dlrm.embedding_dim), len(pipeline.dense_names), config.dlrm, state)
+            model = scoring_model(pipeline.embedding_tables(config.dlrm.embedding_dim), len(pipeline.dense_names), config.dlrm, state,
+                                  pipeline.config.history_len)
         else:
             import lightgbm as lgb
 
@@ -197,7 +198,7 @@ def train_ranker(train_table: pa.Table | pd.DataFrame, config: RankerConfig = Ra
         tables = pipeline.embedding_tables(config.dlrm.embedding_dim)
         valid_inputs = pipeline.dlrm_inputs(valid_table) if has_valid else None
         result = train_dlrm(fit_inputs, valid_inputs, tables, config.dlrm, progress)
-        model = scoring_model(tables, len(pipeline.dense_names), config.dlrm, result.state)
+        model = scoring_model(tables, len(pipeline.dense_names), config.dlrm, result.state, pipeline.config.history_len)
         best = next(e for e in result.log if e["epoch"] == result.best_epoch)
         training.update(
             best_epoch=result.best_epoch,

@@ -144,6 +144,10 @@ def test_counters_and_history_use_only_events_strictly_before_the_row(run):
         assert got.user_n_events == len(before) and got.user_n_clicks == before.label.sum()
         clicks = before[before.label == 1].sort_values("ts", kind="stable")
         assert list(got.hist_item_ids) == list(clicks.item_id.astype(str).iloc[-20:])
+        # each history item's time is its click's, strictly before the row (the din variants age behaviours by it)
+        expected_s = ((clicks.ts - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds()).iloc[-20:].tolist()
+        np.testing.assert_allclose(list(got.hist_ts), expected_s, rtol=0, atol=1e-6)
+        assert all(t < row.ts.timestamp() for t in got.hist_ts)
         assert got.user_hours_since_last == pytest.approx((row.ts - before.ts.max()).total_seconds() / 3600, abs=1e-6)
         day = row.ts.floor("1D")
         item_before = events[(events.item_id == row.item_id) & (events.ts < day)]
@@ -319,6 +323,7 @@ def test_online_matches_offline_for_the_same_moment(run):
     for column in ("user_n_events", "user_ctr", "item_n_impressions", "item_ctr"):
         np.testing.assert_allclose(online[column].to_numpy(float), offline[column].to_numpy(float), rtol=1e-9)
     assert list(online.hist_item_ids[0]) == list(offline.hist_item_ids[0])
+    assert list(online.hist_ts[0]) == list(offline.hist_ts[0]) and len(online.hist_ts[0]) == len(online.hist_item_ids[0])
     np.testing.assert_allclose(np.asarray(online.lum_user__surface_home[0]), np.asarray(offline.lum_user__surface_home[0]), rtol=1e-6)
 
 
@@ -360,7 +365,7 @@ def test_redis_online_store_gives_the_same_answer_as_sqlite(run, redis_url, tmp_
     np.testing.assert_array_equal(from_redis.user_vectors, from_sqlite.user_vectors)
     np.testing.assert_array_equal(from_redis.item_vectors, from_sqlite.item_vectors)
     assert from_redis.item_found.tolist() == from_sqlite.item_found.tolist() == [True, True, False]
-    assert from_redis.hist_item_ids == from_sqlite.hist_item_ids
+    assert from_redis.hist_item_ids == from_sqlite.hist_item_ids and from_redis.hist_ts == from_sqlite.hist_ts
 
 
 def test_http_route_through_feast_serve_matches_the_python_client(run):
@@ -372,6 +377,7 @@ def test_http_route_through_feast_serve_matches_the_python_client(run):
     np.testing.assert_array_equal(via_sdk.user_vectors, via_python.user_vectors)
     np.testing.assert_array_equal(via_sdk.item_vectors, via_python.item_vectors)
     assert via_sdk.user_vector_as_of == via_python.user_vector_as_of and via_sdk.hist_item_ids == via_python.hist_item_ids
+    assert via_sdk.hist_ts == via_python.hist_ts
     assert via_sdk.item_found.tolist() == via_python.item_found.tolist()
     np.testing.assert_allclose(via_http.user_vectors, via_python.user_vectors, rtol=1e-6)
     np.testing.assert_allclose(via_http.item_vectors, via_python.item_vectors, rtol=1e-6)

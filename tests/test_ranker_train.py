@@ -47,7 +47,8 @@ def data() -> tuple[pa.Table, pa.Table]:
 @pytest.fixture(scope="module")
 def rankers(data) -> dict[tuple[str, str], TrainedRanker]:
     train, _ = data
-    wanted = [("dlrm", "base"), ("dlrm", "lum"), ("dlrm", "pooled-history"), ("dlrm", "lum+pooled"), ("lightgbm", "base"), ("lightgbm", "lum")]
+    wanted = [("dlrm", "base"), ("dlrm", "lum"), ("dlrm", "pooled-history"), ("dlrm", "lum+pooled"), ("lightgbm", "base"), ("lightgbm", "lum"),
+              ("dlrm", "din+lum"), ("lightgbm", "din+lum")]
     return {key: train_ranker(train, config(*key)) for key in wanted}
 
 
@@ -111,7 +112,7 @@ def test_validation_within_epochs_keeps_the_best_checkpoint(data):
         DLRMConfig(evals_per_epoch=0)
 
 
-@pytest.mark.parametrize("key", [("dlrm", "lum"), ("lightgbm", "lum"), ("dlrm", "pooled-history")])
+@pytest.mark.parametrize("key", [("dlrm", "lum"), ("lightgbm", "lum"), ("dlrm", "pooled-history"), ("dlrm", "din+lum"), ("lightgbm", "din+lum")])
 def test_save_load_score_gives_the_same_scores(rankers, data, tmp_path, key):
     _, test = data
     ranker = rankers[key]
@@ -383,7 +384,7 @@ def test_lightgbm_keeps_the_best_iteration_of_its_stopping_metric(data, metric):
         LightGBMConfig(early_stopping_metric="ndcg")
 
 
-@pytest.mark.parametrize("key", [("dlrm", "lum+pooled"), ("lightgbm", "lum")])
+@pytest.mark.parametrize("key", [("dlrm", "lum+pooled"), ("lightgbm", "lum"), ("dlrm", "din+lum"), ("lightgbm", "din+lum")])
 def test_an_exported_ranker_scores_as_the_eager_one(rankers, data, tmp_path, key):
     """ranker/export.py: the DLRM as a torch.export program (traced on placeholders, any batch size after) and
     LightGBM's native text model, each with a spec of its inputs."""
@@ -412,5 +413,9 @@ def test_an_exported_ranker_scores_as_the_eager_one(rankers, data, tmp_path, key
         assert [f["name"] for f in spec["features"]] == ranker.model.feature_name()
         categorical = [f["name"] for f in spec["features"] if f["categorical"]]
         assert categorical == ranker.pipeline.lightgbm_categorical and all(c in spec["vocabularies"] for c in categorical)
+        if key[1].startswith("din"):  # the target-aware numbers are described, and the item factors they use are in the spec
+            din = [f for f in spec["features"] if f["name"].startswith("din_")]
+            assert len(din) == 7 and all("training set holds it" not in f["transform"] for f in din)
+            assert spec["item_factors"]["items"] == ranker.pipeline.item_factors.items
     vocabulary = next(iter(spec["vocabularies"].values()))
     assert vocabulary["oov_id"] == 0 and min(vocabulary["ids"].values()) == 1

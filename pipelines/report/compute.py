@@ -169,6 +169,7 @@ def pair_deltas(columns: list[ScoreColumn], points: Points, samples: Samples, me
                     "variant": comparison.variant,
                     "baseline": comparison.baseline,
                     "comparison": comparison.title,
+                    "kind": comparison.kind,
                     "metric": metric,
                     "delta": delta,
                     **stats,
@@ -244,6 +245,7 @@ def ab_test(frame: pd.DataFrame, columns: list[ScoreColumn], config: ReportConfi
                     "variant": comparison.variant,
                     "baseline": comparison.baseline,
                     "comparison": comparison.title,
+                    "kind": comparison.kind,
                     **numbers,
                     "verdict": sentence,
                     "outcome": outcome,
@@ -273,12 +275,12 @@ def targets(goals: dict[str, Any], lifts: list[dict[str, Any]], ab: dict[str, An
             if ab is None:
                 continue
             k = config.target_k if config.target_k in ab["ks"] else max(ab["ks"])
-            found = [x for x in ab["lifts"] if x["k"] == k and x["variant"] == target.comparison.variant]
+            found = [x for x in ab["lifts"] if x["k"] == k and x["comparison"] == target.comparison.title]
             estimates = [(x["model"], x["lift"], x["low"], x["high"]) for x in found]
             what = f"{target.comparison.title} CTR@{k} relative lift"
             shown = pct(threshold) if target.rule == "min" else ""
         else:
-            found = [x for x in lifts if x["metric"] == target.metric and x["variant"] == target.comparison.variant]
+            found = [x for x in lifts if x["metric"] == target.metric and x["comparison"] == target.comparison.title]
             estimates = [(x["model"], x["delta"], x["low"], x["high"]) for x in found]
             what = f"{target.comparison.title} {METRIC_LABELS[target.metric]} lift"
             shown = signed(threshold) if target.rule == "min" else ""

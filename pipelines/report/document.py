@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from pipelines.report.formatting import MISSING, ci, finite, fixed, jsonable, pct, plain, seconds, signed
-from pipelines.report.spec import LIFT_METRICS, METRIC_LABELS, MODEL_LABELS, TARGETS, VARIANT_LABELS
+from pipelines.report.spec import COMPARISONS, LIFT_METRICS, METRIC_LABELS, MODEL_LABELS, TARGETS, VARIANT_LABELS
 
 
 @dataclass
@@ -132,15 +132,35 @@ def calibration_warnings(p: dict[str, Any], band: tuple[float, float], prefix: s
 # ---------------------------------------------------------------------------------------------------- sections
 
 
+def glance_comparisons(lifts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(model, comparison) pairs "at a glance" shows: per model, LUM over the strongest baseline the run trained (the
+    first LUM comparison in spec.COMPARISONS' order), and whether that baseline beats the mean-pooled history."""
+    order = {c.title: i for i, c in enumerate(COMPARISONS)}
+    out = []
+    for model in dict.fromkeys(x["model"] for x in lifts):
+        present = sorted({x["comparison"] for x in lifts if x["model"] == model}, key=lambda t: order.get(t, len(order)))
+        lum = [t for t in present if _comparison_kind(lifts, model, t) == "lum"]
+        out += [(model, t) for t in lum[:1]]
+        if lum and lum[0] == "DIN+LUM vs DIN" and "DIN vs pooled-history" in present:
+            out.append((model, "DIN vs pooled-history"))
+    return out
+
+
+def _comparison_kind(lifts: list[dict[str, Any]], model: str, title: str) -> str:
+    """The kind ("lum" / "baseline") of a comparison in a report's lifts (reports before issue 33 hold only "lum")."""
+    return next((x.get("kind", "lum") for x in lifts if x["model"] == model and x["comparison"] == title), "lum")
+
+
 def _glance(report: dict[str, Any]) -> list[Block]:
-    """One row per protocol, model and comparison: the AUC, GAUC and simulated CTR lifts; then targets and flags."""
+    """Per protocol and model, LUM over the strongest baseline (and that baseline against the pooled history): the
+    AUC, GAUC and simulated CTR lifts; then targets and flags. Every other comparison is in the sections below."""
     protocols = report["protocols"]
     multi = len(protocols) > 1
     ab_k = {p["name"]: max(p["ab"]["ks"]) for p in protocols if p["ab"]}
     ks = sorted(set(ab_k.values()))
     rows = []
     for p in protocols:
-        keys = list(dict.fromkeys((x["model"], x["comparison"]) for x in p["lifts"]))
+        keys = glance_comparisons(p["lifts"])
         for model, comparison in keys:
             row = [Cell(p["name"])] if multi else []
             row += [Cell(_label(model)), Cell(comparison)]
@@ -156,8 +176,10 @@ def _glance(report: dict[str, Any]) -> list[Block]:
         blocks += [
             Block(
                 "note",
-                "Lift of the variant with LUM features over its baseline, with its 95% interval. "
-                "Green (gain): a clear gain, the interval is above 0; red (loss): a clear loss; otherwise no clear difference.",
+                "Lift of the variant with LUM features over the strongest baseline of each model the run trained (target "
+                "attention, DIN, where present), with its 95% interval; and that baseline against the mean-pooled history. "
+                "Green (gain): a clear gain, the interval is above 0; red (loss): a clear loss; otherwise no clear difference. "
+                "Every other comparison is in the sections below.",
             ),
             Block("table", table=Table(headers, rows)),
         ]
@@ -307,7 +329,8 @@ def _protocol_blocks(p: dict[str, Any], band: tuple[float, float]) -> list[Block
             [Cell(_label(x["model"])), Cell(x["comparison"]), Cell(METRIC_LABELS[x["metric"]]), _lift_cell(x), Cell(x["verdict"], cls=x["outcome"])]
             for x in p["lifts"]
         ]
-        blocks += [Block("h3", "Lift of LUM features"), Block("table", table=Table(["model", "comparison", "metric", "lift", "verdict"], rows))]
+        blocks += [Block("h3", "Lifts: LUM features over each baseline, and the baselines against each other"),
+                   Block("table", table=Table(["model", "comparison", "metric", "lift", "verdict"], rows))]
     if p["targets"]:
         rows = []
         for t in p["targets"]:
