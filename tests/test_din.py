@@ -14,7 +14,7 @@ import torch
 from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
 from contracts.names import TRAINING_SET_METADATA_KEY
 from ranker.config import DLRMConfig
-from ranker.din import AGE_EDGES_HOURS, AGE_KEY, TARGET_CATEGORY_KEY, TARGET_ITEM_KEY, DINDLRM, TargetAttention, age_buckets
+from ranker.din import AGE_EDGES_HOURS, AGE_KEY, DINDLRM, TARGET_CATEGORY_KEY, TARGET_ITEM_KEY, TargetAttention, age_buckets
 from ranker.dlrm import train_dlrm
 from ranker.features import TARGET_AWARE_NAMES, FeaturePipeline, ItemFactors
 from ranker.schema import FeatureSchema, RankerInputError, validate_training_table
