@@ -1,7 +1,7 @@
 """Next-item evaluation of the behaviour LM: HR@k, NDCG@k and Recall@R, leave-last-out, the model retrieving.
 
 For every user with a behaviour in the test window, the target is their last behaviour there; the prompt is
-[BOS] + their last `max_history` behaviours strictly before it (any window) + the target's condition token, and
+[BOS] + their last `max_history` behaviours strictly before it (any window) + a query condition token, and
 the model generates its top R items through the retrieval search of lum/retrieve.py (semantic-id models: the
 constrained beam search over code sequences; id models: the top item logits). The target is looked up in that
 list. A target the model cannot generate (an id model's rare or new item, an item without content codes) can
@@ -12,6 +12,12 @@ depth R (TIGER's and HSTU's convention). Three baselines rank the same targets:
 * recent: the user's most recent distinct items, most recent first, filled up with popular items;
 * sasrec: a SASRec-style model (lum/sasrec.py) trained on the LM's pretraining window, stopped on a validation
   split of that window (its last behaviour per user), never on the test window.
+
+The query condition holds only what is known before the target (`EvalConfig.query`): by default the target's
+request-time condition columns, and each column known only after the event (MovieLens' feedback level, derived from
+the rating being predicted) at its most frequent value in the history events; or one fixed condition for every
+target. The target's own condition token can reveal the answer, so its figure (`target_conditioned`) is only a
+labelled extra. The baselines use no condition at all, so they never see more than the model.
 
 Metrics are reported overall and per target condition.
 """
@@ -63,6 +69,34 @@ def behaviours_before_targets(tokenizer: BehaviourTokenizer, all_events: pd.Data
     return behaviours[behaviours["ts"] < behaviours["user_id"].map(cut)]
 
 
+def query_conditions(tokenizer: BehaviourTokenizer, targets: pd.DataFrame, history_events: pd.DataFrame, query: str,
+                     after_event: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+    """([U] the condition token ending each target's prompt, what it was made of).
+
+    query "target": the target's own token. "request": the target's condition columns, except those in `after_event`
+    (known only after the event), which take their most frequent value in `history_events`. "col=value[|...]": those
+    values for every target, the other columns as under "request".
+    """
+    columns = list(tokenizer.config.condition_columns)
+    if query == "target":
+        return tokenizer.condition_ids(targets), {"query": "target", "note": "the target's own condition token (can reveal the answer)"}
+    frame = targets[columns].copy()
+    values: dict[str, str] = {}
+    for column in after_event:
+        if column in columns:
+            counts = history_events[column].astype("string").value_counts() if column in history_events.columns else pd.Series(dtype=int)
+            values[column] = str(counts.index[0]) if len(counts) else "?"
+    if query != "request":
+        pairs = dict(part.split("=", 1) for part in query.split("|") if "=" in part)
+        if not pairs or set(pairs) - set(columns):
+            raise ValueError(f"evaluate.query '{query}': expected request, target or col=value[|col=value] over the model's "
+                             f"condition columns ({', '.join(columns)})")
+        values.update(pairs)
+    for column, value in values.items():
+        frame[column] = value
+    return tokenizer.condition_ids(frame), {"query": query, "fixed_values": values}
+
+
 def model_lists(
     engine: RetrievalEngine,
     tokenizer: BehaviourTokenizer,
@@ -71,14 +105,16 @@ def model_lists(
     config: EvalConfig,
     depth: int,
     progress: bool = False,
+    conditions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """[U, depth] the model's retrieved items per target (None-padded) and [U] whether the target can be generated.
 
-    before: each target user's behaviours strictly before the target (`behaviours_before_targets`)."""
+    before: each target user's behaviours strictly before the target (`behaviours_before_targets`); conditions: [U]
+    the query condition token of each prompt (`query_conditions`; default: the target's own)."""
     trie = ItemTrie.from_tokenizer(tokenizer)
     generable = {item for names in trie.items.values() for item in names}
     histories = tokenizer.encode_histories(before)
-    cond_tok = tokenizer.condition_ids(targets)
+    cond_tok = tokenizer.condition_ids(targets) if conditions is None else conditions
     users = targets["user_id"].astype(str).to_numpy()
     groups = []
     for i, user in enumerate(users):
@@ -173,13 +209,14 @@ def evaluate_next_item(
     train_events: pd.DataFrame | None = None,
     engine: RetrievalEngine | None = None,
     cold_items: np.ndarray | None = None,
+    after_event: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """HR@k / NDCG@k / Recall@R of the model and the baselines, overall and per target condition.
 
     events_before: every event before the test window (histories and the popularity list); train_events: the LM's
     pretraining window, which the SASRec baseline trains on (default: events_before); engine: the retrieval engine
     (default: the torch reference engine on `model`); cold_items: items held out of pretraining (`hold_out_items`),
-    for the `cold_items` section.
+    for the `cold_items` section; after_event: condition columns known only after the event (never in the query).
     """
     targets = leave_last_out(tokenizer, events_before, test, config)
     if targets.empty:
@@ -191,11 +228,20 @@ def evaluate_next_item(
     depth = max(config.k, config.recall_k)
     # what the model and every baseline may see of each target user: their behaviours strictly before the target
     before = behaviours_before_targets(tokenizer, pd.concat([events_before, test], ignore_index=True), targets)
-    lists, reachable = model_lists(engine, tokenizer, before, targets, config, depth, progress)
+    conditions, query = query_conditions(tokenizer, targets, tokenizer.behaviours(events_before), config.query, after_event)
+    lists, reachable = model_lists(engine, tokenizer, before, targets, config, depth, progress, conditions)
     all_lists = {"model": lists, **baseline_lists(tokenizer, events_before, before, targets, depth)}
+    own = tokenizer.condition_ids(targets)
+    query["share_equal_to_target_token"] = float(np.mean(conditions == own))
     out: dict[str, Any] = {"users": int(len(targets)), "k": config.k, "recall_k": config.recall_k,
                            "item_tokenization": tokenizer.config.item_tokenization,
-                           "target_not_generable": float(np.mean(~reachable))}
+                           "target_not_generable": float(np.mean(~reachable)), "query": query}
+    if config.target_extra and config.query != "target" and (conditions != own).any():
+        extra, _ = model_lists(engine, tokenizer, before, targets, config, depth, progress, own)
+        ranks = _rank_in_lists(extra, targets["item_id"].astype(str).to_numpy())
+        out["target_conditioned"] = {"note": "the model prompted with the target's own condition token, which can reveal the "
+                                             "answer (MovieLens: the feedback level of the rating being predicted); not comparable "
+                                             "with the baselines", "model": _metrics(ranks, config.k, config.recall_k)}
     if config.sasrec:
         all_lists["sasrec"], out["sasrec"] = sasrec_lists(tokenizer, events_before if train_events is None else train_events,
                                                           before, targets, config, depth)
@@ -220,6 +266,15 @@ def format_evaluation(result: dict[str, Any]) -> str:
     frame = pd.DataFrame(rows).T[[f"hr@{k}", f"ndcg@{k}", f"recall@{r}"]].map(lambda v: f"{v:.4f}")
     lines = [f"{result['users']} users ({result['item_tokenization']} items), targets the model cannot generate: "
              f"{result['target_not_generable']:.1%}", frame.to_string()]
+    query = result.get("query") or {}
+    if query:
+        fixed = ", ".join(f"{k}={v}" for k, v in (query.get("fixed_values") or {}).items())
+        lines.append(f"query condition: {query.get('query')}" + (f" ({fixed} for every target)" if fixed else "")
+                     + f"; equal to the target's own token for {query.get('share_equal_to_target_token', 1.0):.0%} of targets")
+    if "target_conditioned" in result:
+        m = result["target_conditioned"]["model"]
+        lines.append(f"extra, not comparable: the model under the target's own condition token (can reveal the answer): "
+                     f"HR@{k} {m[f'hr@{k}']:.4f}, NDCG@{k} {m[f'ndcg@{k}']:.4f}, Recall@{r} {m[f'recall@{r}']:.4f}")
     if "sasrec" in result:
         lines.append(f"sasrec: {result['sasrec']['items']} items, stopped at epoch {result['sasrec']['best_epoch']} "
                      f"(validation NDCG@10 {result['sasrec']['validation_ndcg@10']:.4f}, on its training window)")

@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lum.evaluate import EvalConfig, _metrics, _rank_in_lists, baseline_ranks, evaluate_next_item, format_evaluation, leave_last_out
+from lum.evaluate import (
+    EvalConfig,
+    _metrics,
+    _rank_in_lists,
+    baseline_ranks,
+    evaluate_next_item,
+    format_evaluation,
+    leave_last_out,
+    query_conditions,
+)
 from lum.model import load_model
 from lum.tokenizer import BehaviourTokenizer, TokenizerConfig, fit_tokenizer
 
@@ -46,6 +55,27 @@ def test_max_users_samples_targets_and_zero_or_none_means_every_user():
     assert len(leave_last_out(tokenizer, test, test, EvalConfig(max_users=None))) == 6
     with pytest.raises(ValueError):
         EvalConfig(max_users=-1)
+
+
+def test_the_query_never_holds_a_condition_known_only_after_the_target():
+    """MovieLens' feedback level is derived from the rating being predicted: the default query takes its most
+    frequent value in the history instead of the target's, keeps request-time columns, and a fixed query overrides."""
+    history = pd.DataFrame({"user_id": ["u1"] * 5, "item_id": list("abcde"), "label": 1, "ts": [T0 + pd.Timedelta(minutes=i) for i in range(5)],
+                            "surface": ["home", "home", "search", "home", "search"], "feedback": ["liked", "liked", "liked", "disliked", "loved"]})
+    tokenizer = fit_tokenizer(history, TokenizerConfig(("surface", "feedback"), min_item_count=1, min_condition_count=1))
+    targets = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["a", "b"], "label": 1, "ts": [T0 + pd.Timedelta(hours=1)] * 2,
+                            "surface": ["search", "home"], "feedback": ["loved", "disliked"]})
+    name = np.vectorize(lambda i: tokenizer.vocab[i])
+    own, _ = query_conditions(tokenizer, targets, history, "target", ("feedback",))
+    assert name(own).tolist() == ["C:surface=search|feedback=loved", "C:surface=home|feedback=disliked"]
+    default, facts = query_conditions(tokenizer, targets, history, "request", ("feedback",))
+    assert name(default).tolist() == ["C:surface=search|feedback=liked", "C:surface=home|feedback=liked"]
+    assert facts["fixed_values"] == {"feedback": "liked"}
+    fixed, _ = query_conditions(tokenizer, targets, history, "feedback=disliked", ("feedback",))
+    # search + disliked was never seen: the tokenizer backs off to the coarser token, as for any rare condition
+    assert name(fixed).tolist() == ["C:surface=search", "C:surface=home|feedback=disliked"]
+    with pytest.raises(ValueError, match="evaluate.query 'colour=red'"):
+        query_conditions(tokenizer, targets, history, "colour=red", ("feedback",))
 
 
 def test_evaluation_of_a_trained_model_reports_every_method_and_condition(tiny_lm, tiny_sim):

@@ -136,8 +136,10 @@ def evaluate_step(paths: RunPaths, protocol: str, preset: str, eval_config: Any,
         max_len = int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
         engine = VllmRetrievalEngine(str(model_dir), max_len, max(eval_config.beam, eval_config.k, eval_config.recall_k))
     try:
+        # condition columns known only after the event never reach the query (MovieLens' feedback level)
+        after_event = tuple(c.name for c in read_contract(paths.split_file(protocol, "test")).conditions if c.known_at != "request")
         result = evaluate_next_item(loaded.model, tokenizer, history, _window(paths, protocol, "test"), eval_config, progress,
-                                    train_events=pretrain_window, engine=engine)
+                                    train_events=pretrain_window, engine=engine, after_event=after_event)
     finally:
         if engine is not None:
             engine.close()
