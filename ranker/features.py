@@ -160,9 +160,14 @@ TARGET_AWARE_NAMES = ("din_sim_max", "din_sim_mean", "din_sim_last5", "din_categ
 
 
 class ItemFactors:
-    """Unit-length item vectors [V, k] from co-engagement: the truncated SVD of the user x item matrix of the
-    fitting rows' histories (which items the same users engaged). A tree cannot compare two item ids; it can use
-    the cosine of their factors. Fitted on the fitting rows only (their histories hold events before each row)."""
+    """Unit-length item vectors [V, k] from co-engagement: the truncated SVD of the user x item matrix of which
+    items the same users engaged before the fitting window starts. A tree cannot compare two item ids; it can use
+    the cosine of their factors.
+
+    Only behaviours stamped before the earliest fitting row count (each row's history holds its user's last engaged
+    items with their times): a behaviour inside the window is some fitting row's label, and factors that knew it
+    would tell the trees which candidates were clicked (a first version that used every history fell from 0.7098
+    to 0.6991 validation AUC on the demo: the fitting rows' labels leaked through the factors)."""
 
     def __init__(self, items: list[str], vectors: np.ndarray):
         self.items = list(items)
@@ -175,10 +180,7 @@ class ItemFactors:
         from scipy.sparse import csr_matrix
         from sklearn.decomposition import TruncatedSVD
 
-        values, offsets = _lists(table.column(HISTORY_ITEMS))
-        users = _strings(table.column(schema.user)).take(pa.array(np.repeat(np.arange(table.num_rows), np.diff(offsets))))
-        pairs = pd.DataFrame({"user": users.to_numpy(zero_copy_only=False), "item": _strings(values).to_numpy(zero_copy_only=False)})
-        pairs = pairs.dropna().drop_duplicates()
+        pairs = cls.engagements_before(table, schema)
         user_codes, _ = pd.factorize(pairs["user"], sort=True)
         item_codes, items = pd.factorize(pairs["item"], sort=True)
         k = min(dim, len(items) - 1, int(user_codes.max(initial=0)))
@@ -189,6 +191,17 @@ class ItemFactors:
         vectors = (svd.components_.T * svd.singular_values_).astype(np.float32)  # [V, k]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return cls(list(items), np.where(norms > 0, vectors / np.where(norms > 0, norms, 1), np.nan))
+
+    @staticmethod
+    def engagements_before(table: pa.Table, schema: FeatureSchema) -> pd.DataFrame:
+        """The distinct (user, item) engagements of the rows' histories stamped before the table's earliest row."""
+        values, offsets = _lists(table.column(HISTORY_ITEMS))
+        times = pc.cast(_lists(table.column(HISTORY_TIMES))[0], pa.float64()).to_numpy(zero_copy_only=False)
+        start = pc.min(pc.cast(pc.cast(table.column(schema.time), pa.timestamp("us", tz="UTC")), pa.int64())).as_py()
+        before = times < (start / 1e6 if start is not None else -np.inf)  # engaged before the fitting window
+        users = _strings(table.column(schema.user)).take(pa.array(np.repeat(np.arange(table.num_rows), np.diff(offsets))))
+        pairs = pd.DataFrame({"user": users.to_numpy(zero_copy_only=False), "item": _strings(values).to_numpy(zero_copy_only=False)})
+        return pairs[before].dropna().drop_duplicates().reset_index(drop=True)
 
     def vectors(self, items: pa.Array) -> np.ndarray:
         """[n, k] unit vectors of `items`, NaN rows for items without factors."""

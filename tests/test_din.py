@@ -193,6 +193,22 @@ def test_lightgbm_target_aware_history_numbers():
     assert got["din_category_count"][2] == 0
 
 
+def test_item_factors_never_learn_from_behaviours_inside_the_fitting_window():
+    """A behaviour inside the window is some fitting row's label: the factors only see those before its first row."""
+    table = _hand_table()
+    # row 0's history: a (50 h before the rows), b (10 h), c (2 h); move the window start to 20 h before the rows
+    start = table.column("ts")[0].value - 20 * 3600 * 10**6
+    early = pa.table({**{n: table.column(n).slice(0, 1) for n in table.column_names}})
+    early = early.set_column(early.column_names.index("ts"), "ts", pa.array([start], pa.timestamp("us", tz="UTC")))
+    early = early.set_column(early.column_names.index("user_id"), "user_id", pa.array(["w"]))
+    both = pa.concat_tables([table, early.cast(table.schema)]).replace_schema_metadata(table.schema.metadata)
+    used = ItemFactors.engagements_before(both, FeatureSchema.from_table(both))
+    assert sorted(map(tuple, used.to_numpy().tolist())) == [("u", "a"), ("w", "a")]  # b and c: inside the window
+    # with the window starting at the rows' own time every history item was engaged before it
+    used = ItemFactors.engagements_before(table, FeatureSchema.from_table(table))
+    assert sorted(map(tuple, used.to_numpy().tolist())) == [("u", "a"), ("u", "b"), ("u", "c")]
+
+
 def test_item_factors_put_co_engaged_items_together(table, schema):
     factors = ItemFactors.fit(table, schema)
     vectors = factors.vectors(pa.array(factors.items[:50]))
