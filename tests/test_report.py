@@ -360,9 +360,39 @@ def test_report_protocols_side_by_side_and_partial_score_columns(tmp_path):
     assert [x["comparison"] for x in a["lifts"] if x["model"] == "lightgbm"] == ["LUM+pooled vs pooled-history"] * 2
     html_text = (tmp_path / "report.html").read_text()
     assert "Protocols side by side" in html_text and "lm_scaling.png" in html_text and "1 min 15 s" in html_text
+    # a per-user split's figures are labelled as the papers' protocol, with the future leak through the LM's weights
+    assert "per-user split: the LUM and HSTU papers&#39; public-data protocol" in html_text
+    assert "future reaches them through the LM" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "lm_scaling.png").stat().st_size > 0
     with pytest.raises(ValueError, match="describes 2 protocols"):
         build_report([first], meta, tmp_path / "bad", ReportConfig(n_bootstrap=5))
+
+
+def test_at_a_glance_compares_lum_with_the_strongest_baseline_of_each_model(tmp_path):
+    """With target-attention rankers in the run, "at a glance" and the targets read DIN+LUM vs DIN (and DIN vs the
+    pooled history beside it); the weaker comparisons stay in the tables below."""
+    frame = make_scored(n_users=80, requests_per_user=4)
+    rng = np.random.default_rng(7)
+    for model in ("dlrm", "lightgbm"):
+        frame[f"score__{model}__din"] = frame[f"score__{model}__pooled-history"]
+        frame[f"score__{model}__din+lum"] = np.clip(frame[f"score__{model}__lum+pooled"] + rng.normal(0, 0.01, len(frame)), 0, 1)
+    meta = _meta(targets={"din_gauc_lift_min": 0.0, "din_vs_pooled_gauc_no_loss": True, "gauc_lift_min": 0.0})
+    report = build_report(frame, meta, tmp_path, ReportConfig(n_bootstrap=20, ab_bootstrap=50))
+    protocol = report["protocols"][0]
+    titles = {x["comparison"] for x in protocol["lifts"]}
+    assert {"DIN+LUM vs DIN", "DIN vs pooled-history", "DIN vs base", "+LUM vs base", "LUM+pooled vs pooled-history"} <= titles
+    from pipelines.report.document import glance_comparisons
+
+    assert glance_comparisons(protocol["lifts"]) == [("dlrm", "DIN+LUM vs DIN"), ("dlrm", "DIN vs pooled-history"),
+                                                     ("lightgbm", "DIN+LUM vs DIN"), ("lightgbm", "DIN vs pooled-history")]
+    by_key = {(t["target"], t["model"]): t for t in protocol["targets"]}
+    din = next(x for x in protocol["lifts"] if (x["model"], x["comparison"], x["metric"]) == ("dlrm", "DIN+LUM vs DIN", "gauc"))
+    assert by_key[("din_gauc_lift_min", "dlrm")]["value"] == din["delta"] and by_key[("din_gauc_lift_min", "dlrm")]["met"] is True
+    same = by_key[("din_vs_pooled_gauc_no_loss", "lightgbm")]  # DIN scored as the pooled history: no loss
+    assert same["value"] == 0.0 and same["met"] is True
+    markdown = (tmp_path / "report.md").read_text()
+    glance = markdown.split("## At a glance")[1].split("\n## ")[0]
+    assert "DIN+LUM vs DIN" in glance and "+LUM vs base |" not in glance
 
 
 # ---------------------------------------------------------------------------------------------------- the reader's fixes

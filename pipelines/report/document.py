@@ -381,6 +381,13 @@ def _freshness_blocks(f: dict[str, Any], mode: str | None) -> list[Block]:
     return blocks
 
 
+PER_USER_CAVEAT = (
+    "per-user split: the LUM and HSTU papers' public-data protocol, not a deployment's. Each user's last events are held "
+    "out, so the LM pretrains on other users' events made after some test rows: the vectors are leak-free (each from "
+    "the user's events strictly before the row), but the future reaches them through the LM's weights. A deployment "
+    "sees the global split's (time-consistent) figures.")
+
+
 def pct_plain(share: float) -> str:
     return f"{100 * share:.1f}%" if finite(share) else MISSING
 
@@ -597,6 +604,8 @@ def report_blocks(report: dict[str, Any], plots: dict[str, bytes]) -> list[Block
         Block("h2", "Run"),
         Block("table", table=Table(["protocol", "split", "LUM features", "test rows", "users", "rows without earlier user history", "test window"], rows)),
     ]
+    if any(p.get("split") == "per-user" for p in report["protocols"]):
+        blocks.append(Block("bullets", items=[(PER_USER_CAVEAT, "warn")]))
     blocks += _data_blocks(report)
     if meta.get("model_versions"):
         blocks += [Block("h3", "Model versions"), Block("table", table=_kv_table(meta["model_versions"], "component", "version"))]
