@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,6 +57,24 @@ def test_run_writes_every_step_and_the_report(tiny_run):
     assert ranked == {(f"{m}/{v}", c) for m in ("dlrm", "lightgbm") for v in ("base", "lum") for c in sets}
     assert all(0 < r["ctr@10"] < 1 for r in retrieval["ranked"])
     assert "Retrieval (simulated): global split" in (run / "report" / "report.md").read_text()
+
+
+def test_a_time_consistent_split_keeps_every_event_from_the_test_start_on_out_of_lm_pretraining(tiny_run):
+    """The global split (time-consistent): the LM's pretraining window, its tokenizer's items and what the manifest
+    says it trained on all end strictly before the earliest test row; the per-user split does not promise this
+    (its report says so)."""
+    from pipelines.paths import RunPaths
+
+    run, _, _ = tiny_run
+    paths = RunPaths(run)
+    test_start = pq.read_table(paths.split_file("global", "test"), columns=["ts"]).column("ts").to_pandas().min()
+    pretrain = pq.read_table(paths.split_file("global", "pretrain"), columns=["ts", "item_id"]).to_pandas()
+    assert pretrain["ts"].max() < test_start
+    manifest = json.loads((paths.model_dir("global", "tiny") / "lum_manifest.json").read_text())
+    assert pd.Timestamp(manifest["training_window"]["ts_max"]) < test_start
+    # the tokenizer (items, conditions, semantic codebooks over item content) is fitted inside pretraining on these
+    # same events: the manifest counts exactly the pretraining window's
+    assert manifest["training_window"]["events"] == len(pretrain)
 
 
 def test_the_online_store_answers_right_after_a_run(tiny_run):
@@ -380,7 +399,9 @@ def test_your_own_csv_log_runs_end_to_end_from_a_run_config_and_its_report_can_b
     assert all(s["status"] == "done" for s in steps.values()) and "global+rolling: lightgbm lum" in steps
     report = json.loads((run / "report" / "report.json").read_text())
     variants = {v["column"]: v for v in report["protocols"][0]["variants"]}
-    assert set(variants) == {f"score__{m}__{v}" for m in ("dlrm", "lightgbm") for v in ("base", "lum", "pooled-history", "lum+pooled")}
+    from contracts.names import VARIANTS
+
+    assert set(variants) == {f"score__{m}__{v}" for m in ("dlrm", "lightgbm") for v in VARIANTS}  # every variant by default
     assert all(0.0 < v["auc"]["low"] <= v["auc"]["value"] <= v["auc"]["high"] < 1.0 for v in variants.values())
     # `lum report` builds the same report again from the run folder alone
     again = CliRunner().invoke(main, ["report", "--run", str(run), "--out", str(tmp_path / "again")])

@@ -9,7 +9,9 @@ from pipelines.paths import RunPaths
 from pipelines.run.config import RunConfig, load_run_config
 
 # The simulator demo: the production view (a global split by time) with rolling LUM features.
-DEMO_TARGETS = {"gauc_lift_min": 0.01, "ctr_lift_min": 0.03}
+# LUM over the strongest baseline (DIN+LUM vs DIN), and that baseline at least as good as the mean-pooled history
+DEMO_TARGETS = {"din_gauc_lift_min": 0.0, "din_vs_pooled_gauc_no_loss": True}
+DEMO_VARIANTS = ("base", "pooled-history", "din", "din+lum")
 # Semantic item ids from the simulator's item content (its content vector and category), 64 codes a level: items with
 # similar content share codes, so the LM learns what follows what per code (docs/history.md).
 DEMO_ITEM_TOKENS = {"item_tokenization": "semantic", "vector_column": "content", "categorical_columns": ["category"],
@@ -84,7 +86,8 @@ def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: 
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
         "protocols": protocols,
         "lm": {"pretrain": {"preset": lm_preset, "epochs": epochs}, "tokenizer": DEMO_ITEM_TOKENS},
-        "rankers": {"features": {"request_features": True, "dlrm_ids": False}, "dlrm": {"patience": 0}},
+        "rankers": {"variants": list(DEMO_VARIANTS), "features": {"request_features": True, "dlrm_ids": False},
+                    "dlrm": {"patience": 0, "attention_softmax": True}},
         "targets": DEMO_TARGETS,
     })
 
