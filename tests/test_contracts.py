@@ -24,7 +24,7 @@ from contracts.embeddings import (
     shard_file_name,
 )
 from contracts.files import atomic_path, copy_file_atomic, write_bytes_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
-from contracts.names import COUNTER_COLUMNS, HISTORY_VARIANTS, LUM_VARIANTS, VARIANTS, lum_user_column, slug
+from contracts.names import ATTENTION_VARIANTS, COUNTER_COLUMNS, HISTORY_VARIANTS, LUM_VARIANTS, VARIANTS, lum_user_column, slug
 
 
 # ---------------------------------------------------------------------- atomic writes
@@ -128,8 +128,9 @@ def test_slug_tells_non_ascii_conditions_apart():
 
 
 def test_variants_and_counters():
-    assert VARIANTS == ("base", "lum", "pooled-history", "lum+pooled")
+    assert VARIANTS == ("base", "lum", "pooled-history", "lum+pooled", "din", "din+lum")
     assert set(LUM_VARIANTS) | set(HISTORY_VARIANTS) <= set(VARIANTS)
+    assert set(ATTENTION_VARIANTS) == {"din", "din+lum"} and set(ATTENTION_VARIANTS) <= set(HISTORY_VARIANTS)
     assert COUNTER_COLUMNS == ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last",
                                "item_n_impressions", "item_n_clicks", "item_ctr")
 

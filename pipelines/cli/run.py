@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from contracts.names import VARIANTS
 from pipelines.cli.common import _friendly_errors
 from pipelines.paths import RunPaths
 from pipelines.run.config import RunConfig, load_run_config
@@ -86,7 +87,8 @@ def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: 
         "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
         "protocols": protocols,
         "lm": {"pretrain": {"preset": lm_preset, "epochs": epochs}, "tokenizer": DEMO_ITEM_TOKENS},
-        "rankers": {"variants": list(DEMO_VARIANTS), "features": {"request_features": True, "dlrm_ids": False},
+        # side by side (--rolling) also trains lum and lum+pooled, as configs/demo-side-by-side.yaml
+        "rankers": {"variants": list(VARIANTS if rolling else DEMO_VARIANTS), "features": {"request_features": True, "dlrm_ids": False},
                     "dlrm": {"patience": 0, "attention_softmax": True}},
         "targets": DEMO_TARGETS,
     })
