@@ -20,6 +20,7 @@ __all__ = [
     "HISTORY_TIMES",
     "HISTORY_VARIANTS",
     "ITEM_COUNTERS",
+    "LABEL_BITS_COLUMN",
     "LUM_ITEM_COLUMN",
     "LUM_USER_PREFIX",
     "LUM_VARIANTS",
@@ -78,6 +79,8 @@ ATTENTION_VARIANTS = ("din", "din+lum")
 
 # Columns of the offline stats tables and of Feast's user_stats / item_stats views (feature_store/offline_tables.py)
 USER_STATS_COLUMNS = ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_last_event_s")
+# beside them in user_stats.parquet, never a feature: the last labels as bits, the real-time stream's state
+LABEL_BITS_COLUMN = "user_recent_label_bits"
 ITEM_COUNTERS = ("item_n_impressions", "item_n_clicks", "item_ctr")
 # In a training-set row the last event's time becomes the request-relative `user_hours_since_last`
 USER_COUNTERS = (*USER_STATS_COLUMNS[:-1], "user_hours_since_last")

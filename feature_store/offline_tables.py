@@ -9,7 +9,9 @@ so a request at t joins the newest row stamped <= t, i.e. the stats of exactly t
 (the label of an event is taken as known right after it: clicks are logged as they happen).
 
     user_stats.parquet         user_id, event_timestamp, user_n_events, user_n_clicks, user_ctr,
-                               user_recent_ctr (last `recent_window` impressions), user_last_event_s
+                               user_recent_ctr (last `recent_window` impressions), user_last_event_s,
+                               user_recent_label_bits (the last `recent_window` labels as bits, newest in bit 0:
+                               not a ranker feature, the state a real-time stream updates user_recent_ctr from)
     item_stats.parquet         item_id, event_timestamp, item_n_impressions, item_n_clicks, item_ctr
                                (smoothed towards the global rate), refreshed at the end of every period
                                (default a day): a row stamped b counts the events before b
@@ -21,20 +23,31 @@ so a request at t joins the newest row stamped <= t, i.e. the stats of exactly t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from contracts.files import write_parquet_atomic
-from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ITEM_COUNTERS, USER_STATS_COLUMNS
+from contracts.files import write_parquet_atomic, write_text_atomic
+from contracts.names import (
+    CATEGORY_COLUMN,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    HISTORY_TIMES,
+    ITEM_COUNTERS,
+    LABEL_BITS_COLUMN,
+    USER_STATS_COLUMNS,
+)
 
 # The layout of the tables below: a run whose tables were written in another format rebuilds them (2: user_recent_items
-# gained hist_ts, the times a target-attention ranker ages its behaviours by)
-TABLES_FORMAT = 2
+# gained hist_ts, the times a target-attention ranker ages its behaviours by;
+# 3: user_stats gained user_recent_label_bits, the state the real-time stream updates user_recent_ctr from)
+TABLES_FORMAT = 3
 ONE_US = pd.Timedelta(microseconds=1)
+STATS_CONFIG_FILE = "stats_config.json"
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 STATIC = pd.Timestamp("1970-01-02", tz="UTC")  # the timestamp of values that never change (after Feast's earliest start)
 
@@ -71,8 +84,28 @@ def user_stats(events: pd.DataFrame, config: StatsConfig) -> pd.DataFrame:
     lagged = group["user_n_clicks"].shift(config.recent_window).fillna(0.0)
     frame["user_recent_ctr"] = (frame["user_n_clicks"] - lagged) / np.minimum(frame["user_n_events"], config.recent_window)
     frame["user_last_event_s"] = (frame["ts"] - EPOCH).dt.total_seconds()
+    frame[LABEL_BITS_COLUMN] = recent_label_bits(frame["label"].to_numpy(), frame["user_id"].to_numpy(dtype=object), config.recent_window)
     last = _last_per_moment(frame, "user_id")
-    return last[["user_id", "event_timestamp", *USER_STATS_COLUMNS]]
+    return last[["user_id", "event_timestamp", *USER_STATS_COLUMNS, LABEL_BITS_COLUMN]]
+
+
+def recent_label_bits(labels: np.ndarray, users: np.ndarray, window: int) -> np.ndarray:
+    """[N] int64: bit j set when the user's event j places back (0 = this one) within `window` was a click. Rows are
+    one user's events in time order, users contiguous. user_recent_ctr = popcount(bits) / min(n_events, window)."""
+    if window > 62:
+        raise ValueError(f"recent_window {window} does not fit the 62 label bits of user_recent_label_bits")
+    labels = np.asarray(labels, dtype=np.int64)
+    start = np.zeros(len(labels), dtype=np.int64)
+    if len(labels):
+        new_user = np.r_[True, users[1:] != users[:-1]]
+        start = np.maximum.accumulate(np.where(new_user, np.arange(len(labels)), 0))
+    bits = np.zeros(len(labels), dtype=np.int64)
+    index = np.arange(len(labels))
+    for back in range(window):
+        source = index - back
+        valid = source >= start
+        bits[valid] |= labels[source[valid]] << back
+    return bits
 
 
 def item_stats(events: pd.DataFrame, config: StatsConfig) -> pd.DataFrame:
@@ -138,7 +171,7 @@ def item_info(events: pd.DataFrame, items: pd.DataFrame | None) -> pd.DataFrame:
 
 STATS_SCHEMAS = {
     "user_stats": pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-                             *[(c, pa.float64()) for c in USER_STATS_COLUMNS]]),
+                             *[(c, pa.float64()) for c in USER_STATS_COLUMNS], (LABEL_BITS_COLUMN, pa.int64())]),
     "item_stats": pa.schema([("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
                              *[(c, pa.float64()) for c in ITEM_COUNTERS]]),
     "user_recent_items": pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
@@ -158,6 +191,7 @@ def write_stats_tables(events: pd.DataFrame, items: pd.DataFrame | None, out_dir
         "user_recent_items": user_recent_items(events, items, config),
         "item_info": item_info(events, items),
     }
+    write_text_atomic(json.dumps(asdict(config)), out_dir / STATS_CONFIG_FILE)  # what the real-time stream applies
     counts = {}
     for name, frame in tables.items():
         table = pa.Table.from_pandas(frame, schema=STATS_SCHEMAS[name], preserve_index=False)

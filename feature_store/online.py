@@ -158,10 +158,12 @@ class RankingFeatures:
         columns["hist_ts"] = pa.array([[float(t) for t in self.hist_ts]] * n, pa.list_(pa.float64()))
         for k, condition in enumerate(self.conditions):
             columns[lum_user_column(condition)] = _vector_rows(np.tile(self.user_vectors[k], (n, 1)), np.full(n, bool(self.user_vector_found[k])))
-        columns["lum_item"] = _vector_rows(self.item_vectors, self.item_vector_found)
+        if self.model_version:  # a store without LUM vectors (no version ingested yet) has no LUM columns, as offline
+            columns["lum_item"] = _vector_rows(self.item_vectors, self.item_vector_found)
         columns["missing_user_stats"] = pa.array(np.full(n, not self.user_found, dtype=np.int8))
         columns["missing_item_stats"] = pa.array((~self.item_found).astype(np.int8))
-        columns["missing_lum"] = pa.array(((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8))
+        if self.model_version:
+            columns["missing_lum"] = pa.array(((~self.item_vector_found) | (not self.user_vector_found.all())).astype(np.int8))
         dim = self.user_vectors.shape[1] if self.model_version else None
         meta = contract_metadata(columns, (context or {}).keys(), self.conditions, dim, self.model_version, None)
         return pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})

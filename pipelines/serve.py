@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from feature_store.online import FeatureClient, PastRequestError, RankingFeatures
 from feature_store.repo import FeatureRepo, FeatureStoreError
+from feature_store.stream import StreamInputError, push_events
 from pipelines.paths import RunPaths
 from ranker.export import SPEC_FILE, flat_inputs, model_spec
 from ranker.features import DLRMInputs
@@ -59,6 +60,16 @@ class RankingError(ValueError):
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.status = status
+
+
+MAX_EVENTS = 10_000  # events of one POST /events
+
+
+class EventsRequest(BaseModel):
+    """New behaviours for the real-time stream (`feature_store/stream.py`): the event-log contract's fields."""
+
+    events: list[dict[str, str | int | float | bool | None]] = Field(
+        min_length=1, max_length=MAX_EVENTS, description="each with user_id, item_id, ts (ISO time) and label (0 or 1)")
 
 
 class RankRequest(BaseModel):
@@ -132,6 +143,7 @@ class RankingService:
         if not self.repo.materialized_file.exists():
             raise ServeError(f"{self.repo.root}: the online store was never materialized: run `lum features materialize --run RUN` (or `lum run`)")
         self.client = client or FeatureClient(self.repo)
+        self._push_lock = threading.Lock()
         schema = self.ranker.schema
         self.context_columns = list(schema.context_columns)
         use_lum, _ = variant_parts(self.ranker.variant)
@@ -254,6 +266,11 @@ class RankingService:
             return {"dense": _json_rows(dense.numpy()), "values": values.numpy().tolist(), "lengths": lengths.numpy().tolist()}
         return {"features": _json_rows(inputs)}
 
+    def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """POST /events: one batch through the real-time stream, one batch at a time (each reads then writes a user's row)."""
+        with self._push_lock:
+            return push_events(self.repo, pd.DataFrame(events), source="POST /events")
+
     def health(self) -> dict[str, Any]:
         state = json.loads(self.repo.materialized_file.read_text())
         return {"status": "ok", "ranker": self.ranker_dir.name, "model": self.ranker.config.model, "variant": self.ranker.variant,
@@ -264,7 +281,7 @@ class RankingService:
 
 # ---------------------------------------------------------------------- HTTP
 def create_app(service: RankingService):
-    """The FastAPI app of a service: POST /rank, GET /healthz, GET /spec."""
+    """The FastAPI app of a service: POST /rank, POST /events, GET /healthz, GET /spec."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -276,6 +293,14 @@ def create_app(service: RankingService):
             return service.rank(request).body
         except RankingError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.post("/events")
+    def events(request: EventsRequest):
+        """Apply new behaviours to the online store (counters and recent behaviours), so the next /rank sees them."""
+        try:
+            return service.push(request.events)
+        except StreamInputError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.get("/healthz")
     def healthz():

@@ -10,6 +10,11 @@ Feature views: lum_user_interest  (user, condition) -> embedding Array(Float32),
                user_stats         user -> counters of the user's events strictly before the request
                item_stats         item -> counters of the item's impressions strictly before the request
                user_recent_items  user -> the last engaged items, their categories and times (newest last)
+               user_stream_state  user -> user_recent_label_bits (not a feature: the state the real-time stream
+                                  updates user_recent_ctr from)
+Push sources:  user_stats_push (user_stats and user_stream_state), user_recent_items_push: `lum features push`
+               and `POST /events` update them per event, so a request sees every behaviour before it without a
+               materialize; their batch sources are the offline tables, which materialize and training sets read
                item_info          item -> item_category
 Services:      ranker_base, ranker_pooled, ranker_lum, ranker_lum_pooled (the ranker variants)
 """
@@ -18,11 +23,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import yaml
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.types import Array, Float32, Float64, String
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float32, Float64, Int64, String
 
 # the column names the offline tables are written with (one definition, shared with the ranker's training set)
-from contracts.names import CATEGORY_COLUMN, HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ITEM_COUNTERS, USER_STATS_COLUMNS
+from contracts.names import (
+    CATEGORY_COLUMN,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    HISTORY_TIMES,
+    ITEM_COUNTERS,
+    LABEL_BITS_COLUMN,
+    USER_STATS_COLUMNS,
+)
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data"
@@ -46,12 +59,16 @@ def _source(name: str, path: Path) -> FileSource:
 
 
 stats_ttl = _days(SETTINGS.get("stats_ttl_days", 0))
+# the real-time behaviour stream: per-event rows pushed online (feature_store/stream.py); offline, the same tables
+user_stats_push = PushSource(name="user_stats_push", batch_source=_source("user_stats", DATA / "stats" / "user_stats.parquet"))
+user_recent_items_push = PushSource(name="user_recent_items_push",
+                                    batch_source=_source("user_recent_items", DATA / "stats" / "user_recent_items.parquet"))
 user_stats = FeatureView(
     name="user_stats",
     entities=[user],
     ttl=stats_ttl,
     schema=[Field(name=n, dtype=Float64) for n in USER_STATS_COLUMNS],
-    source=_source("user_stats", DATA / "stats" / "user_stats.parquet"),
+    source=user_stats_push,
     description="Counters of the user's events strictly before the request (a row per moment they changed, stamped 1 us after it)",
 )
 item_stats = FeatureView(
@@ -68,8 +85,16 @@ user_recent_items = FeatureView(
     ttl=stats_ttl,
     schema=[Field(name=HISTORY_ITEMS, dtype=Array(String)), Field(name=HISTORY_CATEGORIES, dtype=Array(String)),
             Field(name=HISTORY_TIMES, dtype=Array(Float64))],
-    source=_source("user_recent_items", DATA / "stats" / "user_recent_items.parquet"),
+    source=user_recent_items_push,
     description="The user's last engaged items strictly before the request, newest last",
+)
+user_stream_state = FeatureView(
+    name="user_stream_state",
+    entities=[user],
+    ttl=stats_ttl,
+    schema=[Field(name=LABEL_BITS_COLUMN, dtype=Int64)],
+    source=user_stats_push,
+    description="The last labels of the user as bits (newest in bit 0): what the stream updates user_recent_ctr from",
 )
 item_info = FeatureView(
     name="item_info",

@@ -3,6 +3,7 @@
     lum features apply        create/update runs/<run>/feature_repo, build the point-in-time offline tables, feast apply
     lum features ingest DIR   register the output of `lum embed` for its model version (then apply)
     lum features materialize  newest values into the online store (SQLite, or Redis), incrementally
+    lum features push FILE|-  new events into the online store per event (the real-time stream; no materialize)
     lum features get          one ranking request's features from the online store (Python SDK or HTTP)
     lum features serve        Feast's HTTP feature server on this repo (`feast serve`)
     lum features training-set a split window's point-in-time training set for a feature service
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -87,6 +89,44 @@ def features_materialize(end, full, run_dir) -> None:
     for view, mode in state["modes"].items():
         click.echo(f"  {view}: {mode} (up to {state['views'][view]})")
     click.echo(f"online store ({kind}, model version {state['model_version']}) holds everything up to {state['end']}; {state['seconds']} s")
+
+
+@features.command("push")
+@click.argument("source", type=click.Path(allow_dash=True, dir_okay=False))
+@run_option
+@_friendly_errors
+def features_push(source, run_dir) -> None:
+    """Apply new events (user_id, item_id, ts, label) to the online store: user counters and recent behaviours are
+    updated per event, so a request sees every behaviour before it without a materialize. SOURCE: a .parquet,
+    .csv or .jsonl file, or - for JSON lines on stdin. The batch is checked whole: a bad event applies nothing."""
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from feature_store.repo import FeatureRepo
+    from feature_store.stream import StreamInputError, push_events
+
+    if source == "-":
+        text = sys.stdin.read()
+        frame = pd.read_json(io.StringIO(text), lines=True, dtype=False) if text.strip() else pd.DataFrame()
+        name = "stdin"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise click.ClickException(f"{path}: no such file")
+        suffix = path.suffix.lower()
+        if suffix not in (".parquet", ".csv", ".jsonl", ".json"):
+            raise click.ClickException(f"{path}: unknown file type '{path.suffix}': expected .parquet, .csv or .jsonl")
+        frame = (pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+                 if suffix == ".csv" else pd.read_json(path, lines=True, dtype=False))
+        name = str(path)
+    try:
+        done = push_events(FeatureRepo(RunPaths(run_dir).feature_repo), frame, source=name)
+    except StreamInputError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"pushed {done['events']:,} events of {done['users']:,} users: {done['rows']['user_stats']:,} counter rows, "
+               f"{done['rows']['user_recent_items']:,} history rows")
 
 
 @features.command("get")
