@@ -261,3 +261,35 @@ def test_lum_serve_picks_the_ranker_and_names_what_is_missing(tiny_run, monkeypa
     assert no_store.exit_code == 2 and "the online store was never materialized" in no_store.output
     no_state = CliRunner().invoke(main, ["serve", "--run", str(tmp_path)])
     assert no_state.exit_code == 2 and "run_state.json" in no_state.output
+
+
+def test_post_events_reaches_the_next_rank_without_a_materialize(tiny_run, redis_repo):
+    """POST /events (the real-time stream) on a copy of the run's store: the next /rank reads the new counters and
+    the new behaviour; a malformed batch is a 422 naming the field, and nothing of it is applied."""
+    run, _, _ = tiny_run
+    end = pd.Timestamp(materialize(redis_repo, full=True)["end"])
+    service = RankingService(ranker_folder(run, "lightgbm", "lum"), redis_repo)
+    user = pq.read_table(run / "data" / "events.parquet", columns=["user_id"]).column("user_id")[0].as_py()
+    later = end + pd.Timedelta(hours=1)
+
+    def counters() -> tuple[float, list[str]]:
+        answer = service.client.get_ranking_features(user, None, ["i1"], request_time=later)
+        return answer.user_counters["user_n_events"], answer.hist_item_ids
+
+    n, history = counters()
+    event = {"user_id": user, "item_id": "i7", "ts": (end + pd.Timedelta(minutes=30)).isoformat(), "label": 1}
+    with BackgroundServer(service) as server:
+        bad = requests.post(f"{server.url}/events", json={"events": [event, {**event, "label": "clicked"}]}, timeout=30)
+        assert bad.status_code == 422 and "row 1: field 'label' is 'clicked', expected 0 or 1" in bad.json()["detail"]
+        assert counters() == (n, history)
+        assert requests.post(f"{server.url}/events", json={"events": []}, timeout=30).status_code == 422
+        done = requests.post(f"{server.url}/events", json={"events": [event]}, timeout=30)
+        assert done.status_code == 200 and done.json()["events"] == 1
+        body = {"user_id": user, "context": {"surface": "home", "device": "mobile", "daypart": "evening", "hour": 20},
+                "item_ids": ["i7", "i1"], "request_time": later.isoformat(), "return_inputs": True}
+        ranked = requests.post(f"{server.url}/rank", json=body, timeout=30)
+        assert ranked.status_code == 200, ranked.text
+    assert counters() == (n + 1, [*history, "i7"][-20:])
+    names = service.ranker.model.feature_name()
+    features = np.array(ranked.json()["inputs"]["features"], dtype=np.float64)
+    assert features[0, names.index("user_n_events")] == n + 1  # /rank scored with the pushed event counted
