@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,6 @@ from click.testing import CliRunner
 
 from feature_store.online import FeatureClient, materialize
 from feature_store.repo import FeatureRepo, OnlineStoreConfig
-from feature_store.serve import free_port
 from feature_store.stream import StreamInputError, push_events
 from feature_store.training_set import TrainingSetConfig, build_training_set
 from pipelines.cli import main
@@ -96,24 +93,16 @@ def test_pushed_events_make_online_inputs_and_scores_equal_the_training_sets(run
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    port = free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
+    """A real redis-server on a free localhost port, stopped after the module."""
+    from feature_store.repo import FeatureStoreError
+    from feature_store.serve import RedisServer
 
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    try:
+        server = RedisServer()
+    except FeatureStoreError as exc:
+        pytest.skip(f"{exc} (.ci/run installs Debian's redis-server)")
+    with server:
+        yield server.url
 
 
 def test_the_stream_on_a_real_redis_gives_the_training_sets_values(run, redis_url, tmp_path):
