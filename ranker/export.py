@@ -97,6 +97,10 @@ TARGET_AWARE_MEANINGS = {
     "din_hours_since_category": "hours from the newest history item in the target's category to the request; NaN when none",
     "din_hours_since_item": "hours from the newest engagement with the target item to the request; NaN when none",
     "din_category_share_last5": "share of the 5 newest history items in the target's category",
+    "din_lm_sim_max": "max over the last history items of cosine(the target's LUM item vector, the history item's from "
+                      "lm_item_vectors); NaN when none",
+    "din_lm_sim_mean": "mean over the last history items of that LUM cosine",
+    "din_lm_sim_last5": "mean of that LUM cosine over the 5 newest history items",
 }
 
 
@@ -135,6 +139,9 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
         if pipeline.item_factors is not None:  # what the din_sim_* cosines are computed from
             spec["item_factors"] = {"meaning": "unit-length item factors (co-engagement SVD of the fitting rows' histories)",
                                     **pipeline.item_factors.to_json()}
+        if pipeline.lm_item_vectors is not None:  # the history items' side of the din_lm_sim_* cosines
+            spec["lm_item_vectors"] = {"meaning": "unit-length LUM item vectors of the items the training rows held",
+                                       **pipeline.lm_item_vectors.to_json()}
     return spec
 
 

@@ -157,6 +157,7 @@ class Vocabulary:
 
 TARGET_AWARE_NAMES = ("din_sim_max", "din_sim_mean", "din_sim_last5", "din_category_count", "din_hours_since_category",
                       "din_hours_since_item", "din_category_share_last5")
+LM_TARGET_AWARE_NAMES = ("din_lm_sim_max", "din_lm_sim_mean", "din_lm_sim_last5")  # din+lum: the LM's item vectors
 
 
 class ItemFactors:
@@ -191,6 +192,20 @@ class ItemFactors:
         vectors = (svd.components_.T * svd.singular_values_).astype(np.float32)  # [V, k]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return cls(list(items), np.where(norms > 0, vectors / np.where(norms > 0, norms, 1), np.nan))
+
+    @classmethod
+    def from_lm_items(cls, table: pa.Table, schema: FeatureSchema) -> ItemFactors:
+        """The LM's item vectors (unit length) of every item that is a target in `table`: a model version's item
+        vectors are static content of the model, not behaviour, so any row may contribute its target's."""
+        dim = int(schema.lum_dim or 0)
+        vectors = _vectors(table.column(LUM_ITEM_COLUMN), dim, LUM_ITEM_COLUMN)
+        items = _strings(table.column(schema.item)).to_numpy(zero_copy_only=False)
+        keep = ~np.isnan(vectors).any(axis=1) & pd.notna(items)
+        frame = pd.DataFrame({"item": items[keep], "row": np.flatnonzero(keep)}).drop_duplicates("item")
+        chosen = vectors[frame["row"].to_numpy()]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            chosen = chosen / np.linalg.norm(chosen, axis=1, keepdims=True)
+        return cls(frame["item"].tolist(), chosen.reshape(len(frame), dim) if len(frame) else np.zeros((0, max(dim, 1))))
 
     @staticmethod
     def engagements_before(table: pa.Table, schema: FeatureSchema) -> pd.DataFrame:
@@ -407,9 +422,11 @@ class FeaturePipeline:
         dense_mean: np.ndarray,
         dense_std: np.ndarray,
         item_factors: ItemFactors | None = None,
+        lm_item_vectors: ItemFactors | None = None,
     ):
         self.schema, self.variant, self.config = schema, variant, config
         self.item_factors = item_factors  # the din variants' LightGBM similarities
+        self.lm_item_vectors = lm_item_vectors  # din+lum: the LM's unit item vectors, for the behaviours' similarities
         self.use_lum, self.use_history = variant_parts(variant)
         self.vocabularies = vocabularies
         self.dense_names = dense_names
@@ -447,6 +464,8 @@ class FeaturePipeline:
             pipeline.vocabularies[feature.table] = Vocabulary.fit(arrays, config.min_count, config.max_vocab)
         if pipeline.use_attention:
             pipeline.item_factors = ItemFactors.fit(table, schema)
+            if pipeline.use_lum:
+                pipeline.lm_item_vectors = ItemFactors.from_lm_items(table, schema)
         raw, names, scaled = pipeline._raw_dense(table)
         # a column may be missing on every row (lum_sim_request where no condition matches the request context, as
         # on MovieLens): it scales with mean 0 and std 1, without numpy's "mean of empty slice" warning
@@ -466,6 +485,7 @@ class FeaturePipeline:
             "dense_mean": self.dense_mean.tolist(),
             "dense_std": self.dense_std.tolist(),
             **({"item_factors": self.item_factors.to_json()} if self.item_factors is not None else {}),
+            **({"lm_item_vectors": self.lm_item_vectors.to_json()} if self.lm_item_vectors is not None else {}),
         }
 
     @classmethod
@@ -479,6 +499,7 @@ class FeaturePipeline:
             np.asarray(data["dense_mean"]),
             np.asarray(data["dense_std"]),
             ItemFactors.from_json(data["item_factors"]) if "item_factors" in data else None,
+            ItemFactors.from_json(data["lm_item_vectors"]) if "lm_item_vectors" in data else None,
         )
 
     # ---- what the model sees
@@ -711,7 +732,16 @@ class FeaturePipeline:
             newest(same_item),
             np.where(recent_count > 0, recent_same / np.maximum(recent_count, 1), np.nan),
         ], axis=1)
-        return block, list(TARGET_AWARE_NAMES)
+        if self.lm_item_vectors is None:
+            return block, list(TARGET_AWARE_NAMES)
+        # din+lum: the same similarities with the LM's own item vectors (the target's from its row, the behaviours'
+        # from the table the fitting rows' targets gave); a behaviour the table lacks counts as missing
+        target_lm = _vectors(table.column(LUM_ITEM_COLUMN), int(self.schema.lum_dim or 0), LUM_ITEM_COLUMN)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            target_lm = target_lm / np.linalg.norm(target_lm, axis=1, keepdims=True)
+        lm_sims = np.einsum("ij,ij->i", self.lm_item_vectors.vectors(history_items), target_lm[parent]) if len(parent) else np.zeros(0)
+        lm_block = np.stack([per_row(lm_sims, everywhere, "max"), per_row(lm_sims, everywhere, "mean"), per_row(lm_sims, recent, "mean")], axis=1)
+        return np.concatenate([block, lm_block], axis=1), [*TARGET_AWARE_NAMES, *LM_TARGET_AWARE_NAMES]
 
     def _raw_dense(self, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray]:
         """([N, F_dense] float32 before standardisation, names, which columns get standardised)."""

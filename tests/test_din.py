@@ -209,6 +209,26 @@ def test_item_factors_never_learn_from_behaviours_inside_the_fitting_window():
     assert sorted(map(tuple, used.to_numpy().tolist())) == [("u", "a"), ("u", "b"), ("u", "c")]
 
 
+def test_din_lum_compares_the_behaviours_with_the_target_through_the_lms_item_vectors(table, schema):
+    pipeline = FeaturePipeline.fit(table, schema, "din+lum")
+    x, names = pipeline.lightgbm_inputs(table)
+    at = names.index("din_lm_sim_max")
+    assert names[at : at + 3] == ["din_lm_sim_max", "din_lm_sim_mean", "din_lm_sim_last5"]
+    assert "din_lm_sim_max" not in FeaturePipeline.fit(table, schema, "din").lightgbm_inputs(table)[1]
+    # one row by hand: cosine of the row's own LUM item vector with each history item's vector from the table
+    lookup = pipeline.lm_item_vectors
+    row = next(i for i in range(table.num_rows) if table.column("lum_item")[i].is_valid
+               and any(h in lookup.items for h in table.column("hist_item_ids")[i].as_py()))
+    target = np.asarray(table.column("lum_item")[row].as_py(), dtype=np.float64)
+    history = lookup.vectors(pa.array(table.column("hist_item_ids")[row].as_py()[-pipeline.config.history_len:]))
+    cosines = history @ (target / np.linalg.norm(target))
+    assert x[row, names.index("din_lm_sim_max")] == pytest.approx(np.nanmax(cosines), abs=1e-5)
+    assert x[row, names.index("din_lm_sim_mean")] == pytest.approx(np.nanmean(cosines), abs=1e-5)
+    # saved and loaded with the pipeline
+    again = FeaturePipeline.from_json(json.loads(json.dumps(pipeline.to_json())), schema)
+    np.testing.assert_allclose(again.lightgbm_inputs(table)[0], x, rtol=0, atol=1e-5)  # vectors saved to 6 decimals
+
+
 def test_item_factors_put_co_engaged_items_together(table, schema):
     factors = ItemFactors.fit(table, schema)
     vectors = factors.vectors(pa.array(factors.items[:50]))
