@@ -30,6 +30,9 @@ class FeatureConfig:
     lightgbm_ids: bool = Field(False, description="LightGBM: also use the raw user and item ids as categorical features.")
     # on by default, the DLRM as published; the demo turns it off, its id tables memorise within an epoch (docs/history.md)
     dlrm_ids: bool = Field(True, description="DLRM: embed the raw user and item ids (off: they reach it only through counters, context and history).")
+    # off by default: the published din+lum figures (2026-12-07) were measured without it; see docs/rankers.md
+    din_lm_similarity: bool = Field(
+        False, description="LightGBM din+lum: also the behaviours' cosines to the candidate through the LM's item vectors.")
     # a pointwise model cannot compare rows; off by default since it needs every candidate of a request scored together
     request_features: bool = Field(
         False, description="Also each candidate's scores relative to the other candidates of its request (same user and time).")

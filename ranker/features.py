@@ -172,7 +172,8 @@ class ItemFactors:
 
     def __init__(self, items: list[str], vectors: np.ndarray):
         self.items = list(items)
-        vectors = np.asarray(vectors, dtype=np.float32)
+        # rounded as saved (to_json), so a loaded pipeline computes exactly what the trained one did
+        vectors = np.round(np.asarray(vectors, dtype=np.float32), 6)
         self.matrix = vectors.reshape(len(self.items), -1) if len(self.items) else np.zeros((0, 1), dtype=np.float32)
         self._lookup = pa.array(self.items, pa.string())
 
@@ -464,7 +465,7 @@ class FeaturePipeline:
             pipeline.vocabularies[feature.table] = Vocabulary.fit(arrays, config.min_count, config.max_vocab)
         if pipeline.use_attention:
             pipeline.item_factors = ItemFactors.fit(table, schema)
-            if pipeline.use_lum:
+            if pipeline.use_lum and config.din_lm_similarity:
                 pipeline.lm_item_vectors = ItemFactors.from_lm_items(table, schema)
         raw, names, scaled = pipeline._raw_dense(table)
         # a column may be missing on every row (lum_sim_request where no condition matches the request context, as

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.synthetic import SyntheticConfig, synthetic_training_set
 from contracts.names import TRAINING_SET_METADATA_KEY
-from ranker.config import DLRMConfig
+from ranker.config import DLRMConfig, FeatureConfig
 from ranker.din import AGE_EDGES_HOURS, AGE_KEY, DINDLRM, TARGET_CATEGORY_KEY, TARGET_ITEM_KEY, TargetAttention, age_buckets
 from ranker.dlrm import train_dlrm
 from ranker.features import TARGET_AWARE_NAMES, FeaturePipeline, ItemFactors
@@ -210,11 +210,11 @@ def test_item_factors_never_learn_from_behaviours_inside_the_fitting_window():
 
 
 def test_din_lum_compares_the_behaviours_with_the_target_through_the_lms_item_vectors(table, schema):
-    pipeline = FeaturePipeline.fit(table, schema, "din+lum")
+    assert "din_lm_sim_max" not in FeaturePipeline.fit(table, schema, "din+lum").lightgbm_inputs(table)[1]  # off by default
+    pipeline = FeaturePipeline.fit(table, schema, "din+lum", FeatureConfig(din_lm_similarity=True))
     x, names = pipeline.lightgbm_inputs(table)
     at = names.index("din_lm_sim_max")
     assert names[at : at + 3] == ["din_lm_sim_max", "din_lm_sim_mean", "din_lm_sim_last5"]
-    assert "din_lm_sim_max" not in FeaturePipeline.fit(table, schema, "din").lightgbm_inputs(table)[1]
     # one row by hand: cosine of the row's own LUM item vector with each history item's vector from the table
     lookup = pipeline.lm_item_vectors
     row = next(i for i in range(table.num_rows) if table.column("lum_item")[i].is_valid
@@ -226,7 +226,7 @@ def test_din_lum_compares_the_behaviours_with_the_target_through_the_lms_item_ve
     assert x[row, names.index("din_lm_sim_mean")] == pytest.approx(np.nanmean(cosines), abs=1e-5)
     # saved and loaded with the pipeline
     again = FeaturePipeline.from_json(json.loads(json.dumps(pipeline.to_json())), schema)
-    np.testing.assert_allclose(again.lightgbm_inputs(table)[0], x, rtol=0, atol=1e-5)  # vectors saved to 6 decimals
+    np.testing.assert_array_equal(again.lightgbm_inputs(table)[0], x)
 
 
 def test_item_factors_put_co_engaged_items_together(table, schema):

@@ -415,8 +415,7 @@ def test_an_exported_ranker_scores_as_the_eager_one(rankers, data, tmp_path, key
         assert categorical == ranker.pipeline.lightgbm_categorical and all(c in spec["vocabularies"] for c in categorical)
         if key[1].startswith("din"):  # the target-aware numbers are described, and the item factors they use are in the spec
             din = [f for f in spec["features"] if f["name"].startswith("din_")]
-            assert len(din) == (10 if "lum" in key[1] else 7) and all("training set holds it" not in f["transform"] for f in din)
+            assert len(din) == 7 and all("training set holds it" not in f["transform"] for f in din)
             assert spec["item_factors"]["items"] == ranker.pipeline.item_factors.items
-            assert ("lm_item_vectors" in spec) == ("lum" in key[1])
     vocabulary = next(iter(spec["vocabularies"].values()))
     assert vocabulary["oov_id"] == 0 and min(vocabulary["ids"].values()) == 1
