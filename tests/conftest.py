@@ -88,3 +88,36 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
     result = CliRunner().invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return root / "run", config, result.output
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real redis-server on a free localhost port for one test module (each module its own: their Feast repos share
+    a project name, so their keys would collide in one server), stopped after it."""
+    from feature_store.repo import FeatureStoreError
+    from feature_store.serve import RedisServer
+
+    try:
+        server = RedisServer()
+    except FeatureStoreError as exc:
+        pytest.skip(f"{exc} (.ci/run installs Debian's redis-server)")
+    with server:
+        yield server.url
+
+
+def redis_copy_of_run(run_root: Path, dest: Path, redis_url: str):
+    """A copy of a run folder whose Feast repo uses the Redis server at `redis_url` as its online store (applied, not
+    yet materialized): (its RunPaths, its FeatureRepo)."""
+    import shutil
+
+    from feature_store.repo import FeatureRepo, OnlineStoreConfig
+    from pipelines.paths import RunPaths
+    from pipelines.steps.features import prepare_repo
+
+    paths = RunPaths(dest)
+    shutil.copytree(run_root, paths.root)
+    repo = FeatureRepo(paths.feature_repo)
+    repo.materialized_file.unlink()
+    repo.init(online=OnlineStoreConfig("redis", redis_url))
+    prepare_repo(paths)
+    return paths, repo

@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from feature_store.online import FeatureClient, materialize
-from feature_store.repo import FeatureRepo, FeatureStoreError, OnlineStoreConfig
-from feature_store.serve import FeatureServer, free_port
+from feature_store.repo import FeatureRepo, FeatureStoreError
+from feature_store.serve import FeatureServer
 from feature_store.training_set import TrainingSetConfig, _list_array, build_training_set, training_set_metadata
 from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig
 from pipelines.data.contract import read_events
@@ -30,6 +29,7 @@ from pipelines.data.sources.simulator import preset, simulate_to_run
 from pipelines.data.split import SplitConfig, split_run
 from pipelines.paths import RunPaths
 from pipelines.steps.features import build_window_training_set, context_columns, prepare_repo
+from tests.conftest import redis_copy_of_run
 
 T1 = pd.Timestamp("2025-01-15", tz="UTC")
 T2 = pd.Timestamp("2025-01-22", tz="UTC")
@@ -327,36 +327,9 @@ def test_online_matches_offline_for_the_same_moment(run):
     np.testing.assert_allclose(np.asarray(online.lum_user__surface_home[0]), np.asarray(offline.lum_user__surface_home[0]), rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    port = free_port()
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
-
-
 def test_redis_online_store_gives_the_same_answer_as_sqlite(run, redis_url, tmp_path):
     # a second repo over the same offline data, with the real Redis server as its online store
-    paths = RunPaths(tmp_path / "redis-run")
-    shutil.copytree(run["paths"].root, paths.root)
-    repo = FeatureRepo(paths.feature_repo)
-    repo.materialized_file.unlink()
-    repo.init(online=OnlineStoreConfig("redis", redis_url))
-    prepare_repo(paths)
+    _, repo = redis_copy_of_run(run["paths"].root, tmp_path / "redis-run", redis_url)
     state = materialize(repo)
     assert state["online_store"]["kind"] == "redis" and set(state["modes"].values()) == {"full"}
     items = ["i1", "i2", "no-such-item"]

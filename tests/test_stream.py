@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from feature_store.online import FeatureClient, materialize
-from feature_store.repo import FeatureRepo, OnlineStoreConfig
+from feature_store.repo import FeatureRepo
 from feature_store.stream import StreamInputError, push_events
 from feature_store.training_set import TrainingSetConfig, build_training_set
 from pipelines.cli import main
@@ -24,6 +24,7 @@ from pipelines.paths import RunPaths
 from pipelines.steps.features import context_columns, prepare_repo
 from ranker.config import LightGBMConfig
 from ranker.train import RankerConfig, train_ranker
+from tests.conftest import redis_copy_of_run
 
 T0 = pd.Timestamp("2025-01-20", tz="UTC")  # the online store is materialized up to here; the stream takes over
 STREAMED = ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last")
@@ -91,27 +92,8 @@ def test_pushed_events_make_online_inputs_and_scores_equal_the_training_sets(run
     _assert_equal_to_offline(pairs, run["ranker"])
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    """A real redis-server on a free localhost port, stopped after the module."""
-    from feature_store.repo import FeatureStoreError
-    from feature_store.serve import RedisServer
-
-    try:
-        server = RedisServer()
-    except FeatureStoreError as exc:
-        pytest.skip(f"{exc} (.ci/run installs Debian's redis-server)")
-    with server:
-        yield server.url
-
-
 def test_the_stream_on_a_real_redis_gives_the_training_sets_values(run, redis_url, tmp_path):
-    paths = RunPaths(tmp_path / "redis-run")
-    shutil.copytree(run["paths"].root, paths.root)
-    repo = FeatureRepo(paths.feature_repo)
-    repo.materialized_file.unlink()
-    repo.init(online=OnlineStoreConfig("redis", redis_url))
-    prepare_repo(paths)
+    _, repo = redis_copy_of_run(run["paths"].root, tmp_path / "redis-run", redis_url)
     materialize(repo, end=T0)
     pairs = _replay(repo, {**run, "repo": repo})
     _assert_equal_to_offline(pairs, run["ranker"])
