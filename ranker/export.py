@@ -137,7 +137,7 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
                              TARGET_AWARE_MEANINGS.get(name, "as the training set holds it")}
                             for i, name in enumerate(names)]
         if pipeline.item_factors is not None:  # what the din_sim_* cosines are computed from
-            spec["item_factors"] = {"meaning": "unit-length item factors (co-engagement SVD of the fitting rows' histories)",
+            spec["item_factors"] = {"meaning": "unit-length item factors (SVD of the users' co-engagements before the fitting window)",
                                     **pipeline.item_factors.to_json()}
         if pipeline.lm_item_vectors is not None:  # the history items' side of the din_lm_sim_* cosines
             spec["lm_item_vectors"] = {"meaning": "unit-length LUM item vectors of the items the training rows held",

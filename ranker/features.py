@@ -24,9 +24,9 @@ LightGBM inputs
   only with `lightgbm_ids`), raw counters and LUM scores (NaN for missing: LightGBM routes missing values
   itself), and the pooled history as numbers a tree can use (its length, the share of its items in the target's
   category, whether the target item is in it). The din variants add target-aware history numbers: the max, mean
-  and last-5 mean cosine between the target's item factors and the behaviours' (factors from co-engagement in the
-  fitting rows' histories, `ItemFactors`), how often and how long ago the target's category was engaged, and how
-  long ago the target item itself was.
+  and last-5 mean cosine between the target's item factors and the behaviours' (factors from the users'
+  co-engagements before the fitting window, `ItemFactors`), how often and how long ago the target's category was
+  engaged, and how long ago the target item itself was.
 Request features (`request_features=True`, both models)
   A pointwise model scores each candidate alone. These give it the candidate's place among the other candidates
   of its request (the rows sharing the user and the request time): for the item counters and, with LUM, the K + 1
@@ -227,7 +227,7 @@ class ItemFactors:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"items": self.items, "vectors": np.round(self.matrix, 6).tolist()}
+        return {"items": self.items, "vectors": self.matrix.tolist()}  # rounded to 6 decimals already
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ItemFactors:
@@ -692,9 +692,8 @@ class FeaturePipeline:
         from_end = np.repeat(offsets[1:], lengths) - np.arange(offsets[-1]) - 1  # 0 = the newest behaviour
         hours = self._history_hours(table)[0]
         history_items = _strings(item_values.take(pa.array(positions)))
-        cat_values = _lists(table.column(HISTORY_CATEGORIES))[0]
-        cat_positions = _last(_lists(table.column(HISTORY_CATEGORIES))[1], self.config.history_len)[0]
-        history_categories = _strings(cat_values.take(pa.array(cat_positions)))
+        cat_values, cat_offsets = _lists(table.column(HISTORY_CATEGORIES))
+        history_categories = _strings(cat_values.take(pa.array(_last(cat_offsets, self.config.history_len)[0])))
         target_items = _strings(table.column(self.schema.item)).take(pa.array(parent))
         target_categories = _strings(table.column(self.schema.category)).take(pa.array(parent))
         same_item = pc.equal(history_items, target_items).fill_null(False).to_numpy(zero_copy_only=False)

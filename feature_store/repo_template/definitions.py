@@ -12,10 +12,10 @@ Feature views: lum_user_interest  (user, condition) -> embedding Array(Float32),
                user_recent_items  user -> the last engaged items, their categories and times (newest last)
                user_stream_state  user -> user_recent_label_bits (not a feature: the state the real-time stream
                                   updates user_recent_ctr from)
+               item_info          item -> item_category
 Push sources:  user_stats_push (user_stats and user_stream_state), user_recent_items_push: `lum features push`
                and `POST /events` update them per event, so a request sees every behaviour before it without a
                materialize; their batch sources are the offline tables, which materialize and training sets read
-               item_info          item -> item_category
 Services:      ranker_base, ranker_pooled, ranker_lum, ranker_lum_pooled (the ranker variants)
 """
 
