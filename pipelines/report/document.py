@@ -134,21 +134,17 @@ def calibration_warnings(p: dict[str, Any], band: tuple[float, float], prefix: s
 
 def glance_comparisons(lifts: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(model, comparison) pairs "at a glance" shows: per model, LUM over the strongest baseline the run trained (the
-    first LUM comparison in spec.COMPARISONS' order), and whether that baseline beats the mean-pooled history."""
-    order = {c.title: i for i, c in enumerate(COMPARISONS)}
+    first LUM comparison in spec.COMPARISONS' order), then that baseline against the mean-pooled history."""
     out = []
     for model in dict.fromkeys(x["model"] for x in lifts):
-        present = sorted({x["comparison"] for x in lifts if x["model"] == model}, key=lambda t: order.get(t, len(order)))
-        lum = [t for t in present if _comparison_kind(lifts, model, t) == "lum"]
-        out += [(model, t) for t in lum[:1]]
-        if lum and lum[0] == "DIN+LUM vs DIN" and "DIN vs pooled-history" in present:
-            out.append((model, "DIN vs pooled-history"))
+        present = {x["comparison"] for x in lifts if x["model"] == model}
+        lum = next((c for c in COMPARISONS if c.kind == "lum" and c.title in present), None)
+        if lum is None:
+            continue
+        out.append((model, lum.title))
+        out += [(model, c.title) for c in COMPARISONS if c.kind == "baseline" and c.title in present
+                and (c.variant, c.baseline) == (lum.baseline, "pooled-history")]
     return out
-
-
-def _comparison_kind(lifts: list[dict[str, Any]], model: str, title: str) -> str:
-    """The kind ("lum" / "baseline") of a comparison in a report's lifts (reports before issue 33 hold only "lum")."""
-    return next((x.get("kind", "lum") for x in lifts if x["model"] == model and x["comparison"] == title), "lum")
 
 
 def _glance(report: dict[str, Any]) -> list[Block]:
