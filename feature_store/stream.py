@@ -24,7 +24,7 @@ row is pushed again with the new totals).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,9 @@ class UserState:
     n_clicks: float = 0.0
     last_event_s: float | None = None
     bits: int = 0
-    items: list[str] | None = None
-    categories: list[str] | None = None
-    times: list[float] | None = None
+    items: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
 
 
 def stream_config(repo: FeatureRepo) -> StatsConfig:
@@ -95,11 +95,11 @@ def check_events(events: pd.DataFrame, source: str = "events") -> pd.DataFrame:
     return out
 
 
-def _current_state(store: Any, users: list[str], with_history: bool) -> dict[str, UserState]:
+def _current_state(store: Any, users: list[str]) -> dict[str, UserState]:
+    """Each user's counters, label bits and recent behaviours as the online store holds them now (one read)."""
     features = [f"user_stats:{c}" for c in ("user_n_events", "user_n_clicks", "user_last_event_s")]
     features += [f"user_stream_state:{LABEL_BITS_COLUMN}"]
-    if with_history:
-        features += [f"user_recent_items:{c}" for c in (HISTORY_ITEMS, HISTORY_CATEGORIES, HISTORY_TIMES)]
+    features += [f"user_recent_items:{c}" for c in (HISTORY_ITEMS, HISTORY_CATEGORIES, HISTORY_TIMES)]
     got = store.get_online_features(features=features, entity_rows=[{"user_id": u} for u in users]).to_dict()
     states = {}
     for i, user in enumerate(users):
@@ -109,13 +109,10 @@ def _current_state(store: Any, users: list[str], with_history: bool) -> dict[str
             raise FeatureStoreError(
                 f"user {user!r} has counters online but no {LABEL_BITS_COLUMN}: the online store was filled before the stream "
                 "existed; run `lum features materialize --full` once")
-        state = UserState(float(n_events or 0.0), float(got["user_n_clicks"][i] or 0.0), got["user_last_event_s"][i], int(bits or 0))
-        if with_history:
-            state.items = list(got[HISTORY_ITEMS][i] or [])
-            state.categories = list(got[HISTORY_CATEGORIES][i] or [])
-            times = got[HISTORY_TIMES][i]
-            state.times = [] if times is None else [float(t) for t in times]
-        states[user] = state
+        times = got[HISTORY_TIMES][i]
+        states[user] = UserState(
+            float(n_events or 0.0), float(got["user_n_clicks"][i] or 0.0), got["user_last_event_s"][i], int(bits or 0),
+            list(got[HISTORY_ITEMS][i] or []), list(got[HISTORY_CATEGORIES][i] or []), [] if times is None else [float(t) for t in times])
     return states
 
 
@@ -138,7 +135,7 @@ def push_events(repo: FeatureRepo, events: pd.DataFrame, source: str = "events")
     batch["second"] = (batch["ts"] - EPOCH).dt.total_seconds()
     batch = batch.sort_values(["user_id", "ts"], kind="stable")
     users = list(dict.fromkeys(batch["user_id"]))
-    states = _current_state(store, users, with_history=True)
+    states = _current_state(store, users)
     # refuse the whole batch before writing anything: an event older than the user's newest one would rewrite history
     for user, rows in batch.groupby("user_id", sort=False):
         last = states[user].last_event_s
