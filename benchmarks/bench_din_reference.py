@@ -78,7 +78,7 @@ def training_sets(name: str, work: Path, quick: bool) -> tuple[pa.Table, pa.Tabl
 
 def reference_arrays(pipeline, table: pa.Table) -> dict[str, np.ndarray]:
     """The reference's inputs of `table`'s rows from our fitted pipeline: sparse ids, dense block, padded histories."""
-    from ranker.features import HISTORY_CATEGORIES, HISTORY_ITEMS, _last, _lists
+    from ranker.features import HISTORY_CATEGORIES, HISTORY_ITEMS
 
     inputs = pipeline.dlrm_inputs(table)
     out: dict[str, np.ndarray] = {"dense": inputs.dense.numpy()}
@@ -87,10 +87,8 @@ def reference_arrays(pipeline, table: pa.Table) -> dict[str, np.ndarray]:
     for column in pipeline.schema.categorical_columns:  # shifted by one like the histories: one id space per table
         out[f"sparse__{column}"] = pipeline.vocabularies[column].ids(table.column(column)) + 1
     length = pipeline.config.history_len
-    for column, vocabulary in ((HISTORY_ITEMS, pipeline.schema.item), (HISTORY_CATEGORIES, pipeline.schema.category)):
-        values, offsets = _lists(table.column(column))
-        positions, offsets = _last(offsets, length)
-        ids = pipeline.vocabularies[vocabulary].ids(values.take(pa.array(positions)))
+    for column in (HISTORY_ITEMS, HISTORY_CATEGORIES):  # the pooled-history keys our pipeline made: the last history_len ids
+        ids, offsets = inputs.ids[inputs.keys.index(column)], inputs.offsets[inputs.keys.index(column)]
         padded = np.zeros((table.num_rows, length), dtype=np.int64)  # 0 is padding (DeepCTR masks id 0)
         lengths = np.diff(offsets)
         rows = np.repeat(np.arange(table.num_rows), lengths)
