@@ -171,6 +171,12 @@ def test_lum_demo_rolling_runs_what_configs_demo_side_by_side_yaml_says():
     # the same rankers, and two more variants (lum, lum+pooled) beside the demo's
     side_rankers, demo_rankers = config_dict(side.rankers), config_dict(demo.rankers)
     assert set(demo_rankers.pop("variants")) < set(side_rankers.pop("variants")) and side_rankers == demo_rankers
+    # configs/demo-contexts.yaml is the demo with snapshots under every request context: nothing else differs
+    contexts = config_dict(load_run_config(configs / "demo-contexts.yaml"))
+    plain = config_dict(demo)
+    asked = contexts["embed"].pop("conditions")
+    assert len(asked) == 32 and all(c.count("|") == 2 for c in asked) and plain["embed"].pop("conditions") != asked
+    assert {k: v for k, v in contexts.items() if k != "run_dir"} == {k: v for k, v in plain.items() if k != "run_dir"}
 
 
 def test_an_embedding_folder_made_with_another_engine_is_not_reused(two_protocols):
