@@ -71,11 +71,52 @@ class OnlineStoreConfig:
         raise FeatureStoreError(f"online store must be sqlite or redis, got '{self.kind}'")
 
 
+OFFLINE_STORES = ("file", "duckdb", "ray")
+RAY_STORAGE_PATH = "data/ray_storage"  # relative to the repo root: where the Ray offline store stages its results
+
+
+@dataclass(frozen=True)
+class OfflineStoreConfig:
+    """The engine of the point-in-time training-set join and of materialization (docs/feature-store.md, "Engines").
+
+    file: Feast's Dask file store; duckdb: Feast's DuckDB store (ibis), one process; ray: Feast's Ray offline store
+    and Ray compute engine, on a local Ray started in-process or the cluster at `ray_address`. Every engine reads the
+    same Parquet files and gives the same training rows (tests/test_offline_engines.py).
+    """
+
+    kind: Literal["file", "duckdb", "ray"] = "duckdb"  # the default: the faster of file / duckdb on the demo (benchmarks/bench_offline_join.py)
+    ray_address: str | None = None  # ray only: "HOST:PORT" of a running cluster's GCS (or "auto"); None: a local Ray in this process
+
+    def __post_init__(self) -> None:
+        if self.kind not in OFFLINE_STORES:
+            raise FeatureStoreError(f"offline store must be one of {', '.join(OFFLINE_STORES)}, got '{self.kind}'")
+        if self.ray_address is not None and self.kind != "ray":
+            raise FeatureStoreError(f"ray_address is a setting of the ray offline store, not of '{self.kind}'")
+
+    def yaml(self) -> dict[str, Any]:
+        """The `offline_store` section of feature_store.yaml."""
+        if self.kind == "ray":
+            section: dict[str, Any] = {"type": "ray", "storage_path": RAY_STORAGE_PATH}
+            if self.ray_address:
+                section["ray_address"] = self.ray_address
+            return section
+        return {"type": self.kind}
+
+    def batch_engine(self) -> dict[str, Any] | None:
+        """The `batch_engine` section (Feast's compute engine for materialization); None: Feast's local engine."""
+        if self.kind != "ray":
+            return None
+        return {"type": "ray.engine", **({"ray_address": self.ray_address} if self.ray_address else {})}
+
+
 def read_view_source(store: Any, view: str, columns: list[str]) -> pa.Table:
     """Columns of a feature view's offline source (its Parquet file, or the folder of files of an ingested version)."""
     import pyarrow.dataset as ds
 
-    return ds.dataset(store.get_feature_view(view).batch_source.path, format="parquet").to_table(columns=columns)
+    path = store.get_feature_view(view).batch_source.path
+    if "*" in path:  # the DuckDB store's glob of a folder's files (repo_template/definitions.py): the folder itself
+        path = path[: path.index("*")]
+    return ds.dataset(path, format="parquet").to_table(columns=columns)
 
 
 class FeatureRepo:
@@ -107,14 +148,17 @@ class FeatureRepo:
         return json.loads(self.ingested_file.read_text()) if self.ingested_file.exists() else {}
 
     # ------------------------------------------------------------------ create / configure
-    def init(self, online: OnlineStoreConfig | None = None, lum_ttl_days: float | None = None, stats_ttl_days: float | None = None) -> None:
+    def init(self, online: OnlineStoreConfig | None = None, lum_ttl_days: float | None = None, stats_ttl_days: float | None = None,
+             offline: OfflineStoreConfig | None = None) -> None:
         """Create or update the repo files (never the data): feature_store.yaml, definitions.py, lum_features.yaml."""
         self.data.mkdir(parents=True, exist_ok=True)
         existing = yaml.safe_load(self.settings_file.read_text()) if self.settings_file.exists() else {}
         settings = {"model_version": None, "conditions": [], "lum_dim": None, "lum_ttl_days": 30, "stats_ttl_days": 0,
-                    "online_store": asdict(OnlineStoreConfig()), **(existing or {})}
+                    "online_store": asdict(OnlineStoreConfig()), "offline_store": asdict(OfflineStoreConfig()), **(existing or {})}
         if online is not None:
             settings["online_store"] = asdict(online)
+        if offline is not None:
+            settings["offline_store"] = asdict(offline)
         if lum_ttl_days is not None:
             settings["lum_ttl_days"] = lum_ttl_days
         if stats_ttl_days is not None:
@@ -125,17 +169,25 @@ class FeatureRepo:
 
     def _write_settings(self, settings: dict[str, Any]) -> None:
         online = OnlineStoreConfig(**settings["online_store"])
+        offline = self.offline_config(settings)
         store_yaml = {
             "project": PROJECT,
             "provider": "local",
             "registry": "data/registry.db",
-            "offline_store": {"type": "file"},
+            "offline_store": offline.yaml(),
             "online_store": online.yaml(),
             "entity_key_serialization_version": 3,
         }
+        if offline.batch_engine():
+            store_yaml["batch_engine"] = offline.batch_engine()
         header = "# Written by `lum features apply`; edit lum_features.yaml or pass options to that command instead.\n"
         write_text_atomic(header + yaml.safe_dump(store_yaml, sort_keys=False), self.root / "feature_store.yaml")
         write_text_atomic(yaml.safe_dump(settings, sort_keys=False), self.settings_file)
+
+    @staticmethod
+    def offline_config(settings: dict[str, Any]) -> OfflineStoreConfig:
+        """The offline store lum_features.yaml names; a repo written before the setting existed used Feast's file store."""
+        return OfflineStoreConfig(**settings.get("offline_store", {"kind": "file"}))
 
     def select_version(self, version: str) -> None:
         versions = self.ingested()

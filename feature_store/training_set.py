@@ -36,6 +36,7 @@ METADATA_KEY = TRAINING_SET_METADATA_KEY.encode()
 COUNTER_COLUMNS = list(names.COUNTER_COLUMNS)
 SEQUENCE_COLUMNS = list(names.SEQUENCE_COLUMNS)
 SERVICES = ("ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled")
+VECTOR_FEATURES = ("embedding", "item_embedding")  # Feast feature names of the LUM vectors (a vector is never empty)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,36 @@ def _known_keys(store: Any, view: str, keys: list[str]) -> tuple[pd.DataFrame, i
     return table.to_pandas().drop_duplicates(), table.num_rows
 
 
+def _ray_time_shift(store: Any, view: str, entity: pd.DataFrame) -> pd.Timedelta:
+    """What to subtract from the request times so Feast's Ray store joins exactly what the other engines join.
+
+    Feast 0.67's Ray store floors every timestamp to the second before its `merge_asof`
+    (`feast.infra.ray_shared_utils.normalize_timestamp_columns`). Our counters are stamped one microsecond after
+    the event they include (offline_tables.py), so a request at the event's own second would join the counters
+    that count its own label. With whole-second request times and source stamps that all sit at a whole second
+    (snapshots, item periods) or all one microsecond after one (counters, histories), the join is exact again when
+    the request times of the second kind move back by one microsecond. Anything else is refused, never joined.
+    """
+    def sub_second(ns: np.ndarray) -> np.ndarray:
+        return np.mod(ns, 1_000_000_000)
+
+    requests = sub_second(entity["event_timestamp"].astype("datetime64[ns, UTC]").astype("int64").to_numpy())
+    if (requests != 0).any():
+        first = entity["event_timestamp"].iloc[int(np.flatnonzero(requests)[0])]
+        raise FeatureStoreError(
+            f"the ray offline store joins at whole seconds only (Feast floors its timestamps to the second), but request time {first} has a "
+            "fraction of a second: use the duckdb or file offline store for this log (`lum features apply --offline-store duckdb`)")
+    stamps = read_view_source(store, view, ["event_timestamp"]).column("event_timestamp")
+    offsets = np.unique(sub_second(stamps.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)))
+    if len(offsets) == 0 or set(offsets.tolist()) <= {0}:
+        return pd.Timedelta(0)
+    if set(offsets.tolist()) == {1_000}:
+        return pd.Timedelta(microseconds=1)
+    raise FeatureStoreError(
+        f"feature view '{view}' has timestamps at {len(offsets)} different fractions of a second; the ray offline store floors them to the "
+        "second and would join rows from after a request: use the duckdb or file offline store for this log")
+
+
 def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget: int, desc: str, progress: bool) -> pd.DataFrame:
     """Feast's point-in-time join in chunks; returns the answer keyed by `row_id` (rows Feast dropped are absent).
 
@@ -121,6 +152,10 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     known, source_rows = _known_keys(store, view, keys)
     entity = entity.merge(known, on=keys, how="inner")
     chunk_rows = max(10_000, merge_budget * max(len(known), 1) // max(source_rows, 1))
+    if store.config.offline_store.type == "ray":
+        # Ray's store partitions the join over its workers itself and pays a fixed cost per call (about 2 s here)
+        chunk_rows = max(len(entity), 1)
+        entity = entity.assign(event_timestamp=entity["event_timestamp"] - _ray_time_shift(store, view, entity))
     parts = []
     for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=bars_off(progress), unit="chunk", leave=False):
         chunk = entity.iloc[start : start + chunk_rows]
@@ -130,7 +165,31 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     features = {c: c.split("__", 1)[1] for c in out.columns if isinstance(c, str) and c.startswith(prefixes)}
     if not len(out):
         return pd.DataFrame(columns=[f.split(":")[1] for f in refs], index=pd.Index([], name="row_id"))
-    return out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
+    answer = out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
+    return _same_missing_values(answer)
+
+
+def _same_missing_values(answer: pd.DataFrame) -> pd.DataFrame:
+    """One spelling of "no value" for list columns, whichever engine answered.
+
+    Feast's file and DuckDB stores answer a missing list feature with None; its Ray store (0.67) with an empty list,
+    and a list of one element as that element alone (pandas unpacks it). A vector is never empty, so an empty one is
+    missing; a history of one item is a list again.
+    """
+    for column in answer.columns:
+        if answer[column].dtype != object or column not in VECTOR_FEATURES + tuple(SEQUENCE_COLUMNS):
+            continue
+        values = answer[column].to_numpy(dtype=object).copy()
+        for i, v in enumerate(values):
+            if isinstance(v, np.ndarray) and v.ndim == 0:
+                v = values[i] = v.item()
+            if isinstance(v, (list, np.ndarray)):
+                if column in VECTOR_FEATURES and len(v) == 0:
+                    values[i] = None
+            elif v is not None and not (isinstance(v, float) and np.isnan(v)):
+                values[i] = [v]
+        answer[column] = values
+    return answer
 
 
 def _distinct(frame: pd.DataFrame, key: str) -> pd.DataFrame:

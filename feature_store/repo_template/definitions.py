@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Float64, Int64, String
 
 # the column names the offline tables are written with (one definition, shared with the ranker's training set)
@@ -54,8 +55,17 @@ condition = Entity(name="condition", join_keys=["condition"], value_type=ValueTy
                    description="A LUM query condition, e.g. surface=home or surface=home|device=mobile")
 
 
+OFFLINE_STORE = (SETTINGS.get("offline_store") or {}).get("kind", "file")
+
+
 def _source(name: str, path: Path) -> FileSource:
-    return FileSource(name=f"{name}_source", path=str(path), timestamp_field="event_timestamp")
+    return FileSource(name=f"{name}_source", path=str(path), timestamp_field="event_timestamp", file_format=ParquetFormat())
+
+
+def _folder_source(name: str, folder: Path) -> FileSource:
+    """A source of every Parquet file one level under `folder` (one subfolder per embedding job). Dask and Ray read a
+    folder of folders; DuckDB reads a glob of the files."""
+    return _source(name, folder / "*" / "*.parquet" if OFFLINE_STORE == "duckdb" else folder)
 
 
 stats_ttl = _days(SETTINGS.get("stats_ttl_days", 0))
@@ -116,7 +126,7 @@ if MODEL_VERSION:
         entities=[user, condition],
         ttl=_days(SETTINGS.get("lum_ttl_days", 30)),
         schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="model_version", dtype=String)],
-        source=_source("lum_user_interest", DATA / "lum_user" / MODEL_VERSION),
+        source=_folder_source("lum_user_interest", DATA / "lum_user" / MODEL_VERSION),
         description="LUM user-interest vector per (user, query condition); event_timestamp is the as-of time",
         tags={"model_version": MODEL_VERSION},
     )
