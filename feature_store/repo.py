@@ -86,27 +86,36 @@ class OfflineStoreConfig:
 
     kind: Literal["file", "duckdb", "ray"] = "duckdb"  # the default: the faster of file / duckdb on the demo (benchmarks/bench_offline_join.py)
     ray_address: str | None = None  # ray only: "HOST:PORT" of a running cluster's GCS (or "auto"); None: a local Ray in this process
+    ray_cpus: int | None = None  # ray only, local Ray: its CPU slots (worker processes); None: every core
 
     def __post_init__(self) -> None:
         if self.kind not in OFFLINE_STORES:
             raise FeatureStoreError(f"offline store must be one of {', '.join(OFFLINE_STORES)}, got '{self.kind}'")
-        if self.ray_address is not None and self.kind != "ray":
-            raise FeatureStoreError(f"ray_address is a setting of the ray offline store, not of '{self.kind}'")
+        for name in ("ray_address", "ray_cpus"):
+            if getattr(self, name) is not None and self.kind != "ray":
+                raise FeatureStoreError(f"{name} is a setting of the ray offline store, not of '{self.kind}'")
+        if self.ray_address is not None and self.ray_cpus is not None:
+            raise FeatureStoreError("ray_cpus sizes the local Ray that Feast starts; a cluster at ray_address has its own")
+        if self.ray_cpus is not None and self.ray_cpus < 1:
+            raise FeatureStoreError(f"ray_cpus must be at least 1, got {self.ray_cpus}")
 
     def yaml(self) -> dict[str, Any]:
         """The `offline_store` section of feature_store.yaml."""
         if self.kind == "ray":
-            section: dict[str, Any] = {"type": "ray", "storage_path": RAY_STORAGE_PATH}
-            if self.ray_address:
-                section["ray_address"] = self.ray_address
-            return section
+            return {"type": "ray", "storage_path": RAY_STORAGE_PATH, **self._ray_connection()}
         return {"type": self.kind}
 
     def batch_engine(self) -> dict[str, Any] | None:
         """The `batch_engine` section (Feast's compute engine for materialization); None: Feast's local engine."""
         if self.kind != "ray":
             return None
-        return {"type": "ray.engine", **({"ray_address": self.ray_address} if self.ray_address else {})}
+        return {"type": "ray.engine", **self._ray_connection()}
+
+    def _ray_connection(self) -> dict[str, Any]:
+        if self.ray_address:
+            return {"ray_address": self.ray_address}
+        # Feast starts a local Ray in the process (GCS, raylet and worker processes on 127.0.0.1), `ray_cpus` workers
+        return {"ray_conf": {"num_cpus": self.ray_cpus}} if self.ray_cpus else {}
 
 
 def read_view_source(store: Any, view: str, columns: list[str]) -> pa.Table:

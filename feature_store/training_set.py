@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -199,8 +199,17 @@ def _distinct(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     return pairs
 
 
-def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: TrainingSetConfig, progress: bool = False) -> pa.Table:
-    """One row per impression (same order) with every feature of `config.feature_service`, point-in-time correct."""
+Join = Callable[[Any, pd.DataFrame, list[str], int, str, bool], pd.DataFrame]
+
+
+def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: TrainingSetConfig, progress: bool = False,
+                       join: Join | None = None) -> pa.Table:
+    """One row per impression (same order) with every feature of `config.feature_service`, point-in-time correct.
+
+    `join`: the point-in-time join of one view (default: Feast's, through the repo's offline store); another
+    function with `_historical`'s contract replaces it (benchmarks/bench_offline_join.py's floor does).
+    """
+    join = join or _historical
     frame = _check_impressions(impressions, config.context_columns).reset_index(drop=True)
     _fast_dask_tokens_for_nested_columns()
     store = repo.store()
@@ -229,7 +238,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
     for view in [v for v in ("user_stats", "user_recent_items", "item_stats", "item_info", "lum_item") if v in views]:
         key = "item_id" if view in ("item_stats", "item_info", "lum_item") else "user_id"
         pairs = requests if key == "user_id" else _distinct(out, key)
-        got = _historical(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
+        got = join(store, pairs.rename(columns={"ts": "event_timestamp"}), [f"{view}:{f}" for f in views[view]],
                           config.merge_budget, view, progress)
         answer = pairs.join(got, on="row_id")
         out = out.merge(answer.drop(columns="row_id"), on=[key, "ts"], how="left", validate="many_to_one")
@@ -239,7 +248,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
         expanded = pd.concat([requests.assign(condition=c) for c in conditions], ignore_index=True)
         expanded["key"] = np.arange(len(expanded), dtype=np.int64)
         entity = expanded.rename(columns={"ts": "event_timestamp", "row_id": "request", "key": "row_id"})
-        got = _historical(store, entity, ["lum_user_interest:embedding", "lum_user_interest:model_version"], config.merge_budget, "LUM features", progress)
+        got = join(store, entity, ["lum_user_interest:embedding", "lum_user_interest:model_version"], config.merge_budget, "LUM features", progress)
         expanded = expanded.join(got, on="key")
         selected = settings.get("model_version")
         stale = expanded["model_version"].notna() & (expanded["model_version"] != selected)

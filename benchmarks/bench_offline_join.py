@@ -1,0 +1,202 @@
+"""The point-in-time training-set join per offline engine, against a floor written here.
+
+    python -m benchmarks.bench_offline_join                # file, duckdb and the floor at 0.25M, 1M, 4M rows; ray at 20k, 80k
+    python -m benchmarks.bench_offline_join --quick        # 20k and 80k rows; ray at 5k
+    python -m benchmarks.bench_offline_join --engines duckdb,floor --sizes 1000000
+
+World: the simulator's `default` preset (as many users as the largest size needs), event times floored to whole
+seconds (the Ray store joins only those: see feature_store/training_set.py `_ray_time_shift`; this also makes
+same-second events common), random LUM vectors (64-d, 4 conditions, weekly snapshots, TTL 14 days) ingested
+through the real path, as in bench_features.py. Impressions: the last N of the log, service `ranker_lum_pooled`
+(six views).
+
+Each measurement runs in its own process (`--worker`): `lum features apply`'s config for the engine, `feast
+apply`, then `build_training_set` timed; peak memory is that process's high-water mark (for Ray, the driver's:
+the join runs in the cluster's worker processes, whose memory is not counted). The floor is the same
+`build_training_set` with each view's join done by one pandas `merge_asof` over the same Parquet files (TTL
+applied): what the join costs without an engine. Every engine's table is checked equal to the floor's.
+
+Ray: the local Ray that Feast starts in the worker process (GCS, raylet and worker processes on 127.0.0.1), with 1
+then 2 CPU slots (`ray_cpus`); its start-up (about 10 s) is inside the timed join, as it is for a user's command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import peak_rss_mib, write_results
+
+SERVICE = "ranker_lum_pooled"
+CONTEXT = ("surface", "device", "daypart", "hour")
+IMPRESSIONS_PER_USER = 92  # the default preset: 1.84M impressions for 20k users
+
+
+# ---------------------------------------------------------------------------------------------------------- the floor
+def merge_asof_join(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget: int, desc: str, progress: bool) -> pd.DataFrame:
+    """One view's point-in-time join as one pandas `merge_asof` over its Parquet source (feature_store's `_historical`
+    contract: the answer keyed by `row_id`, rows without a value absent)."""
+    from feature_store.repo import read_view_source
+
+    view = refs[0].split(":")[0]
+    features = [r.split(":")[1] for r in refs]
+    keys = [c for c in ("user_id", "item_id", "condition") if c in entity.columns]
+    source = read_view_source(store, view, [*keys, "event_timestamp", *features]).to_pandas()
+    source = source.rename(columns={"event_timestamp": "feature_ts"})
+    source["feature_ts"] = source["feature_ts"].astype("datetime64[ns, UTC]")
+    left = entity.assign(event_timestamp=entity["event_timestamp"].astype("datetime64[ns, UTC]")).sort_values("event_timestamp", kind="stable")
+    got = pd.merge_asof(left, source.sort_values("feature_ts", kind="stable"), left_on="event_timestamp", right_on="feature_ts",
+                        by=keys, direction="backward")
+    got = got[got["feature_ts"].notna()]
+    ttl = store.get_feature_view(view).ttl
+    if ttl and ttl.total_seconds() > 0:
+        got = got[got["feature_ts"] >= got["event_timestamp"] - ttl]
+    return got.set_index("row_id")[features]
+
+
+# ---------------------------------------------------------------------------------------------------------- one run
+def worker(work: Path, engine: str, rows: int, ray_cpus: int | None) -> None:
+    """Build the training set of the last `rows` impressions through `engine`; print seconds and peak memory as JSON."""
+    from feature_store.repo import FeatureRepo, OfflineStoreConfig
+    from feature_store.training_set import TrainingSetConfig, build_training_set
+
+    repo = FeatureRepo(work / "repo")
+    kind = "file" if engine == "floor" else engine
+    repo.init(offline=OfflineStoreConfig(kind, ray_cpus=ray_cpus if kind == "ray" else None))
+    repo.apply()
+    impressions = pq.read_table(work / "impressions.parquet").slice(0).to_pandas()
+    impressions = impressions.iloc[len(impressions) - rows:].reset_index(drop=True)
+    started = time.perf_counter()
+    table = build_training_set(repo, impressions, TrainingSetConfig(SERVICE, context_columns=CONTEXT),
+                               join=merge_asof_join if engine == "floor" else None)
+    seconds = time.perf_counter() - started
+    pq.write_table(table, work / f"out-{engine}-{rows}.parquet")
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "rows": table.num_rows}), flush=True)
+
+
+def run_worker(work: Path, engine: str, rows: int, ray_cpus: int | None = None) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.bench_offline_join", "--worker", engine, str(rows), "--work", str(work)]
+    if ray_cpus:
+        command += ["--ray-cpus", str(ray_cpus)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{engine} at {rows:,} rows failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def same_table(work: Path, engine: str, rows: int) -> bool:
+    """The engine's table equals the floor's (values, nulls and order)."""
+    floor = work / f"out-floor-{rows}.parquet"
+    if not floor.exists():
+        return False
+    return pq.read_table(work / f"out-{engine}-{rows}.parquet").equals(pq.read_table(floor))
+
+
+# ---------------------------------------------------------------------------------------------------------- the world
+def build_world(work: Path, rows: int) -> dict[str, Any]:
+    from benchmarks.bench_features import fake_embedding_job
+    from feature_store.repo import FeatureRepo
+    from pipelines.data.sources.simulator import preset, simulate
+
+    n_users = max(2000, math.ceil(rows * 1.1 / IMPRESSIONS_PER_USER))
+    events, items = simulate(preset("default", n_users=n_users, chunk_users=min(n_users, 10_000)))
+    ev, it = events.to_pandas(), items.to_pandas()
+    ev["ts"] = ev["ts"].dt.floor("s")  # whole seconds: the Ray store's precision (see the docstring)
+    repo = FeatureRepo(work / "repo")
+    repo.init(lum_ttl_days=14)
+    repo.build_stats(ev, it)
+    snapshots = list(pd.date_range(ev.ts.min().ceil("7D"), ev.ts.max(), freq="7D"))
+    fake_embedding_job(work / "embed", ev.user_id.astype(str).unique(), it.item_id.astype(str).to_numpy(), snapshots)
+    repo.ingest(work / "embed", item_valid_from="1970-01-02")
+    impressions = ev.sort_values("ts", kind="stable")[["user_id", "item_id", "ts", "label", *CONTEXT]]
+    if len(impressions) < rows:
+        raise SystemExit(f"the world has {len(impressions):,} impressions, fewer than {rows:,}")
+    pq.write_table(pa.Table.from_pandas(impressions.iloc[-rows:].reset_index(drop=True), preserve_index=False), work / "impressions.parquet")
+    return {"users": int(ev.user_id.nunique()), "events": len(ev), "snapshots": len(snapshots)}
+
+
+def growth(points: list[tuple[int, float]]) -> float | None:
+    """The exponent b of seconds ~ rows^b (least squares on the logs); None with fewer than two sizes."""
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return round(float(np.polyfit(x, y, 1)[0]), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="20k and 80k rows; ray at 5k")
+    parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=None)
+    parser.add_argument("--ray-sizes", type=lambda t: [int(x) for x in t.split(",")], default=None)
+    parser.add_argument("--ray-workers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2])
+    parser.add_argument("--engines", default="floor,file,duckdb,ray")
+    parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ray-cpus", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.work, args.worker[0], int(args.worker[1]), args.ray_cpus)
+        return
+    sizes = args.sizes or ([20_000, 80_000] if args.quick else [250_000, 1_000_000, 4_000_000])
+    ray_sizes = args.ray_sizes or ([5_000] if args.quick else [20_000, 80_000])
+    engines = args.engines.split(",")
+    if "floor" not in engines:
+        engines.insert(0, "floor")  # every table is checked against it
+
+    work = Path(tempfile.mkdtemp(prefix="bench-offline-join-"))
+    rows: list[dict[str, Any]] = []
+    try:
+        world = build_world(work, max(sizes + ray_sizes))
+        print(f"world: {world}", flush=True)
+        floor_seconds: dict[int, float] = {}
+        for size in sorted(set(sizes + (ray_sizes if "ray" in engines else []))):
+            for engine in [e for e in engines if e != "ray"] if size in sizes else ["floor"]:
+                got = run_worker(work, engine, size)
+                if engine == "floor":
+                    floor_seconds[size] = got["seconds"]
+                rows.append({"engine": engine, "workers": 1, "rows": size, "rows_per_s": round(size / got["seconds"]), "seconds": round(got["seconds"], 1),
+                             "peak_mib": round(got["peak_mib"]), "vs_floor": round(got["seconds"] / floor_seconds[size], 2),
+                             "same_rows_as_floor": engine == "floor" or same_table(work, engine, size)})
+                print(rows[-1], flush=True)
+            if "ray" in engines and size in ray_sizes:
+                for cpus in args.ray_workers:
+                    got = run_worker(work, "ray", size, cpus)
+                    rows.append({"engine": "ray", "workers": cpus, "rows": size, "rows_per_s": round(size / got["seconds"]),
+                                 "seconds": round(got["seconds"], 1), "peak_mib": round(got["peak_mib"]),
+                                 "vs_floor": round(got["seconds"] / floor_seconds[size], 2), "same_rows_as_floor": same_table(work, "ray", size)})
+                    print(rows[-1], flush=True)
+                    (work / f"out-ray-{size}.parquet").unlink()
+            for stale in work.glob(f"out-*-{size}.parquet"):  # 4M-row tables are large: keep only what is being compared
+                stale.unlink()
+        for engine in engines:
+            for workers in sorted({r["workers"] for r in rows if r["engine"] == engine}):
+                points = [(r["rows"], r["seconds"]) for r in rows if r["engine"] == engine and r["workers"] == workers]
+                exponent = growth(points)
+                for r in rows:
+                    if r["engine"] == engine and r["workers"] == workers:
+                        r["growth_exponent"] = exponent
+        notes = (f"world {world}; event times floored to whole seconds; service {SERVICE}; peak memory of the process that ran the join "
+                 "(Ray: the driver only); floor: pandas merge_asof per view over the same Parquet files, same assembly; "
+                 "growth_exponent b of seconds ~ rows^b over the sizes measured")
+        write_results("offline_join", rows, notes=notes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
