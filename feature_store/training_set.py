@@ -106,6 +106,23 @@ def _known_keys(store: Any, view: str, keys: list[str]) -> tuple[pd.DataFrame, i
     return table.to_pandas().drop_duplicates(), table.num_rows
 
 
+def _refuse_what_ray_cannot_join(store: Any, views: Iterable[str], requests: pd.Series) -> None:
+    """Before Ray starts: Feast 0.67's Ray store floors times to the second (see `_ray_time_shift`) and has no TTL code
+    at all (it would join a vector of any age)."""
+    fraction = np.mod(requests.astype("datetime64[ns, UTC]").astype("int64").to_numpy(), 1_000_000_000) != 0
+    if fraction.any():
+        raise FeatureStoreError(
+            f"the ray offline store joins at whole seconds only (Feast floors its timestamps to the second), but request time "
+            f"{requests.iloc[int(np.flatnonzero(fraction)[0])]} has a fraction of a second: use the duckdb or file offline store for this log "
+            "(`lum features apply --offline-store duckdb`)")
+    for view in views:
+        ttl = store.get_feature_view(view).ttl
+        if ttl and ttl.total_seconds() > 0:
+            raise FeatureStoreError(
+                f"feature view '{view}' has a TTL of {ttl}, which Feast's ray offline store does not apply (it joins values of any age): "
+                "make it 0 (`lum features apply --lum-ttl-days 0`: forever) or use the duckdb or file offline store")
+
+
 def _ray_time_shift(store: Any, view: str, entity: pd.DataFrame) -> pd.Timedelta:
     """What to subtract from the request times so Feast's Ray store joins exactly what the other engines join.
 
@@ -119,12 +136,7 @@ def _ray_time_shift(store: Any, view: str, entity: pd.DataFrame) -> pd.Timedelta
     def sub_second(ns: np.ndarray) -> np.ndarray:
         return np.mod(ns, 1_000_000_000)
 
-    requests = sub_second(entity["event_timestamp"].astype("datetime64[ns, UTC]").astype("int64").to_numpy())
-    if (requests != 0).any():
-        first = entity["event_timestamp"].iloc[int(np.flatnonzero(requests)[0])]
-        raise FeatureStoreError(
-            f"the ray offline store joins at whole seconds only (Feast floors its timestamps to the second), but request time {first} has a "
-            "fraction of a second: use the duckdb or file offline store for this log (`lum features apply --offline-store duckdb`)")
+    _refuse_what_ray_cannot_join(store, [view], entity["event_timestamp"])
     stamps = read_view_source(store, view, ["event_timestamp"]).column("event_timestamp")
     offsets = np.unique(sub_second(stamps.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)))
     if len(offsets) == 0 or set(offsets.tolist()) <= {0}:
@@ -214,6 +226,8 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
     _fast_dask_tokens_for_nested_columns()
     store = repo.store()
     views = _service_views(store, config.feature_service)
+    if store.config.offline_store.type == "ray":
+        _refuse_what_ray_cannot_join(store, views, frame["ts"])
     settings = repo.settings()
     uses_lum = "lum_user_interest" in views
     conditions = list(config.conditions or settings.get("conditions") or [])

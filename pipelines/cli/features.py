@@ -35,23 +35,31 @@ def features() -> None:
 @click.option("--model-version", default=None, help="Select this ingested model version for the LUM views.")
 @click.option("--lum-ttl-days", type=float, default=None, help="TTL of user-interest vectors [default: keep, 30 at first; 0 = forever].")
 @click.option("--rebuild-stats", is_flag=True, help="Recompute the offline tables even when the events did not change.")
+@click.option("--offline-store", type=click.Choice(["file", "duckdb", "ray"]), default=None,
+              help="Engine of training-set joins and materialization [default: keep, duckdb at first] (docs/feature-store.md#engines).")
+@click.option("--ray-address", default=None, help="With --offline-store ray: HOST:PORT of a running Ray cluster [default: a local Ray].")
+@click.option("--ray-cpus", type=int, default=None, help="With --offline-store ray and no --ray-address: CPU slots of the local Ray [default: every core].")
 @run_option
 @_friendly_errors
-def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild_stats, run_dir) -> None:
+def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild_stats, offline_store, ray_address, ray_cpus, run_dir) -> None:
     """Create or update the run's Feast repo and register its definitions (`feast apply`)."""
-    from feature_store.repo import OnlineStoreConfig
+    from feature_store.repo import OfflineStoreConfig, OnlineStoreConfig
     from pipelines.steps.features import prepare_repo
 
     paths = RunPaths(run_dir)
     online = None
     if online_store or redis_url:
         online = OnlineStoreConfig(kind=online_store or "redis", redis_url=redis_url or "localhost:6379")
-    repo, views, rebuilt = prepare_repo(paths, online=online, lum_ttl_days=lum_ttl_days, model_version=model_version, rebuild_stats=rebuild_stats)
+    if (ray_address or ray_cpus) and offline_store != "ray":
+        raise click.UsageError("--ray-address and --ray-cpus go with --offline-store ray")
+    offline = OfflineStoreConfig(offline_store, ray_address=ray_address, ray_cpus=ray_cpus) if offline_store else None
+    repo, views, rebuilt = prepare_repo(paths, online=online, lum_ttl_days=lum_ttl_days, model_version=model_version, rebuild_stats=rebuild_stats,
+                                        offline=offline)
     settings = repo.settings()
     click.echo(f"{'built' if rebuilt else 'kept'} the offline tables in {repo.data / 'stats'}")
     click.echo(f"registered {len(views)} feature views in {repo.root}: {', '.join(views)}")
     click.echo(f"LUM model version: {settings.get('model_version') or 'none ingested yet (run `lum features ingest`)'}; "
-               f"online store: {settings['online_store']['kind']}")
+               f"online store: {settings['online_store']['kind']}; offline store: {settings['offline_store']['kind']}")
 
 
 @features.command("ingest")

@@ -19,6 +19,7 @@
       features: {request_features: true}                       # ranker.features.FeatureConfig
       dlrm: {epochs: 5, patience: 0}                           # ranker.dlrm.DLRMConfig
       lightgbm: {early_stopping_metric: auc}                   # ranker.gbdt.LightGBMConfig
+    features: {offline_store: duckdb}                          # file | duckdb | ray (ray_address, ray_cpus)
     report: {n_bootstrap: 200}                                 # pipelines.report.spec.ReportConfig
     targets: {gauc_lift_min: 0.01, ctr_lift_min: 0.03}
 
@@ -172,6 +173,23 @@ class RetrievalABSettings:
 
 
 @config_class
+class FeatureStoreSettings:
+    """The run's Feast repo (feature_store.repo.OfflineStoreConfig); every engine gives the same training rows, so changing
+    it redoes nothing."""
+
+    offline_store: Literal["file", "duckdb", "ray"] = Field(
+        "duckdb", description="Engine of the point-in-time training-set joins and of materialization (docs/feature-store.md#engines).")
+    ray_address: str | None = Field(None, description="ray: HOST:PORT of a running Ray cluster (default: a local Ray started by the run).")
+    ray_cpus: int | None = Field(None, ge=1, description="ray without ray_address: CPU slots of the local Ray (default: every core).")
+
+    def offline(self) -> Any:
+        from feature_store.repo import OfflineStoreConfig
+
+        ray = self.offline_store == "ray"
+        return OfflineStoreConfig(self.offline_store, ray_address=self.ray_address if ray else None, ray_cpus=self.ray_cpus if ray else None)
+
+
+@config_class
 class RunConfig:
     """A whole run, data to report."""
 
@@ -184,6 +202,7 @@ class RunConfig:
     rankers: RankersConfig = Field(default_factory=RankersConfig, description="The rankers.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="pipelines.report.spec.ReportConfig")
     retrieval: RetrievalABSettings = Field(default_factory=RetrievalABSettings, description="The retrieval A/B (simulator runs).")
+    features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings, description="The feature store's engine.")
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
     seeds: int = Field(1, ge=1, le=20, description="Train the LM and the rankers with this many seeds (seed k in run_dir/seeds/seed-k); "
                                                    "the report adds the lifts across seeds (pipelines.run.subruns).")

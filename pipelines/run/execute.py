@@ -205,7 +205,7 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         # under the per-user split, rows of some users predate the model's training end by design of the protocol
         valid_from = first_event_time(paths) if split == "per-user" else None
         refuse_other_embeddings(paths.feature_repo_of(key), embed_dir)
-        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True, protocol=key)
+        _, result, _ = ingest_embeddings(paths, embed_dir, valid_from, select=True, protocol=key, offline=config.features.offline())
         how = "already ingested" if result["skipped"] else f"{result['rows']:,} rows ingested"
         echo(f"features: model version {result['version']} selected ({how})")
         return UP_TO_DATE if result["skipped"] else None

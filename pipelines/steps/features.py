@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from feature_store.offline_tables import TABLES_FORMAT, StatsConfig
-from feature_store.repo import FeatureRepo, OnlineStoreConfig
+from feature_store.repo import FeatureRepo, OfflineStoreConfig, OnlineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.data.sources.base import read_dataset_info
@@ -30,6 +30,7 @@ def prepare_repo(
     model_version: str | None = None,
     rebuild_stats: bool = False,
     protocol: str | None = None,
+    offline: OfflineStoreConfig | None = None,
 ) -> tuple[FeatureRepo, list[str], bool]:
     """Create/update the run's Feast repo (or a protocol key's, see pipelines.paths), (re)build the offline tables
     when the events changed, `feast apply`.
@@ -38,7 +39,7 @@ def prepare_repo(
     """
     read_dataset_info(paths)  # a clear error when the run has no data yet
     repo = FeatureRepo(paths.feature_repo_of(protocol))
-    repo.init(online=online, lum_ttl_days=lum_ttl_days)
+    repo.init(online=online, lum_ttl_days=lum_ttl_days, offline=offline)
     stamp = repo.data / "stats" / "stats.json"
     fingerprint = dataset_fingerprint(paths)
     rebuilt = False
@@ -69,13 +70,14 @@ def _stats_fingerprint(stamp: Path) -> str | None:
 
 
 def ingest_embeddings(paths: RunPaths, embed_dir: Path, item_valid_from: str | None = None,
-                      select: bool | None = None, protocol: str | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
+                      select: bool | None = None, protocol: str | None = None,
+                      offline: OfflineStoreConfig | None = None) -> tuple[FeatureRepo, dict[str, Any], list[str]]:
     """Ingest a `lum embed` output into the run's repo (or a protocol key's), then rebuild what changed and
-    `feast apply` once."""
+    `feast apply` once (with `offline`: on that offline store from now on)."""
     repo = FeatureRepo(paths.feature_repo_of(protocol))
     repo.init()
     result = repo.ingest(embed_dir, item_valid_from=item_valid_from, select=select)
-    _, views, _ = prepare_repo(paths, protocol=protocol)
+    _, views, _ = prepare_repo(paths, protocol=protocol, offline=offline)
     return repo, result, views
 
 
