@@ -6,7 +6,8 @@
 
 World: the simulator's `default` preset (as many users as the largest size needs), event times floored to whole
 seconds (the Ray store joins only those: see feature_store/training_set.py `_ray_time_shift`; this also makes
-same-second events common), random LUM vectors (64-d, 4 conditions, weekly snapshots, TTL 14 days) ingested
+same-second events common), random LUM vectors (64-d, 4 conditions, weekly snapshots, no TTL: the Ray store
+applies none) ingested
 through the real path, as in bench_features.py. Impressions: the last N of the log, service `ranker_lum_pooled`
 (six views).
 
@@ -118,7 +119,7 @@ def build_world(work: Path, rows: int) -> dict[str, Any]:
     ev, it = events.to_pandas(), items.to_pandas()
     ev["ts"] = ev["ts"].dt.floor("s")  # whole seconds: the Ray store's precision (see the docstring)
     repo = FeatureRepo(work / "repo")
-    repo.init(lum_ttl_days=14)
+    repo.init(lum_ttl_days=0)  # forever: Feast's Ray store applies no TTL (feature_store.training_set refuses one)
     repo.build_stats(ev, it)
     snapshots = list(pd.date_range(ev.ts.min().ceil("7D"), ev.ts.max(), freq="7D"))
     fake_embedding_job(work / "embed", ev.user_id.astype(str).unique(), it.item_id.astype(str).to_numpy(), snapshots)
@@ -128,6 +129,25 @@ def build_world(work: Path, rows: int) -> dict[str, Any]:
         raise SystemExit(f"the world has {len(impressions):,} impressions, fewer than {rows:,}")
     pq.write_table(pa.Table.from_pandas(impressions.iloc[-rows:].reset_index(drop=True), preserve_index=False), work / "impressions.parquet")
     return {"users": int(ev.user_id.nunique()), "events": len(ev), "snapshots": len(snapshots)}
+
+
+def measure(work: Path, engine: str, size: int, floor_seconds: dict[int, float], ray_cpus: int | None = None) -> dict[str, Any]:
+    """One engine at one size (the floor first at each size: every table is compared with its)."""
+    got = run_worker(work, engine, size, ray_cpus)
+    if engine == "floor":
+        floor_seconds[size] = got["seconds"]
+    row = {"engine": engine, "workers": ray_cpus or 1, "rows": size, "rows_per_s": round(size / got["seconds"]), "seconds": round(got["seconds"], 1),
+           "peak_mib": round(got["peak_mib"]), "vs_floor": round(got["seconds"] / floor_seconds[size], 2),
+           "same_rows_as_floor": engine == "floor" or same_table(work, engine, size)}
+    if engine != "floor":
+        (work / f"out-{engine}-{size}.parquet").unlink()
+    print(row, flush=True)
+    return row
+
+
+def clear(work: Path, size: int) -> None:
+    for path in work.glob(f"out-*-{size}.parquet"):
+        path.unlink()
 
 
 def growth(points: list[tuple[int, float]]) -> float | None:
@@ -164,25 +184,18 @@ def main() -> None:
         world = build_world(work, max(sizes + ray_sizes))
         print(f"world: {world}", flush=True)
         floor_seconds: dict[int, float] = {}
-        for size in sorted(set(sizes + (ray_sizes if "ray" in engines else []))):
-            for engine in [e for e in engines if e != "ray"] if size in sizes else ["floor"]:
-                got = run_worker(work, engine, size)
-                if engine == "floor":
-                    floor_seconds[size] = got["seconds"]
-                rows.append({"engine": engine, "workers": 1, "rows": size, "rows_per_s": round(size / got["seconds"]), "seconds": round(got["seconds"], 1),
-                             "peak_mib": round(got["peak_mib"]), "vs_floor": round(got["seconds"] / floor_seconds[size], 2),
-                             "same_rows_as_floor": engine == "floor" or same_table(work, engine, size)})
-                print(rows[-1], flush=True)
-            if "ray" in engines and size in ray_sizes:
-                for cpus in args.ray_workers:
-                    got = run_worker(work, "ray", size, cpus)
-                    rows.append({"engine": "ray", "workers": cpus, "rows": size, "rows_per_s": round(size / got["seconds"]),
-                                 "seconds": round(got["seconds"], 1), "peak_mib": round(got["peak_mib"]),
-                                 "vs_floor": round(got["seconds"] / floor_seconds[size], 2), "same_rows_as_floor": same_table(work, "ray", size)})
-                    print(rows[-1], flush=True)
-                    (work / f"out-ray-{size}.parquet").unlink()
-            for stale in work.glob(f"out-*-{size}.parquet"):  # 4M-row tables are large: keep only what is being compared
-                stale.unlink()
+        # every size of the in-process engines first, then Ray (smaller sizes: its fixed cost is minutes)
+        in_process = [e for e in engines if e != "ray"]
+        for size in sorted(sizes):
+            for engine in in_process:
+                rows.append(measure(work, engine, size, floor_seconds))
+            clear(work, size)  # 4M-row tables are large
+        for size in sorted(ray_sizes) if "ray" in engines else []:
+            if not (work / f"out-floor-{size}.parquet").exists():
+                rows.append(measure(work, "floor", size, floor_seconds))
+            for cpus in args.ray_workers:
+                rows.append(measure(work, "ray", size, floor_seconds, cpus))
+            clear(work, size)
         for engine in engines:
             for workers in sorted({r["workers"] for r in rows if r["engine"] == engine}):
                 points = [(r["rows"], r["seconds"]) for r in rows if r["engine"] == engine and r["workers"] == workers]
