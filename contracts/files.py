@@ -79,10 +79,10 @@ def write_json_atomic(payload: Any, path: str | Path, *, indent: int | None = 2,
     return text
 
 
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
-    """`pq.write_table(table, ...)` with its default options, written atomically."""
+def write_parquet_atomic(table: pa.Table, path: str | Path, **options: Any) -> None:
+    """`pq.write_table(table, ..., **options)` (default: pyarrow's options), written atomically."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **options)
 
 
 def copy_file_atomic(source: str | Path, path: str | Path) -> None:

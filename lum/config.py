@@ -152,7 +152,8 @@ class EmbedJobConfig:
     max_history: int | None = Field(None, ge=1, description="Behaviours per prompt (default: the tokenizer's max_history).")
     window_stride: int = Field(16, ge=1, description="Rolling: the history window moves in steps of this many behaviours.")
     shards: int = Field(8, ge=1, description="Output shards by user hash (the unit of resume).")
-    output_dtype: Literal["float32", "float16"] = Field("float32", description="Precision of the stored vectors.")
+    output_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Precision of the stored vectors (16-bit ones are rounded, stored as float32 that compresses to about half).")
     dim: int | None = Field(None, ge=1, description="Reduce to this many dimensions (PCA fitted on a sample).")
     pca_sample: int = Field(20_000, ge=1, description="Users sampled to fit the PCA.")
     groups_per_call: int = Field(256, ge=1, description="Query groups handed to the engine at once (progress granularity).")

@@ -11,8 +11,10 @@ store reads the folder with.
 
 Each shard holds the users whose stable hash falls in it; it is computed in memory, written under a temporary
 name and renamed, then recorded in the manifest. Re-running skips recorded shards, so a killed run resumes where
-it stopped and never leaves a partial shard under a final name. Events are streamed from Parquet once per shard
-(only that shard's users are kept), so memory grows with the shard, not with the number of users.
+it stopped and never leaves a partial shard under a final name. The event log (and a rows file) is read once:
+one streaming pass splits it by shard into `out/partitions/` (stamped with the sources' fingerprints, reused on
+resume, removed when the job completes), and each shard, local or on a Ray actor, reads only its own file. Memory
+grows with the shard, not with the number of users.
 
 Item vectors are the LM's output rows (`lm_head`): the dot product of a user vector with an item vector is the
 model's own logit for that item under the query's condition. An item without a token of its own gets its
@@ -50,7 +52,7 @@ from contracts.embeddings import (
     write_embedding_manifest,
 )
 from contracts.embeddings import MANIFEST_FILE as MANIFEST
-from contracts.files import atomic_path, write_parquet_atomic
+from contracts.files import atomic_path, write_parquet_atomic, write_text_atomic
 from contracts.progress import bars_off
 from lum.config import EmbedJobConfig  # noqa: F401  (re-exported)
 from lum.embed import REQUEST, QueryGroup, TorchEngine, VllmEngine, build_queries, resolve_conditions
@@ -112,6 +114,63 @@ def _read_shard(path: str, columns: list[str], shard: int, shards: int) -> pd.Da
         frame = batch.to_pandas()
         parts.append(frame[shard_of(frame["user_id"].astype(str).to_numpy(), shards) == shard])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def round_to_dtype(matrix: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 [N, D] values rounded to `dtype` (float32 | float16 | bfloat16), as float32.
+
+    Arrow has no list<float16> (or bfloat16) that every reader takes, so 16-bit vectors are stored as float32 that
+    hold only 16-bit values: the ranker reads them unchanged, and the shards are written with byte-stream-split
+    encoding, which stores the bytes a 16-bit value leaves zero in almost nothing (bfloat16: the low two bytes).
+    bfloat16 rounds to nearest even on the float32 bits, as torch does.
+    """
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    if dtype == "float16":
+        return matrix.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        bits = matrix.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return rounded.view(np.float32)
+    return matrix
+
+
+# the vectors' bytes split by significance (a 16-bit value's zero bytes then cost almost nothing) and zstd: 20k
+# 64-d vectors take 4.3 MB as float32, 2.3 MB as float16, 1.8 MB as bfloat16 (5.7 MB with pyarrow's defaults)
+VECTOR_PARQUET_OPTIONS = {"use_byte_stream_split": ["embedding.list.element"], "compression": "zstd",
+                          "use_dictionary": ["user_id", "condition", "model_version"]}
+PARTITIONS_DIR = "partitions"  # out/partitions/<source>/shard-*.parquet: the inputs split by user shard, while the job runs
+
+
+def partition_by_shard(path: str, columns: list[str], shards: int, out: Path) -> list[Path]:
+    """One streaming pass over a Parquet file, writing each shard's rows (users hashed by `shard_of`) to
+    `out/shard-xxxxx-of-yyyyy.parquet`; every shard gets a file, empty or not. Files go to a staging folder
+    renamed into place whole, so a killed pass leaves no partial partition under `out`."""
+    import shutil
+
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    source = pq.ParquetFile(path)
+    schema = source.schema_arrow
+    schema = pa.schema([schema.field(c) for c in columns])
+    writers = [pq.ParquetWriter(staging / shard_file_name(s, shards), schema) for s in range(shards)]
+    try:
+        for batch in source.iter_batches(columns=columns, batch_size=1 << 20):
+            table = pa.Table.from_batches([batch]).select(columns)
+            which = shard_of(table.column("user_id").to_pandas().astype(str).to_numpy(), shards)
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(shards + 1))
+            for s in range(shards):
+                if bounds[s + 1] > bounds[s]:
+                    writers[s].write_table(table.take(order[bounds[s]:bounds[s + 1]]))
+    finally:
+        for writer in writers:
+            writer.close()
+    if out.exists():  # an earlier partition of other inputs (or one killed before its stamp was written)
+        shutil.rmtree(out)
+    staging.replace(out)
+    return [out / shard_file_name(s, shards) for s in range(shards)]
 
 
 def _file_fingerprint(path: str | Path) -> str:
@@ -185,8 +244,7 @@ class EmbeddingJob:
         """(user_id, ts, key) queries of one shard; snapshot users come from the shard's `events` already read."""
         if self.as_of.rows_path:
             # the `request` condition needs each row's own context; a (user, time) is one request, one context
-            context = list(self.tokenizer.config.condition_columns) if REQUEST in dict(self.conditions) else []
-            rows = _read_shard(self.as_of.rows_path, ["user_id", "ts", *context], shard, self.config.shards)
+            rows = self._shard_rows("rows", shard)
             rows = rows.drop_duplicates(["user_id", "ts"]).reset_index(drop=True)
             rows["ts"] = pd.to_datetime(rows["ts"], utc=True)
             return rows.assign(key=rows["ts"])
@@ -195,7 +253,7 @@ class EmbeddingJob:
         if not self.as_of.for_rows:
             frames = [pd.DataFrame({"user_id": users, "ts": t, "key": t}) for t in times]
             return pd.concat(frames, ignore_index=True)
-        rows = _read_shard(self.as_of.for_rows, ["user_id", "ts"], shard, self.config.shards)
+        rows = self._shard_rows("for_rows", shard)
         row_ns = pd.to_datetime(rows["ts"], utc=True).astype("datetime64[ns, UTC]").astype("int64").to_numpy()
         which = np.searchsorted(np.array([t.value for t in times], dtype=np.int64), row_ns, side="right") - 1  # the newest as-of <= ts
         needed = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "k": which})[which >= 0]
@@ -238,9 +296,39 @@ class EmbeddingJob:
     def _shard_path(self, shard: int) -> Path:
         return self.out_dir / USERS_DIR / shard_file_name(shard, self.config.shards)
 
+    # ------------------------------------------------------------------ inputs split by shard
+    def _sources(self) -> dict[str, tuple[str, list[str]]]:
+        """name -> (Parquet path, columns) of every input a shard reads its users' rows from."""
+        sources = {"events": (self.events_path, self.event_columns)}
+        if self.as_of.rows_path:
+            context = list(self.tokenizer.config.condition_columns) if REQUEST in dict(self.conditions) else []
+            sources["rows"] = (self.as_of.rows_path, ["user_id", "ts", *context])
+        if self.as_of.for_rows:
+            sources["for_rows"] = (self.as_of.for_rows, ["user_id", "ts"])
+        return sources
+
+    def partition_inputs(self) -> None:
+        """Split every input by shard in one pass each (skipped when the stamped partition is of the same files)."""
+        for name, (path, columns) in self._sources().items():
+            folder = self.out_dir / PARTITIONS_DIR / name
+            stamp = {"source": _file_fingerprint(path), "columns": columns, "shards": self.config.shards}
+            done = folder / "partition.json"
+            if done.exists() and json.loads(done.read_text()) == stamp:
+                continue
+            partition_by_shard(path, columns, self.config.shards, folder)
+            write_text_atomic(json.dumps(stamp), done)
+
+    def _shard_rows(self, name: str, shard: int) -> pd.DataFrame:
+        """One shard's rows of input `name`: its partition file when the inputs were split, else a filtering pass."""
+        path, columns = self._sources()[name]
+        part = self.out_dir / PARTITIONS_DIR / name / shard_file_name(shard, self.config.shards)
+        if part.exists():
+            return pq.read_table(part).to_pandas()
+        return _read_shard(path, columns, shard, self.config.shards)
+
     def embed_shard(self, shard: int, bar: tqdm | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
         """Rows (user_id, condition, event_timestamp) and vectors [N, H] of one shard, plus counts."""
-        events = _read_shard(self.events_path, self.event_columns, shard, self.config.shards)
+        events = self._shard_rows("events", shard)
         queries = self._as_of_rows(shard, events)
         # snapshots fill prompts to whole prefix-cache blocks; rolling rows share their history across rows instead
         align = 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align
@@ -265,9 +353,8 @@ class EmbeddingJob:
     def _table(self, rows: pd.DataFrame, matrix: np.ndarray, projection: np.ndarray | None) -> pa.Table:
         if projection is not None:
             matrix = matrix @ projection.T
-        matrix = matrix.astype(np.float16 if self.config.output_dtype == "float16" else np.float32)
-        # Arrow has no list<float16> that every reader takes: store float16-rounded values as float32
-        values = pa.array(matrix.astype(np.float32).ravel(), pa.float32())
+        matrix = round_to_dtype(matrix, self.config.output_dtype)
+        values = pa.array(matrix.ravel(), pa.float32())
         offsets = pa.array(np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)[: len(matrix) + 1])
         embedding = pa.ListArray.from_arrays(offsets, values) if len(matrix) else pa.array([], pa.list_(pa.float32()))
         return pa.table(
@@ -315,7 +402,7 @@ class EmbeddingJob:
         matrix = head[ids].astype(np.float32)
         if projection is not None:
             matrix = matrix @ projection.T
-        matrix = matrix.astype(np.float16 if self.config.output_dtype == "float16" else np.float32).astype(np.float32)
+        matrix = round_to_dtype(matrix, self.config.output_dtype)
         return pa.table(
             {
                 "item_id": pa.array(items, pa.string()),
@@ -331,7 +418,7 @@ class EmbeddingJob:
         rows, matrix, counts = self.embed_shard(shard, bar)
         if self.config.dim and projection is None:
             projection = self._projection(matrix)
-        write_parquet_atomic(self._table(rows, matrix, projection), self._shard_path(shard))
+        write_parquet_atomic(self._table(rows, matrix, projection), self._shard_path(shard), **VECTOR_PARQUET_OPTIONS)
         return ShardRecord(self._shard_path(shard).name, counts)
 
     def constructor_args(self) -> dict[str, Any]:
@@ -343,6 +430,8 @@ class EmbeddingJob:
         (self.out_dir / USERS_DIR).mkdir(parents=True, exist_ok=True)
         manifest = self._manifest_to_resume()
         todo = [s for s in range(self.config.shards) if s not in manifest.shards or not self._shard_path(s).exists()]
+        if todo and self.config.shards > 1:
+            self.partition_inputs()  # the log is read once here, not once per shard
         needs_local_engine = not ray_actors or (self.config.dim and not (self.out_dir / PCA_FILE).exists())
         if todo and self.engine is None and needs_local_engine:
             self.open_engine()
@@ -377,6 +466,10 @@ class EmbeddingJob:
         manifest.seconds_this_run = round(time.perf_counter() - started, 2)
         manifest.embedding_dim = self.config.dim or self.hidden_size
         write_embedding_manifest(manifest, self.out_dir)
+        if (self.out_dir / PARTITIONS_DIR).exists():  # a copy of the inputs, needed only while shards remain
+            import shutil
+
+            shutil.rmtree(self.out_dir / PARTITIONS_DIR)
         return manifest.to_json()
 
     def _manifest_to_resume(self) -> EmbeddingManifest:

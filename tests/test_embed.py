@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from lum.embed import TorchEngine, VllmEngine, VllmSettings, build_queries, resolve_conditions
-from lum.embed_job import AsOf, EmbeddingJob, EmbedJobConfig, EmbedJobError, read_user_embeddings
+from lum.embed_job import PARTITIONS_DIR, AsOf, EmbeddingJob, EmbedJobConfig, EmbedJobError, read_user_embeddings, shard_of
 from lum.model import load_model
 from lum.tokenizer import BehaviourTokenizer
 from pipelines.cli import main
@@ -266,6 +266,24 @@ def test_pca_and_float16(model, torch_engine, events_file, tmp_path):
     assert len(items.embedding.iloc[0]) == 8
 
 
+def test_bfloat16_vectors_round_as_torch_does_and_store_smaller(model, torch_engine, events_file, tmp_path):
+    folder, _ = model
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        job = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / dtype, EmbedJobConfig(engine="torch", shards=1, output_dtype=dtype))
+        job.open_engine(torch_engine)
+        job.run(progress=False)
+        sizes[dtype] = sum(p.stat().st_size for p in (tmp_path / dtype / "users").glob("*.parquet"))
+    full = np.stack(read_user_embeddings(tmp_path / "float32").to_pandas().embedding)
+    half = np.stack(read_user_embeddings(tmp_path / "bfloat16").to_pandas().embedding)
+    assert half.dtype == np.float32  # what the ranker reads, unchanged
+    np.testing.assert_array_equal(half, torch.from_numpy(full).to(torch.bfloat16).float().numpy())
+    assert sizes["bfloat16"] < 0.6 * sizes["float32"], sizes
+    items = pq.read_table(tmp_path / "bfloat16" / "items.parquet").to_pandas()
+    vectors = np.stack(items.embedding)
+    np.testing.assert_array_equal(vectors, torch.from_numpy(vectors).to(torch.bfloat16).float().numpy())  # already bf16 values
+
+
 def test_a_killed_job_resumes_to_the_same_result(model, events_file, tmp_path):
     folder, _ = model
     args = ["--model", str(folder), "--events", str(events_file), "--as-of", "2025-01-12,2025-01-20,2025-01-28", "--engine", "torch", "--shards", "12"]
@@ -365,6 +383,40 @@ def test_damaged_or_swapped_weights_are_refused_before_any_engine_loads_them(mod
     result = CliRunner().invoke(main, ["embed", "--model", str(flipped), "--events", str(events_file), "--as-of", "2025-01-20",
                                        "--engine", "torch", "--out", str(tmp_path / "cli")])
     assert result.exit_code != 0 and "model.safetensors is not the file its manifest recorded" in result.output
+
+
+def test_the_log_is_read_once_and_each_shard_reads_only_its_own_users(model, torch_engine, events_file, tmp_path):
+    """One pass splits the log by user shard; a shard then needs nothing else (the log moved away) and gives what
+    a pass filtering the whole log gives; the split is removed when the job completes."""
+    folder, _ = model
+    config = EmbedJobConfig(engine="torch", shards=4)
+    log = tmp_path / "events.parquet"
+    shutil.copy(events_file, log)
+    job = EmbeddingJob(folder, log, AsOf(times=(AS_OF,)), tmp_path / "split", config)
+    job.open_engine(torch_engine)
+    job.partition_inputs()
+    parts = sorted((tmp_path / "split" / PARTITIONS_DIR / "events").glob("*.parquet"))
+    assert len(parts) == 4
+    for shard, part in enumerate(parts):
+        users = pq.read_table(part, columns=["user_id"]).column("user_id").to_numpy(zero_copy_only=False).astype(str)
+        assert len(users) and (shard_of(users, 4) == shard).all(), f"{part.name} holds another shard's users"
+    whole = pq.read_table(events_file, columns=job.event_columns).to_pandas()
+    split = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+    key = ["user_id", "ts", "item_id"]
+    pd.testing.assert_frame_equal(split.sort_values(key, kind="stable").reset_index(drop=True),
+                                  whole.sort_values(key, kind="stable").reset_index(drop=True))
+
+    reference = EmbeddingJob(folder, events_file, AsOf(times=(AS_OF,)), tmp_path / "filtering", config)  # never split
+    reference.open_engine(torch_engine)
+    expected = [reference.embed_shard(s) for s in range(4)]
+    log.rename(tmp_path / "moved.parquet")  # a shard that read the log now would fail
+    for shard, (rows, matrix, counts) in enumerate(expected):
+        got_rows, got_matrix, got_counts = job.embed_shard(shard)
+        pd.testing.assert_frame_equal(got_rows, rows)
+        np.testing.assert_array_equal(got_matrix, matrix)
+        assert got_counts == counts
+    (tmp_path / "moved.parquet").rename(log)
+    assert job.run(progress=False)["complete"] and not (tmp_path / "split" / PARTITIONS_DIR).exists()
 
 
 def test_ray_data_run_writes_the_same_shards(model, torch_engine, events_file, tmp_path):
