@@ -30,7 +30,8 @@ BEGIN = "<!-- bench-summary:begin -->"
 END = "<!-- bench-summary:end -->"
 
 # pipeline order; benchmarks not listed here follow in alphabetical order
-ORDER = ("data", "pretrain", "embed", "rolling", "features", "ranker", "serve", "scaling", "retrieve", "retrieval_quality", "retrieval_ab",
+ORDER = ("data", "pretrain", "embed", "shard_reads", "rolling", "features", "offline_join",
+         "ranker", "serve", "scaling", "retrieve", "retrieval_quality", "retrieval_ab",
          "quality-demo", "quality-movielens")
 
 Row = dict[str, Any]
@@ -70,6 +71,12 @@ TABLES: dict[str, list[Table]] = {
         Table((("measure", "measure"), ("value", "value"), ("unit", "unit")),
               when=lambda row: "p99_vs_floor" not in row, title="Offline"),
     ],
+    "offline_join": [Table((("engine", "engine"), ("workers", "workers"), ("rows", "rows"), ("rows_per_s", "rows/s"), ("seconds", "s"),
+                            ("peak_mib", "peak MiB"), ("vs_floor", "time vs floor"), ("same_rows_as_floor", "same rows"),
+                            ("growth_exponent", "growth b (s ~ rows^b)")))],
+    "shard_reads": [Table((("users", "users"), ("events", "events"), ("shards", "shards"), ("per_shard_pass_s", "a pass per shard s"),
+                           ("partition_once_s", "partition once s"), ("speedup", "speed-up"), ("per_shard_pass_s_growth", "growth before"),
+                           ("partition_once_s_growth", "growth after")))],
     "ranker": [
         Table((("what", "what"), ("examples_per_s", "examples/s"), ("examples_per_s_worst", "worst"),
                ("examples_per_s_best", "best"), ("target", "target"), ("valid_auc", "valid AUC"), ("load_avg_1m", "load 1m")),
