@@ -59,6 +59,7 @@ BENCHES = (
     Bench("features", quick=("--quick",), full=()),
     Bench("offline_join", quick=("--quick",), full=()),
     Bench("shard_reads", quick=("--quick",), full=()),
+    Bench("online_memory", quick=("--quick",), full=()),
     Bench("ranker", quick=("--rows", "50000", "--epochs", "1", "--repeats", "1", "--batch-curve", "512,8192"), full=()),
     # our DIN against DeepCTR-Torch's on the same rows (its own environment in build/, made on first use)
     Bench("din_reference", quick=("--quick", "--data", "simulator"), full=()),

@@ -74,6 +74,8 @@ TABLES: dict[str, list[Table]] = {
     "offline_join": [Table((("engine", "engine"), ("workers", "workers"), ("rows", "rows"), ("rows_per_s", "rows/s"), ("seconds", "s"),
                             ("peak_mib", "peak MiB"), ("vs_floor", "time vs floor"), ("same_rows_as_floor", "same rows"),
                             ("growth_exponent", "growth b (s ~ rows^b)")))],
+    "online_memory": [Table((("dim", "dimensions"), ("rows", "vectors"), ("bytes_per_vector", "bytes / vector"),
+                             ("bytes_per_value", "bytes / value"), ("overhead_bytes", "overhead bytes")))],
     "shard_reads": [Table((("users", "users"), ("events", "events"), ("shards", "shards"), ("per_shard_pass_s", "a pass per shard s"),
                            ("partition_once_s", "partition once s"), ("speedup", "speed-up"), ("per_shard_pass_s_growth", "growth before"),
                            ("partition_once_s_growth", "growth after")))],
