@@ -1,7 +1,7 @@
 """A run's Feast feature repo: create it, build the offline tables, ingest embeddings, apply, materialize.
 
     feature_repo/
-      feature_store.yaml          Feast's config: local provider, file offline store, SQLite or Redis online store
+      feature_store.yaml          Feast's config: local provider, the offline store (duckdb, file or ray), SQLite or Redis online store
       definitions.py              the Feast objects (copied from feature_store/repo_template/)
       lum_features.yaml           what varies: the selected model version, its query conditions, TTLs
       data/
@@ -84,7 +84,9 @@ class OfflineStoreConfig:
     same Parquet files and gives the same training rows (tests/test_offline_engines.py).
     """
 
-    kind: Literal["file", "duckdb", "ray"] = "duckdb"  # the default: the faster of file / duckdb on the demo (benchmarks/bench_offline_join.py)
+    # the default: the faster of file / duckdb on the demo's world, 21k against 8.6k rows/s at 1M rows, and at 0.25M and 4M
+    # too (benchmarks/bench_offline_join.py, docs/results/feature-store.md#offline-engines)
+    kind: Literal["file", "duckdb", "ray"] = "duckdb"
     ray_address: str | None = None  # ray only: "HOST:PORT" of a running cluster's GCS (or "auto"); None: a local Ray in this process
     ray_cpus: int | None = None  # ray only, local Ray: its CPU slots (worker processes); None: every core
 
