@@ -202,7 +202,7 @@ def main() -> None:
         world = build_world(work, max(sizes + ray_sizes))
         print(f"world: {world}", flush=True)
         floor_seconds: dict[int, float] = {}
-        # every size of the in-process engines first, then Ray (smaller sizes: its fixed cost is minutes)
+        # every size of the in-process engines first, then Ray (smaller sizes: it joins tens of rows a second here)
         in_process = [e for e in engines if e != "ray"]
         for size in sorted(sizes):
             for engine in in_process:
