@@ -123,7 +123,7 @@ def _refuse_what_ray_cannot_join(store: Any, views: Iterable[str], requests: pd.
                 "make it 0 (`lum features apply --lum-ttl-days 0`: forever) or use the duckdb or file offline store")
 
 
-def _ray_time_shift(store: Any, view: str, entity: pd.DataFrame) -> pd.Timedelta:
+def _ray_time_shift(store: Any, view: str) -> pd.Timedelta:
     """What to subtract from the request times so Feast's Ray store joins exactly what the other engines join.
 
     Feast 0.67's Ray store floors every timestamp to the second before its `merge_asof`
@@ -131,17 +131,14 @@ def _ray_time_shift(store: Any, view: str, entity: pd.DataFrame) -> pd.Timedelta
     the event they include (offline_tables.py), so a request at the event's own second would join the counters
     that count its own label. With whole-second request times and source stamps that all sit at a whole second
     (snapshots, item periods) or all one microsecond after one (counters, histories), the join is exact again when
-    the request times of the second kind move back by one microsecond. Anything else is refused, never joined.
+    the request times of the second kind move back by one microsecond. Anything else is refused, never joined (the
+    request times were checked by `_refuse_what_ray_cannot_join` before the first join).
     """
-    def sub_second(ns: np.ndarray) -> np.ndarray:
-        return np.mod(ns, 1_000_000_000)
-
-    _refuse_what_ray_cannot_join(store, [view], entity["event_timestamp"])
     stamps = read_view_source(store, view, ["event_timestamp"]).column("event_timestamp")
-    offsets = np.unique(sub_second(stamps.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)))
-    if len(offsets) == 0 or set(offsets.tolist()) <= {0}:
+    offsets = set(np.unique(np.mod(stamps.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False), 1_000_000_000)).tolist())
+    if offsets <= {0}:
         return pd.Timedelta(0)
-    if set(offsets.tolist()) == {1_000}:
+    if offsets == {1_000}:
         return pd.Timedelta(microseconds=1)
     raise FeatureStoreError(
         f"feature view '{view}' has timestamps at {len(offsets)} different fractions of a second; the ray offline store floors them to the "
@@ -164,10 +161,11 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     known, source_rows = _known_keys(store, view, keys)
     entity = entity.merge(known, on=keys, how="inner")
     chunk_rows = max(10_000, merge_budget * max(len(known), 1) // max(source_rows, 1))
-    if store.config.offline_store.type == "ray":
+    ray = store.config.offline_store.type == "ray"
+    if ray:
         # Ray's store partitions the join over its workers itself and pays a fixed cost per call (about 2 s here)
         chunk_rows = max(len(entity), 1)
-        entity = entity.assign(event_timestamp=entity["event_timestamp"] - _ray_time_shift(store, view, entity))
+        entity = entity.assign(event_timestamp=entity["event_timestamp"] - _ray_time_shift(store, view))
     parts = []
     for start in tqdm(range(0, len(entity), chunk_rows), desc=desc, disable=bars_off(progress), unit="chunk", leave=False):
         chunk = entity.iloc[start : start + chunk_rows]
@@ -178,11 +176,11 @@ def _historical(store: Any, entity: pd.DataFrame, refs: list[str], merge_budget:
     if not len(out):
         return pd.DataFrame(columns=[f.split(":")[1] for f in refs], index=pd.Index([], name="row_id"))
     answer = out.drop_duplicates("row_id").set_index("row_id")[list(features)].rename(columns=features)
-    return _same_missing_values(answer)
+    return _ray_lists_repaired(answer) if ray else answer
 
 
-def _same_missing_values(answer: pd.DataFrame) -> pd.DataFrame:
-    """One spelling of "no value" for list columns, whichever engine answered.
+def _ray_lists_repaired(answer: pd.DataFrame) -> pd.DataFrame:
+    """Ray's list answers spelt as the other engines spell them (a loop over every value: only Ray's answers need it).
 
     Feast's file and DuckDB stores answer a missing list feature with None; its Ray store (0.67) with an empty list,
     and a list of one element as that element alone (pandas unpacks it). A vector is never empty, so an empty one is
