@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from contracts.embeddings import ITEMS_FILE, USERS_DIR, EmbeddingManifest, ShardRecord, shard_file_name, write_embedding_manifest
+from benchmarks.bench_features import fake_embedding_job
+from contracts.embeddings import USERS_DIR, shard_file_name
 from feature_store.online import FeatureClient, materialize
 from feature_store.repo import FeatureRepo, FeatureStoreError, OfflineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
@@ -30,25 +30,6 @@ CONDITIONS = ["surface=home", "surface=search"]
 TTL_DAYS = 3
 ENGINES = ["file", "duckdb", "ray"]
 SERVICE = "ranker_lum_pooled"
-
-
-def _embedding_job(out, users: np.ndarray, items: np.ndarray, as_of: list[pd.Timestamp], dim: int = 8) -> None:
-    """A finished `lum embed` folder with seeded random vectors (what they mean does not matter to a join)."""
-    rng = np.random.default_rng(0)
-    rows = pd.DataFrame([(u, c, t) for t in as_of for u in users for c in CONDITIONS], columns=["user_id", "condition", "event_timestamp"])
-    vectors = rng.standard_normal((len(rows), dim)).astype(np.float32)
-    (out / USERS_DIR).mkdir(parents=True)
-    pq.write_table(pa.table({
-        "user_id": rows.user_id.to_numpy(), "condition": rows.condition.to_numpy(),
-        "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, vectors.size + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())),
-        "event_timestamp": pa.array(rows.event_timestamp).cast(pa.timestamp("us", tz="UTC")),
-        "model_version": ["lum-engines"] * len(rows),
-    }), out / USERS_DIR / shard_file_name(0, 1))
-    item_vectors = rng.standard_normal((len(items), dim)).astype(np.float32)
-    pq.write_table(pa.table({"item_id": items, "embedding": pa.array(list(item_vectors), pa.list_(pa.float32())), "token": items,
-                             "model_version": ["lum-engines"] * len(items)}), out / ITEMS_FILE)
-    settings = {"model_version": "lum-engines", "as_of": ",".join(t.isoformat() for t in as_of), "rows": None, "conditions": CONDITIONS}
-    write_embedding_manifest(EmbeddingManifest(settings, shards={0: ShardRecord(shard_file_name(0, 1))}, complete=True, embedding_dim=dim), out)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +43,8 @@ def world(tmp_path_factory):
     repo.build_stats(events, items)
     start = events.ts.min().ceil("1D")
     snapshots = [start + pd.Timedelta(days=d) for d in (3, 6, 14)]  # a gap of 8 days: rows in it see an expired snapshot
-    _embedding_job(root / "embed", events.user_id.astype(str).unique(), items.item_id.astype(str).to_numpy(), snapshots)
+    fake_embedding_job(root / "embed", events.user_id.astype(str).unique(), items.item_id.astype(str).to_numpy(), snapshots,
+                       conditions=CONDITIONS, dim=8, version="lum-engines")
     repo.ingest(root / "embed", item_valid_from=str(start))
 
     rng = np.random.default_rng(0)
@@ -135,6 +117,11 @@ def test_the_generated_feast_config_names_the_engine(world, tmp_path):
         OfflineStoreConfig("file", ray_address="10.0.0.5:6379")
     with pytest.raises(FeatureStoreError, match="one of file, duckdb, ray"):
         OfflineStoreConfig("spark")
+    # in a run config too, when it loads: a ray setting beside another engine is refused, not ignored
+    from pipelines.run.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="ray_address is a setting of the ray offline store"):
+        load_run_config(None, {"features.ray_address": "10.0.0.5:6379"})
 
 
 @pytest.mark.slow

@@ -183,11 +183,18 @@ class FeatureStoreSettings:
     ray_address: str | None = Field(None, description="ray: HOST:PORT of a running Ray cluster (default: a local Ray started by the run).")
     ray_cpus: int | None = Field(None, ge=1, description="ray without ray_address: CPU slots of the local Ray (default: every core).")
 
+    def __post_init__(self) -> None:
+        from feature_store.repo import FeatureStoreError
+
+        try:  # a ray setting beside another engine, or both ray settings: refused when the config loads, not ignored
+            self.offline()
+        except FeatureStoreError as exc:
+            raise ValueError(str(exc)) from None
+
     def offline(self) -> Any:
         from feature_store.repo import OfflineStoreConfig
 
-        ray = self.offline_store == "ray"
-        return OfflineStoreConfig(self.offline_store, ray_address=self.ray_address if ray else None, ray_cpus=self.ray_cpus if ray else None)
+        return OfflineStoreConfig(self.offline_store, ray_address=self.ray_address, ray_cpus=self.ray_cpus)
 
 
 @config_class
