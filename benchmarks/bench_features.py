@@ -41,27 +41,29 @@ CONDITIONS = ["surface=home", "surface=search", "surface=item_detail", "surface=
 DIM = 64
 
 
-def fake_embedding_job(out: Path, users: np.ndarray, items: np.ndarray, as_of: list[pd.Timestamp], seed: int = 0) -> Path:
-    """A folder laid out as `lum embed` writes it, with random vectors (the benchmark measures plumbing)."""
+def fake_embedding_job(out: Path, users: np.ndarray, items: np.ndarray, as_of: list[pd.Timestamp], seed: int = 0,
+                       conditions: list[str] = CONDITIONS, dim: int = DIM, version: str = "bench-v1") -> Path:
+    """A finished folder laid out as `lum embed` writes it, with seeded random vectors for every (as-of time, user,
+    condition): what the vectors mean does not matter to plumbing (benchmarks, joins)."""
     rng = np.random.default_rng(seed)
     (out / USERS_DIR).mkdir(parents=True, exist_ok=True)
-    frames = [pd.DataFrame({"user_id": np.repeat(users, len(CONDITIONS)), "condition": np.tile(CONDITIONS, len(users)), "event_timestamp": t})
+    frames = [pd.DataFrame({"user_id": np.repeat(users, len(conditions)), "condition": np.tile(conditions, len(users)), "event_timestamp": t})
               for t in as_of]
     rows = pd.concat(frames, ignore_index=True)
-    vectors = rng.standard_normal((len(rows), DIM)).astype(np.float32)
-    offsets = pa.array(np.arange(0, vectors.size + 1, DIM, dtype=np.int32))
+    vectors = rng.standard_normal((len(rows), dim)).astype(np.float32)
+    offsets = pa.array(np.arange(0, vectors.size + 1, dim, dtype=np.int32))
     table = pa.table({
         "user_id": rows.user_id.to_numpy(), "condition": rows.condition.to_numpy(),
         "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel())),
         "event_timestamp": pa.array(rows.event_timestamp).cast(pa.timestamp("us", tz="UTC")),
-        "model_version": pa.array(["bench-v1"] * len(rows)),
+        "model_version": pa.array([version] * len(rows)),
     })
     pq.write_table(table, out / USERS_DIR / shard_file_name(0, 1))
-    item_vectors = rng.standard_normal((len(items), DIM)).astype(np.float32)
+    item_vectors = rng.standard_normal((len(items), dim)).astype(np.float32)
     pq.write_table(pa.table({"item_id": items, "embedding": pa.array(list(item_vectors), pa.list_(pa.float32())),
-                             "token": items, "model_version": ["bench-v1"] * len(items)}), out / ITEMS_FILE)
-    settings = {"model_version": "bench-v1", "as_of": ",".join(t.isoformat() for t in as_of), "rows": None, "conditions": CONDITIONS}
-    manifest = EmbeddingManifest(settings, shards={0: ShardRecord(shard_file_name(0, 1))}, complete=True, embedding_dim=DIM)
+                             "token": items, "model_version": [version] * len(items)}), out / ITEMS_FILE)
+    settings = {"model_version": version, "as_of": ",".join(t.isoformat() for t in as_of), "rows": None, "conditions": list(conditions)}
+    manifest = EmbeddingManifest(settings, shards={0: ShardRecord(shard_file_name(0, 1))}, complete=True, embedding_dim=dim)
     write_embedding_manifest(manifest, out)
     return out
 

@@ -20,31 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from benchmarks.bench_features import CONDITIONS, fake_embedding_job
 from benchmarks.common import write_results
-from contracts.embeddings import ITEMS_FILE, USERS_DIR, EmbeddingManifest, ShardRecord, shard_file_name, write_embedding_manifest
-
-CONDITIONS = ["surface=home", "surface=search", "surface=item_detail", "surface=cart"]
-
-
-def vectors_job(out: Path, users: int, dim: int) -> None:
-    rng = np.random.default_rng(0)
-    ids = np.array([f"u{i}" for i in range(users)])
-    as_of = pd.Timestamp("2025-03-01", tz="UTC")
-    n = users * len(CONDITIONS)
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    (out / USERS_DIR).mkdir(parents=True)
-    pq.write_table(pa.table({
-        "user_id": np.repeat(ids, len(CONDITIONS)), "condition": np.tile(CONDITIONS, users),
-        "embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, vectors.size + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())),
-        "event_timestamp": pa.array([as_of] * n).cast(pa.timestamp("us", tz="UTC")), "model_version": ["mem"] * n,
-    }), out / USERS_DIR / shard_file_name(0, 1))
-    pq.write_table(pa.table({"item_id": ["i0"], "embedding": pa.array([np.zeros(dim, np.float32)], pa.list_(pa.float32())),
-                             "token": ["i0"], "model_version": ["mem"]}), out / ITEMS_FILE)
-    settings = {"model_version": "mem", "as_of": as_of.isoformat(), "rows": None, "conditions": CONDITIONS}
-    write_embedding_manifest(EmbeddingManifest(settings, shards={0: ShardRecord(shard_file_name(0, 1))}, complete=True, embedding_dim=dim), out)
 
 
 def main() -> None:
@@ -83,7 +61,8 @@ def main() -> None:
             repo = FeatureRepo(work / f"repo-{dim}")
             repo.init(online=OnlineStoreConfig("redis", f"127.0.0.1:{port}"))
             repo.build_stats(events, None)
-            vectors_job(work / f"embed-{dim}", users, dim)
+            fake_embedding_job(work / f"embed-{dim}", np.array([f"u{i}" for i in range(users)]), np.array(["i0"]),
+                               [pd.Timestamp("2025-03-01", tz="UTC")], dim=dim, version="mem")
             repo.ingest(work / f"embed-{dim}", item_valid_from="2025-01-01")
             repo.apply()
             store = repo.store()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,6 @@ def partition_by_shard(path: str, columns: list[str], shards: int, out: Path) ->
     """One streaming pass over a Parquet file, writing each shard's rows (users hashed by `shard_of`) to
     `out/shard-xxxxx-of-yyyyy.parquet`; every shard gets a file, empty or not. Files go to a staging folder
     renamed into place whole, so a killed pass leaves no partial partition under `out`."""
-    import shutil
-
     staging = out.with_name(f".{out.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -467,8 +466,6 @@ class EmbeddingJob:
         manifest.embedding_dim = self.config.dim or self.hidden_size
         write_embedding_manifest(manifest, self.out_dir)
         if (self.out_dir / PARTITIONS_DIR).exists():  # a copy of the inputs, needed only while shards remain
-            import shutil
-
             shutil.rmtree(self.out_dir / PARTITIONS_DIR)
         return manifest.to_json()
 
