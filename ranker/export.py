@@ -10,6 +10,9 @@ writes into `out`:
     dlrm.pt2          the DLRM as a `torch.export` program: probabilities [B] from
                       dense [B, F] float32, values [nnz] int64, lengths [K * B] int64 (the KeyedJaggedTensor of the
                       sparse keys, key-major: every row's ids of key 0, then of key 1, ...); B and nnz are dynamic.
+    export.json       the manifest, written last: what the folder holds (a later export may replace exactly that)
+
+`out` must be new, empty or an earlier export: a folder holding anything else is refused, never deleted.
 
 `dlrm.pt2` is for a serving runtime (AOTInductor, ExecuTorch, or `torch.export.load` in Python); loading it in
 Python may unpickle its weights, so load only files you made.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ SPEC_FILE = "model_spec.json"
 DLRM_PROGRAM_FILE = "dlrm.pt2"
 LIGHTGBM_MODEL_FILE = "lightgbm.txt"
 SPEC_FORMAT = 1
+MANIFEST_FILE = "export.json"  # written last: a folder holding it is a complete export
+EXPORT_KIND = "lum-ranker-export"
 
 
 class DLRMScorer(torch.nn.Module):
@@ -155,23 +162,99 @@ def placeholder_inputs(ranker: TrainedRanker, rows: int = 4) -> DLRMInputs:
     return DLRMInputs(torch.zeros(rows, len(pipeline.dense_names)), keys, ids, offsets, None)
 
 
+class ExportError(ValueError):
+    """An export that cannot be written: one line naming the folder and why (the CLI prints it as is)."""
+
+
 def export_ranker(ranker: TrainedRanker, out_dir: str | Path, example: DLRMInputs | None = None) -> Path:
-    """Writes `out_dir` (assembled beside it, then renamed); a DLRM is traced on `example` (default: placeholders)."""
+    """Writes the export to `out_dir`; a DLRM is traced on `example` (default: placeholders).
+
+    `out_dir` may be new, empty, or an earlier export (its MANIFEST_FILE lists exactly what it holds); anything else
+    is refused, so `--out` never deletes a user's files. The export is assembled in a unique hidden sibling folder
+    and renamed into place only when complete; on any failure that folder is removed and the old export (if any)
+    stays as it was. OS failures (read-only folder, full disk) become one ExportError line naming the path.
+    """
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    _check_replaceable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    except OSError as exc:
+        raise _os_error(out_dir, exc) from None
+    try:
+        _write_export(ranker, staging, example)
+        _swap_into_place(staging, out_dir)
+    except BaseException as exc:  # BaseException: Ctrl-C leaves no half-written folder either
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _os_error(out_dir, exc) from None
+        raise
+    return out_dir
+
+
+def _os_error(out_dir: Path, exc: OSError) -> ExportError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out_dir) else ""
+    return ExportError(f"cannot write the export {out_dir}: {exc.strerror or exc}{where}")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuses an `out_dir` that is a file, or a non-empty folder other than an untouched earlier export."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir}: is a file, not a folder")
+    held = sorted(p.name for p in out_dir.iterdir())
+    if not held:
+        return
+    manifest = out_dir / MANIFEST_FILE
+    listed: Any = None
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+            listed = data.get("files") if isinstance(data, dict) and data.get("kind") == EXPORT_KIND else None
+        except (OSError, ValueError):
+            listed = None
+    if not isinstance(listed, list):
+        raise ExportError(f"--out {out_dir}: the folder is not empty and is not an earlier ranker export (no valid "
+                          f"{MANIFEST_FILE}); refusing to replace it: choose a new or empty folder")
+    extra = [name for name in held if name not in set(listed) | {MANIFEST_FILE}]
+    if extra:  # files someone put into an earlier export: replacing it would delete them
+        raise ExportError(f"--out {out_dir}: the earlier export also holds {', '.join(extra[:5])} (not written by the "
+                          f"export); refusing to replace it: move them away or choose another folder")
+
+
+def _write_export(ranker: TrainedRanker, folder: Path, example: DLRMInputs | None) -> None:
+    """The model file, model_spec.json, and last the manifest (what makes the folder an export)."""
     if ranker.config.model == "dlrm":
         program = export_dlrm(ranker, example if example is not None else placeholder_inputs(ranker))
-        torch.export.save(program, staging / DLRM_PROGRAM_FILE)
+        torch.export.save(program, folder / DLRM_PROGRAM_FILE)
     else:
-        ranker.model.save_model(str(staging / LIGHTGBM_MODEL_FILE), num_iteration=ranker.model.best_iteration or None)
-    write_text_atomic(json.dumps(model_spec(ranker), indent=1), staging / SPEC_FILE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.replace(out_dir)
-    return out_dir
+        ranker.model.save_model(str(folder / LIGHTGBM_MODEL_FILE), num_iteration=ranker.model.best_iteration or None)
+    spec = model_spec(ranker)
+    write_text_atomic(json.dumps(spec, indent=1), folder / SPEC_FILE)
+    manifest = {"kind": EXPORT_KIND, "format": SPEC_FORMAT, "model": ranker.config.model, "variant": ranker.variant,
+                "files": [spec["file"], SPEC_FILE]}
+    write_text_atomic(json.dumps(manifest, indent=1), folder / MANIFEST_FILE)
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Renames `staging` to `out_dir`. An existing `out_dir` (empty, or an earlier export) is first renamed aside,
+    and put back if the second rename fails; both renames stay in one folder, so neither copies data."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
+    out_dir.rename(old)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:  # the new export is in place; say what is left over rather than hiding it
+        raise ExportError(f"exported to {out_dir}, but the earlier export moved to {old} could not be removed: "
+                          f"{exc.strerror or exc}") from None
 
 
 def export_dlrm(ranker: TrainedRanker, example: DLRMInputs) -> torch.export.ExportedProgram:

@@ -113,7 +113,8 @@ def ranker_score(ranker_folder, requests_path, source, out_path, run_dir) -> Non
 
 @ranker.command("export")
 @click.option("--ranker", "ranker_folder", required=True, type=click.Path(exists=True, file_okay=False), help="A saved ranker folder.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (replaced when it exists).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: new, empty, or an earlier export (replaced whole); any other folder is refused.")
 @_friendly_errors
 def ranker_export(ranker_folder: str, out_dir: str) -> None:
     """Export a ranker for a non-Python stack: LightGBM's text model or the DLRM as a torch.export program, with a JSON

@@ -1,0 +1,143 @@
+"""`lum ranker export` (ranker/export.py): the folder it writes and what it refuses to overwrite, the DLRM program
+loaded by a process without the project, and model_spec.json's transforms rebuilt without the project's code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.synthetic import SyntheticConfig, split_by_time, synthetic_training_set
+from pipelines.cli import main
+from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
+from ranker.export import MANIFEST_FILE, SPEC_FILE, ExportError, export_ranker
+from ranker.train import TrainedRanker, train_ranker
+
+SMALL_DLRM = DLRMConfig(embedding_dim=8, dense_arch_layers=(16,), over_arch_layers=(16, 8), batch_size=256, epochs=1, threads=1)
+SMALL_LGBM = LightGBMConfig(num_leaves=15, n_estimators=30, early_stopping_rounds=10, threads=1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """(training window, later window) of 4,000 synthetic impressions: the columns of a Feast training set."""
+    return split_by_time(synthetic_training_set(SyntheticConfig(rows=4_000, users=300, items=500, lum_dim=8)), 0.25)
+
+
+@pytest.fixture(scope="module")
+def saved(data, tmp_path_factory) -> dict[str, Path]:
+    """Saved ranker folders: a small LightGBM and a small DLRM (request features on, as the demo trains them)."""
+    train, _ = data
+    features = FeatureConfig(request_features=True)
+    folders = {}
+    for model, variant in (("lightgbm", "lum"), ("dlrm", "lum+pooled")):
+        ranker = train_ranker(train, RankerConfig(model=model, variant=variant, dlrm=SMALL_DLRM, lightgbm=SMALL_LGBM, features=features))
+        folders[model] = ranker.save(tmp_path_factory.mktemp("rankers") / f"global-{model}-{variant}")
+    return folders
+
+
+def _export(ranker_folder: Path, out: Path):
+    return CliRunner().invoke(main, ["ranker", "export", "--ranker", str(ranker_folder), "--out", str(out)])
+
+
+# ------------------------------------------------------------------------------------------------ 1. the --out folder
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(saved, tmp_path):
+    """issue 35.1: `--out` removed the folder first; a notes file (or a whole run) was lost."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = _export(saved["lightgbm"], out)
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and str(out) in message and "not an earlier ranker export" in message, message
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left beside it
+
+
+def test_export_replaces_an_earlier_export_but_not_files_added_to_it(saved, tmp_path):
+    out = tmp_path / "exported"
+    for _ in range(2):  # new folder, then an earlier export replaced whole
+        result = _export(saved["lightgbm"], out)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST_FILE])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing staged or set aside left over
+    (out / "notes.txt").write_text("mine")
+    result = _export(saved["lightgbm"], out)
+    assert result.exit_code != 0 and "notes.txt" in result.output and str(out) in result.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / SPEC_FILE).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _export(saved["lightgbm"], empty).exit_code == 0 and (empty / SPEC_FILE).exists()
+
+
+def _read_only_bites(folder: Path) -> bool:
+    """Whether a chmod 555 folder refuses this process's writes (root with CAP_DAC_OVERRIDE writes anyway; root
+    without it, e.g. under `setpriv --inh-caps=-dac_override ...`, is refused like anyone)."""
+    probe = folder / "probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").touch()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+        shutil.rmtree(probe)
+
+
+def test_export_into_a_read_only_folder_is_one_line_and_leaves_the_earlier_export(saved, tmp_path):
+    """issue 35.1: an OSError (here permission denied; a full disk is the same path) is one line naming the path and
+    the OS's reason, and leaves neither a traceback nor a half-written folder."""
+    if os.geteuid() == 0 and not _read_only_bites(tmp_path):
+        pytest.skip("root writes into read-only folders: chmod does not bite")
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    out = parent / "exported"
+    assert _export(saved["lightgbm"], out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    parent.chmod(0o555)
+    try:
+        result = _export(saved["lightgbm"], out)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        message = result.output.strip()
+        assert len(message.splitlines()) == 1 and str(out) in message and "Permission denied" in message, message
+        assert sorted(p.name for p in parent.iterdir()) == ["exported"]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        parent.chmod(0o755)
+
+
+def test_an_os_error_while_exporting_is_one_line_naming_the_path(saved, tmp_path):
+    """The same OSError path as a read-only folder, but one that bites as root too: the folder's parent is a file."""
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "exported"
+    result = _export(saved["lightgbm"], out)
+    assert result.exit_code == 1 and "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and message.startswith(f"Error: cannot write the export {out}: "), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_failed_export_removes_its_temporary_folder(saved, data, tmp_path):
+    """A DLRM that cannot be traced on the given rows fails after the staging folder exists: it is removed, and the
+    earlier export stays."""
+    ranker = TrainedRanker.load(saved["dlrm"])
+    out = tmp_path / "exported"
+    export_ranker(TrainedRanker.load(saved["lightgbm"]), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _, test = data
+    bad = ranker.featurize(test.slice(0, 5))
+    bad = replace(bad, dense=bad.dense[:, :3])  # the wrong number of dense inputs: tracing fails
+    with pytest.raises(Exception) as failed:
+        export_ranker(ranker, out, example=bad)
+    assert not isinstance(failed.value, ExportError)  # the model's own error, not an OS one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
