@@ -29,7 +29,7 @@ from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
-from pipelines.run.state import STATE_FILE, RunState
+from pipelines.run.state import STATE_FILE, RunState, SettingsChangedError, StepChange, describe_changes
 from pipelines.run.subruns import before_test_window, seed_config, seed_dir, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
@@ -37,8 +37,9 @@ from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_con
 from pipelines.steps.features import ingest_embeddings, materialize_online
 from pipelines.steps.lm import evaluate_step as evaluate_lm
 from pipelines.steps.lm import pretrain_step
-from pipelines.steps.rankers import evaluate_step, score_test_window, scores_file, train_step
+from pipelines.steps.rankers import evaluate_step, ranker_dir, score_test_window, scores_file, train_step
 from pipelines.steps.retrieval import retrieval_ab_step
+from ranker.config import RankerConfig
 
 Echo = Callable[[str], None]
 
@@ -46,13 +47,43 @@ Echo = Callable[[str], None]
 def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: bool = True) -> dict[str, Any]:
     """Run every step of `config`; returns the report summary.
 
-    A step that ran before with other settings is an error naming them (`pipelines.run.state`), unless `force`: then
-    it is redone, and so is every step that depends on it. `seeds` > 1 runs the other seeds after the run's own steps
-    and before its report; `holdout: validation` runs the config on the log without its test window instead
-    (`pipelines.run.subruns`). `online`: materialize the online store (a sub-run serves nothing).
+    Before any step runs, every step's settings are compared with those it ran with (`changed_steps`): a step that
+    ran with other settings is a `SettingsChangedError` naming every such step and setting, unless `force`: then it
+    is redone, and so is every step that depends on it, and only those. `seeds` > 1 runs the other seeds after the
+    run's own steps and before its report; `holdout: validation` runs the config on the log without its test window
+    instead (`pipelines.run.subruns`). `online`: materialize the online store (a sub-run serves nothing).
     """
+    changes = changed_steps(config, online)
+    if changes and not force:
+        raise SettingsChangedError(describe_changes(changes))
+    return _execute(config, echo, force, online)
+
+
+def changed_steps(config: RunConfig, online: bool = True, planned: dict[str, dict[str, Any]] | None = None) -> list[StepChange]:
+    """The steps of `config` (its sub-runs' included) whose settings differ from those `run_state.json` recorded,
+    found without running anything: the same walk as the run, where each step only compares its settings.
+
+    Settings read from a step's output (the model's default query conditions, the split's snapshot times) are read
+    from what the folder holds; a protocol whose outputs are not there yet is checked up to that point, and its
+    later steps are checked as they come (`RunState.step` refuses them then). `planned`: filled with {run folder:
+    {step: its record with the settings it would run with}} (the run state a finished run of `config` would have).
+    """
+    changes: list[StepChange] = []
+    _execute(config, lambda line: None, False, online, check=changes, planned=planned)
+    return changes
+
+
+class _NotYetMade(Exception):
+    """Check mode: a setting is read from an output that is not there yet, so the rest of the protocol is unchecked."""
+
+
+def _execute(config: RunConfig, echo: Echo, force: bool, online: bool, check: list[StepChange] | None = None,
+             planned: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run (`check`: None), or its check: every step compares its settings into `check` and runs nothing."""
     paths = RunPaths(config.run_dir)
-    state = RunState(paths, config, force=force)
+    state = RunState(paths, config, force=force, check=check)
+    if planned is not None:
+        planned[config.run_dir] = state.state["steps"]  # filled in as the check walks the steps
     started = time.perf_counter()
     data = config.data
     data_settings: dict[str, Any] = {"data": data}
@@ -77,11 +108,14 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: 
             data_settings["dataset"] = dataset_fingerprint(paths)
     state.step("data", make, echo, settings=data_settings)
     if config.holdout == "validation":
-        return execute_validation(config, paths, state, echo, force)
+        return execute_validation(config, paths, state, echo, force, planned)
 
     scored: list[tuple[ProtocolConfig, Path]] = []
     for protocol in config.protocols:
-        scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
+        try:
+            scored.append((protocol, run_protocol(config, protocol, paths, state, echo)))
+        except _NotYetMade:
+            assert check is not None  # raised in check mode only
     # the online store and the report are made again from the steps' outputs whenever those change: nothing to check
     if online:
         state.step("online store", lambda redo: online_store(paths, echo), echo)
@@ -92,14 +126,17 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: 
         state.step(f"seed {k}: data", lambda redo: _wrote(share_data(paths, into, why=f"seed {k}", force=redo), into, echo), echo,
                    settings={"after": state.settings_of("data")})
         echo(f"=== seed {k + 1} of {config.seeds} (every training seed + {k}): {sub.run_dir}")
-        seed_reports.append({"seed": k, "run": sub.run_dir, "report": execute(sub, echo, force, online=False)})
+        seed_reports.append({"seed": k, "run": sub.run_dir, "report": _execute(sub, echo, force, online=False, check=check, planned=planned)})
+    if check is not None:
+        return {}
     summary = state.step("report", lambda redo: report_run(config, paths, scored, state.durations(), seed_reports=seed_reports), echo)
     echo("--- step durations (s): " + ", ".join(f"{k} {v}" for k, v in state.durations().items()))
     echo(f"finished in {time.perf_counter() - started:.1f} s; report: {paths.root / 'report' / 'report.html'}")
     return summary
 
 
-def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo: Echo, force: bool) -> dict[str, Any]:
+def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo: Echo, force: bool,
+                       planned: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`holdout: validation`: the run's split (the same step as the test run's, so that run reuses it), then the log
     without the test window into run_dir/validation, and the config run there; returns that run's report."""
     protocol = config.protocols[0]
@@ -117,7 +154,7 @@ def execute_validation(config: RunConfig, paths: RunPaths, state: RunState, echo
     else:
         windows = "windows " + ", ".join(f"{f:.3f}" for f in validation_fractions(protocol, config.validation_share)) + " of the rest"
     echo(f"=== validation run (the test window is not in it; {windows}): {sub.run_dir}")
-    return execute(sub, echo, force, online=False)
+    return _execute(sub, echo, force, online=False, check=state.check, planned=planned)
 
 
 def _wrote(result: dict[str, Any] | str, paths: RunPaths, echo: Echo) -> dict[str, Any] | str:
@@ -175,12 +212,19 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
 
     key = config.protocol_key(protocol)  # where this protocol's features, rankers and scores live (pipelines.paths)
     embed_dir = paths.embeddings(f"{split}-{lm.pretrain.preset}-{protocol.features}")
-    conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling", events=paths.events)
-    rows = embedding_rows(paths, split, paths.root / "embeddings" / f"{split}-rows.parquet")
-    if protocol.features == "rolling":
-        as_of, for_rows = "rows:" + str(rows), None
-    else:  # the daily job's snapshots, computed where a training or test row joins them (and the last one for everyone)
-        as_of, for_rows = snapshot_times(paths, split, protocol.snapshot_every), rows
+    rows = paths.root / "embeddings" / f"{split}-rows.parquet"
+    try:
+        conditions = query_conditions(model_dir, tuple(config.embed.conditions), rolling=protocol.features == "rolling", events=paths.events)
+        if state.check is None:  # written once from the split (the check writes nothing)
+            embedding_rows(paths, split, rows)
+        if protocol.features == "rolling":
+            as_of, for_rows = "rows:" + str(rows), None
+        else:  # the daily job's snapshots, computed where a training or test row joins them (and the last one for everyone)
+            as_of, for_rows = snapshot_times(paths, split, protocol.snapshot_every), rows
+    except (OSError, ValueError, KeyError) as exc:
+        if state.check is not None:  # the model or split this reads is not made yet: checked when the run gets here
+            raise _NotYetMade(str(exc)) from exc
+        raise
     job = replace(config.embed.job, engine=protocol.engine) if protocol.engine else config.embed.job
 
     def embed(redo: bool) -> str | None:
@@ -218,7 +262,7 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
             ranker_config = rankers.ranker_config(model, variant)
 
             def train_and_evaluate(redo: bool, ranker_config=ranker_config, model=model, variant=variant) -> str | None:
-                _, trained = train_step(paths, key, ranker_config, force=redo)
+                _, trained = train_step(paths, key, ranker_config_as_made(paths, key, ranker_config), force=redo)
                 result = evaluate_step(paths, key, model, variant)["overall"]
                 echo(f"{model}/{variant}: {'trained' if trained else 'up to date'}; test AUC {result['auc']:.4f}, GAUC {result['gauc']:.4f}")
                 return None if trained else UP_TO_DATE
@@ -247,6 +291,25 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         state.step(f"{name}: retrieval A/B", retrieval_ab, echo, settings={"retrieval": retrieval, "engine": engine, "after": model_settings,
                                                                           "rankers": [state.settings_of(f"{name}: {m} {v}") for m, v in configured]})
     return scored
+
+
+def ranker_config_as_made(paths: RunPaths, key: str, config: RankerConfig) -> RankerConfig:
+    """`config` with the other model's section (LightGBM's for a DLRM, and the reverse) as the saved ranker recorded
+    it. `train_step` retrains when any part of its RankerConfig differs from the one it saved, and a RankerConfig
+    carries both models' sections: without this, changing a LightGBM setting would retrain every DLRM, which never
+    reads it."""
+    other = "lightgbm" if config.model == "dlrm" else "dlrm"
+    done = ranker_dir(paths, key, config.model, config.variant) / "lum_step.json"
+    try:
+        recorded = json.loads(done.read_text())["config"][other]
+    except (OSError, ValueError, KeyError, TypeError):
+        return config  # no ranker saved yet (or an unreadable stamp, which train_step replaces): as configured
+    if not isinstance(recorded, dict):
+        return config
+    try:
+        return RankerConfig.from_json({**config.to_json(), other: recorded})
+    except ValueError:  # a section no longer valid today: train as configured
+        return config
 
 
 def model_version(model_dir: Path) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pipelines.data.contract import write_json_atomic
@@ -12,6 +13,7 @@ from pipelines.run.config import RunConfig, config_dict, settings_hash
 from pipelines.steps import UP_TO_DATE
 
 STATE_FILE = "run_state.json"
+UPSTREAM_CHANGED = "the step it reads from"  # how a changed `after` (the hash of the step read from) is named
 
 
 class SettingsChangedError(ValueError):
@@ -35,10 +37,41 @@ def changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]
 
     def line(key: str) -> str:
         if key == "after":  # the settings hash of the step whose output this one reads
-            return f"the step it reads from ran with other settings ({before.get(key) or '(none)'} before, {after.get(key) or '(none)'} now)"
+            return f"{UPSTREAM_CHANGED} ran with other settings ({before.get(key) or '(none)'} before, {after.get(key) or '(none)'} now)"
+        if key == "rankers":  # the retrieval A/B: the settings hashes of the rankers that order its candidates
+            return f"{UPSTREAM_CHANGED}: a ranker ran with other settings"
         return f"{key}: {before.get(key, '(not set)')!r} before, {after.get(key, '(not set)')!r} now"
 
     return [line(key) for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """A step of the run folder `run_dir` whose settings differ from those it ran with: `changed` names each setting."""
+
+    run_dir: str
+    step: str
+    changed: list[str]
+
+    @property
+    def only_upstream(self) -> bool:
+        """Only what it reads changed (a step before it is redone), none of its own settings."""
+        return all(line.startswith(UPSTREAM_CHANGED) for line in self.changed)
+
+
+def describe_changes(changes: list[StepChange]) -> str:
+    """The up-front refusal of `lum run` without --force: every step whose own settings changed, with each setting,
+    then the steps that are redone only because they read the output of one of those."""
+    lines = []
+    for run_dir in dict.fromkeys(c.run_dir for c in changes):
+        here = [c for c in changes if c.run_dir == run_dir]
+        lines.append(f"{run_dir}:")
+        lines += [f"  the step {c.step!r} ran with other settings ({'; '.join(c.changed)})" for c in here if not c.only_upstream]
+        downstream = [repr(c.step) for c in here if c.only_upstream]
+        if downstream:
+            lines.append(f"  and, reading their output, {', '.join(downstream)}")
+    return ("settings changed since these steps ran; nothing was run:\n" + "\n".join(lines) +
+            "\npass `lum run --force` to redo these steps (only these), or use another run_dir")
 
 
 class RunState:
@@ -52,9 +85,12 @@ class RunState:
     makes the steps that depend on it differ in turn and be redone too, and only those.
     """
 
-    def __init__(self, paths: RunPaths, config: RunConfig, force: bool = False):
+    def __init__(self, paths: RunPaths, config: RunConfig, force: bool = False, check: list[StepChange] | None = None):
+        """`check`: a list to collect the steps whose settings changed into, instead of running anything (`step`
+        then only compares and records in memory, so that `settings_of` gives the hashes the steps would have)."""
         self.path = paths.root / STATE_FILE
         self.force = force
+        self.check = check
         previous = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.state = {"config": config_dict(config), "steps": previous.get("steps", {})}
 
@@ -73,6 +109,11 @@ class RunState:
         # steps recorded before the values were kept have none to compare
         if "values" in previous:
             changed = changed_settings(previous["values"], values)
+            if self.check is not None:
+                if changed:
+                    self.check.append(StepChange(str(self.path.parent), name, changed))
+                self.state["steps"][name] = {**previous, "settings": settings_hash(values), "values": values}
+                return None
             if changed and not self.force:
                 raise SettingsChangedError(
                     f"{self.path.parent}: the step {name!r} ran with other settings ({'; '.join(changed)}); pass `lum run --force` to "
@@ -81,6 +122,9 @@ class RunState:
                 echo(f"{name}: settings changed ({'; '.join(changed)}): redone (--force)")
                 redo = True
         digest = settings_hash(values)
+        if self.check is not None:  # a step that never ran (or ran before settings were recorded): nothing to compare
+            self.state["steps"][name] = {**previous, "settings": digest, "values": values}
+            return None
         record = {"settings": digest, "values": values}
         started = time.perf_counter()
         self.state["steps"][name] = {"status": "running", **record, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

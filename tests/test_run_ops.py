@@ -1,0 +1,105 @@
+"""Operating a run folder: settings checked before any work, the run lock, atomic writes from several writers,
+`lum status` of failed and killed steps, paths relative to the config file (issue 35).
+
+Cheap on purpose: run states are built by hand (or by the run's own check walk), never by a second whole run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.paths import RunPaths
+from pipelines.run.config import load_run_config
+from pipelines.run.execute import changed_steps, execute, ranker_config_as_made
+from pipelines.run.state import STATE_FILE, SettingsChangedError
+from pipelines.steps.rankers import ranker_dir
+from tests.conftest import TINY_RUN
+
+
+def _finished_state(run_dir: Path, settings: dict) -> Path:
+    """A run_state.json as a finished run of `settings` would have left it (every step done with the settings the
+    run's own check walk computes); the folder holds nothing else. Returns the config file written beside it."""
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.write_text(yaml.safe_dump({**settings, "run_dir": str(run_dir)}))
+    planned: dict[str, dict] = {}
+    assert changed_steps(load_run_config(config), planned=planned) == []  # nothing recorded yet: nothing changed
+    steps = {name: {**record, "status": "done", "seconds": 1.0} for name, record in planned[str(run_dir)].items()}
+    run_dir.mkdir(parents=True)
+    (run_dir / STATE_FILE).write_text(json.dumps({"config": {}, "steps": steps}))
+    return config
+
+
+def _no_step_may_start(line: str) -> None:
+    assert not line.startswith("---"), f"a step started before the settings were checked: {line}"
+
+
+def test_a_changed_setting_is_refused_before_any_step_runs_naming_every_changed_step(tmp_path):
+    run = tmp_path / "run"
+    _finished_state(run, TINY_RUN)
+    state_before = (run / STATE_FILE).read_text()
+    changed = copy.deepcopy(TINY_RUN)
+    changed["rankers"]["lightgbm"]["num_leaves"] = 7
+    config = load_run_config(None, {**changed, "run_dir": str(run)})
+    with pytest.raises(SettingsChangedError) as error:
+        execute(config, echo=_no_step_may_start)
+    message = str(error.value)
+    for variant in ("base", "lum"):
+        assert f"the step 'global+rolling: lightgbm {variant}' ran with other settings (ranker.lightgbm.num_leaves: 63 before, 7 now)" in message
+    assert "reading their output, 'global+rolling: retrieval A/B'" in message and "lum run --force" in message
+    assert "dlrm" not in message  # a LightGBM setting is no DLRM's setting
+    # nothing was made, nothing was recorded
+    assert sorted(p.name for p in run.iterdir()) == [STATE_FILE] and (run / STATE_FILE).read_text() == state_before
+
+
+def test_force_redoes_exactly_the_changed_steps_and_those_reading_them(tmp_path):
+    run = tmp_path / "run"
+    _finished_state(run, TINY_RUN)
+    changed = copy.deepcopy(TINY_RUN)
+    changed["rankers"]["lightgbm"]["num_leaves"] = 7
+    changes = changed_steps(load_run_config(None, {**changed, "run_dir": str(run)}))
+    assert [(c.step, c.only_upstream) for c in changes] == [
+        ("global+rolling: lightgbm base", False), ("global+rolling: lightgbm lum", False), ("global+rolling: retrieval A/B", True)]
+    # a speed-only setting is no change; an LM setting changes the LM and every step after it, not the data or split
+    changed = copy.deepcopy(TINY_RUN)
+    changed["rankers"]["dlrm"]["threads"] = 2
+    assert changed_steps(load_run_config(None, {**changed, "run_dir": str(run)})) == []
+    changed["lm"]["pretrain"]["epochs"] = 3
+    changes = changed_steps(load_run_config(None, {**changed, "run_dir": str(run)}))
+    own = [c.step for c in changes if not c.only_upstream]
+    assert own == ["global+rolling: pretrain"]
+    assert {"global+rolling: evaluate LM", "global+rolling: embed", "global+rolling: dlrm lum"} <= {c.step for c in changes}
+    assert not {"data", "global+rolling: split"} & {c.step for c in changes}
+
+
+def test_lum_run_set_refuses_up_front_on_the_command_line(tmp_path):
+    run = tmp_path / "run"
+    config = _finished_state(run, TINY_RUN)
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--set", "rankers.lightgbm.num_leaves=31"])
+    assert result.exit_code != 0
+    assert "ranker.lightgbm.num_leaves: 63 before, 31 now" in result.output and "--- data" not in result.output
+    assert sorted(p.name for p in run.iterdir()) == [STATE_FILE]
+
+
+def test_a_dlrm_is_not_retrained_for_a_lightgbm_setting(tmp_path):
+    """train_step stamps the whole RankerConfig (both models' sections): the run hands it the other model's section
+    as the saved ranker recorded it, so the stamp still matches."""
+    paths = RunPaths(tmp_path)
+    before = load_run_config(None, {"rankers": {"lightgbm": {"num_leaves": 63}}}).rankers
+    now = load_run_config(None, {"rankers": {"lightgbm": {"num_leaves": 7}, "dlrm": {"epochs": 3}}}).rankers
+    saved = before.ranker_config("dlrm", "lum")
+    folder = ranker_dir(paths, "global", "dlrm", "lum")
+    folder.mkdir(parents=True)
+    (folder / "lum_step.json").write_text(json.dumps({"training_set": "x", "config": json.loads(json.dumps(saved.to_json()))}))
+    used = ranker_config_as_made(paths, "global", now.ranker_config("dlrm", "lum"))
+    expected = {**now.ranker_config("dlrm", "lum").to_json(), "lightgbm": saved.to_json()["lightgbm"]}
+    assert json.loads(json.dumps(used.to_json())) == json.loads(json.dumps(expected))  # so train_step's stamp matches
+    assert used.dlrm.epochs == 3 and used.lightgbm.num_leaves == 63
+    # LightGBM's own section is never taken from the folder; nor anything when no ranker was saved there
+    assert ranker_config_as_made(paths, "global", now.ranker_config("lightgbm", "lum")).lightgbm.num_leaves == 7
+    assert ranker_config_as_made(paths, "global", now.ranker_config("dlrm", "base")) == now.ranker_config("dlrm", "base")
