@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from pipelines.cli import main
 from pipelines.paths import RunPaths
 from pipelines.run.config import load_run_config
 from pipelines.run.execute import changed_steps, execute, ranker_config_as_made
+from pipelines.run.lock import HELD_ENV, LOCK_FILE, RunLockedError, is_locked, read_holder, run_lock
 from pipelines.run.state import STATE_FILE, SettingsChangedError
 from pipelines.steps.rankers import ranker_dir
 from tests.conftest import TINY_RUN
@@ -53,8 +58,8 @@ def test_a_changed_setting_is_refused_before_any_step_runs_naming_every_changed_
         assert f"the step 'global+rolling: lightgbm {variant}' ran with other settings (ranker.lightgbm.num_leaves: 63 before, 7 now)" in message
     assert "reading their output, 'global+rolling: retrieval A/B'" in message and "lum run --force" in message
     assert "dlrm" not in message  # a LightGBM setting is no DLRM's setting
-    # nothing was made, nothing was recorded
-    assert sorted(p.name for p in run.iterdir()) == [STATE_FILE] and (run / STATE_FILE).read_text() == state_before
+    # nothing was made, nothing was recorded (the lock file is the lock's, pipelines/run/lock.py)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, STATE_FILE] and (run / STATE_FILE).read_text() == state_before
 
 
 def test_force_redoes_exactly_the_changed_steps_and_those_reading_them(tmp_path):
@@ -83,7 +88,7 @@ def test_lum_run_set_refuses_up_front_on_the_command_line(tmp_path):
     result = CliRunner().invoke(main, ["run", "--config", str(config), "--set", "rankers.lightgbm.num_leaves=31"])
     assert result.exit_code != 0
     assert "ranker.lightgbm.num_leaves: 63 before, 31 now" in result.output and "--- data" not in result.output
-    assert sorted(p.name for p in run.iterdir()) == [STATE_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, STATE_FILE]
 
 
 def test_a_dlrm_is_not_retrained_for_a_lightgbm_setting(tmp_path):
@@ -103,3 +108,53 @@ def test_a_dlrm_is_not_retrained_for_a_lightgbm_setting(tmp_path):
     # LightGBM's own section is never taken from the folder; nor anything when no ranker was saved there
     assert ranker_config_as_made(paths, "global", now.ranker_config("lightgbm", "lum")).lightgbm.num_leaves == 7
     assert ranker_config_as_made(paths, "global", now.ranker_config("dlrm", "base")) == now.ranker_config("dlrm", "base")
+
+
+# ---------------------------------------------------------------------------------------------------- the run lock
+REPO = Path(__file__).resolve().parents[1]
+HOLD = "import sys, time\nfrom pipelines.run.lock import run_lock\nwith run_lock(sys.argv[1], 'lum run'):\n    print('held', flush=True)\n    time.sleep(600)\n"
+
+
+def _holder(run: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_the_folder(tmp_path):
+    run = tmp_path / "run"
+    proc = _holder(run)
+    try:
+        assert is_locked(run) and read_holder(run)["pid"] == proc.pid
+        with pytest.raises(RunLockedError, match=f"is in use by pid {proc.pid} on .*lum run"):
+            with run_lock(run, "lum data import files"):
+                pass
+        events = tmp_path / "events.csv"
+        events.write_text("user_id,item_id,ts,label\nu,i,2024-01-01,1\n")
+        for args in (["data", "import", "files", str(events), "--condition", "surface", "--run", str(run)], ["data", "make", "--run", str(run)],
+                     ["run", "--run", str(run)]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code != 0 and f"in use by pid {proc.pid}" in result.output, (args, result.output)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # none of them wrote anything
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no clean exit: the kernel releases the flock
+        proc.wait()
+    assert not is_locked(run)
+    with run_lock(run, "lum data import files"):
+        assert read_holder(run)["pid"] == os.getpid() and read_holder(run)["command"] == "lum data import files"
+    assert not is_locked(run) and read_holder(run) is None
+
+
+def test_the_lock_is_reentrant_for_its_holder_and_the_processes_it_starts(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run, "lum run"):
+        with run_lock(run, "lum data split"):  # the run's steps call what the single-step commands call
+            assert is_locked(run)
+        assert is_locked(run) and str((run / LOCK_FILE).resolve()) in os.environ[HELD_ENV]
+        child = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(600)", "pass"), str(run)], cwd=REPO, capture_output=True,
+                               text=True, timeout=60)
+        assert child.returncode == 0 and child.stdout.strip() == "held", child.stderr  # e.g. `lum embed`, started by the run
+        stranger = subprocess.run([sys.executable, "-c", HOLD, str(run)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                                  env={k: v for k, v in os.environ.items() if k != HELD_ENV})
+        assert stranger.returncode != 0 and f"in use by pid {os.getpid()}" in stranger.stderr
+    assert HELD_ENV not in os.environ and not is_locked(run)

@@ -16,6 +16,7 @@ from pipelines.data.sources.files import FilesConfig
 from pipelines.data.split import SplitConfig
 from pipelines.paths import RunPaths
 from pipelines.run.config import DataConfig
+from pipelines.run.lock import run_lock
 from pipelines.steps import data as data_steps
 
 _DATA = DataConfig()
@@ -44,7 +45,8 @@ def data_make(preset: str, seed: int, n_users: int | None, run_dir: str, force: 
     """Simulate a marketplace event log (the embedded default data) into the run folder."""
     paths = RunPaths(run_dir)
     started = time.perf_counter()
-    info = data_steps.simulate(paths, preset, seed, n_users, force)
+    with run_lock(run_dir, "lum data make"):  # one writer per run folder (pipelines/run/lock.py)
+        info = data_steps.simulate(paths, preset, seed, n_users, force)
     _say(info, paths, f"simulator preset {preset}, seed {seed}")
     if info != UP_TO_DATE:
         click.echo(f"simulated in {time.perf_counter() - started:.1f} s")
@@ -69,7 +71,8 @@ FILES_NAMES = {"conditions": "condition", "extras": "extra"}
 def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir: str, force: bool) -> None:
     """Import a MovieLens folder (100K, 1M, or latest/25M layout, detected)."""
     paths = RunPaths(run_dir)
-    _say(data_steps.import_movielens(paths, path, like_threshold, on_bad, force), paths, path)
+    with run_lock(run_dir, "lum data import movielens"):
+        _say(data_steps.import_movielens(paths, path, like_threshold, on_bad, force), paths, path)
 
 
 @data_import.command("files")
@@ -81,7 +84,8 @@ def data_import_movielens(path: str, like_threshold: float, on_bad: str, run_dir
 def data_import_files(events: str, run_dir: str, force: bool, **options: Any) -> None:
     """Import your own event log (Parquet or CSV following the contract)."""
     paths = RunPaths(run_dir)
-    _say(data_steps.import_files(paths, events, build_config(FilesConfig, options, rename=FILES_NAMES), force), paths, events)
+    with run_lock(run_dir, "lum data import files"):
+        _say(data_steps.import_files(paths, events, build_config(FilesConfig, options, rename=FILES_NAMES), force), paths, events)
 
 
 @data.command("validate")
@@ -123,7 +127,8 @@ def data_split(run_dir: str, force: bool, **options: Any) -> None:
 
     config = build_config(SplitConfig, options)
     paths = RunPaths(run_dir)
-    summary = data_steps.split(paths, config, force)
+    with run_lock(run_dir, "lum data split"):
+        summary = data_steps.split(paths, config, force)
     if summary == UP_TO_DATE:
         click.echo(f"{paths.split_dir(config.protocol)} is up to date: skipped")
         click.echo(format_summary(json.loads(paths.split_summary(config.protocol).read_text())))

@@ -29,6 +29,7 @@ from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
 from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
+from pipelines.run.lock import run_lock
 from pipelines.run.state import STATE_FILE, RunState, SettingsChangedError, StepChange, describe_changes
 from pipelines.run.subruns import before_test_window, seed_config, seed_dir, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE
@@ -52,11 +53,14 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: 
     is redone, and so is every step that depends on it, and only those. `seeds` > 1 runs the other seeds after the
     run's own steps and before its report; `holdout: validation` runs the config on the log without its test window
     instead (`pipelines.run.subruns`). `online`: materialize the online store (a sub-run serves nothing).
+
+    The run holds the run folder's lock throughout (`pipelines.run.lock`): a second writer is refused.
     """
-    changes = changed_steps(config, online)
-    if changes and not force:
-        raise SettingsChangedError(describe_changes(changes))
-    return _execute(config, echo, force, online)
+    with run_lock(config.run_dir, "lum run"):
+        changes = changed_steps(config, online)
+        if changes and not force:
+            raise SettingsChangedError(describe_changes(changes))
+        return _execute(config, echo, force, online)
 
 
 def changed_steps(config: RunConfig, online: bool = True, planned: dict[str, dict[str, Any]] | None = None) -> list[StepChange]:
@@ -395,5 +399,8 @@ def rebuild_report(run_dir: str | Path, out_dir: str | Path | None = None) -> di
         if not made.exists():
             raise FileNotFoundError(f"{paths.root}: seed {k} of {config.seeds} has no report ({made}): finish the run with `lum run` first")
         seed_reports.append({"seed": k, "run": str(made.parents[1]), "report": json.loads(made.read_text())})
-    return report_run(config, paths, scored, RunState(paths, config).durations(), out_dir=Path(out_dir) if out_dir else None,
-                      seed_reports=seed_reports)
+    out = Path(out_dir) if out_dir else None
+    if out is not None:  # into another folder: the run is only read
+        return report_run(config, paths, scored, RunState(paths, config).durations(), out_dir=out, seed_reports=seed_reports)
+    with run_lock(paths.root, "lum report"):
+        return report_run(config, paths, scored, RunState(paths, config).durations(), seed_reports=seed_reports)
