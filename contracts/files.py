@@ -1,9 +1,11 @@
 """Atomic file writes: a reader sees the old file or the new one, never half a file.
 
-Every write goes to a temporary file beside the target (`.<name>.tmp` in the same folder, so the rename never
-crosses a file system) and is renamed onto the target when it is complete. A write that fails removes its
-temporary file and leaves an existing target as it was. A process killed mid-write leaves only the hidden
-temporary file, which the next write of the same target overwrites.
+Every write goes to a temporary file beside the target (`.<name>.<host>.<pid>.<random>.tmp` in the same folder,
+so the rename never crosses a file system) and is renamed onto the target when it is complete. The name is the
+writer's own: two writers of the same target (two threads, two processes) never write into each other's file, and
+the target is then one of their complete contents, the last renamed. A write that fails removes its temporary
+file and leaves an existing target as it was. A process killed mid-write leaves only its hidden temporary file,
+which the next write of the same target on the same host removes (its pid is dead).
 
     write_json_atomic({"complete": True}, out / "manifest.json")
     with atomic_path(out / "model.pt") as tmp:   # any writer that takes a path (torch.save, np.savez, ...)
@@ -15,10 +17,14 @@ No fsync: this protects readers from partial files and crashed writers, not a fi
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "atomic_path",
     "copy_file_atomic",
+    "remove_abandoned",
     "temporary_name",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -38,10 +45,39 @@ __all__ = [
 ]
 
 
+# the host in a temporary name: the pid in it means something only there (a run folder may be on a shared disk)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0])[:24] or "host"
+
+
 def temporary_name(path: str | Path, suffix: str = "") -> Path:
-    """The temporary file a write of `path` goes through: `.<name>.tmp<suffix>` in the same folder."""
+    """A temporary file of this writer for a write of `path`: `.<name>.<host>.<pid>.<random>.tmp<suffix>` in the
+    same folder (unique per call, so concurrent writers of one target never share it)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{suffix}")
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_abandoned(path: str | Path, suffix: str = "") -> list[Path]:
+    """Remove the temporary files of writes of `path` whose writer (a process of this host) is dead: what a
+    process killed mid-write left. Those of live writers, and of other hosts, stay. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]{{8}}\.tmp{re.escape(suffix)}$")
+    removed = []
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp{glob.escape(suffix)}"):
+        found = pattern.match(leftover.name)
+        if found and not _pid_alive(int(found.group(1))):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 @contextmanager
@@ -53,10 +89,17 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(path, suffix)
     tmp = temporary_name(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno:
+            # pyarrow's and numpy's write errors (a full disk) name no file: name the target, same errno and class
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave half a file behind, even on Ctrl-C
         raise

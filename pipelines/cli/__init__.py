@@ -1,6 +1,6 @@
 """The `lum` command line (one module per command group; the steps they run live in pipelines.steps).
 
-    lum --version | -v | -q | --no-progress ...
+    lum --version | -v | -q | --no-progress | --debug ...
 
     lum [--config run.yaml] data make --preset tiny|default|large
     lum data import movielens PATH
@@ -24,19 +24,28 @@ A YAML config file gives defaults for any option, nested by command name, e.g.
       split: {protocol: per-user, fractions: [0.6, 0.2, 0.2]}
 
 Flags given on the command line win over the file.
+
+Exit codes: 0 done, 1 an error (one line naming the file, flag or value; an operating-system error such as a full
+disk or a read-only folder names the path and the OS's reason; `--debug` or LUM_DEBUG=1 adds the traceback),
+2 a usage error, 130 interrupted (Ctrl-C / SIGINT).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
 from contracts.progress import PROGRESS_ENV, bars_off
+from pipelines.cli.common import DEBUG_ENV, INTERRUPTED_EXIT, debug_on, os_error_message
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -80,7 +89,34 @@ def _unknown_defaults(ctx: click.Context, command: click.Command, mapping: dict,
     return problems
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@contextmanager
+def _operating_errors() -> Iterator[None]:
+    """Ctrl-C: one line and exit 130; an OS error (full disk, read-only or foreign folder, quota): one line naming
+    the path and the reason, exit 1. Other exceptions are bugs and keep their traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("\nlum: interrupted", err=True)  # the newline ends the terminal's ^C echo
+        raise click.exceptions.Exit(INTERRUPTED_EXIT) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE or debug_on():  # a closed pipe (`lum ... | head`): click's own quiet handling
+            raise
+        raise click.ClickException(os_error_message(exc)) from exc
+
+
+class LumGroup(click.Group):
+    """The top-level group: `_operating_errors` around parsing (a --config read can block or fail) and the command."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        with _operating_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _operating_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=LumGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False),
@@ -94,8 +130,11 @@ def _unknown_defaults(ctx: click.Context, command: click.Command, mapping: dict,
 @click.option("-q", "--quiet", "verbosity", flag_value="WARNING", help="Log warnings and errors only.")
 @click.option("--log-level", "log_level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default=None, help="Log level [default: INFO].")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [default: on when stderr is a terminal].")
-def main(verbosity: str | None, log_level: str | None, progress: bool | None) -> None:
+@click.option("--debug", is_flag=True, default=False, help=f"Show the traceback of an error, not only its one-line message (also {DEBUG_ENV}=1).")
+def main(verbosity: str | None, log_level: str | None, progress: bool | None, debug: bool) -> None:
     """LUM-style user-model features for an existing ranker."""
+    if debug:  # in the environment, so that the steps run as subprocesses (embedding job, torchrun) inherit it
+        os.environ[DEBUG_ENV] = "1"
     level = getattr(logging, log_level or verbosity or "INFO")
     # our own loggers at the chosen level; libraries (vLLM, Feast, transformers, TorchRec's loaders) at warnings unless -v
     logging.basicConfig(level=level if level == logging.DEBUG else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 from typing import Any, Callable
 
 import click
@@ -15,7 +17,41 @@ DEFAULT_RUN = "runs/main"
 run_option = click.option("--run", "run_dir", default=DEFAULT_RUN, type=click.Path(file_okay=False), help="Run folder.")
 force_option = click.option("--force", is_flag=True, help="Replace what the run folder already holds.")
 
+# `lum --debug` sets it (so that subprocess steps inherit it); LUM_DEBUG=1 asks the same from a scheduler's environment
+DEBUG_ENV = "LUM_DEBUG"
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what shells, schedulers and `timeout` expect of a job stopped by Ctrl-C
 
+# what an operator can do about the usual causes; any other errno is only named
+_OS_HINTS = {
+    errno.ENOSPC: "free space on that file system or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another folder",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.EACCES: "choose a folder this user may write (or fix its permissions)",
+    errno.EPERM: "choose a folder this user may write (or fix its permissions)",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def debug_on() -> bool:
+    """Whether errors keep their traceback (`lum --debug` or LUM_DEBUG=1)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: the path(s), the OS's reason, its errno name and what to do.
+
+    A full disk, a read-only or foreign folder, a quota: these are the machine's state, not a bug, so the operator
+    gets the path and the reason instead of 40 lines of traceback (`--debug` keeps them)."""
+    code = exc.errno if isinstance(exc.errno, int) else None
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    if paths:
+        # pyarrow's and numpy's errors wrap the OS text in a longer one; os.strerror is the plain reason
+        what = " -> ".join(paths) + ": " + (os.strerror(code) if code else exc.strerror or type(exc).__name__)
+    else:  # no path attached (a library's own message, which often holds the path): its first line as it is
+        what = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+    name = f" [{errno.errorcode[code]}]" if code in errno.errorcode else ""
+    hint = f"; {_OS_HINTS[code]}" if code in _OS_HINTS else ""
+    return f"{what}{name}{hint} (--debug or {DEBUG_ENV}=1 shows the traceback)"
 
 
 def _friendly_errors(fn: Callable) -> Callable:
