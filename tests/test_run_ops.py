@@ -158,3 +158,53 @@ def test_the_lock_is_reentrant_for_its_holder_and_the_processes_it_starts(tmp_pa
                                   env={k: v for k, v in os.environ.items() if k != HELD_ENV})
         assert stranger.returncode != 0 and f"in use by pid {os.getpid()}" in stranger.stderr
     assert HELD_ENV not in os.environ and not is_locked(run)
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def test_concurrent_writers_of_one_file_each_complete_and_leave_one_whole_content(tmp_path):
+    """Two writers (threads, as two steps of two processes would be) rewrite the same file; a reader polls it. Each
+    write completes (no writer renames the other's temporary file away), the reader only ever sees a whole content,
+    the file ends as one of the two, and no temporary file is left."""
+    import threading
+
+    from contracts.files import write_bytes_atomic
+
+    target = tmp_path / "run_state.json"
+    contents = [bytes([ord("a")]) * (1 << 20), bytes([ord("b")]) * (1 << 20)]
+    write_bytes_atomic(contents[0], target)
+    start, errors, seen = threading.Barrier(3), [], set()
+    stop = threading.Event()
+
+    def write(content: bytes) -> None:
+        start.wait()
+        try:
+            for _ in range(40):
+                write_bytes_atomic(content, target)
+        except BaseException as exc:  # collected: a thread's exception would otherwise only be printed
+            errors.append(exc)
+
+    def read() -> None:
+        start.wait()
+        while not stop.is_set():
+            seen.add(target.read_bytes())
+
+    threads = [threading.Thread(target=write, args=(c,)) for c in contents]
+    reader = threading.Thread(target=read)
+    for t in [*threads, reader]:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    reader.join()
+    assert errors == []
+    assert seen <= set(contents) and target.read_bytes() in contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_state.json"]
+
+
+def test_a_temporary_file_of_a_live_writer_is_left_alone(tmp_path):
+    from contracts.files import remove_abandoned, temporary_name, write_bytes_atomic
+
+    mine = temporary_name(tmp_path / "x.json")
+    mine.write_bytes(b"half")  # this process is alive: its write is still going
+    write_bytes_atomic(b"{}", tmp_path / "x.json")
+    assert mine.exists() and remove_abandoned(tmp_path / "x.json") == []
