@@ -208,3 +208,60 @@ def test_a_temporary_file_of_a_live_writer_is_left_alone(tmp_path):
     mine.write_bytes(b"half")  # this process is alive: its write is still going
     write_bytes_atomic(b"{}", tmp_path / "x.json")
     assert mine.exists() and remove_abandoned(tmp_path / "x.json") == []
+
+
+# ---------------------------------------------------------------------------------------------------- lum status
+STEP_THEN_SLEEP = """import sys, time
+from pipelines.paths import RunPaths
+from pipelines.run.config import load_run_config
+from pipelines.run.state import RunState
+run = sys.argv[1]
+state = RunState(RunPaths(run), load_run_config(None, {"run_dir": run}))
+state.step("data", lambda redo: None, print)
+state.step("global+rolling: pretrain", lambda redo: time.sleep(600), lambda line: print(line, flush=True))
+"""
+
+
+def _status(run: Path) -> tuple[int, list[dict], str]:
+    as_json = CliRunner().invoke(main, ["status", "--run", str(run), "--json"])
+    table = CliRunner().invoke(main, ["status", "--run", str(run)])
+    assert as_json.exit_code == table.exit_code, (as_json.output, table.output)
+    return as_json.exit_code, json.loads(as_json.output), table.output
+
+
+def test_lum_status_shows_a_killed_step_as_interrupted_and_exits_by_the_runs_state(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", STEP_THEN_SLEEP, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "--- data"
+        assert proc.stdout.readline().strip() == "--- global+rolling: pretrain"
+        code, rows, _ = _status(run)
+        assert code == 3 and [r["state"] for r in rows] == ["done", "running"]  # still running: exit 3
+        assert rows[1]["pid"] == proc.pid and rows[1]["host"]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # killed: the step cannot record anything
+        proc.wait()
+    code, rows, table = _status(run)
+    assert [r["state"] for r in rows] == ["done", "interrupted"] and code == 1
+    assert "failed or interrupted: global+rolling: pretrain" in table
+    # a failed step: 1; every step done: 0
+    steps = json.loads((run / STATE_FILE).read_text())
+    steps["steps"]["global+rolling: pretrain"] = {"status": "failed", "settings": "x", "values": {}, "seconds": 2.0}
+    (run / STATE_FILE).write_text(json.dumps(steps))
+    assert _status(run)[0] == 1
+    steps["steps"]["global+rolling: pretrain"]["status"] = "done"
+    (run / STATE_FILE).write_text(json.dumps(steps))
+    assert _status(run)[0] == 0
+
+
+def test_a_step_stopped_by_ctrl_c_is_recorded_as_interrupted(tmp_path):
+    from pipelines.run.state import RunState
+
+    def stop(redo: bool) -> None:
+        raise KeyboardInterrupt
+
+    state = RunState(RunPaths(tmp_path), load_run_config(None, {"run_dir": str(tmp_path)}))
+    with pytest.raises(KeyboardInterrupt):
+        state.step("data", stop, print)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["steps"]["data"]["status"] == "interrupted"
+    assert _status(tmp_path)[0] == 1

@@ -111,18 +111,22 @@ def report_command(run_dir: str, out_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_friendly_errors
 def status_command(run_dir: str, as_json: bool) -> None:
-    """Each step of a run: its state (done, running, failed), settings hash, duration and whether it was reused."""
+    """Each step of a run: its state (done, running, failed, interrupted), settings hash, duration and whether it
+    was reused. Exit code: 0 every step done, 1 a step failed or was interrupted (killed), 3 a step is running."""
     import json
 
     from tabulate import tabulate
 
-    from pipelines.run.state import read_status
+    from pipelines.run.state import read_status, status_exit_code
 
     rows = read_status(RunPaths(run_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    click.echo(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f"))
-    failed = [r["step"] for r in rows if r["state"] == "failed"]
-    if failed:
-        click.echo(f"failed: {', '.join(failed)} (run `lum run` again with the same config to resume there)")
+    else:
+        click.echo(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".1f", missingval=""))
+        stopped = [r["step"] for r in rows if r["state"] in ("failed", "interrupted")]
+        if stopped:
+            click.echo(f"failed or interrupted: {', '.join(stopped)} (run `lum run` again with the same config to resume there)")
+    code = status_exit_code(rows)
+    if code:
+        raise click.exceptions.Exit(code)

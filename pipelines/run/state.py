@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -127,12 +129,17 @@ class RunState:
             return None
         record = {"settings": digest, "values": values}
         started = time.perf_counter()
-        self.state["steps"][name] = {"status": "running", **record, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        # who runs it: `lum status` tells a step still running from one whose process was killed (no code of its own
+        # runs then, so the record stays "running")
+        self.state["steps"][name] = {"status": "running", **record, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "pid": os.getpid(), "host": socket.gethostname()}
         self._write()
         try:
             result = fn(redo)
-        except BaseException:
-            self.state["steps"][name] = {"status": "failed", **record, "seconds": round(time.perf_counter() - started, 1)}
+        except BaseException as exc:
+            # Ctrl-C (or a SIGTERM turned into SystemExit) stopped it: nothing is wrong with the step itself
+            status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+            self.state["steps"][name] = {"status": status, **record, "seconds": round(time.perf_counter() - started, 1)}
             self._write()
             raise
         seconds = round(time.perf_counter() - started, 1)
@@ -162,14 +169,57 @@ class RunState:
         write_json_atomic(self.state, self.path)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (a zombie counts as alive until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def step_state(record: dict[str, Any]) -> str:
+    """A step's state for `lum status`: its recorded status, except that a step recorded as running whose process
+    is gone (killed: it could not record anything) is `interrupted`. Only a process of this host can be checked: a
+    step running on another host (a shared disk) stays `running`, as does one recorded before pids were."""
+    status = str(record.get("status", "?"))
+    pid = record.get("pid")
+    if status == "running" and isinstance(pid, int) and record.get("host") == socket.gethostname() and not pid_alive(pid):
+        return "interrupted"
+    return status
+
+
+# `lum status`'s exit code (docs/run.md): a scheduler or script can wait on a run without parsing the table
+STATUS_EXIT = {"done": 0, "failed": 1, "running": 3}
+
+
+def status_exit_code(rows: list[dict[str, Any]]) -> int:
+    """0 every recorded step done; 1 a step failed or was interrupted; 3 a step is running (and none failed)."""
+    states = {r["state"] for r in rows}
+    if states & {"failed", "interrupted"}:
+        return STATUS_EXIT["failed"]
+    if states - {"done"}:
+        return STATUS_EXIT["running"]
+    return STATUS_EXIT["done"]
+
+
 def read_status(paths: RunPaths) -> list[dict[str, Any]]:
-    """One row per recorded step of a run folder: step, state, seconds, settings hash, reused."""
+    """One row per recorded step of a run folder: step, state (done, running, failed, interrupted), seconds,
+    settings hash, reused, and for a step running (or killed while running) its pid and host."""
     path = paths.root / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{paths.root} has no {STATE_FILE}: no `lum run` has started there")
     try:
         steps = json.loads(path.read_text())["steps"]
-    except (ValueError, KeyError, TypeError) as exc:
+        rows = []
+        for name, s in steps.items():
+            row = {"step": name, "state": step_state(s), "seconds": s.get("seconds"), "settings": s.get("settings", ""),
+                   "reused": bool(s.get("reused", False))}
+            if s.get("status") == "running":
+                row.update(pid=s.get("pid"), host=s.get("host"), started=s.get("started"))
+            rows.append(row)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} is not a run state file: {exc}") from exc
-    return [{"step": name, "state": s.get("status", "?"), "seconds": s.get("seconds"), "settings": s.get("settings", ""),
-             "reused": bool(s.get("reused", False))} for name, s in steps.items()]
+    return rows
