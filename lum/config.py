@@ -51,7 +51,7 @@ class PretrainConfig:
     bf16: bool = Field(False, description="bf16 autocast.")
     seed: int = Field(0, description="Random seed (data order, initialisation).")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the resume point).")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: the CPUs this process may use, or OMP_NUM_THREADS).")
     # item factors (lum/item_factors.py, id tokenization only), folded into the saved plain Llama
     share_category: bool = Field(False, description="id: a category component shared by the item tokens of each category.")
     content_column: str | None = Field(None, description="id: add a learned map of this items-table vector column to every item token.")
@@ -139,7 +139,9 @@ class VllmSettings:
     kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE, reserved up front).")
     max_num_batched_tokens: int = Field(8192, ge=1, description="vLLM max tokens per scheduler step.")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching (off only for comparison).")
-    cpu_threads_bind: str | None = Field("0-1", description="vLLM CPU thread binding (VLLM_CPU_OMP_THREADS_BIND; empty keeps vLLM's one core).")
+    # None: computed where the job runs (a fixed "0-1" was this machine's cores, wrong on any other)
+    cpu_threads_bind: str | None = Field(None, description="vLLM CPU thread binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0-3; default: the CPUs this "
+                                         "process may use (affinity, cgroup CPU quota); `auto`: vLLM's own choice.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs).")
 
 

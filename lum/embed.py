@@ -259,9 +259,11 @@ def start_vllm(model_dir: str, max_model_len: int, settings: VllmSettings, **run
     stops them (contracts/processes.py); `stop_vllm` shuts both down."""
     import os
 
+    from contracts.threads import usable_cpu_list
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-    if settings.cpu_threads_bind:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind)
+    # vLLM's own `auto` binds one thread per core of a NUMA node, whatever the cgroup quota allows
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads_bind or usable_cpu_list())
     from vllm import LLM
 
     from contracts.processes import watch_descendants

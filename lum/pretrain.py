@@ -38,6 +38,7 @@ from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from contracts.files import atomic_path
 from contracts.progress import bars_off
+from contracts.threads import default_threads
 from lum.config import PretrainConfig  # noqa: F401  (re-exported)
 from lum.item_factors import ItemFactors, item_side_facts
 from lum.model import build_model, data_fingerprint, get_preset, llama_config, save_hf_tokenizer, weights_digest, write_manifest
@@ -181,8 +182,7 @@ def pretrain(
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     rank, world = _dist_info()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads or default_threads())  # the CPU quota's, not the host's core count
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a model; choose another folder or allow overwriting (--force)")
     if events.empty:

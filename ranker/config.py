@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from contracts.settings import Field, config_class, from_saved
+from contracts.threads import default_threads
 from ranker.schema import variant_parts
 
 METRICS = ("auc", "binary_logloss")  # LightGBM's names; both are recorded on the validation rows
@@ -65,7 +66,7 @@ class DLRMConfig:
     engine: Literal["dmp", "plain"] = Field("dmp", description="dmp: TorchRec DistributedModelParallel (fused tables); plain: an unsharded module.")
     eval_batch_size: int = Field(16_384, ge=1, description="Rows per scoring batch.")
     seed: int = Field(0, description="Random seed (weights, batch order).")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's).")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: the CPUs this process may use, or OMP_NUM_THREADS).")
 
 
 @config_class
@@ -84,7 +85,7 @@ class LightGBMConfig:
     cat_smooth: float = Field(10.0, ge=0, description="LightGBM cat_smooth.")
     max_cat_threshold: int = Field(64, ge=1, description="LightGBM max_cat_threshold.")
     seed: int = Field(0, description="Random seed.")
-    threads: int | None = Field(None, ge=1, description="LightGBM threads (default: all cores).")
+    threads: int | None = Field(None, ge=1, description="LightGBM threads (default: the CPUs this process may use, or OMP_NUM_THREADS).")
     # on a small validation window AUC can peak by chance in the first trees; the logloss moves smoothly
     early_stopping_metric: Literal["auc", "binary_logloss"] = Field(
         "auc", description="The validation metric whose best iteration is kept.")
@@ -108,8 +109,8 @@ class LightGBMConfig:
             "force_row_wise": True,
             "verbosity": -1,
         }
-        if self.threads:
-            params["num_threads"] = self.threads
+        # LightGBM's own default is OpenMP's: the host's cores, not the cgroup quota this process may use
+        params["num_threads"] = self.threads or default_threads()
         return params
 
 

@@ -34,6 +34,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
+from contracts.threads import default_threads
 from ranker.config import DLRMConfig  # noqa: F401  (re-exported)
 from ranker.din import DINDLRM, TargetAttention
 from ranker.features import DLRMInputs
@@ -365,8 +366,7 @@ def train_dlrm(
         # listwise term per rank; not supported yet rather than silently wrong
         raise ValueError("listwise_weight > 0 trains in one process only; run without torchrun or set listwise_weight 0")
     threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads or default_threads())  # the CPU quota's, not the host's core count
     model = build_dlrm(tables, fit.dense.shape[1], config)
     context = init_distributed() if config.engine == "dmp" else DistContext(0, 1, False)
     try:

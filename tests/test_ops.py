@@ -107,3 +107,83 @@ def test_ctrl_c_while_reading_the_options_exits_130(tmp_path):
     done = _interrupted_while_reading(tmp_path / "defaults.yaml", ["--config", str(tmp_path / "defaults.yaml"), "status"])
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "lum: interrupted" in done.stderr
+
+
+# --- threads: the CPUs this process may use, OpenMP's wait policy -------------------------------------------------
+
+
+def _cgroup_files(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_cgroup_v2_quota_is_the_smallest_limit_of_the_process_cgroup_and_its_parents(tmp_path):
+    from contracts.threads import cgroup_cpu_quota, cpu_budget
+
+    root = _cgroup_files(tmp_path / "cg", {"cgroup.controllers": "cpu io memory\n", "cpu.max": "max 100000\n",
+                                           "jobs/cpu.max": "400000 100000\n", "jobs/lum/cpu.max": "150000 100000\n"})
+    proc = _cgroup_files(tmp_path, {"self_cgroup": "0::/jobs/lum\n"}) / "self_cgroup"
+    assert cgroup_cpu_quota(root, proc) == 1.5
+    assert cpu_budget(root, proc) == min(2, len(os.sched_getaffinity(0)))  # 1.5 CPUs: 2 threads, rounded up
+    (root / "jobs/lum/cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(root, proc) == 4.0  # the parent's limit holds for its children
+    (root / "jobs/cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(root, proc) is None
+    # in a container (cgroup namespace) the process's cgroup is "/": the mount root's own limit
+    container = _cgroup_files(tmp_path / "ct", {"cgroup.controllers": "cpu\n", "cpu.max": "50000 100000\n"})
+    proc.write_text("0::/\n")
+    assert cgroup_cpu_quota(container, proc) == 0.5
+    assert cpu_budget(container, proc) == 1
+
+
+def test_cgroup_v1_quota_and_garbage(tmp_path):
+    from contracts.threads import cgroup_cpu_quota
+
+    root = _cgroup_files(tmp_path / "cg", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+                                           "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n",
+                                           "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    proc = _cgroup_files(tmp_path, {"self_cgroup": "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n"}) / "self_cgroup"
+    assert cgroup_cpu_quota(root, proc) == 3.0
+    (root / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(root, proc) is None
+    (root / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("not a number\n")
+    assert cgroup_cpu_quota(root, proc) is None  # unreadable is no limit, never a crash
+    assert cgroup_cpu_quota(tmp_path / "absent", tmp_path / "absent.txt") is None
+
+
+def test_cpu_list_format():
+    from contracts.threads import format_cpu_list
+
+    assert format_cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert format_cpu_list([3]) == "3"
+
+
+def _env_after_entry_point(**env: str) -> tuple[str, str]:
+    """OMP_WAIT_POLICY and OMP_NUM_THREADS as the `lum` entry point leaves them, in a fresh process."""
+    base = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    code = "import os, pipelines.cli; print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, timeout=120, check=True)
+    policy, threads = done.stdout.split()
+    return policy, threads
+
+
+def test_entry_point_makes_openmp_passive_with_the_quota_threads_unless_set():
+    from contracts.threads import cpu_budget
+
+    assert _env_after_entry_point() == ("PASSIVE", str(cpu_budget()))
+    assert _env_after_entry_point(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3") == ("ACTIVE", "3")
+
+
+def test_lightgbm_and_vllm_defaults_are_the_machines_not_fixed_values():
+    from click.testing import CliRunner
+
+    from contracts.threads import default_threads
+    from pipelines.cli import main
+    from ranker.config import LightGBMConfig
+
+    assert LightGBMConfig().params()["num_threads"] == default_threads()
+    assert LightGBMConfig(threads=5).params()["num_threads"] == 5
+    shown = " ".join(CliRunner().invoke(main, ["embed", "--help"]).output.split())
+    assert "default: the CPUs this process may use" in shown and "default: 0-1" not in shown

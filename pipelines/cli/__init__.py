@@ -32,6 +32,13 @@ disk or a read-only folder names the path and the OS's reason; `--debug` or LUM_
 
 from __future__ import annotations
 
+# OpenMP reads its wait policy and thread count once, when torch, LightGBM or numpy's OpenBLAS load it: set both from
+# the CPUs this process may really use (affinity, cgroup quota) before anything can load them (contracts/threads.py)
+from contracts.threads import prepare_openmp_env
+
+prepare_openmp_env()
+# ruff: noqa: E402  (hence the imports below the call)
+
 import errno
 import logging
 import os
