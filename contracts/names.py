@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 __all__ = [
     "CATEGORY_COLUMN",
@@ -19,6 +20,7 @@ __all__ = [
     "HISTORY_ITEMS",
     "HISTORY_TIMES",
     "HISTORY_VARIANTS",
+    "ID_NORMAL_FORM",
     "ITEM_COUNTERS",
     "LABEL_BITS_COLUMN",
     "LUM_ITEM_COLUMN",
@@ -33,8 +35,26 @@ __all__ = [
     "USER_STATS_COLUMNS",
     "VARIANTS",
     "lum_user_column",
+    "normalize_id",
     "slug",
 ]
+
+# ---------------------------------------------------------------------------------------------------------------
+# User and item ids
+
+# The Unicode normal form of every user and item id (`lum data import` stores ids so). A composed and a decomposed
+# `é` are one user: an id typed on a Mac (NFD file names) must find the same user as one from a web form (NFC).
+ID_NORMAL_FORM = "NFC"
+
+
+def normalize_id(value: str) -> str:
+    """The stored form of a user or item id: Unicode NFC. Call it on every id that is looked up (a request's
+    user and candidate items): the imported data holds only NFC ids, so an un-normalised id would not be found.
+
+    The import applies the same form to whole Arrow columns (`pyarrow.compute.utf8_normalize(ids, ID_NORMAL_FORM)`,
+    in `pipelines/data/contract.py`); both give the same strings (tests/test_hostile_inputs.py checks it)."""
+    return unicodedata.normalize(ID_NORMAL_FORM, value)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Query conditions

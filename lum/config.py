@@ -43,7 +43,8 @@ class PretrainConfig:
     row_tokens: int = Field(512, ge=8, description="Tokens per (packed) training row; also the longest segment.")
     rows_per_batch: int = Field(8, ge=1, description="Rows per optimizer step (split across processes).")
     packing: bool = Field(True, description="Pack several users per row (attention isolated per user).")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    # le=1: an Adam step moves each weight by about lr; a learning rate over 1 is a typo (1e6 for 1e-6), never a setting
+    lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a share of the peak (cosine decay).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up.")
@@ -101,7 +102,7 @@ class SasRecConfig:
     epochs: int = Field(100, ge=1, description="At most this many passes over the training sequences (validation stops it earlier).")
     patience: int = Field(3, ge=0, description="Stop after this many epochs without a better validation NDCG@10.")
     batch_size: int = Field(64, ge=1, description="Segments per step.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
     seed: int = Field(0, description="Initialisation and data order.")
 
 

@@ -98,6 +98,19 @@ class AsOf:
         return ",".join(t.isoformat() for t in self.times) + (f" for rows:{self.for_rows}" if self.for_rows else "")
 
 
+# The latest as-of time accepted after the last event of --events: a job embedding as of a later time (a mistyped
+# year, decades on) would be accepted silently and serve vectors no log supports.
+MAX_AS_OF_AFTER_LAST_EVENT = pd.Timedelta(days=366)
+
+
+def _parquet_schema(path: str, option: str, expected: str) -> pa.Schema:
+    """The schema of a Parquet input; EmbedJobError naming the file and its option when it is no Parquet file (a CSV)."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EmbedJobError(f"{path} (given as {option}): not a Parquet file ({exc}); expected {expected}") from exc
+
+
 def _utc(text: str | pd.Timestamp) -> pd.Timestamp:
     ts = pd.Timestamp(text)
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
@@ -208,7 +221,8 @@ class EmbeddingJob:
     def _check_inputs(self) -> None:
         if not Path(self.events_path).exists():
             raise EmbedJobError(f"{self.events_path}: events file not found")
-        schema = pq.read_schema(self.events_path)
+        schema = _parquet_schema(self.events_path, "--events",
+                                 "the run's data/events.parquet or a split window (a CSV log becomes one with `lum data import files`)")
         needed = ["user_id", "item_id", "ts", "label", *self.tokenizer.config.condition_columns]
         missing = [c for c in needed if c not in schema.names]
         if missing:
@@ -223,12 +237,25 @@ class EmbeddingJob:
                 raise EmbedJobError(
                     f"as-of time(s) {self.as_of.describe()} are not after the first event ({first}): no user has history before them"
                 )
+            last = pd.Timestamp(ts.to_pandas().max())
+            late = [t for t in self.as_of.times if t > last + MAX_AS_OF_AFTER_LAST_EVENT]
+            if late:  # a mistyped year: the vectors would describe users as of a time the log says nothing about
+                raise EmbedJobError(
+                    f"--as-of {late[0].isoformat()} is {(late[0] - last).days:,} days after the last event of {self.events_path} "
+                    f"({last.isoformat()}); as-of times may be at most {MAX_AS_OF_AFTER_LAST_EVENT.days} days after it: check the year"
+                )
         elif not Path(self.as_of.rows_path).exists():
             raise EmbedJobError(f"{self.as_of.rows_path}: rows file for rolling embeddings not found")
+        else:
+            rows_schema = _parquet_schema(self.as_of.rows_path, "--as-of rows:PATH", "a Parquet of (user_id, ts) rows, such as a split window")
+            lacking = [c for c in ("user_id", "ts") if c not in rows_schema.names]
+            if lacking:
+                raise EmbedJobError(f"{self.as_of.rows_path} (--as-of rows:PATH): lacks column(s) {', '.join(lacking)}; expected (user_id, ts) rows")
         if self.as_of.for_rows:
             if not Path(self.as_of.for_rows).exists():
                 raise EmbedJobError(f"{self.as_of.for_rows}: the --for-rows file (user_id, ts) not found")
-            lacking = [c for c in ("user_id", "ts") if c not in pq.read_schema(self.as_of.for_rows).names]
+            for_rows_schema = _parquet_schema(self.as_of.for_rows, "--for-rows", "a Parquet of (user_id, ts) rows")
+            lacking = [c for c in ("user_id", "ts") if c not in for_rows_schema.names]
             if lacking:
                 raise EmbedJobError(f"{self.as_of.for_rows}: the --for-rows file lacks column(s) {', '.join(lacking)}")
         if REQUEST in dict(self.conditions):

@@ -89,7 +89,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_FILE
     if not path.exists():
         raise ModelFolderError(f"{path} not found: {directory} is not a finished behaviour-LM folder (run `lum pretrain`)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # a damaged or hand-edited file: name it, not just the JSON position
+        raise ModelFolderError(f"{path}: not a JSON manifest ({exc}); pretrain again or restore the model folder") from exc
+    if not isinstance(manifest, dict):
+        raise ModelFolderError(f"{path}: not a JSON manifest (a JSON object); pretrain again or restore the model folder")
+    return manifest
 
 
 WEIGHTS_FILE = "model.safetensors"
@@ -126,6 +132,9 @@ def verify_tensor_shapes(directory: Path) -> None:
 
     try:
         config = LlamaConfig.from_pretrained(directory)
+    except Exception as exc:  # transformers validates the fields with its own error types: blame config.json, not the weights
+        raise ModelFolderError(f"{directory / 'config.json'}: not a valid model config ({exc})") from exc
+    try:
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
             found = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own SafetensorError (a subclass of neither)

@@ -149,7 +149,11 @@ def features_get(user_id, item_ids, conditions, request_time, http_url, run_dir)
     """Print one ranking request's features from the online store, as JSON."""
     from feature_store.online import FeatureClient
 
-    client = FeatureClient(RunPaths(run_dir).feature_repo, http_url=http_url)
+    repo = RunPaths(run_dir).feature_repo
+    if not (repo / "feature_store.yaml").exists():  # no repo at all: "never materialized" would send the user to the wrong step
+        raise click.BadParameter(f"{repo} holds no feature repo: run `lum features apply --run {run_dir}` (or `lum run`) first",
+                                 param_hint="--run")
+    client = FeatureClient(repo, http_url=http_url)
     answer = client.get_ranking_features(user_id, conditions.split(",") if conditions else None,
                                          [i for i in item_ids.split(",") if i], request_time=request_time)
     def vec(v: np.ndarray) -> list[float]:

@@ -120,8 +120,11 @@ def build_config(cls: type, kwargs: dict[str, Any], *, prefix: str = "", rename:
         return cls(**values)
     except ValidationError as exc:
         def shown(e: dict[str, Any]) -> str:
-            got = "" if isinstance(e.get("input"), (dict, list, tuple)) else f" (got {e.get('input')!r})"
-            return f"--{options[tuple(e['loc'])]}: {e['msg']}{got}" if tuple(e["loc"]) in options else e["msg"] + got
+            # an error of the whole config (its __post_init__) has no field and its input is every value: not shown
+            whole = not e["loc"]
+            got = "" if whole or isinstance(e.get("input"), (dict, list, tuple)) else f" (got {e.get('input')!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            return f"--{options[tuple(e['loc'])]}: {msg}{got}" if tuple(e["loc"]) in options else msg + got
 
         problems = "; ".join(shown(e) for e in exc.errors())
         raise click.UsageError(problems) from exc

@@ -46,9 +46,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from pydantic_core import PydanticCustomError
 
 from contracts import files
 from contracts.files import write_parquet_atomic  # noqa: F401  (re-exported: the steps write their Parquet files with it)
+from contracts.names import ID_NORMAL_FORM
 
 KnownAt = Literal["request", "after_event", "truth"]
 ExtraType = Literal["string", "int64", "float64", "list<float32>"]
@@ -80,6 +82,21 @@ def utc_timestamp(value: str | pd.Timestamp) -> pd.Timestamp:
     """A time given by a user: naive times are read as UTC, zoned ones converted to UTC."""
     ts = pd.Timestamp(value)
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def readable_time(value: str | None) -> str | None:
+    """A pydantic validator of a time option given as text (`--min-ts`, `--at`): the option's own error when the
+    text is no time, at the moment the settings are built (before any data is read)."""
+    if value is None:
+        return value
+    try:
+        ok = not pd.isna(utc_timestamp(value))
+    except (ValueError, TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise PydanticCustomError("time", f"cannot read {value!r} as a time; expected an ISO 8601 time such as 2024-01-31 or "
+                                          "2024-01-31T12:00:00Z")
+    return value
 
 
 class ContractError(ValueError):
@@ -228,6 +245,7 @@ def read_table(path: str | Path, column_map: dict[str, str] | None = None) -> pa
         source_of = {v: k for k, v in column_map.items()}
         id_columns = {source_of.get(c, c): pa.string() for c in ("user_id", "item_id")}
         delimiter = "\t" if suffix == ".tsv" else ","
+        _check_csv_encoding(path)
         try:
             table = pa_csv.read_csv(
                 path,
@@ -235,6 +253,8 @@ def read_table(path: str | Path, column_map: dict[str, str] | None = None) -> pa
                 convert_options=pa_csv.ConvertOptions(column_types=id_columns, strings_can_be_null=True),
             )
         except pa.ArrowInvalid as exc:
+            if "invalid UTF8" in str(exc):  # an id column (read as text) with other bytes: name the encoding, not a parse error
+                raise ContractError(f"{path}: not UTF-8 text ({exc}); expected {_NOT_UTF8_HINT}") from exc
             raise ContractError(f"{path}: cannot be read as CSV: {exc}") from exc
     else:
         raise ContractError(f"{path}: unknown file type '{path.suffix}': expected .parquet or .csv")
@@ -250,6 +270,23 @@ def read_table(path: str | Path, column_map: dict[str, str] | None = None) -> pa
         raise ContractError(f"{path}: column(s) {', '.join(repr(n) for n in twice)} appear more than once (in the file's header, or "
                             "after the column mapping): give every column its own name")
     return table.rename_columns(names)
+
+
+# byte-order marks of the encodings a spreadsheet may save "Unicode text" in (UTF-32 first: its LE mark starts like UTF-16's)
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _check_csv_encoding(path: Path) -> None:
+    """ContractError unless the CSV looks like UTF-8: a UTF-16/32 file (Excel's "Unicode text") would otherwise fail
+    as a parse error about column counts that never names the encoding."""
+    with pa.input_stream(str(path)) as stream:  # decompresses .csv.gz
+        head = stream.read(4096)
+    found = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if found is None and b"\x00" in head:
+        found = "UTF-16 or UTF-32 (NUL bytes between the characters)"
+    if found:
+        raise ContractError(f"{path}: the file is encoded as {found}; expected UTF-8 text: re-save it as UTF-8 "
+                            f"(e.g. `iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`)")
 
 
 def read_events(path: str | Path) -> tuple[pa.Table, EventContract]:
@@ -329,12 +366,47 @@ def _python_values(array: pa.Array | pa.ChunkedArray) -> Callable[[], np.ndarray
     return lambda: np.asarray(array.to_pylist(), dtype=object)
 
 
-MISSING_AS_TEXT = ("None", "nan", "NaN", "null", "NULL")  # ids refused as a missing value another tool wrote as text
+# Ids refused as a missing value another tool wrote as text (compared case-insensitively: pandas writes None and
+# nan, SQL exports NULL, JavaScript undefined, spreadsheets N/A). `NA` is not among them: it is a real code in many
+# catalogues (Namibia's country code). In a CSV, pyarrow already reads empty, NA, N/A, NULL, NaN... as null (a null id).
+MISSING_AS_TEXT = ("none", "null", "nil", "nan", "<na>", "n/a", "undefined")
+# The longest id accepted, in UTF-8 bytes. Real ids are far shorter (UUID 36, SHA-256 hex 64, a product URL a few
+# hundred); S3 caps object keys at the same 1,024 bytes. A longer one is nearly always a parse that swallowed text
+# (an unclosed quote reading on over many lines): it would become a token, a Feast entity key and a Redis key.
+MAX_ID_BYTES = 1024
+# C0 and C1 control characters (newline, tab, NUL, ...): an id printed in a log, a CSV or a Redis key must stay on
+# one line; a quoted newline inside a CSV id is the usual cause.
+_CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x{9f}]"
+_NOT_UTF8_HINT = "UTF-8 text (re-save the file as UTF-8: a Latin-1 or Windows-1252 export is the usual cause)"
+
+
+def _utf8_strings(col: pa.Array, name: str, check: _Checker) -> pa.Array:
+    """A binary column (bytes, e.g. a CSV column with non-UTF-8 bytes) as strings: rows that are not valid UTF-8
+    are bad rows naming the encoding, never decoded by guess."""
+    try:
+        return col.cast(pa.string())
+    except pa.ArrowInvalid:
+        pass
+    raw = col.to_pylist()
+
+    def utf8(value: bytes | None) -> bool:
+        if value is None:
+            return True
+        try:
+            value.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    bad = np.array([not utf8(v) for v in raw], dtype=bool)
+    check.flag(name, bad, lambda: np.asarray(raw, dtype=object), "are not valid UTF-8 text", _NOT_UTF8_HINT)
+    return pa.array([None if b or v is None else v.decode("utf-8") for v, b in zip(raw, bad)], type=pa.string())
 
 
 def _coerce_id(table: pa.Table, name: str, check: _Checker, coercions: list[str]) -> pa.Array:
     """A string id column: integers become strings ("1"; a float column such as 1.0 is refused, never guessed),
-    null, empty, whitespace-only and missing-as-text values are bad rows, and ids are normalised to Unicode NFC."""
+    null, empty, whitespace-only and missing-as-text values, ids over MAX_ID_BYTES and ids with a control character
+    are bad rows, and ids are normalised to Unicode NFC (contracts.names.normalize_id, the form lookups use)."""
     col = table.column(name)
     typ = col.type
     if pa.types.is_dictionary(typ):
@@ -345,21 +417,34 @@ def _coerce_id(table: pa.Table, name: str, check: _Checker, coercions: list[str]
         col = col.cast(pa.string())
     elif pa.types.is_large_string(typ):
         col = col.cast(pa.string())
+    elif pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        col = _utf8_strings(col.combine_chunks(), name, check)
     elif not pa.types.is_string(typ):
         raise check.structural(name, f"has type {typ}; expected string ids (integer ids are converted to strings)")
-    arr = col.combine_chunks()
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     null_or_empty = pc.fill_null(pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)), True)
     bad = np.asarray(null_or_empty.to_numpy(zero_copy_only=False), dtype=bool)
     check.flag(name, bad, _python_values(arr), "are null, empty or only whitespace", "a non-empty id")
     # a missing value written out as text by another tool (pandas writes None and NaN so): not an id
-    as_text = pc.fill_null(pc.is_in(arr, pa.array(MISSING_AS_TEXT)), False)
+    as_text = pc.fill_null(pc.is_in(pc.utf8_lower(arr), pa.array(MISSING_AS_TEXT)), False)
     check.flag(name, np.asarray(as_text.to_numpy(zero_copy_only=False), dtype=bool), _python_values(arr),
-               f"are a missing value written as text ({', '.join(MISSING_AS_TEXT)})", "a real id (rename such ids if they are real)")
+               f"are a missing value written as text ({', '.join(MISSING_AS_TEXT)}, in any case)",
+               "a real id (rename such ids if they are real)")
+    too_long = pc.fill_null(pc.greater(pc.binary_length(arr), MAX_ID_BYTES), False)
+    if pc.any(too_long).as_py():
+        check.flag(name, np.asarray(too_long.to_numpy(zero_copy_only=False), dtype=bool),
+                   lambda: np.asarray([v and f"{v[:40]}... ({len(v.encode()):,} bytes)" for v in arr.to_pylist()], dtype=object),
+                   f"are longer than {MAX_ID_BYTES:,} bytes",
+                   f"an id of at most {MAX_ID_BYTES:,} UTF-8 bytes (an unclosed quote in a CSV is the usual cause; hash long URLs)")
+    control = pc.fill_null(pc.match_substring_regex(arr, _CONTROL_CHARACTERS), False)
+    check.flag(name, np.asarray(control.to_numpy(zero_copy_only=False), dtype=bool), _python_values(arr),
+               "contain a control character (newline, tab, ...)",
+               "an id on one line without control characters (a quoted newline in a CSV field is the usual cause)")
     # one spelling per id: composed and decomposed accents are the same user or item (Unicode NFC)
-    normalized = pc.utf8_normalize(arr, "NFC")
+    normalized = pc.utf8_normalize(arr, ID_NORMAL_FORM)
     changed = int(pc.sum(pc.not_equal(normalized, arr).fill_null(False)).as_py() or 0)
     if changed:
-        coercions.append(f"{name}: {changed} id(s) normalised to Unicode NFC")
+        coercions.append(f"{name}: {changed} id(s) normalised to Unicode {ID_NORMAL_FORM}")
     return normalized
 
 
@@ -468,6 +553,8 @@ def _coerce_optional(table: pa.Table, spec: ColumnSpec, check: _Checker, coercio
     if typ == target:
         return col
     if spec.dtype == "string":
+        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+            return _utf8_strings(col, spec.name, check)
         if pa.types.is_integer(typ) or pa.types.is_boolean(typ) or pa.types.is_large_string(typ):
             if not pa.types.is_large_string(typ):
                 coercions.append(f"{spec.name}: {typ} -> string")

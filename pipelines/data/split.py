@@ -25,19 +25,44 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
 from contracts.settings import Field, config_class
-from pipelines.data.contract import read_events, utc_timestamp, write_json_atomic, write_parquet_atomic
+from pipelines.data.contract import read_events, readable_time, utc_timestamp, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
 Protocol = Literal["global", "per-user"]
+
+
+def _valid_fractions(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(value) < 0 or abs(sum(value) - 1.0) > 1e-6:
+        raise PydanticCustomError("fractions", f"split fractions must be three non-negative numbers summing to 1, got "
+                                               f"{' '.join(f'{v:g}' for v in value)} (sum {sum(value):g})")
+    return value
+
+
+def _ordered_times(value: tuple[str, str] | None) -> tuple[str, str] | None:
+    if value is None:
+        return value
+    for text in value:
+        readable_time(text)
+    if utc_timestamp(value[0]) > utc_timestamp(value[1]):
+        raise PydanticCustomError("order", f"split times must be ordered: train start {value[0]} is after test start {value[1]}")
+    return value
+
+
+# The window shares, checked where they are given (`--fractions`, a run config's protocols[].fractions): a bad value
+# is refused when the settings are read, before the data step runs.
+Fractions = Annotated[tuple[float, float, float], AfterValidator(_valid_fractions)]
+SplitTimes = Annotated[tuple[str, str] | None, AfterValidator(_ordered_times)]
 
 
 @config_class
@@ -45,15 +70,13 @@ class SplitConfig:
     """How a run's events are split into pretraining, ranker-training and test windows."""
 
     protocol: Protocol = Field("global", description="global: windows by time (production view); per-user: each user's last events held out.")
-    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="Shares of the pretraining, ranker-training and test windows.")
-    at: tuple[str, str] | None = Field(None, description="global: explicit train start and test start times (ISO).")
+    fractions: Fractions = Field((0.6, 0.2, 0.2), description="Shares of the pretraining, ranker-training and test windows.")
+    at: SplitTimes = Field(None, description="global: explicit train start and test start times (ISO).")
     last_k: tuple[int, int] | None = Field(None, description="per-user: the last k events of each user for train and for test.")
 
     def __post_init__(self) -> None:
         if self.protocol not in ("global", "per-user"):
             raise ValueError(f"unknown split protocol '{self.protocol}': expected global or per-user")
-        if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {self.fractions}")
         if self.at is not None and self.protocol != "global":
             raise ValueError("explicit split times (--at) apply to the global protocol only")
         if self.last_k is not None and (self.protocol != "per-user" or len(self.last_k) != 2 or min(self.last_k) < 0):
@@ -145,9 +168,44 @@ def summarize(table: pa.Table, cold: np.ndarray, no_prior_window: np.ndarray | N
     }
 
 
+def _how(config: SplitConfig) -> str:
+    """The option that placed the boundaries, as the user gave it."""
+    if config.at is not None:
+        return f"--at {config.at[0]} {config.at[1]}"
+    if config.last_k is not None:
+        return f"--last-k {config.last_k[0]} {config.last_k[1]}"
+    return f"--protocol {config.protocol} --fractions {' '.join(f'{f:g}' for f in config.fractions)}"
+
+
+def _asked_empty(config: SplitConfig, index: int) -> bool:
+    """True when the settings themselves ask for an empty window (a zero share or count), not the data."""
+    if config.at is not None:
+        return False
+    if config.last_k is not None:
+        return index > 0 and config.last_k[index - 1] == 0
+    return config.fractions[index] == 0
+
+
+def check_windows(table: pa.Table, window: np.ndarray, config: SplitConfig) -> None:
+    """ValueError when a window is empty although the settings asked for events in it: the LM would pretrain on
+    nothing, or a ranker train or be tested on nothing, and fail much later (or report metrics of zero rows)."""
+    if table.num_rows == 0:
+        return
+    counts = np.bincount(window, minlength=len(WINDOWS))
+    empty = [name for index, name in enumerate(WINDOWS) if counts[index] == 0 and not _asked_empty(config, index)]
+    if empty:
+        ts = _ts_us(table)
+        first, last = (pd.Timestamp(int(t), unit="us", tz="UTC").isoformat() for t in (ts.min(), ts.max()))
+        shown = ", ".join(f"{name} {int(n):,}" for name, n in zip(WINDOWS, counts))
+        raise ValueError(f"{_how(config)} leaves the {' and '.join(empty)} window(s) empty (events per window: {shown}; the "
+                         f"{table.num_rows:,} events run from {first} to {last}); choose boundaries inside that range")
+
+
 def split_events(table: pa.Table, config: SplitConfig) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Split `table` into the three windows; returns the tables and the summary."""
+    """Split `table` into the three windows; returns the tables and the summary. A window left empty although
+    the settings asked for events in it is an error (`check_windows`)."""
     window = assign_windows(table, config)
+    check_windows(table, window, config)
     cold = cold_rows(table)
     no_prior = first_window_rows(table, window)
     tables: dict[str, pa.Table] = {}

@@ -45,7 +45,7 @@ from contracts.names import VARIANTS
 from contracts.settings import Field, config_class
 from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, TokenizerConfig
 from pipelines.data.sources.files import FilesConfig
-from pipelines.data.split import Protocol, SplitConfig
+from pipelines.data.split import Fractions, Protocol, SplitConfig
 from pipelines.report.spec import ReportConfig
 from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
 from ranker.schema import variant_parts
@@ -96,7 +96,7 @@ class ProtocolConfig:
     split: Protocol = Field(_SPLIT.protocol, description="global (windows by time) or per-user (each user's last events held out).")
     features: Literal["rolling", "snapshot"] = Field(
         "rolling", description="rolling: one embedding per (user, request time); snapshot: one per user per period.")
-    fractions: tuple[float, float, float] = Field(_SPLIT.fractions, description="Shares of the pretraining, ranker-training and test windows.")
+    fractions: Fractions = Field(_SPLIT.fractions, description="Shares of the pretraining, ranker-training and test windows.")
     last_k: tuple[int, int] | None = Field(None, description="per-user: each user's last k events for ranker training and for test "
                                                              "(instead of fractions); [1, 1] with the LM's next-item metrics is leave-last-out.")
     snapshot_every: str = Field("1D", description="snapshot: the period between as-of times (a pandas frequency).")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from contracts.files import file_sha256
 from contracts.settings import Field, config_class
-from pipelines.data.contract import EventContract, ValidationOptions, read_table, utc_timestamp, validate_events, validate_items
+from pipelines.data.contract import EventContract, ValidationOptions, read_table, readable_time, utc_timestamp, validate_events, validate_items
 from pipelines.data.sources.base import SourceOutput
 
 
@@ -24,8 +26,8 @@ class FilesConfig:
     map: tuple[str, ...] = Field((), description="Column mapping contract_name=source_name, e.g. user_id=userId.")
     ignore: tuple[str, ...] = Field((), description="Source column to leave out on purpose.")
     ts_unit: Literal["auto", "s", "ms", "us", "ns"] = Field("auto", description="Unit of numeric epoch timestamps.")
-    min_ts: str | None = Field(None, description="Earliest allowed event time (default: 1990-01-01).")
-    max_ts: str | None = Field(None, description="Latest allowed event time (default: now + 1 day).")
+    min_ts: Annotated[str | None, AfterValidator(readable_time)] = Field(None, description="Earliest allowed event time (default: 1990-01-01).")
+    max_ts: Annotated[str | None, AfterValidator(readable_time)] = Field(None, description="Latest allowed event time (default: now + 1 day).")
     on_bad: Literal["fail", "quarantine"] = Field("fail", description="fail: stop at the first bad rows; quarantine: set bad rows aside with their reasons.")
 
     def __post_init__(self) -> None:
