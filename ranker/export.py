@@ -9,13 +9,15 @@ writes into `out`:
     lightgbm.txt      LightGBM's native text model (any LightGBM binding loads it), or
     dlrm.pt2          the DLRM as a `torch.export` program: probabilities [B] from
                       dense [B, F] float32, values [nnz] int64, lengths [K * B] int64 (the KeyedJaggedTensor of the
-                      sparse keys, key-major: every row's ids of key 0, then of key 1, ...); B and nnz are dynamic.
+                      sparse keys, key-major: every row's ids of key 0, then of key 1, ...); B (1 to 100,000) and
+                      nnz are dynamic. The program holds aten operators only: `import torch` is all it needs
+                      (no torchrec, no fbgemm_gpu).
     export.json       the manifest, written last: what the folder holds (a later export may replace exactly that)
 
 `out` must be new, empty or an earlier export: a folder holding anything else is refused, never deleted.
 
-`dlrm.pt2` is for a serving runtime (AOTInductor, ExecuTorch, or `torch.export.load` in Python); loading it in
-Python may unpickle its weights, so load only files you made.
+`dlrm.pt2` is for a serving runtime (AOTInductor, ExecuTorch, or `torch.export.load(...).module()` in Python, after
+`import torch` only); loading it in Python may unpickle its weights, so load only files you made.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lightgbm
 import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
@@ -40,6 +43,12 @@ SPEC_FILE = "model_spec.json"
 DLRM_PROGRAM_FILE = "dlrm.pt2"
 LIGHTGBM_MODEL_FILE = "lightgbm.txt"
 SPEC_FORMAT = 1
+# How to load each model file in Python, with exactly these imports (docs/deploy.md; tests/test_export.py loads
+# the DLRM in a process that imports nothing else)
+LOAD = {
+    "dlrm": {"python_imports": ["torch"], "python": "torch.export.load('dlrm.pt2').module()(dense, values, lengths)"},
+    "lightgbm": {"python_imports": ["lightgbm"], "python": "lightgbm.Booster(model_file='lightgbm.txt').predict(features)"},
+}
 MANIFEST_FILE = "export.json"  # written last: a folder holding it is a complete export
 EXPORT_KIND = "lum-ranker-export"
 
@@ -233,7 +242,8 @@ def _write_export(ranker: TrainedRanker, folder: Path, example: DLRMInputs | Non
     spec = model_spec(ranker)
     write_text_atomic(json.dumps(spec, indent=1), folder / SPEC_FILE)
     manifest = {"kind": EXPORT_KIND, "format": SPEC_FORMAT, "model": ranker.config.model, "variant": ranker.variant,
-                "files": [spec["file"], SPEC_FILE]}
+                "files": [spec["file"], SPEC_FILE], "load": LOAD[ranker.config.model],
+                "built_with": {"torch": torch.__version__} if ranker.config.model == "dlrm" else {"lightgbm": lightgbm.__version__}}
     write_text_atomic(json.dumps(manifest, indent=1), folder / MANIFEST_FILE)
 
 
@@ -257,11 +267,55 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+MAX_BATCH = 100_000  # candidates per call the program accepts (the service takes at most 1,000)
+
+
+def _complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    """fbgemm's asynchronous_complete_cumsum in plain aten: [n] lengths -> [n + 1] offsets starting at 0."""
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def _jagged_to_padded_dense(values: torch.Tensor, offsets: list[torch.Tensor], max_lengths: list[int],
+                            padding_value: float = 0.0) -> torch.Tensor:
+    """fbgemm's jagged_to_padded_dense (one jagged dimension) in plain aten: values [nnz, ...] with offsets [B + 1]
+    -> [B, L, ...], each row's first L values, then `padding_value`. A padding row appended to the values is what
+    every position past a row's end reads, so an empty batch of ids (nnz = 0) needs no special case."""
+    (row_offsets,), (steps,) = offsets, max_lengths
+    lengths = row_offsets[1:] - row_offsets[:-1]
+    positions = torch.arange(steps, device=values.device)
+    index = torch.where(positions[None, :] < lengths[:, None], row_offsets[:-1, None] + positions[None, :], values.shape[0])
+    return torch.cat([values, values.new_full((1, *values.shape[1:]), padding_value)])[index]
+
+
+def _fbgemm_decompositions() -> dict[Any, Any]:
+    """The fbgemm operators TorchRec's KeyedJaggedTensor and JaggedTensor put into the graph, as aten: a program
+    holding `torch.ops.fbgemm.*` does not even deserialize in a process that has not imported fbgemm_gpu."""
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; torchrec imported it already)
+
+    return {torch.ops.fbgemm.asynchronous_complete_cumsum.default: _complete_cumsum,
+            torch.ops.fbgemm.jagged_to_padded_dense.default: _jagged_to_padded_dense}
+
+
 def export_dlrm(ranker: TrainedRanker, example: DLRMInputs) -> torch.export.ExportedProgram:
-    """The DLRM as a torch.export program with a dynamic batch size and a dynamic number of ids."""
+    """The DLRM as a torch.export program of aten operators only (loads with `import torch` alone), for 1 to
+    MAX_BATCH rows and any number of ids.
+
+    Sizes 0 and 1 are special to torch.export: traced on a batch of B >= 2 it assumes B != 1 wherever a shape
+    broadcasts, and guards the program against one row (`Dim("batch", min=2)`; one candidate is a valid /rank
+    request). `backed_size_oblivious` makes the tracer treat the batch as "some size >= 1" instead of guarding, so
+    min=1 holds; it must stay on while the fbgemm operators are decomposed, which traces the graph again.
+    tests/test_export.py scores batches of 1, 2, 7 and 1,000 rows with the saved program in a bare process."""
+    import torch.fx.experimental._config as shape_config
+
     scorer = DLRMScorer(ranker.model.eval(), [f.key for f in ranker.pipeline.sparse_features]).eval()
     args = flat_inputs(example)
-    batch, nnz = torch.export.Dim("batch", min=2), torch.export.Dim("nnz", min=2)
+    batch, nnz = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("nnz", min=1)
     # lengths hold one count per (key, row): K * batch of them
-    with torch.no_grad():
-        return torch.export.export(scorer, args, dynamic_shapes=({0: batch}, {0: nnz}, {0: len(scorer.keys) * batch}), strict=False)
+    with torch.no_grad(), shape_config.patch(backed_size_oblivious=True):
+        program = torch.export.export(scorer, args, dynamic_shapes=({0: batch}, {0: nnz}, {0: len(scorer.keys) * batch}), strict=False)
+        program = program.run_decompositions(_fbgemm_decompositions())
+    foreign = sorted({str(node.target) for node in program.graph.nodes
+                      if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace != "aten"})
+    if foreign:  # a model change brought in another library's operator: fail here, not in the serving stack
+        raise RuntimeError(f"the exported DLRM uses non-aten operators {foreign}: add their decompositions to ranker/export.py")
+    return program

@@ -30,13 +30,13 @@ def data():
 
 @pytest.fixture(scope="module")
 def saved(data, tmp_path_factory) -> dict[str, Path]:
-    """Saved ranker folders: a small LightGBM and a small DLRM (request features on, as the demo trains them)."""
+    """Saved ranker folders ("model-variant"): small ones, with request features as the demo trains them."""
     train, _ = data
     features = FeatureConfig(request_features=True)
     folders = {}
-    for model, variant in (("lightgbm", "lum"), ("dlrm", "lum+pooled")):
+    for model, variant in (("lightgbm", "lum"), ("dlrm", "lum+pooled"), ("dlrm", "din+lum")):
         ranker = train_ranker(train, RankerConfig(model=model, variant=variant, dlrm=SMALL_DLRM, lightgbm=SMALL_LGBM, features=features))
-        folders[model] = ranker.save(tmp_path_factory.mktemp("rankers") / f"global-{model}-{variant}")
+        folders[f"{model}-{variant}"] = ranker.save(tmp_path_factory.mktemp("rankers") / f"global-{model}-{variant}")
     return folders
 
 
@@ -52,7 +52,7 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(saved, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    result = _export(saved["lightgbm"], out)
+    result = _export(saved["lightgbm-lum"], out)
     assert result.exit_code != 0
     message = result.output.strip()
     assert len(message.splitlines()) == 1 and str(out) in message and "not an earlier ranker export" in message, message
@@ -63,18 +63,18 @@ def test_export_refuses_a_folder_that_is_not_an_earlier_export(saved, tmp_path):
 def test_export_replaces_an_earlier_export_but_not_files_added_to_it(saved, tmp_path):
     out = tmp_path / "exported"
     for _ in range(2):  # new folder, then an earlier export replaced whole
-        result = _export(saved["lightgbm"], out)
+        result = _export(saved["lightgbm-lum"], out)
         assert result.exit_code == 0, result.output
         manifest = json.loads((out / MANIFEST_FILE).read_text())
         assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST_FILE])
         assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing staged or set aside left over
     (out / "notes.txt").write_text("mine")
-    result = _export(saved["lightgbm"], out)
+    result = _export(saved["lightgbm-lum"], out)
     assert result.exit_code != 0 and "notes.txt" in result.output and str(out) in result.output
     assert (out / "notes.txt").read_text() == "mine" and (out / SPEC_FILE).exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _export(saved["lightgbm"], empty).exit_code == 0 and (empty / SPEC_FILE).exists()
+    assert _export(saved["lightgbm-lum"], empty).exit_code == 0 and (empty / SPEC_FILE).exists()
 
 
 def _read_only_bites(folder: Path) -> bool:
@@ -101,11 +101,11 @@ def test_export_into_a_read_only_folder_is_one_line_and_leaves_the_earlier_expor
     parent = tmp_path / "shared"
     parent.mkdir()
     out = parent / "exported"
-    assert _export(saved["lightgbm"], out).exit_code == 0
+    assert _export(saved["lightgbm-lum"], out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     parent.chmod(0o555)
     try:
-        result = _export(saved["lightgbm"], out)
+        result = _export(saved["lightgbm-lum"], out)
         assert result.exit_code == 1 and "Traceback" not in result.output
         message = result.output.strip()
         assert len(message.splitlines()) == 1 and str(out) in message and "Permission denied" in message, message
@@ -119,7 +119,7 @@ def test_an_os_error_while_exporting_is_one_line_naming_the_path(saved, tmp_path
     """The same OSError path as a read-only folder, but one that bites as root too: the folder's parent is a file."""
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "exported"
-    result = _export(saved["lightgbm"], out)
+    result = _export(saved["lightgbm-lum"], out)
     assert result.exit_code == 1 and "Traceback" not in result.output and result.exception.__class__ is SystemExit
     message = result.output.strip()
     assert len(message.splitlines()) == 1 and message.startswith(f"Error: cannot write the export {out}: "), message
@@ -129,9 +129,9 @@ def test_an_os_error_while_exporting_is_one_line_naming_the_path(saved, tmp_path
 def test_a_failed_export_removes_its_temporary_folder(saved, data, tmp_path):
     """A DLRM that cannot be traced on the given rows fails after the staging folder exists: it is removed, and the
     earlier export stays."""
-    ranker = TrainedRanker.load(saved["dlrm"])
+    ranker = TrainedRanker.load(saved["dlrm-lum+pooled"])
     out = tmp_path / "exported"
-    export_ranker(TrainedRanker.load(saved["lightgbm"]), out)
+    export_ranker(TrainedRanker.load(saved["lightgbm-lum"]), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     _, test = data
     bad = ranker.featurize(test.slice(0, 5))
@@ -141,3 +141,55 @@ def test_a_failed_export_removes_its_temporary_folder(saved, data, tmp_path):
     assert not isinstance(failed.value, ExportError)  # the model's own error, not an OS one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------------ 2. the DLRM program
+
+# Runs in a fresh interpreter: the documented imports (docs/deploy.md, export.json's "load") and nothing else.
+BARE_SCORER = """
+import json, sys
+import torch
+
+folder, cases = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+manifest = json.load(open(folder + "/export.json"))
+assert manifest["load"]["python_imports"] == ["torch"], manifest["load"]
+model = torch.export.load(folder + "/dlrm.pt2").module()
+worst = {}
+for case in cases:
+    got = model(case["dense"], case["values"], case["lengths"])
+    assert got.shape == case["expected"].shape, (got.shape, case["expected"].shape)
+    worst[len(got)] = float((got - case["expected"]).abs().max())
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "fbgemm_gpu", "ranker", "lum", "pipelines"))
+assert not loaded, loaded
+print(json.dumps(worst))
+"""
+
+
+@pytest.mark.parametrize("variant", ["lum+pooled", "din+lum"])
+def test_the_exported_dlrm_scores_1_to_1000_candidates_in_a_process_that_imported_only_torch(saved, data, tmp_path, variant):
+    """issue 35.2: dlrm.pt2 needed `import fbgemm_gpu` to load (fbgemm operators in the graph) and refused a single
+    candidate (exported with Dim("batch", min=2))."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from ranker.export import flat_inputs
+
+    ranker = TrainedRanker.load(saved[f"dlrm-{variant}"])
+    out = export_ranker(ranker, tmp_path / "exported")
+    _, test = data
+    inputs = ranker.featurize(test)
+    expected = ranker.score(inputs)  # the in-process model
+    cases = []
+    for size in (1, 2, 7, 1000):
+        rows = np.arange(size) * 3 % len(expected)  # 1,000 rows: some repeated when the window is shorter
+        dense, values, lengths = flat_inputs(inputs, rows)
+        cases.append({"dense": dense, "values": values, "lengths": lengths, "expected": torch.from_numpy(expected[rows])})
+    torch.save(cases, tmp_path / "cases.pt")
+    result = subprocess.run([sys.executable, "-c", BARE_SCORER, str(out), str(tmp_path / "cases.pt")], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(int(k) for k in worst) == [1, 2, 7, 1000] and max(worst.values()) < 1e-5, worst
