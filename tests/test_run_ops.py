@@ -265,3 +265,38 @@ def test_a_step_stopped_by_ctrl_c_is_recorded_as_interrupted(tmp_path):
         state.step("data", stop, print)
     assert json.loads((tmp_path / STATE_FILE).read_text())["steps"]["data"]["status"] == "interrupted"
     assert _status(tmp_path)[0] == 1
+
+
+# ------------------------------------------------------------------------------------ paths in a run config file
+def test_relative_paths_in_a_run_config_are_relative_to_its_folder_not_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": "../runs/mine",
+        "data": {"source": "files", "path": "logs/events.csv", "items": str(tmp_path / "items.csv"), "conditions": ["surface"]}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (elsewhere, folder, tmp_path):  # the same files from any working directory
+        monkeypatch.chdir(cwd)
+        loaded = load_run_config(config)
+        assert Path(loaded.run_dir).resolve() == tmp_path / "project" / "runs" / "mine"
+        assert Path(str(loaded.data.path)).resolve() == folder / "logs" / "events.csv"
+        assert loaded.data.items == str(tmp_path / "items.csv")  # absolute: as written
+    # the command line's paths (--run, --set) are the working directory's
+    monkeypatch.chdir(elsewhere)
+    loaded = load_run_config(config, {"run_dir": "here", "data.path": "mine.csv"})
+    assert Path(loaded.run_dir).resolve() == elsewhere / "here" and Path(str(loaded.data.path)).resolve() == elsewhere / "mine.csv"
+    # a missing events file is named as the config resolved it
+    with pytest.raises(FileNotFoundError, match="logs/events.csv"):
+        execute(load_run_config(config, {"run_dir": str(tmp_path / "run")}), echo=lambda line: None)
+
+
+def test_the_shipped_configs_name_the_same_folders_as_before_from_the_repository_root(monkeypatch):
+    """configs/*.yaml and examples/tiny-log/run.yaml are written relative to their own folders; read from the
+    repository root they give the paths earlier runs recorded (so those runs resume without a settings change)."""
+    monkeypatch.chdir(REPO)
+    assert load_run_config(REPO / "configs" / "demo.yaml").run_dir == "runs/demo"
+    assert load_run_config(REPO / "configs" / "movielens.yaml").data.path == "../shared/data/ml-latest-small"
+    example = load_run_config(REPO / "examples" / "tiny-log" / "run.yaml")
+    assert (example.run_dir, example.data.path, example.data.items) == ("runs/tiny-log", "examples/tiny-log/events.csv", "examples/tiny-log/items.csv")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -279,8 +280,38 @@ def parse_run_config(data: Any, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: invalid run config:\n  {problems}") from None
 
 
+# the path-typed settings of a run config: relative paths in a config file are relative to the file's folder
+PATH_KEYS = ("run_dir", "data.path", "data.items")
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """`value` (a path written in a config file) resolved against the file's folder `base`: absolute paths (and
+    `~`) stay; a relative one is joined to `base` and spelled relative to the working directory. That spelling is
+    what the steps record (`data.path`, the run folder's paths), and the one earlier versions recorded when the
+    configs' paths were relative to the working directory: a run made from the repository root resumes unchanged."""
+    given = Path(value).expanduser()
+    if given.is_absolute():
+        return str(given)
+    return os.path.relpath(os.path.abspath(base / given))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Resolve the PATH_KEYS a config file sets (in place) against its folder `base`."""
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node: Any = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(name), str) and node[name].strip():
+            node[name] = resolve_path(node[name], base)
+
+
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The run config of a YAML file (None: every default), with dotted-key overrides (`run_dir`, `lm.pretrain.epochs`)."""
+    """The run config of a YAML file (None: every default), with dotted-key overrides (`run_dir`, `lm.pretrain.epochs`).
+
+    Relative paths in the file (PATH_KEYS: `run_dir`, `data.path`, `data.items`) are relative to the file's folder,
+    wherever `lum run` is started; those of `overrides` (the command line's `--run`, `--set`) to the working directory.
+    """
     try:
         data = yaml.safe_load(Path(path).read_text()) if path else {}
     except (OSError, yaml.YAMLError) as exc:
@@ -288,6 +319,8 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a mapping (see `lum run --help`)")
+    if path:
+        _resolve_paths(data, Path(path).parent)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
