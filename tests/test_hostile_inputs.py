@@ -238,3 +238,56 @@ def test_normalize_id_is_the_imports_normalisation(tmp_path):
     stored = set(pq.read_table(tmp_path / "r" / "data" / "events.parquet").column("user_id").to_pylist())
     assert stored == {normalize_id(u) for u in ids}
     assert normalize_id("\u212b") == normalize_id("Å") == "Å" and normalize_id("ﬁ") == "ﬁ"  # NFC, not NFKC: compatibility forms stay
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data import (issue 35 A)
+
+def test_items_map_renames_the_items_tables_columns(tmp_path):
+    """--map renames the events' columns only; the items table has its own header and its own --items-map."""
+    log = _write(tmp_path, "ratings.csv", "userId,movieId,ts,label\nu,m1,2024-01-01,1\nu,m2,2024-01-02,0\n")
+    items = _write(tmp_path, "movies.csv", "movieId,title\nm1,Alien\nm2,Heat\n")
+    args = ["data", "import", "files", log, "--map", "user_id=userId", "--map", "item_id=movieId", "--items", items]
+    unmapped = CliRunner().invoke(main, [*args, "--run", str(tmp_path / "a")])
+    assert unmapped.exit_code != 0 and "movies.csv: missing column 'item_id'" in unmapped.output and "--items-map item_id=" in unmapped.output
+    mapped = CliRunner().invoke(main, [*args, "--items-map", "item_id=movieId", "--run", str(tmp_path / "b")])
+    assert mapped.exit_code == 0, mapped.output
+    table = pq.read_table(tmp_path / "b" / "data" / "items.parquet")
+    assert table.column_names == ["item_id", "title"] and table.column("item_id").to_pylist() == ["m1", "m2"]
+    info = json.loads((tmp_path / "b" / "data" / "dataset.json").read_text())
+    assert info["source"]["items_column_map"] == {"movieId": "item_id"}
+    bad = CliRunner().invoke(main, [*args, "--items-map", "item_id", "--run", str(tmp_path / "c")])
+    assert bad.exit_code != 0 and "items_map: 'item_id' is not contract_name=source_name" in bad.output
+
+
+def test_a_quarantined_share_over_1_percent_is_a_warning_with_the_share(tmp_path):
+    rows = "".join(f"u{n},a,2024-01-01T00:00:{n:02d}Z,1\n" for n in range(60)) + "".join(f"v{n},a,2024-01-02T00:00:{n:02d}Z,0\n" for n in range(40))
+    few = CliRunner().invoke(main, ["data", "import", "files", _write(tmp_path, "few.csv", LOG + rows + "w,a,notatime,1\n"),
+                                    "--on-bad", "quarantine", "--run", str(tmp_path / "few")])
+    assert few.exit_code == 0 and "set aside 1 rejected rows" in few.output and "% of rows" not in few.output, few.output
+    many = CliRunner().invoke(main, ["data", "import", "files", _write(tmp_path, "many.csv", LOG + THREE_DAYS + "w,a,notatime,1\n"),
+                                     "--on-bad", "quarantine", "--run", str(tmp_path / "many")])
+    assert many.exit_code == 0, many.output
+    assert f"warning: 25.0% of rows (1 of 4) quarantined: see {tmp_path / 'many' / 'data' / 'events.quarantine.parquet'}" in many.output
+
+
+def test_events_of_items_missing_from_the_items_table_and_unknown_conditions_are_kept_and_reported(tmp_path):
+    """Decided (docs/data.md): such events are kept (a catalogue export lags the log; dropping them would cut user
+    histories), counted in the import's output, dataset.json and `lum data describe`. An empty or whitespace-only
+    condition value is the unknown condition (null), as an empty CSV field already was."""
+    log = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": ["u", "u", "v", "v"], "item_id": ["a", "gone", "gone", "b"],
+                             "ts": pa.array([1_700_000_000_000_000 + n for n in range(4)], pa.timestamp("us", tz="UTC")),
+                             "label": [1, 0, 1, 0], "surface": ["home", "", None, "  "]}), log)
+    items = _write(tmp_path, "items.csv", "item_id,title\na,A\nb,B\n")
+    run = tmp_path / "r"
+    result = CliRunner().invoke(main, ["data", "import", "files", str(log), "--items", items, "--condition", "surface", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 events (50.0%) have an item with no row in the items table (1 items): kept" in result.output
+    assert "warning: 3 events (75.0%) have no value in condition column 'surface': kept as an unknown condition" in result.output
+    info = json.loads((run / "data" / "dataset.json").read_text())
+    assert info["checks"] == {"unknown_conditions": {"surface": 3}, "events_item_not_in_items": 2, "items_not_in_items": 1}
+    assert "surface: 2 empty or whitespace-only value(s) read as unknown (null)" in info["coercions"]
+    assert pq.read_table(run / "data" / "events.parquet").column("surface").to_pylist().count(None) == 3
+    described = CliRunner().invoke(main, ["data", "describe", str(run)])
+    assert described.exit_code == 0 and "2 events (50.0%) have an item with no row in the items table" in described.output

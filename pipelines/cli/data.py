@@ -90,7 +90,7 @@ def data_import_files(events: str, run_dir: str, force: bool, **options: Any) ->
 
 @data.command("validate")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@config_options(FilesConfig, rename=FILES_NAMES, exclude=("items",))
+@config_options(FilesConfig, rename=FILES_NAMES, exclude=("items", "items_map"))
 @_friendly_errors
 def data_validate(path: str, **options: Any) -> None:
     """Check an event file against the contract; exit non-zero naming the first problem.

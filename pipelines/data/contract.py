@@ -579,6 +579,19 @@ def _coerce_optional(table: pa.Table, spec: ColumnSpec, check: _Checker, coercio
     raise check.structural(spec.name, f"has type {typ}; the contract declares it as {spec.dtype}")
 
 
+def _blank_to_unknown(values: pa.Array, name: str, coercions: list[str]) -> pa.Array:
+    """Empty or whitespace-only condition values become null, the "unknown condition" (a CSV reader makes an empty
+    field null already; a Parquet file keeps ""): one token for "not recorded", never a separate `surface=` value.
+    Counted among the coercions; the import reports the null count of each condition column (`checks`)."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False)
+    n = int(pc.sum(blank).as_py() or 0)
+    if not n:
+        return values
+    coercions.append(f"{name}: {n} empty or whitespace-only value(s) read as unknown (null)")
+    return pc.if_else(blank, pa.scalar(None, pa.string()), values)
+
+
 def validate_events(
     table: pa.Table,
     contract: EventContract,
@@ -618,6 +631,8 @@ def validate_events(
     }
     for spec in contract.columns:
         columns[spec.name] = _coerce_optional(table, spec, check, coercions)
+        if spec.role == "condition":
+            columns[spec.name] = _blank_to_unknown(columns[spec.name], spec.name, coercions)
 
     # Duplicates: the same (user, item, time) again. The first occurrence is kept; rows already bad for another
     # reason do not count as the first occurrence.
@@ -667,7 +682,8 @@ def validate_events(
 def validate_items(table: pa.Table, source: str) -> pa.Table:
     """Check an items table: a non-null, unique string `item_id` plus any content columns."""
     if "item_id" not in table.column_names:
-        raise ContractError(f"{source}: missing column 'item_id'; the file has {', '.join(table.column_names)}")
+        raise ContractError(f"{source}: missing column 'item_id'; the file has {', '.join(table.column_names)}. Rename with the items "
+                            "table's own mapping (--items-map item_id=source_name; --map renames the events' columns only)")
     check = _Checker(source, table.num_rows, "fail")
     ids = _coerce_id(table, "item_id", check, [])
     dup = ids.to_pandas().duplicated().to_numpy()

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.data.contract import EventContract, read_events
+from pipelines.data.sources.base import check_lines
 from pipelines.data.split import WINDOWS, cold_rows, format_summary, summarize
 from pipelines.paths import RunPaths
 
@@ -58,6 +59,8 @@ def describe_path(path: str | Path) -> tuple[dict[str, Any], str]:
         if paths.dataset_info.exists():
             info["dataset"] = json.loads(paths.dataset_info.read_text())
             text.insert(1, f"source: {info['dataset']['source'].get('name')}, rejected rows: {info['dataset']['n_rejected']}")
+            for n, line in enumerate(check_lines(info["dataset"].get("checks"), info["dataset"]["n_events"])):
+                text.insert(2 + n, line)
         info["splits"] = {}
         splits_root = path / "splits"
         for protocol_dir in sorted(splits_root.glob("*")) if splits_root.exists() else []:

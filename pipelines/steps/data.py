@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from pipelines.data.sources.base import check_lines
 from pipelines.data.sources.files import FilesConfig
 from pipelines.data.split import SplitConfig
 from pipelines.paths import RunPaths
@@ -32,6 +33,10 @@ def _same_source(paths: RunPaths, source: dict[str, Any], force: bool) -> bool:
     )
 
 
+# above this share of quarantined rows the import says so as a warning with the share (issue 35)
+QUARANTINE_WARN_SHARE = 0.01
+
+
 def result_lines(result: dict[str, Any] | str, paths: RunPaths, what: str = "") -> list[tuple[str, bool]]:
     """What a data step did, for the user: (line, is a warning) pairs; `what` names the source of a skipped step."""
     if result == UP_TO_DATE:
@@ -39,8 +44,14 @@ def result_lines(result: dict[str, Any] | str, paths: RunPaths, what: str = "") 
     lines = [(f"wrote {result['n_events']:,} events to {paths.events}", False)]
     if result.get("n_items_table") is not None:
         lines.append((f"wrote {result['n_items_table']:,} items to {paths.items}", False))
-    if result["n_rejected"]:
-        lines.append((f"set aside {result['n_rejected']:,} rejected rows with their reasons in {paths.quarantine}", True))
+    n_rejected, n_events = result["n_rejected"], result["n_events"]
+    total = n_events + n_rejected
+    if n_rejected:
+        lines.append((f"set aside {n_rejected:,} rejected rows with their reasons in {paths.quarantine}", True))
+    if n_rejected > QUARANTINE_WARN_SHARE * total:
+        # more than a few stray rows: a wrong column, unit or encoding more likely than bad luck, so say how much
+        lines.append((f"warning: {n_rejected / total:.1%} of rows ({n_rejected:,} of {total:,}) quarantined: see {paths.quarantine}", True))
+    lines += [(f"warning: {line}", True) for line in check_lines(result.get("checks"), n_events)]
     return lines
 
 
@@ -74,7 +85,7 @@ def import_files(paths: RunPaths, events: str, files: FilesConfig, force: bool =
     from pipelines.data.sources.files import load_files
 
     output = load_files(events, files.contract(), items_path=files.items, column_map=files.column_map(), ignore=tuple(files.ignore),
-                        options=files.validation_options())
+                        options=files.validation_options(), items_column_map=files.items_column_map())
     if _same_source(paths, output.source, force) and not len(output.rejected):
         return UP_TO_DATE
     return write_source_output(output, paths)
