@@ -300,3 +300,69 @@ def test_the_shipped_configs_name_the_same_folders_as_before_from_the_repository
     assert load_run_config(REPO / "configs" / "movielens.yaml").data.path == "../shared/data/ml-latest-small"
     example = load_run_config(REPO / "examples" / "tiny-log" / "run.yaml")
     assert (example.run_dir, example.data.path, example.data.items) == ("runs/tiny-log", "examples/tiny-log/events.csv", "examples/tiny-log/items.csv")
+
+
+# ---------------------------------------------------------------------------------------------------- tracking
+def _finished_folder(run: Path) -> None:
+    """A run folder as a finished `lum run` leaves what tracking reads: run_state.json, the rankers' and the LM's
+    evaluations, the report (hand-built: tracking reads files, it trains nothing)."""
+    from pipelines.run.config import config_dict
+
+    config = load_run_config(None, {**TINY_RUN, "run_dir": str(run)})
+    steps = {"data": {"status": "done", "settings": "a", "values": {}, "seconds": 1.5},
+             "global+rolling: pretrain": {"status": "done", "settings": "b", "values": {}, "seconds": 12.0}}
+    (run / "evaluations" / "rankers").mkdir(parents=True)
+    (run / STATE_FILE).write_text(json.dumps({"config": config_dict(config), "steps": steps}))
+    for i, (model, variant) in enumerate([(m, v) for m in ("dlrm", "lightgbm") for v in ("base", "lum")]):
+        overall = {"rows": 100, "auc": 0.6 + i / 100, "gauc": 0.55 + i / 100, "logloss": 0.4, "ne": 0.9, "calibration": 1.0}
+        (run / "evaluations" / "rankers" / f"global-{model}-{variant}.json").write_text(json.dumps({"overall": overall}))
+    (run / "evaluations" / "rankers" / "global-dlrm-din.json").write_text(json.dumps({"overall": {"auc": 0.9}}))  # not configured
+    (run / "evaluations" / "global-tiny.json").write_text(json.dumps({"overall": {"model": {"hr@10": 0.15, "ndcg@10": 0.09}}}))
+    (run / "report").mkdir()
+    (run / "report" / "report.html").write_text("<html></html>")
+    (run / "report" / "report.json").write_text("{}")
+
+
+def test_a_finished_run_is_logged_to_mlflow_with_its_params_metrics_and_report(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow-skinny is not installed (docs/run.md#tracking)")
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.run.tracking import log_run_to_mlflow
+
+    run = tmp_path / "run"
+    _finished_folder(run)
+    uri = (tmp_path / "mlruns").as_uri()
+    run_id = log_run_to_mlflow(run, uri, experiment="issue-35")
+    client = MlflowClient(tracking_uri=uri)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "run"
+    assert client.get_experiment(logged.info.experiment_id).name == "issue-35"
+    params, metrics = logged.data.params, logged.data.metrics
+    assert params["rankers.lightgbm.num_leaves"] == "63" and params["lm.pretrain.preset"] == "tiny" and params["data.source"] == "simulator"
+    for model in ("dlrm", "lightgbm"):
+        for variant in ("base", "lum"):
+            assert f"ranker.global-{model}-{variant}.auc" in metrics and f"ranker.global-{model}-{variant}.gauc" in metrics
+    assert metrics["ranker.global-lightgbm-lum.auc"] == pytest.approx(0.63)
+    assert metrics["lm.global-tiny.model.hr_10"] == pytest.approx(0.15)  # `@` is not allowed in an MLflow key
+    assert metrics["seconds.global_rolling_ pretrain"] == 12.0  # the step `global+rolling: pretrain`
+    assert not [k for k in metrics if "din" in k]  # a ranker the config does not train is not reported
+    artifacts = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"report/report.html", "report/report.json"} <= artifacts and STATE_FILE in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_tracking_is_wired_from_the_run_config_and_absent_without_it(tmp_path):
+    """`tracking: {mlflow: URI}` is a run-config key; without it a run never imports mlflow; with it and no mlflow
+    installed, `lum run` says so before any work."""
+    config = load_run_config(None, {"run_dir": str(tmp_path / "run"), "tracking": {"mlflow": "file:///nowhere", "experiment": "x"}})
+    assert config.tracking.mlflow == "file:///nowhere" and load_run_config(None).tracking.mlflow is None
+    code = ("import sys\nfrom pipelines.run.config import load_run_config\nimport pipelines.run.execute, pipelines.run.tracking\n"
+            "load_run_config(None)\nprint('mlflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="tracking.mlflow: file:///nowhere asks for MLflow tracking, but mlflow is not installed"):
+            execute(config, echo=_no_step_may_start)
+        assert not (tmp_path / "run").exists()

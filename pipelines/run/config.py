@@ -22,6 +22,7 @@
     features: {offline_store: duckdb}                          # file | duckdb | ray (ray_address, ray_cpus)
     report: {n_bootstrap: 200}                                 # pipelines.report.spec.ReportConfig
     targets: {gauc_lift_min: 0.01, ctr_lift_min: 0.03}
+    tracking: {mlflow: file:///srv/mlruns}                     # log settings, metrics, report to MLflow (optional)
 
 Every key is optional; a default is the component's own. `load_run_config` validates the whole tree: an unknown
 key, a wrong type or an out-of-range value is a `ConfigError` naming the key (and, for a key that lives in
@@ -199,6 +200,16 @@ class FeatureStoreSettings:
 
 
 @config_class
+class TrackingSettings:
+    """Experiment tracking of a finished run (pipelines/run/tracking.py); nothing is tracked (nor mlflow imported)
+    unless `mlflow` is set."""
+
+    mlflow: str | None = Field(None, description="MLflow tracking URI (file:///srv/mlruns, http://host:5000): log the run's settings, "
+                                                 "every ranker's and LM's metrics and the report there at the end of `lum run`.")
+    experiment: str = Field("lum", min_length=1, description="The MLflow experiment the run is logged under.")
+
+
+@config_class
 class RunConfig:
     """A whole run, data to report."""
 
@@ -213,6 +224,7 @@ class RunConfig:
     retrieval: RetrievalABSettings = Field(default_factory=RetrievalABSettings, description="The retrieval A/B (simulator runs).")
     features: FeatureStoreSettings = Field(default_factory=FeatureStoreSettings, description="The feature store's engine.")
     targets: dict[str, float | bool] = Field(default_factory=dict, description="Lift targets the report checks.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="Experiment tracking (MLflow).")
     seeds: int = Field(1, ge=1, le=20, description="Train the LM and the rankers with this many seeds (seed k in run_dir/seeds/seed-k); "
                                                    "the report adds the lifts across seeds (pipelines.run.subruns).")
     holdout: Literal["test", "validation"] = Field(

@@ -56,11 +56,31 @@ def execute(config: RunConfig, echo: Echo = print, force: bool = False, online: 
 
     The run holds the run folder's lock throughout (`pipelines.run.lock`): a second writer is refused.
     """
+    tracking = config.tracking.mlflow
+    if tracking:  # before any work: a run that cannot be logged is told so now, not after an hour
+        check_mlflow(tracking)
     with run_lock(config.run_dir, "lum run"):
         changes = changed_steps(config, online)
         if changes and not force:
             raise SettingsChangedError(describe_changes(changes))
-        return _execute(config, echo, force, online)
+        summary = _execute(config, echo, force, online)
+        if tracking:
+            from pipelines.run.tracking import log_run_to_mlflow
+
+            # the validation run's report is the one this run made
+            logged = config.run_dir if config.holdout == "test" else validation_config(config).run_dir
+            run_id = log_run_to_mlflow(logged, tracking, config.tracking.experiment)
+            echo(f"logged to MLflow at {tracking}: experiment {config.tracking.experiment!r}, run {run_id}")
+        return summary
+
+
+def check_mlflow(uri: str) -> None:
+    """A clear error when the config asks for MLflow tracking and mlflow is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise ValueError(f"tracking.mlflow: {uri} asks for MLflow tracking, but mlflow is not installed "
+                         "(install mlflow-skinny; docs/run.md#tracking)")
 
 
 def changed_steps(config: RunConfig, online: bool = True, planned: dict[str, dict[str, Any]] | None = None) -> list[StepChange]:
