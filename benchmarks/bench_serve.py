@@ -154,7 +154,8 @@ class ServeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         lum = Path(sys.executable).with_name("lum")
-        self.command = [str(lum) if lum.exists() else "lum", "serve", "--run", str(run), "--model", model, "--port", str(self.port)]
+        # --allow-rolling: the tiny run's features are rolling (a snapshot run, the demo's, does not need it)
+        self.command = [str(lum) if lum.exists() else "lum", "serve", "--run", str(run), "--model", model, "--port", str(self.port), "--allow-rolling"]
         self.log = log
         self.exit_code: int | None = None
 
@@ -230,7 +231,7 @@ def main() -> None:
         clean_exits = []
         for model in models:
             for store, folder in runs.items():
-                service = RankingService(ranker_folder(folder, model, "lum"), folder / "feature_repo")
+                service = RankingService(ranker_folder(folder, model, "lum"), folder / "feature_repo", allow_rolling=True)
                 asked = make_requests(run, service.context_columns, args.requests + 20, args.candidates)
                 conditions = len(service.conditions)
                 routes: list[tuple[str, Callable]] = [("in-process", lambda r, s=service: s.rank(r).body)]

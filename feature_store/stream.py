@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from contracts.names import HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, LABEL_BITS_COLUMN, USER_STATS_COLUMNS
+from contracts.names import HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ID_NORMAL_FORM, LABEL_BITS_COLUMN, USER_STATS_COLUMNS
 from feature_store.offline_tables import EPOCH, ONE_US, STATS_CONFIG_FILE, StatsConfig
 from feature_store.repo import FeatureRepo, FeatureStoreError
 
@@ -79,7 +79,7 @@ def check_events(events: pd.DataFrame, source: str = "events") -> pd.DataFrame:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise StreamInputError(f"{source}: row {row}: field '{column}' must be a non-empty id of at most 256 characters; nothing was applied")
-        out[column] = text
+        out[column] = text.str.normalize(ID_NORMAL_FORM)  # as the import stores ids and the lookups spell them
     try:
         out["ts"] = pd.to_datetime(out["ts"], utc=True, format="ISO8601") if out["ts"].dtype == object else pd.to_datetime(out["ts"], utc=True)
     except (ValueError, TypeError) as exc:

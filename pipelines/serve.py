@@ -6,8 +6,14 @@
                   "item_ids": ["i1", "i2"], "request_time": null, "return_inputs": false}
               -> {"scores": [...], "item_ids": [...], "model": "lightgbm", "variant": "lum", "ranker": "global-lightgbm-lum",
                   "model_version": "...", "request_time": "...", "features": {"user_found": true, "items_found": 2, ...}}
-    GET /healthz  ranker, model version, online store kind, materialized-until time
+    GET /healthz  200 when the online store answers for keys it must hold (feature_store/health.py), else 503 with
+                  the problems; with the ranker, model version, online store kind, materialized-until time
     GET /spec     the ranker's model_spec.json (inputs, order, transforms, missing values; see ranker/export.py)
+    GET /metrics  Prometheus metrics: requests by endpoint and status, latency, requests scored without features
+
+Requests are checked before any work: unknown fields, context values of the wrong type (a ranker's context column
+holds integers or text, as its training vocabulary did), ids over MAX_ID_BYTES (the import's limit) and bodies over
+`max_body_bytes` are refused (422 / 413) with what was wrong, never the whole body echoed back.
 
 One feature path for training, offline scoring and online scoring: a request's features come from
 `FeatureClient.get_ranking_features` as rows in the training-set contract (`RankingFeatures.to_frame`), and the
@@ -26,20 +32,24 @@ is shared by those threads.
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from feature_store.health import KnownKeys, StoreHealth, probe_online_store
 from feature_store.online import FeatureClient, PastRequestError, RankingFeatures
 from feature_store.repo import FeatureRepo, FeatureStoreError
 from feature_store.stream import StreamInputError, push_events
+from pipelines.data.contract import MAX_ID_BYTES
 from pipelines.paths import RunPaths
 from ranker.export import SPEC_FILE, flat_inputs, model_spec
 from ranker.features import DLRMInputs
@@ -47,7 +57,18 @@ from ranker.schema import RankerInputError, variant_parts
 from ranker.train import TrainedRanker
 
 MAX_CANDIDATES = 1000
+MAX_BODY_BYTES = 1 << 20  # 1,000 candidates of 256-character ids fit in 300 kB; a body over 1 MiB is refused (413)
+MAX_ERRORS_SHOWN = 10  # validation errors listed in a 422 answer (the rest counted)
 PROBE_ID = "__lum_serve_probe__"
+
+
+def _id_bytes(value: str) -> str:
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise ValueError(f"an id is at most {MAX_ID_BYTES:,} UTF-8 bytes, as the import allows")
+    return value
+
+
+Id = Annotated[str, StringConstraints(max_length=MAX_ID_BYTES), AfterValidator(_id_bytes)]  # the import's limit on ids
 
 
 class ServeError(ValueError):
@@ -68,17 +89,22 @@ MAX_EVENTS = 10_000  # events of one POST /events
 class EventsRequest(BaseModel):
     """New behaviours for the real-time stream (`feature_store/stream.py`): the event-log contract's fields."""
 
+    model_config = ConfigDict(extra="forbid")
+
     events: list[dict[str, str | int | float | bool | None]] = Field(
         min_length=1, max_length=MAX_EVENTS, description="each with user_id, item_id, ts (ISO time) and label (0 or 1)")
 
 
 class RankRequest(BaseModel):
-    """One ranking request: a user, the request context, the candidates."""
+    """One ranking request: a user, the request context, the candidates. Unknown fields are refused: a misspelt
+    `request_tme` would otherwise be ignored and a past request answered with the newest values."""
 
-    user_id: str
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
     context: dict[str, str | int | float | bool | None] = Field(default_factory=dict,
                                                                 description="the ranker's request-time context columns, e.g. surface, device, hour")
-    item_ids: list[str] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    item_ids: list[Id] = Field(min_length=1, max_length=MAX_CANDIDATES)
     request_time: str | None = Field(None, description="ISO time; default: the online store's clock (its materialized-until time)")
     return_inputs: bool = Field(False, description="also return the model inputs in the order of GET /spec")
 
@@ -111,6 +137,52 @@ def ranker_folder(run_dir: str | Path, model: str, variant: str, protocol: str |
     return ranker_dir(RunPaths(Path(run_dir)), protocol or default_protocol_key(run_dir), model, variant)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def context_kinds(vocabularies: dict[str, list[str]], columns: list[str]) -> dict[str, str]:
+    """Per context column, what a request may send: `integer` where every training value was an integer (an `hour`),
+    `text` where any was not (a `surface`), `any` for a column without a vocabulary. The ranker reads context values
+    as vocabulary strings, so a wrong type would otherwise become an out-of-vocabulary id without a word."""
+    kinds = {}
+    for column in columns:
+        values = vocabularies.get(column)
+        kinds[column] = "any" if not values else "integer" if all(_INTEGER.fullmatch(v) for v in values) else "text"
+    return kinds
+
+
+def context_problems(context: dict[str, Any], kinds: dict[str, str], vocabularies: dict[str, list[str]]) -> list[str]:
+    """One sentence per context value of the wrong type (null is always allowed: the explicit missing value)."""
+    problems = []
+    for column, value in context.items():
+        if value is None:
+            continue
+        kind = kinds.get(column, "any")
+        if isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        elif kind == "integer":
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(_INTEGER.fullmatch(value)))
+        elif kind == "text":
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            seen = vocabularies.get(column) or []
+            example = ", ".join(seen[:4]) + (", ..." if len(seen) > 4 else "")
+            problems.append(f"context.{column}: expected {'an integer' if kind == 'integer' else 'text' if kind == 'text' else 'a finite value'} "
+                            f"or null, got {json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)}"
+                            + (f" (training values: {example})" if example else ""))
+    return problems
+
+
+def serves_rolling_features(repo: FeatureRepo) -> bool:
+    """Whether the selected model version of a repo was ingested from a rolling embedding job (one vector per request
+    time, computed offline from the request's own context): no batch job can produce those for a live request."""
+    version = repo.settings().get("model_version")
+    jobs = (repo.ingested().get(version) or {}).get("jobs", {}) if version else {}
+    return any(job.get("mode") == "rolling" for job in jobs.values())
+
+
 def _json_rows(array: np.ndarray) -> list:
     """A float array as JSON lists, NaN as null."""
     values = array.astype(np.float64)
@@ -121,7 +193,8 @@ class RankingService:
     """Scores ranking requests with one trained ranker and the run's online store; `rank` is what `/rank` calls."""
 
     def __init__(self, ranker_dir: str | Path, repo: str | Path | FeatureRepo, client: FeatureClient | None = None,
-                 spec_path: str | Path | None = None, threads: int | None = 1):
+                 spec_path: str | Path | None = None, threads: int | None = 1, allow_rolling: bool = False,
+                 max_clock_age: pd.Timedelta | None = None):
         """`spec_path`: a model_spec.json to hold the ranker to (default: the ranker folder's own, else the one
         `ranker/export.py` makes from the ranker). The service refuses to start when the featurizer's inputs
         differ from the spec's, in names or order.
@@ -129,7 +202,11 @@ class RankingService:
         `threads`: compute threads of one request's model call (LightGBM's `num_threads`; for a DLRM torch's
         thread count, which is process-wide, so set here). One is right for a server: requests run side by
         side, and a 100-candidate batch is too small to split (on 2 busy cores OpenMP's spinning threads made a
-        DLRM call 100x slower). None leaves both libraries' defaults."""
+        DLRM call 100x slower). None leaves both libraries' defaults.
+
+        `allow_rolling`: serve a LUM ranker from a repo of rolling features (refused by default: those vectors were
+        computed per request offline, so online they are the newest of some earlier request, not this one's).
+        `max_clock_age`: /healthz also fails when nothing was materialized for that long (feature_store/health.py)."""
         self.ranker_dir = Path(ranker_dir)
         if not (self.ranker_dir / "ranker.json").exists():
             raise ServeError(f"{self.ranker_dir} holds no trained ranker (no ranker.json): train it with `lum run` or `lum ranker train`")
@@ -148,6 +225,10 @@ class RankingService:
         self.context_columns = list(schema.context_columns)
         use_lum, _ = variant_parts(self.ranker.variant)
         self.conditions = list(schema.lum_conditions.values()) if use_lum else []
+        if use_lum and not allow_rolling and serves_rolling_features(self.repo):
+            raise ServeError(f"{self.repo.root} serves rolling LUM features (one vector per request, computed offline under the request's own "
+                             "context): online they would be some earlier request's, so the ranker's lift does not carry over. Serve a "
+                             "snapshot protocol's ranker, or pass --allow-rolling (a replay, a debugging session)")
         if use_lum:
             served = self.repo.settings()
             if schema.model_version and served.get("model_version") != schema.model_version:
@@ -158,7 +239,11 @@ class RankingService:
                 raise ServeError(f"{self.repo.root} does not serve the condition(s) {', '.join(missing)} that {self.ranker_dir.name} reads")
         own = Path(spec_path) if spec_path else self.ranker_dir / SPEC_FILE
         self.spec = json.loads(own.read_text()) if own.exists() else model_spec(self.ranker)
+        self.vocabularies = {name: list(v.values) for name, v in self.ranker.pipeline.vocabularies.items()}
+        self.context_kinds = context_kinds(self.vocabularies, self.context_columns)
         self.check_spec()
+        self.max_clock_age = max_clock_age
+        self._known: tuple[str | None, KnownKeys] | None = None  # (materialized end, keys) for /healthz
 
     # ------------------------------------------------------------------ start-up check
     def check_spec(self) -> None:
@@ -213,6 +298,9 @@ class RankingService:
             parts = ([f"missing context column(s) {', '.join(missing)}"] if missing else []) + \
                     ([f"unknown context column(s) {', '.join(unknown)}"] if unknown else [])
             raise RankingError(f"{'; '.join(parts)}: {self.ranker_dir.name} reads exactly {', '.join(self.context_columns) or 'none'}")
+        wrong = context_problems(request.context, self.context_kinds, self.vocabularies)
+        if wrong:
+            raise RankingError("; ".join(wrong))
         when = None
         if request.request_time is not None:
             try:
@@ -271,40 +359,156 @@ class RankingService:
         with self._push_lock:
             return push_events(self.repo, pd.DataFrame(events), source="POST /events")
 
+    def store_health(self) -> StoreHealth:
+        """The online store probed for keys it must hold (feature_store/health.py); the keys are re-chosen after each
+        materialization."""
+        end = json.loads(self.repo.materialized_file.read_text()).get("end")
+        if self._known is None or self._known[0] != end:
+            self._known = (end, KnownKeys.find(self.repo, None if end is None else pd.Timestamp(end)))
+        return probe_online_store(self.client, self._known[1], self.max_clock_age)
+
     def health(self) -> dict[str, Any]:
+        """GET /healthz: `status` ok or unavailable (the HTTP app answers 503), with the problems found."""
         state = json.loads(self.repo.materialized_file.read_text())
-        return {"status": "ok", "ranker": self.ranker_dir.name, "model": self.ranker.config.model, "variant": self.ranker.variant,
+        store = self.store_health()
+        return {"status": "ok" if store.ok else "unavailable", "problems": store.problems, "ranker": self.ranker_dir.name,
+                "model": self.ranker.config.model, "variant": self.ranker.variant,
                 "model_version": self.ranker.schema.model_version if self.conditions else None,
                 "online_store": state["online_store"]["kind"], "materialized_until": state["end"],
-                "online_model_version": state.get("model_version")}
+                "newest_snapshot": store.newest_snapshot, "online_model_version": state.get("model_version")}
 
 
 # ---------------------------------------------------------------------- HTTP
-def create_app(service: RankingService):
-    """The FastAPI app of a service: POST /rank, POST /events, GET /healthz, GET /spec."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before it is parsed (by its Content-Length,
+    or while a chunked body streams in), so one request cannot make the server hold an unbounded body."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"the request body is over {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"),
+                                                                             (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        received, refused = 0, False
+
+        async def limited_receive() -> dict:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not refused:
+                    refused = True
+                    await self._refuse(send)
+                    raise ValueError("request body too large")  # the app's own error answer is dropped below
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except ValueError:
+            if not refused:
+                raise
+
+
+class ServiceMetrics:
+    """Prometheus metrics of one app (its own registry, so two apps in a process do not collide): requests by
+    endpoint and status, their latency, and requests scored without some features (an unknown user, missing or
+    stale LUM vectors): the signal that the online store lost data while the service still answers 200."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("lum_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("lum_request_seconds", "Time to answer a request", ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.missing = Counter("lum_rank_missing_features", "Ranked requests scored without some features, by kind",
+                               ["kind"], registry=self.registry)
+        self.healthy = Gauge("lum_online_store_healthy", "1 when the last /healthz probe of the online store passed", registry=self.registry)
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def observe_features(self, found: dict[str, Any]) -> None:
+        if not found["user_found"]:
+            self.missing.labels("user").inc()
+        if any(not c["found"] for c in found["lum"].values()):
+            self.missing.labels("lum_user_vector").inc()
+
+
+def _validation_answer(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A 422 body naming each wrong field, never echoing its value (a 10,000-id list, a 1 MB id)."""
+    listed = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors[:MAX_ERRORS_SHOWN]]
+    return {"detail": listed, **({"more_errors": len(errors) - MAX_ERRORS_SHOWN} if len(errors) > MAX_ERRORS_SHOWN else {})}
+
+
+def create_app(service: RankingService, max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app of a service: POST /rank, POST /events, GET /healthz, GET /spec, GET /metrics."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app = FastAPI(title="lum ranking service", summary=f"{service.ranker_dir.name}, features from the Feast online store")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    metrics = ServiceMetrics()
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        metrics.requests.labels(request.url.path, "422").inc()  # refused before any work: no latency to record
+        return JSONResponse(_validation_answer(list(exc.errors())), status_code=422)
 
     @app.post("/rank")
     def rank(request: RankRequest):  # a plain def: FastAPI runs it in its thread pool
+        started = time.perf_counter()
         try:
-            return service.rank(request).body
+            body = service.rank(request).body
         except RankingError as exc:
+            metrics.observe("/rank", exc.status, time.perf_counter() - started)
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        metrics.observe("/rank", 200, time.perf_counter() - started)
+        metrics.observe_features(body["features"])
+        return body
 
     @app.post("/events")
     def events(request: EventsRequest):
         """Apply new behaviours to the online store (counters and recent behaviours), so the next /rank sees them."""
+        started = time.perf_counter()
         try:
-            return service.push(request.events)
+            answer = service.push(request.events)
         except StreamInputError as exc:
+            metrics.observe("/events", 422, time.perf_counter() - started)
             return JSONResponse({"detail": str(exc)}, status_code=422)
+        metrics.observe("/events", 200, time.perf_counter() - started)
+        return answer
 
     @app.get("/healthz")
     def healthz():
-        return service.health()
+        """200 when the online store answers for keys it must hold; 503 with the problems otherwise."""
+        started = time.perf_counter()
+        health = service.health()
+        ok = health["status"] == "ok"
+        metrics.healthy.set(1 if ok else 0)
+        metrics.observe("/healthz", 200 if ok else 503, time.perf_counter() - started)
+        return health if ok else JSONResponse(health, status_code=503)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/spec")
     def spec():
@@ -350,8 +554,9 @@ class BackgroundServer:
         self.thread.join(timeout=15)
 
 
-def serve(service: RankingService, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False) -> None:
+def serve(service: RankingService, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
+          max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Serve until interrupted (Ctrl-C stops uvicorn cleanly: it finishes the requests in flight)."""
     import uvicorn
 
-    uvicorn.run(create_app(service), host=host, port=port, log_level="info", access_log=access_log)
+    uvicorn.run(create_app(service, max_body_bytes), host=host, port=port, log_level="info", access_log=access_log)

@@ -27,6 +27,7 @@ from pipelines.serve import BackgroundServer, RankingError, RankingService, Serv
 from ranker.export import flat_inputs, model_spec
 
 MODELS = ("lightgbm", "dlrm")
+ROLLING = True  # the tiny run's features are rolling (conftest TINY_RUN): served knowingly, as a replay would be
 TOLERANCE = 1e-5
 
 
@@ -100,7 +101,7 @@ def _parity_over_time(repo: FeatureRepo, run, table: pa.Table, sample_rows: list
     answers = []
     for n, rows in enumerate(sample_rows):
         materialize(repo, end=pd.Timestamp(rows.ts.iloc[0]), full=n == 0)  # then incrementally up to the next request
-        services = services or {m: RankingService(ranker_folder(run, m, "lum"), repo) for m in MODELS}  # long-lived: they follow the store
+        services = services or {m: RankingService(ranker_folder(run, m, "lum"), repo, allow_rolling=True) for m in MODELS}  # long-lived: they follow the store
         for model, service in services.items():
             answers.append(_assert_parity(service, table, rows))
     for service in services.values():
@@ -152,7 +153,7 @@ def test_online_inputs_and_scores_equal_the_offline_training_set_redis(tiny_run,
 @pytest.fixture(scope="module")
 def service(tiny_run):
     run, _, _ = tiny_run
-    return RankingService(ranker_folder(run, "lightgbm", "lum"), run / "feature_repo")
+    return RankingService(ranker_folder(run, "lightgbm", "lum"), run / "feature_repo", allow_rolling=ROLLING)
 
 
 def test_a_past_request_with_newer_counters_is_refused_with_409(service, sample):
@@ -209,7 +210,7 @@ def test_the_service_refuses_to_start_when_the_spec_does_not_match(service, tmp_
     spec["features"][0], spec["features"][1] = spec["features"][1], spec["features"][0]
     (tmp_path / "model_spec.json").write_text(json.dumps(spec))
     with pytest.raises(ServeError, match="do not match its model spec: features: .* first difference at index 0"):
-        RankingService(service.ranker_dir, run / "feature_repo", spec_path=tmp_path / "model_spec.json")
+        RankingService(service.ranker_dir, run / "feature_repo", spec_path=tmp_path / "model_spec.json", allow_rolling=ROLLING)
 
 
 def test_one_feature_client_shared_by_eight_threads(tiny_run, sample):
@@ -246,8 +247,10 @@ def test_lum_serve_picks_the_ranker_and_names_what_is_missing(tiny_run, monkeypa
     run, _, _ = tiny_run
     assert default_protocol_key(run) == "global"
     started = {}
-    monkeypatch.setattr("pipelines.serve.serve", lambda service, host, port, access_log: started.update(service=service, host=host, port=port))
-    result = CliRunner().invoke(main, ["serve", "--run", str(run), "--model", "dlrm", "--port", "8123"])
+    monkeypatch.setattr("pipelines.serve.serve", lambda service, host, port, access_log, max_body_bytes: started.update(service=service, host=host, port=port))
+    rolling = CliRunner().invoke(main, ["serve", "--run", str(run), "--model", "dlrm", "--port", "8123"])
+    assert rolling.exit_code == 2 and "serves rolling LUM features" in rolling.output and "--allow-rolling" in rolling.output and not started
+    result = CliRunner().invoke(main, ["serve", "--run", str(run), "--model", "dlrm", "--port", "8123", "--allow-rolling"])
     assert result.exit_code == 0, result.output
     assert started["service"].ranker_dir.name == "global-dlrm-lum" and started["host"] == "127.0.0.1" and started["port"] == 8123
     wrong = CliRunner().invoke(main, ["serve", "--run", str(run), "--variant", "lum+pooled"])
@@ -268,7 +271,7 @@ def test_post_events_reaches_the_next_rank_without_a_materialize(tiny_run, redis
     the new behaviour; a malformed batch is a 422 naming the field, and nothing of it is applied."""
     run, _, _ = tiny_run
     end = pd.Timestamp(materialize(redis_repo, full=True)["end"])
-    service = RankingService(ranker_folder(run, "lightgbm", "lum"), redis_repo)
+    service = RankingService(ranker_folder(run, "lightgbm", "lum"), redis_repo, allow_rolling=ROLLING)
     user = pq.read_table(run / "data" / "events.parquet", columns=["user_id"]).column("user_id")[0].as_py()
     later = end + pd.Timedelta(hours=1)
 
@@ -293,3 +296,103 @@ def test_post_events_reaches_the_next_rank_without_a_materialize(tiny_run, redis
     names = service.ranker.model.feature_name()
     features = np.array(ranked.json()["inputs"]["features"], dtype=np.float64)
     assert features[0, names.index("user_n_events")] == n + 1  # /rank scored with the pushed event counted
+
+
+def test_rank_refuses_unknown_fields_wrong_types_long_ids_and_large_bodies(service, sample):
+    """What a hostile or careless client sends is refused before any lookup, with the field named and nothing of the
+    body echoed back; /metrics counts the answers."""
+    _, requests_ = sample
+    good = _request(requests_[0], service.context_columns, request_time=None)
+    assert isinstance(good["context"]["hour"], int) and isinstance(good["context"]["surface"], str)
+    with BackgroundServer(service) as server:
+        def post(body: dict) -> requests.Response:  # json.dumps writes NaN as the token NaN, as some clients do
+            return requests.post(f"{server.url}/rank", data=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+
+        first = post(good)
+        assert first.status_code == 200, first.text
+        scores = first.json()["scores"]
+        before = _counted(requests.get(f"{server.url}/metrics", timeout=30).text)
+        misspelt = post({**good, "request_tme": good["request_time"]})
+        assert misspelt.status_code == 422 and "request_tme" in misspelt.text  # not answered with the newest values
+        for value in ("evening", 20.7, True, float("nan")):
+            wrong = post({**good, "context": {**good["context"], "hour": value}})
+            assert wrong.status_code == 422 and "context.hour: expected an integer" in wrong.json()["detail"], (value, wrong.text)
+        wrong = post({**good, "context": {**good["context"], "surface": 5}})
+        assert wrong.status_code == 422 and "context.surface: expected text" in wrong.json()["detail"]
+        as_text = post({**good, "context": {**good["context"], "hour": str(good["context"]["hour"])}})
+        assert as_text.status_code == 200 and as_text.json()["scores"] == scores  # "20" and 20 are the same hour
+        missing = post({**good, "context": {**good["context"], "hour": None}})
+        assert missing.status_code == 200  # null: the explicit missing value
+        many = post({**good, "item_ids": [f"i{k}" for k in range(10_000)]})
+        assert many.status_code == 422 and "item_ids" in many.text and "i9999" not in many.text and len(many.content) < 2_000
+        long_id = post({**good, "user_id": "\u00e9" * 600})  # 600 characters, 1,200 UTF-8 bytes: over the import's limit
+        assert long_id.status_code == 422 and "user_id" in long_id.text and "1,024 UTF-8 bytes" in long_id.text and "\u00e9" * 600 not in long_id.text
+        huge = requests.post(f"{server.url}/rank", data=json.dumps({**good, "user_id": "u" * (20 << 20)}),
+                             headers={"content-type": "application/json"}, timeout=60)
+        assert huge.status_code == 413 and "over 1048576 bytes" in huge.text
+        chunks = (part for part in (b'{"user_id": "', b"u" * (2 << 20), b'", "item_ids": ["i1"]}'))  # no Content-Length: chunked
+        streamed = requests.post(f"{server.url}/rank", data=chunks, headers={"content-type": "application/json"}, timeout=60)
+        assert streamed.status_code == 413
+        after = _counted(requests.get(f"{server.url}/metrics", timeout=30).text)
+    assert after['lum_requests_total{endpoint="/rank",status="200"}'] - before['lum_requests_total{endpoint="/rank",status="200"}'] == 2
+    assert after['lum_requests_total{endpoint="/rank",status="422"}'] - before.get('lum_requests_total{endpoint="/rank",status="422"}', 0) == 8
+
+
+def _counted(metrics: str) -> dict[str, float]:
+    """The request counters of a /metrics answer: sample name with labels -> value."""
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line.startswith("lum_requests_total")}
+
+
+def test_healthz_probes_the_store_and_answers_503_when_stale_or_empty(tiny_run, tmp_path):
+    """/healthz asks the online store for keys the last materialization wrote: ok on the run's store; 503 when the
+    newest LUM snapshot is older than the TTL at the store's clock (the embedding job stopped while counters went on),
+    and when the store lost its rows (as a Redis restarted without its data)."""
+    import sqlite3
+
+    run, _, _ = tiny_run
+    copy = tmp_path / "feature_repo"
+    shutil.copytree(run / "feature_repo", copy)
+    repo = FeatureRepo(copy)
+    service = RankingService(ranker_folder(run, "lightgbm", "lum"), repo, allow_rolling=ROLLING)
+    with BackgroundServer(service) as server:
+        healthy = requests.get(f"{server.url}/healthz", timeout=30)
+        assert healthy.status_code == 200 and healthy.json()["status"] == "ok" and healthy.json()["problems"] == []
+        clock = pd.Timestamp(healthy.json()["materialized_until"])
+        ttl = pd.Timedelta(days=float(repo.settings()["lum_ttl_days"]))
+        materialize(repo, end=clock + ttl + pd.Timedelta(days=10))  # counters "go on"; no new snapshot
+        stale = requests.get(f"{server.url}/healthz", timeout=30)
+        assert stale.status_code == 503 and stale.json()["status"] == "unavailable"
+        assert any("older than the TTL" in p for p in stale.json()["problems"]), stale.json()
+        with sqlite3.connect(copy / "data" / "online.db") as db:  # every row gone, the tables still there
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                db.execute(f'DELETE FROM "{table}"')
+        empty = requests.get(f"{server.url}/healthz", timeout=30)
+        assert empty.status_code == 503 and any("has no counters for user" in p for p in empty.json()["problems"]), empty.json()
+        metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    assert "lum_online_store_healthy 0.0" in metrics
+    old = RankingService(ranker_folder(run, "lightgbm", "lum"), run / "feature_repo", allow_rolling=ROLLING, max_clock_age=pd.Timedelta(days=1))
+    assert any("nothing was materialized since" in p for p in old.health()["problems"])  # the tiny run's data lies in the past
+    assert not any("nothing was materialized" in p for p in service.health()["problems"] if service.max_clock_age is None)
+
+
+def test_ids_are_looked_up_in_the_spelling_the_import_stores(tiny_run, tmp_path):
+    """The import stores ids in Unicode NFC; a lookup (and a pushed event) in the decomposed NFD spelling reaches the
+    same user."""
+    import unicodedata
+
+    from feature_store.stream import push_events
+
+    run, _, _ = tiny_run
+    copy = tmp_path / "feature_repo"
+    shutil.copytree(run / "feature_repo", copy)
+    repo = FeatureRepo(copy)
+    client = FeatureClient(repo)
+    composed = "Jos\u00e9"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    push_events(repo, pd.DataFrame([{"user_id": composed, "item_id": "i1", "ts": client.clock.isoformat(), "label": 1}]))
+    assert client.get_ranking_features(composed, [], ["i1"]).user_found
+    found = client.get_ranking_features(decomposed, [], ["i1"])
+    assert found.user_found and found.user_id == composed and found.user_counters["user_n_events"] == 1
+    push_events(repo, pd.DataFrame([{"user_id": decomposed, "item_id": "i2", "ts": client.clock.isoformat(), "label": 0}]))
+    assert client.get_ranking_features(composed, [], ["i1"]).user_counters["user_n_events"] == 2  # one user, not two
