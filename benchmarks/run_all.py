@@ -69,6 +69,8 @@ BENCHES = (
     Bench("retrieval_ab", quick=("--quick",), full=()),
     # the ranking service on runs/demo when it is finished, else on a tiny run it makes (about 2 minutes)
     Bench("serve", quick=("--requests", "100", "--models", "lightgbm"), full=()),
+    # OpenMP threads and wait policy: the libraries' defaults against lum's, with a competing process (contracts/threads.py)
+    Bench("threads", quick=("--quick",), full=()),
     # the quality curves read a finished run's training sets (`make demo`); quick: the history curve on 1,000 users
     Bench("quality", quick=("--run", "runs/demo", "--presets", "tiny", "--histories", "5,100", "--users", "1000", "--bootstrap", "50"),
           full=("--run", "runs/demo", "--presets", "tiny,small", "--epochs", "small=3", "--histories", "5,20,50,100"),
