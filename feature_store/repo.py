@@ -16,16 +16,24 @@
 
 Every file is written under a temporary name and renamed; ingestion checks everything (dimension against the
 job's manifest, NaN, duplicate as-of times) before it moves a single file.
+
+A run folder may be copied or moved. Feast's registry records absolute paths (each FileSource, and the SQLite
+file of each online table), so `store()` checks them against the folder the repo is in now and re-applies it when
+they name another folder (the registry is then rewritten with this folder's paths), and `definitions.py` drops the
+other folder's online-table records before a plain `feast apply` reads them (Feast would DROP those tables there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +49,7 @@ from contracts.embeddings import (
     USER_EMBEDDING_SCHEMA,
     EmbeddingFolderError,
     EmbeddingManifest,
+    check_model_version,
     model_data_end,
     read_embedding_manifest,
     require_columns,
@@ -48,6 +57,8 @@ from contracts.embeddings import (
 from contracts.files import copy_file_atomic, write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from contracts.names import slug
 from feature_store.offline_tables import StatsConfig, write_stats_tables
+
+log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parent / "repo_template"
 PROJECT = "lum"
@@ -120,14 +131,106 @@ class OfflineStoreConfig:
         return {"ray_conf": {"num_cpus": self.ray_cpus}} if self.ray_cpus else {}
 
 
+def view_source_path(store: Any, view: str) -> Path:
+    """The file or folder a feature view's offline source reads (the DuckDB store's glob of a version's files:
+    the folder itself)."""
+    path = store.get_feature_view(view).batch_source.path
+    if "*" in path:  # the DuckDB store's glob of a folder's files (repo_template/definitions.py)
+        path = path[: path.index("*")]
+    return Path(path)
+
+
+def require_view_sources(store: Any, views: list[str]) -> None:
+    """FeatureStoreError naming the first missing offline source of `views`, instead of the bare path that Feast's
+    engines raise (or, for the DuckDB store, an empty answer)."""
+    for view in views:
+        path = view_source_path(store, view)
+        if not path.exists():
+            raise FeatureStoreError(
+                f"{path}: the offline source of feature view '{view}' does not exist; the run folder may have moved or "
+                f"been copied without its data/ (this repo is {store.repo_path}): run `lum features apply --run RUN` on the run folder where it is now")
+
+
 def read_view_source(store: Any, view: str, columns: list[str]) -> pa.Table:
     """Columns of a feature view's offline source (its Parquet file, or the folder of files of an ingested version)."""
     import pyarrow.dataset as ds
 
-    path = store.get_feature_view(view).batch_source.path
-    if "*" in path:  # the DuckDB store's glob of a folder's files (repo_template/definitions.py): the folder itself
-        path = path[: path.index("*")]
-    return ds.dataset(path, format="parquet").to_table(columns=columns)
+    require_view_sources(store, [view])
+    return ds.dataset(str(view_source_path(store, view)), format="parquet").to_table(columns=columns)
+
+
+def _read_registry(root: Path) -> Any:
+    """The registry proto of the repo at `root` (None when `feast apply` has not run there)."""
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    path = root / "data" / "registry.db"
+    if not path.exists():
+        return None
+    registry = RegistryProto()
+    registry.ParseFromString(path.read_bytes())
+    return registry
+
+
+def _is_own(path: str, own: Path) -> bool:
+    return Path(path).resolve().is_relative_to(own)
+
+
+def foreign_registry_paths(root: str | Path) -> list[str]:
+    """Paths the repo's Feast registry records outside the repo at `root`: its FileSources' files and its SQLite
+    online tables' database. Not empty after the run folder was copied or moved (`FeatureRepo.store` re-applies)."""
+    root = Path(root).resolve()
+    registry = _read_registry(root)
+    if registry is None:
+        return []
+    uris = [fv.spec.batch_source.file_options.uri for fv in registry.feature_views]
+    uris += [ds.file_options.uri for ds in registry.data_sources] + [ds.batch_source.file_options.uri for ds in registry.data_sources]
+    foreign = [u for u in uris if u and Path(u).is_absolute() and not _is_own(u, root / "data")]
+    own_db = (root / SQLITE_ONLINE_PATH).resolve()
+    foreign += [o.sqlite_table.path for o in registry.infra.infra_objects
+                if o.WhichOneof("infra_object") == "sqlite_table" and Path(o.sqlite_table.path).resolve() != own_db]
+    return list(dict.fromkeys(foreign))
+
+
+def forget_other_repos_tables(root: str | Path) -> list[str]:
+    """Drop the registry's records of SQLite online tables that live in another folder's online store; returns
+    their database paths.
+
+    Feast's registry records each SQLite online table with the absolute path of its database. In a copied or moved
+    repo those records still name the original folder, and `feast apply` "replaces" them by tearing the original's
+    tables down (DROP TABLE in the other repo's online.db), or fails when that folder is gone. The records are plain
+    protos, edited here without opening the other database; `feast apply` then creates this repo's own tables (if
+    they do not exist: the copied online.db keeps its rows). Called by `FeatureRepo.apply` and, for a plain `feast
+    apply`, by the repo's definitions.py, which Feast imports before it reads the registry.
+    """
+    root = Path(root).resolve()
+    registry = _read_registry(root)
+    if registry is None:
+        return []
+    own = (root / SQLITE_ONLINE_PATH).resolve()
+    objects = list(registry.infra.infra_objects)
+    foreign = [o for o in objects if o.WhichOneof("infra_object") == "sqlite_table" and Path(o.sqlite_table.path).resolve() != own]
+    if not foreign:
+        return []
+    del registry.infra.infra_objects[:]
+    registry.infra.infra_objects.extend(o for o in objects if o not in foreign)
+    write_bytes_atomic(registry.SerializeToString(), root / "data" / "registry.db")
+    return sorted({o.sqlite_table.path for o in foreign})
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """lum_features.yaml, checked where a value becomes a path: `model_version` names the folder under data/ that
+    the LUM views read (definitions.py), so `../../etc` would make `materialize` and training sets read outside the
+    repo. FeatureStoreError naming the file and the value otherwise."""
+    settings = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(settings, dict):
+        raise FeatureStoreError(f"{path}: expected a mapping of settings (model_version, conditions, ...), got {type(settings).__name__}")
+    version = settings.get("model_version")
+    if version is not None:
+        try:
+            check_model_version(version, f"{path} (model_version)")
+        except EmbeddingFolderError as exc:
+            raise FeatureStoreError(f"{exc}; select an ingested version with `lum features apply --model-version V`") from None
+    return settings
 
 
 class FeatureRepo:
@@ -153,7 +256,7 @@ class FeatureRepo:
     def settings(self) -> dict[str, Any]:
         if not self.settings_file.exists():
             raise FeatureStoreError(f"{self.root} is not a LUM feature repo (no lum_features.yaml): run `lum features apply` first")
-        return yaml.safe_load(self.settings_file.read_text()) or {}
+        return read_settings(self.settings_file)
 
     def ingested(self) -> dict[str, Any]:
         return json.loads(self.ingested_file.read_text()) if self.ingested_file.exists() else {}
@@ -163,7 +266,7 @@ class FeatureRepo:
              offline: OfflineStoreConfig | None = None) -> None:
         """Create or update the repo files (never the data): feature_store.yaml, definitions.py, lum_features.yaml."""
         self.data.mkdir(parents=True, exist_ok=True)
-        existing = yaml.safe_load(self.settings_file.read_text()) if self.settings_file.exists() else {}
+        existing = read_settings(self.settings_file) if self.settings_file.exists() else {}
         settings = {"model_version": None, "conditions": [], "lum_dim": None, "lum_ttl_days": 30, "stats_ttl_days": 0,
                     "online_store": asdict(OnlineStoreConfig()), "offline_store": asdict(OfflineStoreConfig()), **(existing or {})}
         if online is not None:
@@ -218,7 +321,34 @@ class FeatureRepo:
             raise FeatureStoreError(f"{self.root} has no feature_store.yaml: run `lum features apply` first")
         if not (self.data / "registry.db").exists():
             raise FeatureStoreError(f"{self.root} has no Feast registry (data/registry.db): run `lum features apply` first")
+        self._follow_move()
         return FeatureStore(repo_path=str(self.root))
+
+    def _follow_move(self) -> None:
+        """Re-apply the repo when its registry names another folder's files: the run folder was copied or moved, and
+        Feast would read (and materialize from) the original's offline files. Once per copy: the re-apply records
+        this folder's paths."""
+        if not foreign_registry_paths(self.root):
+            return
+        with self._apply_lock():
+            foreign = foreign_registry_paths(self.root)  # another process may have re-applied while we waited
+            if foreign:
+                log.warning("%s: the Feast registry names files of another folder (%s): the run folder was copied or moved; "
+                            "re-applying it here", self.root, foreign[0])
+                # this version's definitions.py, whose import protects the original's tables from a plain `feast apply`
+                copy_file_atomic(TEMPLATE / "definitions.py", self.root / "definitions.py")
+                self._apply_locked()
+
+    @contextlib.contextmanager
+    def _apply_lock(self) -> Iterator[None]:
+        """One `feast apply` at a time per repo (two processes that both found a moved repo re-apply it once)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.data / ".apply.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ offline tables
     def build_stats(self, events: pd.DataFrame, items: pd.DataFrame | None, config: Any = None) -> dict[str, int]:
@@ -230,42 +360,24 @@ class FeatureRepo:
         A subprocess on purpose: Feast imports `definitions.py` as a module named after the file, relative to
         the working directory, so in-process applies of two repos would share one cached module.
         """
+        with self._apply_lock():
+            return self._apply_locked()
+
+    def _apply_locked(self) -> list[str]:
         import subprocess
         import sys
 
+        from feast import FeatureStore
+
         if not (self.data / "stats" / "user_stats.parquet").exists():
             raise FeatureStoreError(f"{self.root} has no offline tables yet (data/stats/): build them with `lum features apply --run RUN`")
-        self._forget_other_repos_tables()
+        forget_other_repos_tables(self.root)
         feast_cli = Path(sys.executable).with_name("feast")
         command = [str(feast_cli) if feast_cli.exists() else "feast", "apply"]
         done = subprocess.run(command, cwd=self.root, capture_output=True, text=True)
         if done.returncode != 0:
             raise FeatureStoreError(f"`feast apply` failed in {self.root} (exit {done.returncode}):\n{done.stderr[-3000:] or done.stdout[-3000:]}")
-        return sorted(fv.name for fv in self.store().list_feature_views())
-
-    def _forget_other_repos_tables(self) -> None:
-        """Drop registry records of SQLite online tables that live in another folder's online store.
-
-        Feast's registry records each SQLite online table with the absolute path of its database. In a copied or
-        moved repo those records still name the original folder, and `feast apply` "replaces" them by tearing the
-        original's tables down (DROP TABLE in the other repo's online.db), or fails when that folder is gone. The
-        records are plain protos, edited here without opening the other database.
-        """
-        from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
-
-        registry_path = self.data / "registry.db"
-        if not registry_path.exists():
-            return
-        registry = RegistryProto()
-        registry.ParseFromString(registry_path.read_bytes())
-        own = str((self.root / SQLITE_ONLINE_PATH).resolve())
-        objects = list(registry.infra.infra_objects)
-        keep = [o for o in objects if o.WhichOneof("infra_object") != "sqlite_table" or str(Path(o.sqlite_table.path).resolve()) == own]
-        if len(keep) == len(objects):
-            return
-        del registry.infra.infra_objects[:]
-        registry.infra.infra_objects.extend(keep)
-        write_bytes_atomic(registry.SerializeToString(), registry_path)
+        return sorted(fv.name for fv in FeatureStore(repo_path=str(self.root)).list_feature_views())
 
     # ------------------------------------------------------------------ ingestion
     def ingest(self, embed_dir: str | Path, item_valid_from: str | pd.Timestamp | None = None, select: bool | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from contracts import names
 from contracts.names import LUM_ITEM_COLUMN, MISSING_LUM_COLUMN, TRAINING_SET_METADATA_KEY, lum_user_column, slug
 from contracts.progress import bars_off
-from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
+from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source, require_view_sources
 
 METADATA_KEY = TRAINING_SET_METADATA_KEY.encode()
 COUNTER_COLUMNS = list(names.COUNTER_COLUMNS)
@@ -224,6 +224,7 @@ def build_training_set(repo: FeatureRepo, impressions: pd.DataFrame, config: Tra
     _fast_dask_tokens_for_nested_columns()
     store = repo.store()
     views = _service_views(store, config.feature_service)
+    require_view_sources(store, list(views))  # a missing file named before the first join, not as a bare path from Feast
     if store.config.offline_store.type == "ray":
         _refuse_what_ray_cannot_join(store, views, frame["ts"])
     settings = repo.settings()

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from contracts.embeddings import (
     ITEMS_FILE,
+    MODEL_MANIFEST_FILE,
     PCA_FILE,
     SHARD_COUNTS,
     USER_EMBEDDING_SCHEMA,
@@ -48,6 +49,7 @@ from contracts.embeddings import (
     EmbeddingFolderError,
     EmbeddingManifest,
     ShardRecord,
+    check_model_version,
     read_embedding_manifest,
     shard_file_name,
     write_embedding_manifest,
@@ -199,6 +201,10 @@ class EmbeddingJob:
         if not (self.model_dir / "config.json").exists():
             raise EmbedJobError(f"{self.model_dir} is not a LUM model folder (no config.json): point --model at the output of `lum pretrain`")
         self.manifest_in = read_manifest(self.model_dir)
+        try:  # the version names a folder of the feature store, whose ingest refuses unsafe names: refuse it before any work
+            check_model_version(self.manifest_in.get("model_version"), str(self.model_dir / MODEL_MANIFEST_FILE))
+        except EmbeddingFolderError as exc:
+            raise EmbedJobError(str(exc)) from None
         verify_weights(self.model_dir, self.manifest_in)  # before any engine loads them
         self.tokenizer = BehaviourTokenizer.load(self.model_dir, expected_fingerprint=self.manifest_in["tokenizer_fingerprint"])
         model_config = json.loads((self.model_dir / "config.json").read_text())

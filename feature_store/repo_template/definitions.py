@@ -2,7 +2,8 @@
 
 This file is copied into every run's feature repo (`runs/<name>/feature_repo/`); what varies between runs -
 which model version is selected, its query conditions, the TTLs - is read from `lum_features.yaml` beside it,
-so the plain `feast` CLI works in that folder too (`cd runs/demo/feature_repo && feast apply`).
+so the plain `feast` CLI works in that folder too (`cd runs/demo/feature_repo && feast apply`), also in a copy
+of a run folder (the sources below are this folder's files; see forget_other_repos_tables for the online tables).
 
 Entities:      user (user_id), item (item_id), condition (condition: a query-condition name, e.g. surface=home)
 Feature views: lum_user_interest  (user, condition) -> embedding Array(Float32), model_version
@@ -22,7 +23,6 @@ Services:      ranker_base, ranker_pooled, ranker_lum, ranker_lum_pooled (the ra
 from datetime import timedelta
 from pathlib import Path
 
-import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Float64, Int64, String
@@ -37,10 +37,16 @@ from contracts.names import (
     LABEL_BITS_COLUMN,
     USER_STATS_COLUMNS,
 )
+from feature_store.repo import forget_other_repos_tables, read_settings
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data"
-SETTINGS = yaml.safe_load((REPO / "lum_features.yaml").read_text()) if (REPO / "lum_features.yaml").exists() else {}
+# A copied or moved repo's registry still records the original folder's SQLite online tables, and `feast apply`
+# would DROP them there while "replacing" them with this folder's. Feast imports this file before it reads the
+# registry, so the records are dropped here: a plain `feast apply` in a copy leaves the original's tables intact.
+forget_other_repos_tables(REPO)
+# checked: model_version names a folder under data/ (read_settings refuses `../..` and other unsafe names)
+SETTINGS = read_settings(REPO / "lum_features.yaml") if (REPO / "lum_features.yaml").exists() else {}
 MODEL_VERSION = SETTINGS.get("model_version")
 
 
