@@ -22,6 +22,7 @@ __all__ = [
     "HISTORY_VARIANTS",
     "ID_NORMAL_FORM",
     "ITEM_COUNTERS",
+    "MAX_ID_BYTES",
     "LABEL_BITS_COLUMN",
     "LUM_ITEM_COLUMN",
     "LUM_USER_PREFIX",
@@ -45,6 +46,12 @@ __all__ = [
 # The Unicode normal form of every user and item id (`lum data import` stores ids so). A composed and a decomposed
 # `é` are one user: an id typed on a Mac (NFD file names) must find the same user as one from a web form (NFC).
 ID_NORMAL_FORM = "NFC"
+
+
+# The longest id accepted, in UTF-8 bytes. Real ids are far shorter (UUID 36, SHA-256 hex 64, a product URL a few
+# hundred); S3 caps object keys at the same 1,024 bytes. A longer one is nearly always a parse that swallowed text
+# (an unclosed quote reading on over many lines): it would become a token, a Feast entity key and a Redis key.
+MAX_ID_BYTES = 1024  # the import refuses longer ids; the stream and /rank hold requests to the same limit
 
 
 def normalize_id(value: str) -> str:

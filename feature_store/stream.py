@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from contracts.names import HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ID_NORMAL_FORM, LABEL_BITS_COLUMN, USER_STATS_COLUMNS
+from contracts.names import HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, ID_NORMAL_FORM, LABEL_BITS_COLUMN, MAX_ID_BYTES, USER_STATS_COLUMNS
 from feature_store.offline_tables import EPOCH, ONE_US, STATS_CONFIG_FILE, StatsConfig
 from feature_store.repo import FeatureRepo, FeatureStoreError
 
@@ -75,10 +75,11 @@ def check_events(events: pd.DataFrame, source: str = "events") -> pd.DataFrame:
     out = events.reset_index(drop=True).copy()
     for column in ("user_id", "item_id"):
         text = out[column].astype(str)
-        bad = (text.str.len() == 0) | (text.str.len() > 256)
+        bad = (text.str.len() == 0) | (text.str.encode("utf-8").str.len() > MAX_ID_BYTES)  # the import's limit
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise StreamInputError(f"{source}: row {row}: field '{column}' must be a non-empty id of at most 256 characters; nothing was applied")
+            raise StreamInputError(f"{source}: row {row}: field '{column}' must be a non-empty id of at most {MAX_ID_BYTES:,} UTF-8 bytes; "
+                                   "nothing was applied")
         out[column] = text.str.normalize(ID_NORMAL_FORM)  # as the import stores ids and the lookups spell them
     try:
         out["ts"] = pd.to_datetime(out["ts"], utc=True, format="ISO8601") if out["ts"].dtype == object else pd.to_datetime(out["ts"], utc=True)

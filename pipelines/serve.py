@@ -45,11 +45,11 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from contracts.names import MAX_ID_BYTES
 from feature_store.health import KnownKeys, StoreHealth, probe_online_store
 from feature_store.online import FeatureClient, PastRequestError, RankingFeatures
 from feature_store.repo import FeatureRepo, FeatureStoreError
 from feature_store.stream import StreamInputError, push_events
-from pipelines.data.contract import MAX_ID_BYTES
 from pipelines.paths import RunPaths
 from ranker.export import SPEC_FILE, flat_inputs, model_spec
 from ranker.features import DLRMInputs

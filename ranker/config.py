@@ -60,8 +60,8 @@ class DLRMConfig:
     evals_per_epoch: int = Field(1, ge=1, description="Validations per epoch, at equal shares of its batches; the best one is kept.")
     # 0 by default: on the demo it barely moved CTR@10 and cost GAUC (docs/history.md); > 0 batches whole requests
     listwise_weight: float = Field(0.0, ge=0, description="Weight of a listwise loss over each request's candidates, added to the log loss.")
-    dense_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the dense part.")
-    embedding_lr: float = Field(0.05, gt=0, description="Row-wise Adagrad learning rate of the tables.")
+    dense_lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the dense part.")
+    embedding_lr: float = Field(0.05, gt=0, le=1, description="Row-wise Adagrad learning rate of the tables.")
     embedding_eps: float = Field(1e-8, gt=0, description="Row-wise Adagrad epsilon.")
     engine: Literal["dmp", "plain"] = Field("dmp", description="dmp: TorchRec DistributedModelParallel (fused tables); plain: an unsharded module.")
     eval_batch_size: int = Field(16_384, ge=1, description="Rows per scoring batch.")
@@ -74,7 +74,7 @@ class LightGBMConfig:
     """LightGBM's parameters for the binary ranker."""
 
     num_leaves: int = Field(63, ge=2, description="LightGBM num_leaves.")
-    learning_rate: float = Field(0.05, gt=0, description="LightGBM learning rate.")
+    learning_rate: float = Field(0.05, gt=0, le=1, description="LightGBM learning rate.")
     n_estimators: int = Field(1000, ge=1, description="Most trees (early stopping picks the iteration).")
     early_stopping_rounds: int = Field(50, ge=1, description="Trees without a better validation metric before stopping.")
     min_data_in_leaf: int = Field(50, ge=1, description="LightGBM min_data_in_leaf.")

@@ -91,6 +91,10 @@ CASES = [
     ("pretrain --lr 1e6", lambda t: ["pretrain", "--lr", "1e6", "--run", str(t / "r")], ["--lr", "less than or equal to 1", "1000000.0"]),
     ("sasrec lr 1e6 in a run config", lambda t: ["run", "--config", _write(t, "lr.yaml", "lm: {evaluate: {sasrec_model: {lr: 1.0e+6}}}\n")],
      ["lr.yaml", "lm.evaluate.sasrec_model.lr", "less than or equal to 1"]),
+    ("ranker learning rates 1e6 in a run config", lambda t: ["run", "--config", _write(t, "rlr.yaml", "rankers: {lightgbm: {learning_rate: 1.0e+6}}\n")],
+     ["rlr.yaml", "rankers.lightgbm.learning_rate", "less than or equal to 1"]),
+    ("DLRM dense_lr 1e6 by --set", lambda t: ["run", "--set", "rankers.dlrm.dense_lr=1e6", "--run", str(t / "r")],
+     ["rankers.dlrm.dense_lr", "less than or equal to 1"]),
 
     ("duplicate header column", lambda t: ["data", "validate", _write(t, "dup.csv", "user_id,item_id,ts,label,label\n1,a,2024-01-01T00:00:00Z,1,0\n")],
      ["dup.csv", "'label' appear more than once"]),

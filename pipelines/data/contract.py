@@ -50,7 +50,7 @@ from pydantic_core import PydanticCustomError
 
 from contracts import files
 from contracts.files import write_parquet_atomic  # noqa: F401  (re-exported: the steps write their Parquet files with it)
-from contracts.names import ID_NORMAL_FORM
+from contracts.names import ID_NORMAL_FORM, MAX_ID_BYTES
 
 KnownAt = Literal["request", "after_event", "truth"]
 ExtraType = Literal["string", "int64", "float64", "list<float32>"]
@@ -370,10 +370,6 @@ def _python_values(array: pa.Array | pa.ChunkedArray) -> Callable[[], np.ndarray
 # nan, SQL exports NULL, JavaScript undefined, spreadsheets N/A). `NA` is not among them: it is a real code in many
 # catalogues (Namibia's country code). In a CSV, pyarrow already reads empty, NA, N/A, NULL, NaN... as null (a null id).
 MISSING_AS_TEXT = ("none", "null", "nil", "nan", "<na>", "n/a", "undefined")
-# The longest id accepted, in UTF-8 bytes. Real ids are far shorter (UUID 36, SHA-256 hex 64, a product URL a few
-# hundred); S3 caps object keys at the same 1,024 bytes. A longer one is nearly always a parse that swallowed text
-# (an unclosed quote reading on over many lines): it would become a token, a Feast entity key and a Redis key.
-MAX_ID_BYTES = 1024
 # C0 and C1 control characters (newline, tab, NUL, ...): an id printed in a log, a CSV or a Redis key must stay on
 # one line; a quoted newline inside a CSV id is the usual cause.
 _CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x{9f}]"
