@@ -4,14 +4,17 @@
 
 writes into `out`:
 
-    model_spec.json   the model's inputs: names and order, how each is made from a training-set row, what a missing
-                      value becomes, the vocabularies (value -> id) and the standardisation of the dense block
+    model_spec.json   the model's inputs: names and order, how each is made from the raw feature columns (`compute`,
+                      a machine-readable op per input; docs/deploy.md#input-transforms), what a missing value
+                      becomes, the vocabularies (value -> id) and the standardisation of the dense block
     lightgbm.txt      LightGBM's native text model (any LightGBM binding loads it), or
     dlrm.pt2          the DLRM as a `torch.export` program: probabilities [B] from
                       dense [B, F] float32, values [nnz] int64, lengths [K * B] int64 (the KeyedJaggedTensor of the
                       sparse keys, key-major: every row's ids of key 0, then of key 1, ...); B (1 to 100,000) and
                       nnz are dynamic. The program holds aten operators only: `import torch` is all it needs
                       (no torchrec, no fbgemm_gpu).
+    spec_reference.py the reference interpreter of the spec's `compute` ops (numpy and pandas only): the inputs
+                      from the raw feature columns, to check a port against
     export.json       the manifest, written last: what the folder holds (a later export may replace exactly that)
 
 `out` must be new, empty or an earlier export: a folder holding anything else is refused, never deleted.
@@ -35,8 +38,17 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from contracts.files import write_text_atomic
+from contracts.names import HISTORY_CATEGORIES, HISTORY_ITEMS, HISTORY_TIMES, LUM_ITEM_COLUMN, LUM_USER_PREFIX, REQUEST_CONDITION
 from ranker.din import AGE_EDGES_HOURS
-from ranker.features import FLAG_COLUMNS, OOV, DLRMInputs, SparseFeature
+from ranker.features import (
+    FLAG_COLUMNS,
+    OOV,
+    REQUEST_COUNTERS,
+    REQUEST_STATS,
+    DLRMInputs,
+    SparseFeature,
+)
+from ranker.schema import parse_condition
 from ranker.train import TrainedRanker
 
 SPEC_FILE = "model_spec.json"
@@ -120,9 +132,160 @@ TARGET_AWARE_MEANINGS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------- input ops
+# Every model input gets `compute`: a small JSON expression over the raw feature columns (what Feast serves) that a
+# non-Python stack can execute. The closed vocabulary of ops is documented in docs/deploy.md#input-transforms and
+# executed by ranker/spec_reference.py (numpy and pandas only, shipped with each export); tests/test_export.py
+# checks that it rebuilds the matrices ranker/features.py builds. A name below that no rule covers fails the
+# export: a feature added to ranker/features.py must be described here before it can ship.
+
+SPEC_REFERENCE_FILE = "spec_reference.py"
+
+
+def _raw(column: str, null_as: float | None = None) -> dict[str, Any]:
+    return {"op": "raw", "column": column} if null_as is None else {"op": "raw", "column": column, "null_as": null_as}
+
+
+class _InputOps:
+    """The `compute` of each model input of one ranker, by the names ranker/features.py gives them."""
+
+    def __init__(self, ranker: TrainedRanker):
+        self.schema, self.pipeline = ranker.schema, ranker.pipeline
+        self.last = self.pipeline.config.history_len
+        self.slugs = list(self.schema.lum_conditions)
+
+    # ---- shared pieces
+    def dot(self, slug: str) -> dict[str, Any]:
+        return {"op": "dot", "a": LUM_USER_PREFIX + slug, "b": LUM_ITEM_COLUMN}
+
+    def cosine(self, slug: str) -> dict[str, Any]:
+        return {"op": "cosine", "a": LUM_USER_PREFIX + slug, "b": LUM_ITEM_COLUMN}
+
+    def lum_score(self, name: str) -> dict[str, Any] | None:
+        """lum_sim__s / lum_cos__s / lum_sim_request / lum_cos_request (LightGBM's and the request block's names)."""
+        if name in ("lum_sim_request", "lum_cos_request"):
+            per_condition = self.dot if name == "lum_sim_request" else self.cosine
+            return {"op": "at_request_condition", "by_condition": [per_condition(s) for s in self.slugs]}
+        kind, _, slug = name.partition("__")
+        if slug in self.slugs and kind in ("lum_sim", "lum_cos"):
+            return self.dot(slug) if kind == "lum_sim" else self.cosine(slug)
+        return None
+
+    def request_relative(self, name: str) -> dict[str, Any] | None:
+        """`<value>__vs_request_mean|vs_request_max|request_rank` (features.py `_request_relative`)."""
+        base, _, stat = name.rpartition("__")
+        if stat not in REQUEST_STATS:
+            return None
+        if base in REQUEST_COUNTERS:
+            value = _raw(base) if base.endswith("ctr") else {"op": "log1p", "of": _raw(base), "clip_min": 0.0}
+        else:
+            value = self.lum_score(base)
+        return None if value is None else {"op": stat, "of": value}
+
+    def missing_lum(self) -> dict[str, Any]:
+        return {"op": "any_missing", "columns": [*self.schema.lum_user_columns, LUM_ITEM_COLUMN]}
+
+    def history(self, op: str, list_column: str, **more: Any) -> dict[str, Any]:
+        return {"op": op, "list": list_column, "last": self.last, **more}
+
+    def similarity(self, reduce: str, newest: int | None, lm: bool) -> dict[str, Any]:
+        target = {"vector_column": LUM_ITEM_COLUMN, "normalize": True} if lm else {"vectors": "item_factors", "key_column": self.schema.item}
+        return self.history("history_similarity", HISTORY_ITEMS, newest=newest, reduce=reduce,
+                            history_vectors="lm_item_vectors" if lm else "item_factors", target=target)
+
+    # ---- LightGBM
+    def lightgbm(self, name: str) -> dict[str, Any]:
+        schema = self.schema
+        if name in self.pipeline.lightgbm_categorical:
+            return {"op": "vocabulary_id", "column": name, "vocabulary": name}
+        if name in schema.counter_columns:
+            return _raw(name)
+        if name in FLAG_COLUMNS:
+            return _raw(name, null_as=1.0)
+        hours = {"times": HISTORY_TIMES, "request_time": schema.time}
+        fixed = {
+            # features.py `_history_numbers` reads the history's length from the categories list
+            "hist_len": self.history("list_length", HISTORY_CATEGORIES),
+            "hist_share_in_category": self.history("history_share_equal", HISTORY_CATEGORIES, equals=schema.category, newest=None),
+            "hist_has_item": self.history("history_contains", HISTORY_ITEMS, equals=schema.item),
+            "din_sim_max": self.similarity("max", None, lm=False),
+            "din_sim_mean": self.similarity("mean", None, lm=False),
+            "din_sim_last5": self.similarity("mean", 5, lm=False),
+            "din_category_count": self.history("history_count_equal", HISTORY_CATEGORIES, equals=schema.category),
+            "din_hours_since_category": self.history("hours_since_newest_equal", HISTORY_CATEGORIES, equals=schema.category, **hours),
+            "din_hours_since_item": self.history("hours_since_newest_equal", HISTORY_ITEMS, equals=schema.item, **hours),
+            "din_category_share_last5": self.history("history_share_equal", HISTORY_CATEGORIES, equals=schema.category, newest=5),
+            "din_lm_sim_max": self.similarity("max", None, lm=True),
+            "din_lm_sim_mean": self.similarity("mean", None, lm=True),
+            "din_lm_sim_last5": self.similarity("mean", 5, lm=True),
+            "missing_lum": self.missing_lum(),
+        }
+        if name in fixed:
+            return fixed[name]
+        found = self.lum_score(name) or self.request_relative(name) or self.vector_component(name, "__")
+        if found is None:
+            raise ValueError(f"model_spec: no input op describes the LightGBM feature '{name}': describe it in ranker/export.py")
+        return found
+
+    def vector_component(self, name: str, sep: str) -> dict[str, Any] | None:
+        """lum_user__s__j / lum_item__j (LightGBM) or lum_user:s:j / lum_item:j (DLRM): one vector component."""
+        parts = name.split(sep)
+        if parts[0] == "lum_user" and len(parts) == 3 and parts[1] in self.slugs:
+            return {"op": "component", "column": LUM_USER_PREFIX + parts[1], "index": int(parts[2])}
+        if parts[0] == "lum_item" and len(parts) == 2:
+            return {"op": "component", "column": LUM_ITEM_COLUMN, "index": int(parts[1])}
+        return None
+
+    # ---- DLRM
+    def dense(self, name: str) -> dict[str, Any]:
+        kind, _, rest = name.partition(":")
+        found: dict[str, Any] | None = None
+        if kind == "counter" and rest in self.schema.counter_columns:
+            found = {"op": "signed_log1p", "of": _raw(rest)}
+        elif kind == "flag" and rest in FLAG_COLUMNS:
+            found = _raw(rest, null_as=1.0)
+        elif name == "flag:lum_sim_request_missing":
+            found = {"op": "is_missing", "of": self.lum_score("lum_sim_request")}
+        elif name == "flag:missing_lum":
+            found = self.missing_lum()
+        elif name == "hist_len":
+            found = {"op": "log1p", "of": self.history("list_length", HISTORY_ITEMS)}
+        elif kind in ("lum_sim", "lum_cos"):
+            found = self.lum_score(f"{kind}__{rest}")
+        elif name in ("lum_sim_request", "lum_cos_request"):
+            found = self.lum_score(name)
+        elif kind == "request":
+            found = self.request_relative(rest)
+        else:
+            found = self.vector_component(name, ":")
+        if found is None:
+            raise ValueError(f"model_spec: no input op describes the DLRM dense input '{name}': describe it in ranker/export.py")
+        return found
+
+    def sparse(self, feature: SparseFeature) -> dict[str, Any]:
+        if feature.table is None:  # the behaviours' age buckets (ranker/din.py age_buckets)
+            return {"op": "age_buckets_of_last", "times": feature.source, "last": self.last, "request_time": self.schema.time,
+                    "edges_hours": list(AGE_EDGES_HOURS)}
+        if feature.sequence:
+            return {"op": "vocabulary_ids_of_last", "list": feature.source, "last": self.last, "vocabulary": feature.table}
+        return {"op": "vocabulary_id", "column": feature.source, "vocabulary": feature.table}
+
+    def request_condition(self) -> dict[str, Any]:
+        """Which of the LUM conditions is a row's request condition (features.py `request_condition`)."""
+        names = list(self.schema.lum_conditions.values())
+        if REQUEST_CONDITION in names:
+            return {"always": names.index(REQUEST_CONDITION)}
+        allowed = set(self.schema.context_columns) | {self.schema.category}
+        candidates = [{"index": k, "match": parse_condition(name)} for k, name in enumerate(names) if set(parse_condition(name)) <= allowed]
+        return {"candidates": candidates,
+                "rule": "the candidate whose every column equals the row's value (as text) with the most pairs; on a tie the "
+                        "lower index; none: the value is missing"}
+
+
 def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
     """The JSON spec of a ranker's inputs (see the module docstring)."""
     pipeline = ranker.pipeline
+    ops = _InputOps(ranker)
     vocabularies = {name: {"oov_id": OOV, "ids": {value: i + 1 for i, value in enumerate(v.values)}} for name, v in pipeline.vocabularies.items()}
     spec: dict[str, Any] = {
         "format": SPEC_FORMAT, "model": ranker.config.model, "variant": ranker.variant,
@@ -130,6 +293,11 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
                                  "lum_conditions": list(ranker.schema.lum_conditions)},
         "vocabularies": vocabularies,
         "output": "click probability in [0, 1]",
+        # how to compute each input from the raw feature columns: `compute` of every input (docs/deploy.md#input-transforms)
+        "ops": {"reference": SPEC_REFERENCE_FILE, "history_len": pipeline.config.history_len,
+                "request_group": [ranker.schema.user, ranker.schema.time], "request_condition": ops.request_condition(),
+                "text": "values are compared and looked up as text: strings as they are, integers in decimal, booleans "
+                        "true/false; a null is never equal to anything and looks up the oov_id"},
     }
     if ranker.config.model == "dlrm":
         spec["file"] = DLRM_PROGRAM_FILE
@@ -140,9 +308,10 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
             {"name": "lengths", "dtype": "int64", "shape": [f"{len(pipeline.sparse_features)} * B"], "meaning": "ids per row and key, key-major"},
         ]
         spec["dense"] = [{"index": i, "name": name, "mean": float(pipeline.dense_mean[i]), "std": float(pipeline.dense_std[i]),
-                          "transform": _dense_transform(name, pipeline.config.history_len)} for i, name in enumerate(pipeline.dense_names)]
+                          "transform": _dense_transform(name, pipeline.config.history_len), "compute": ops.dense(name),
+                          "then": "(x - mean) / std; a missing (NaN) or infinite result is 0"} for i, name in enumerate(pipeline.dense_names)]
         spec["sparse"] = [{"index": i, "key": f.key, "vocabulary": f.table, "column": f.source,
-                           "ids": _sparse_ids(f, pipeline.config.history_len)} for i, f in enumerate(pipeline.sparse_features)]
+                           "ids": _sparse_ids(f, pipeline.config.history_len), "compute": ops.sparse(f)} for i, f in enumerate(pipeline.sparse_features)]
     else:
         names = list(ranker.model.feature_name())
         categorical = set(pipeline.lightgbm_categorical)
@@ -150,7 +319,7 @@ def model_spec(ranker: TrainedRanker) -> dict[str, Any]:
         spec["inputs"] = [{"name": "features", "dtype": "float32", "shape": ["B", len(names)], "missing": "NaN (LightGBM's own missing value)"}]
         spec["features"] = [{"index": i, "name": name, "categorical": name in categorical,
                              "transform": f"the id of the value in vocabularies.{name}" if name in categorical else
-                             TARGET_AWARE_MEANINGS.get(name, "as the training set holds it")}
+                             TARGET_AWARE_MEANINGS.get(name, "see compute"), "compute": ops.lightgbm(name)}
                             for i, name in enumerate(names)]
         if pipeline.item_factors is not None:  # what the din_sim_* cosines are computed from
             spec["item_factors"] = {"meaning": "unit-length item factors (SVD of the users' co-engagements before the fitting window)",
@@ -241,8 +410,9 @@ def _write_export(ranker: TrainedRanker, folder: Path, example: DLRMInputs | Non
         ranker.model.save_model(str(folder / LIGHTGBM_MODEL_FILE), num_iteration=ranker.model.best_iteration or None)
     spec = model_spec(ranker)
     write_text_atomic(json.dumps(spec, indent=1), folder / SPEC_FILE)
+    shutil.copyfile(Path(__file__).with_name(SPEC_REFERENCE_FILE), folder / SPEC_REFERENCE_FILE)
     manifest = {"kind": EXPORT_KIND, "format": SPEC_FORMAT, "model": ranker.config.model, "variant": ranker.variant,
-                "files": [spec["file"], SPEC_FILE], "load": LOAD[ranker.config.model],
+                "files": [spec["file"], SPEC_FILE, SPEC_REFERENCE_FILE], "load": LOAD[ranker.config.model],
                 "built_with": {"torch": torch.__version__} if ranker.config.model == "dlrm" else {"lightgbm": lightgbm.__version__}}
     write_text_atomic(json.dumps(manifest, indent=1), folder / MANIFEST_FILE)
 

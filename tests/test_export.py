@@ -34,8 +34,10 @@ def saved(data, tmp_path_factory) -> dict[str, Path]:
     train, _ = data
     features = FeatureConfig(request_features=True)
     folders = {}
-    for model, variant in (("lightgbm", "lum"), ("dlrm", "lum+pooled"), ("dlrm", "din+lum")):
-        ranker = train_ranker(train, RankerConfig(model=model, variant=variant, dlrm=SMALL_DLRM, lightgbm=SMALL_LGBM, features=features))
+    vectors = replace(features, lum_inputs="vectors")  # the LUM vectors' components as inputs too
+    for model, variant, feature_config in (("lightgbm", "lum", features), ("dlrm", "lum+pooled", vectors), ("dlrm", "din+lum", features),
+                                           ("lightgbm", "din+lum", features), ("lightgbm", "lum+pooled", vectors)):
+        ranker = train_ranker(train, RankerConfig(model=model, variant=variant, dlrm=SMALL_DLRM, lightgbm=SMALL_LGBM, features=feature_config))
         folders[f"{model}-{variant}"] = ranker.save(tmp_path_factory.mktemp("rankers") / f"global-{model}-{variant}")
     return folders
 
@@ -193,3 +195,88 @@ def test_the_exported_dlrm_scores_1_to_1000_candidates_in_a_process_that_importe
     assert result.returncode == 0, result.stderr[-3000:]
     worst = json.loads(result.stdout.strip().splitlines()[-1])
     assert sorted(int(k) for k in worst) == [1, 2, 7, 1000] and max(worst.values()) < 1e-5, worst
+
+
+# ------------------------------------------------------------------------------------------------ 3. the input ops
+
+# Runs the export's own spec_reference.py in a fresh interpreter and checks it needed none of the project's code.
+REFERENCE_RUNNER = """
+import runpy, sys
+reference, spec, rows, out = sys.argv[1:]
+sys.argv = [reference, spec, rows, out]
+runpy.run_path(reference, run_name="__main__")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("ranker", "lum", "pipelines", "feature_store", "contracts", "torch"))
+assert not loaded, loaded
+"""
+
+
+def rebuild_without_the_project(ranker: TrainedRanker, table, folder: Path) -> dict:
+    """Exports `ranker` and rebuilds the inputs of `table`'s rows from its raw feature columns, model_spec.json and the
+    export's spec_reference.py, in a subprocess that never imports `ranker`."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out = export_ranker(ranker, folder / "exported")
+    spec = json.loads((out / SPEC_FILE).read_text())
+    inputs = spec.get("features", []) + spec.get("dense", []) + spec.get("sparse", [])
+    assert inputs and all(isinstance(i["compute"], dict) and "op" in i["compute"] for i in inputs)
+    assert not any("training set holds it" in i.get("transform", "") for i in inputs)
+    columns = [*ranker.schema.feature_columns(ranker.variant), ranker.schema.time]
+    pq.write_table(table.select(list(dict.fromkeys(columns))), folder / "rows.parquet")  # the raw features only
+    result = subprocess.run([sys.executable, "-c", REFERENCE_RUNNER, str(out / "spec_reference.py"), str(out / SPEC_FILE),
+                             str(folder / "rows.parquet"), str(folder / "inputs.npz")], capture_output=True, text=True, cwd=folder, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(folder / "inputs.npz"))
+
+
+def assert_same_inputs(ranker: TrainedRanker, table, rebuilt: dict) -> None:
+    import numpy as np
+
+    from ranker.export import flat_inputs
+
+    made = ranker.featurize(table)  # what the service hands the model
+    if ranker.config.model == "lightgbm":
+        np.testing.assert_allclose(rebuilt["features"], made, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert np.isnan(made).any() and not np.isnan(rebuilt["features"]).all()  # missing values were exercised
+    else:
+        dense, values, lengths = flat_inputs(made)
+        np.testing.assert_allclose(rebuilt["dense"], dense.numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(rebuilt["lengths"], lengths.numpy())
+        np.testing.assert_array_equal(rebuilt["values"], values.numpy())
+
+
+@pytest.mark.parametrize("key", ["lightgbm-lum", "lightgbm-din+lum", "lightgbm-lum+pooled", "dlrm-lum+pooled", "dlrm-din+lum"])
+def test_model_spec_ops_rebuild_the_inputs_without_the_project(saved, data, tmp_path, key):
+    """issue 35.3: model_spec.json said "as the training set holds it" for the derived LightGBM inputs. Every input
+    now has a `compute` op; the shipped reference interpreter rebuilds the inputs from the raw columns alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    ranker = TrainedRanker.load(saved[key])
+    _, test = data
+    # slates: every 6 consecutive rows one request (the user and time of its first), so the request ops compare
+    # candidates (the synthetic rows are one candidate per request)
+    first = pa.array(np.arange(test.num_rows) // 6 * 6)
+    for column in ("user_id", "ts"):
+        test = test.set_column(test.column_names.index(column), column, test.column(column).take(first))
+    rebuilt = rebuild_without_the_project(ranker, test, tmp_path)
+    assert_same_inputs(ranker, test, rebuilt)
+    if key.startswith("lightgbm"):  # the ranks within a request were exercised, not all 1
+        names = ranker.model.feature_name()
+        ranks = rebuilt["features"][:, [i for i, n in enumerate(names) if n.endswith("__request_rank")]]
+        assert ranks.shape[1] >= 3 and np.nanmax(ranks) >= 6 and len(np.unique(ranks[~np.isnan(ranks)] % 1)) == 2  # ties: x.5 ranks
+
+
+def test_model_spec_ops_rebuild_a_real_runs_inputs(tiny_run, tmp_path):
+    """The same on a real run: its LightGBM and DLRM and the test window's rows as Feast's point-in-time join gave them."""
+    import pyarrow.parquet as pq
+
+    run, _, _ = tiny_run
+    test = pq.read_table(sorted((run / "training_sets").glob("global-test-*.parquet"))[0])
+    for model in ("lightgbm", "dlrm"):
+        ranker = TrainedRanker.load(run / "rankers" / f"global-{model}-lum")
+        (tmp_path / model).mkdir()
+        assert_same_inputs(ranker, test, rebuild_without_the_project(ranker, test, tmp_path / model))
