@@ -83,16 +83,20 @@ def features_ingest(embed_dir, item_valid_from, select, run_dir) -> None:
 
 @features.command("materialize")
 @click.option("--end", default=None, help="Materialize up to this time [default: the newest timestamp of the offline data].")
-@click.option("--full", is_flag=True, help="Materialize everything again instead of continuing from the last run.")
+@click.option("--full", is_flag=True, help="Materialize everything again instead of continuing from the last run "
+              "(SQLite: built aside and swapped in at once; Redis: lookups are refused meanwhile).")
 @run_option
 @_friendly_errors
 def features_materialize(end, full, run_dir) -> None:
     """Write the newest feature values into the online store (incremental after the first run)."""
-    from feature_store.online import materialize
+    from feature_store.materialize import materialize
     from feature_store.repo import FeatureRepo
     from pipelines.data.contract import utc_timestamp
 
     state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc_timestamp(end) if end else None, full=full)
+    if "redone" in state:
+        click.echo(f"a full materialization started {state['redone'].get('started') or 'earlier'} had not finished (killed?): "
+                   "materialized every view again from the start")
     kind = state["online_store"]["kind"]
     for view, mode in state["modes"].items():
         click.echo(f"  {view}: {mode} (up to {state['views'][view]})")

@@ -118,7 +118,7 @@ def training_set_summary(path: Path) -> dict[str, Any]:
 def materialize_online(paths: RunPaths) -> dict[str, Any]:
     """The online store (SQLite, or Redis when the repo says so) filled with the newest value of every entity of the
     selected model version and the counters, so a lookup answers right after a run; incremental on a re-run."""
-    from feature_store.online import materialize
+    from feature_store.materialize import materialize
 
     if not (paths.feature_repo / "feature_store.yaml").exists():
         raise FileNotFoundError(f"{paths.feature_repo} has no Feast repo yet: the features step comes first")
