@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
@@ -29,9 +28,9 @@ import pandas as pd
 import pyarrow as pa
 
 from contracts import names
-from contracts.files import write_text_atomic
 from contracts.names import lum_user_column
-from feature_store.repo import FeatureRepo, FeatureStoreError, read_view_source
+from feature_store.materialize import MaterializeInProgress, consistent_lookup, materialize, materialize_in_progress  # noqa: F401
+from feature_store.repo import FeatureRepo, FeatureStoreError
 
 USER_COUNTERS = list(names.USER_STATS_COLUMNS)  # as Feast's user_stats view holds them (the last event's time last)
 ITEM_COUNTERS = list(names.ITEM_COUNTERS)
@@ -39,68 +38,8 @@ TIMESTAMP_SUFFIX = "__ts"
 ITEM_VIEW_PREFIXES = ("item_stats__", "item_info__", "lum_item__")  # the item-keyed views: what the client caches
 
 
-# ---------------------------------------------------------------------- materialization
-def _newest_timestamp(store: Any, view: str) -> pd.Timestamp | None:
-    """The newest `event_timestamp` of a feature view's offline source (a file or a folder of files)."""
-    import pyarrow.compute as pc
-
-    column = read_view_source(store, view, ["event_timestamp"]).column("event_timestamp")
-    newest = pc.max(column).as_py() if len(column) else None
-    return None if newest is None else pd.Timestamp(newest).tz_convert("UTC")
-
-
-def materialize(repo: FeatureRepo, end: pd.Timestamp | None = None, full: bool = False) -> dict[str, Any]:
-    """Write the newest value of every entity into the online store, view by view.
-
-    Each view is materialized up to `end` (rows stamped at or before it, as the offline point-in-time join sees
-    them at `end`), or by default up to just after the newest timestamp of its own offline data: a new embedding
-    snapshot is picked up even when the counters already reach further. The first run, a change of the selected
-    model version or of the online store, and `full=True` materialize a view from the start, into an emptied view:
-    Feast only upserts, so values newer than `end` from an earlier run would otherwise stay online (and be served
-    as if they were as of `end`). Later runs continue from where that view's last run ended.
-    """
-    store = repo.store()
-    settings = repo.settings()
-    version = settings.get("model_version")
-    if end is not None:
-        end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
-    state = json.loads(repo.materialized_file.read_text()) if repo.materialized_file.exists() else {}
-    same_target = state.get("model_version") == version and state.get("online_store") == settings["online_store"]
-    previous: dict[str, str] = state.get("views", {}) if same_target and not full else {}
-    started = time.perf_counter()
-    ends: dict[str, str] = {}
-    modes: dict[str, str] = {}
-    for view in sorted(fv.name for fv in store.list_feature_views()):
-        newest = _newest_timestamp(store, view)
-        if newest is None:
-            continue
-        view_end = end or newest + pd.Timedelta(microseconds=1)
-        if view in previous and view_end <= pd.Timestamp(previous[view]):
-            ends[view], modes[view] = previous[view], "up to date"
-            continue
-        if view in previous:
-            # from our own record of where this view's last run ended, not Feast's `materialize_incremental`: that
-            # starts at the latest end of any earlier run, which after a full run to an earlier `end` lies ahead
-            start, modes[view] = pd.Timestamp(previous[view]), "incremental"
-        else:
-            _empty_online_view(store, view)
-            start, modes[view] = pd.Timestamp("1970-01-01", tz="UTC"), "full"
-        store.materialize(start_date=start.to_pydatetime(), end_date=view_end.to_pydatetime(), feature_views=[view])
-        ends[view] = view_end.isoformat()
-    state = {"model_version": version, "online_store": settings["online_store"], "views": ends, "modes": modes,
-             "end": max(ends.values()) if ends else None, "seconds": round(time.perf_counter() - started, 2)}
-    write_text_atomic(json.dumps(state, indent=2), repo.materialized_file)
-    return state
-
-
-def _empty_online_view(store: Any, view: str) -> None:
-    """Delete a view's rows from the online store and recreate its (empty) table, through the online store's own
-    `update` (SQLite: DROP and CREATE TABLE in the same database file, so open connections of running clients
-    see the new rows; Redis: the view's fields of every key)."""
-    provider = store._get_provider()
-    table = store.get_feature_view(view)
-    provider.update_infra(project=store.project, tables_to_delete=[table], tables_to_keep=[], entities_to_delete=[], entities_to_keep=[], partial=True)
-    provider.update_infra(project=store.project, tables_to_delete=[], tables_to_keep=[table], entities_to_delete=[], entities_to_keep=[], partial=True)
+# materialization: feature_store/materialize.py (`materialize` is re-exported here; a full run is swapped in
+# atomically, and lookups that overlap it are retried or refused with MaterializeInProgress)
 
 
 # ---------------------------------------------------------------------- the answer
@@ -363,6 +302,7 @@ class FeatureClient:
             got[name] = [rows[i][name] for i in items]
         return got
 
+    @consistent_lookup  # never a mix of the values before and after a full materialization (MaterializeInProgress)
     def get_ranking_features(
         self,
         user_id: str,
