@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ def log_run_to_mlflow(run_dir: str | Path, uri: str, experiment: str = "lum") ->
     state = json.loads(state_file.read_text())
     params = {mlflow_key(k): json.dumps(v) if not isinstance(v, str) else v for k, v in _flat(state["config"]).items()}
     metrics = run_metrics(paths.root)
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses its file store unless asked (it wants a database, which needs alembic, not in mlflow-skinny);
+        # a file:// URI in the run config is that request: a local store a team browses with `mlflow ui`
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
