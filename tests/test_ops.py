@@ -187,3 +187,44 @@ def test_lightgbm_and_vllm_defaults_are_the_machines_not_fixed_values():
     assert LightGBMConfig(threads=5).params()["num_threads"] == 5
     shown = " ".join(CliRunner().invoke(main, ["embed", "--help"]).output.split())
     assert "default: the CPUs this process may use" in shown and "default: 0-1" not in shown
+
+
+# --- logging: time, level and name on every line; the libraries' warnings through logging -------------------------
+
+_LOG_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (DEBUG|INFO|WARNING|ERROR) [\w.]+: "
+
+
+def _log_of_a_command(flags: list[str]) -> str:
+    """stderr of a process that configures logging as `lum <flags> data --help` does, then logs a line of ours and
+    raises three warnings: the DeprecationWarning ibis raised on every Feast read of a run (a library's file), a known
+    noisy message, and a warning of our own code."""
+    import ibis.backends.duckdb as ibis_duckdb
+
+    code = f"""
+import logging, warnings
+from pipelines.cli import main
+main({[*flags, "data", "--help"]!r}, standalone_mode=False)
+warnings.simplefilter("default")  # what a library (Feast's dependencies) does in a real run
+logging.getLogger("pipelines.ops_test").warning("a line of ours")
+warnings.warn_explicit("fetch_arrow_table() is deprecated, use to_arrow_table() instead.", DeprecationWarning, {ibis_duckdb.__file__!r}, 332)
+warnings.warn_explicit("TypedStorage is deprecated. It will be removed in the future.", UserWarning, "/any/where/torch/storage.py", 414)
+warnings.warn("a warning of our own code", UserWarning)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120, check=True)
+    return done.stderr
+
+
+def test_log_lines_carry_time_level_and_name_and_library_warnings_go_to_debug():
+    import re
+
+    quiet = _log_of_a_command([])
+    lines = [line for line in quiet.splitlines() if line.strip()]
+    assert all(re.match(_LOG_LINE, line) for line in lines), quiet
+    assert any(line.endswith(" WARNING pipelines.ops_test: a line of ours") for line in lines), quiet
+    ours = [line for line in lines if "a warning of our own code" in line]
+    assert len(ours) == 1 and " WARNING py.warnings: " in ours[0] and "UserWarning" in ours[0]  # one line: no source line under it
+    assert "fetch_arrow_table" not in quiet and "TypedStorage" not in quiet  # the libraries' noise: not at WARNING
+
+    verbose = _log_of_a_command(["-v"])
+    noise = [line for line in verbose.splitlines() if "fetch_arrow_table" in line or "TypedStorage" in line]
+    assert len(noise) == 2 and all(re.match(_LOG_LINE, line) and " DEBUG py.warnings: " in line for line in noise), verbose

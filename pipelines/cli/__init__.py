@@ -52,7 +52,7 @@ import click
 import yaml
 
 from contracts.progress import PROGRESS_ENV, bars_off
-from pipelines.cli.common import DEBUG_ENV, INTERRUPTED_EXIT, debug_on, os_error_message
+from pipelines.cli.common import DEBUG_ENV, INTERRUPTED_EXIT, configure_logging, debug_on, os_error_message
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -143,10 +143,7 @@ def main(verbosity: str | None, log_level: str | None, progress: bool | None, de
     if debug:  # in the environment, so that the steps run as subprocesses (embedding job, torchrun) inherit it
         os.environ[DEBUG_ENV] = "1"
     level = getattr(logging, log_level or verbosity or "INFO")
-    # our own loggers at the chosen level; libraries (vLLM, Feast, transformers, TorchRec's loaders) at warnings unless -v
-    logging.basicConfig(level=level if level == logging.DEBUG else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for ours in ("lum", "feature_store", "ranker", "pipelines", "contracts"):
-        logging.getLogger(ours).setLevel(level)
+    configure_logging(level)  # our loggers at `level`, the libraries' at warnings unless -v; warnings through logging
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == logging.DEBUG else "WARNING")
     if progress is not None:  # unset: bars only when stderr is a terminal (contracts/progress.py)
         os.environ[PROGRESS_ENV] = "1" if progress else "0"

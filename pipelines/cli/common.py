@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
+import re
+import sys
 from typing import Any, Callable
 
 import click
@@ -30,6 +33,71 @@ _OS_HINTS = {
     errno.EPERM: "choose a folder this user may write (or fix its permissions)",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
 }
+
+
+# ---------------------------------------------------------------- logging: one format, warnings included
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+OUR_LOGGERS = ("lum", "feature_store", "ranker", "pipelines", "contracts")
+# a warning whose category is one of these, raised from an installed package's own file, is that package's notice to
+# its own developers (ibis calling a deprecated DuckDB method during every Feast read, fbgemm's kernels): nothing an
+# operator can act on, so DEBUG (shown by -v), not WARNING
+_LIBRARY_NOTICES = ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning")
+# other known noise of the libraries, matched on the warning's message
+NOISY_WARNINGS = (
+    re.compile(r"TypedStorage is deprecated"),  # torch, from torchrec's and fbgemm's checkpoint code
+    re.compile(r"is an experimental feature"),  # Feast, on every apply of a stream / on-demand view
+)
+_WARNING_LINE = re.compile(r"^(?P<file>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record is written (click's test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+class WarningsToLog(logging.Filter):
+    """On `py.warnings` (logging.captureWarnings): one line per warning (its source line dropped), and the libraries'
+    known noise (see NOISY_WARNINGS, _LIBRARY_NOTICES) lowered to DEBUG rather than dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage().strip()
+        first = text.splitlines()[0] if text else text
+        record.msg, record.args = first, None
+        found = _WARNING_LINE.match(first)
+        installed = bool(found) and any(part in found["file"] for part in ("site-packages", "dist-packages"))
+        noisy = (installed and found["category"] in _LIBRARY_NOTICES) or any(p.search(first) for p in NOISY_WARNINGS)
+        if noisy and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def configure_logging(level: int) -> None:
+    """The process's logging, set once (a second call only changes the levels): one stderr handler whose lines carry
+    the time, level and logger name; our loggers at `level`; the libraries' (vLLM, Feast, transformers, TorchRec) at
+    WARNING unless `level` is DEBUG; Python warnings routed through logging (`py.warnings`) with known noise lowered
+    to DEBUG."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level if level == logging.DEBUG else logging.WARNING)
+    for ours in OUR_LOGGERS:
+        logging.getLogger(ours).setLevel(level)
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.setLevel(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
+    if not any(isinstance(f, WarningsToLog) for f in warnings_log.filters):
+        warnings_log.addFilter(WarningsToLog())
 
 
 def debug_on() -> bool:
