@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from feature_store.materialize import materialize_in_progress
 from feature_store.online import FeatureClient
 from feature_store.repo import FeatureRepo, read_view_source
 
@@ -83,6 +84,9 @@ def probe_online_store(client: FeatureClient, keys: KnownKeys, max_clock_age: pd
     past on purpose."""
     problems: list[str] = []
     newest = None
+    if materialize_in_progress(client.repo):  # the rows are being replaced: lookups are refused until the swap ends
+        problems.append("a materialization is replacing the online store's rows (feature_store/materialize.py); requests get 503 until it ends")
+        return StoreHealth(ok=False, problems=problems, clock=client.clock.isoformat())
     try:
         if keys.user is not None:
             answer = client.get_ranking_features(keys.user, [], [])
