@@ -7,7 +7,7 @@ The simulator's world is split by time (the demo's global split); a semantic-id 
 tiny preset) is pretrained on the pretraining window; for a seeded sample of the test window's requests,
 `lum retrieve`'s job (rolling rows, the `request` condition: each request's own surface, device and part of the
 day) generates the top `--added` items from the user's behaviours strictly before the request. Popularity (the
-most clicked items before the test window) is the comparison retriever. pipelines/report/ab_retrieval.py then
+most clicked items before the test window) is the comparison retriever. pipelines/steps/retrieval_ab.py then
 judges each candidate set with the simulator's true relevance of every item: recall of the request's 10 most
 relevant released items (what the user would click) and the CTR@10 the best possible ranker makes of the set,
 with 95% intervals and lifts over the logged slates from a paired bootstrap over users. No setting is chosen here:

@@ -29,6 +29,19 @@ KNOWN_CYCLES: list[frozenset[str]] = [
     # (none left: pipelines.cli <-> pipelines.cli.run was removed by the config redesign)
 ]
 
+# The layers inside `pipelines`, top first (docs/design.md): a module imports only its own layer and those below.
+# cli/ is the `lum` command and serve.py the service it starts; run/ orchestrates a run folder (its config names
+# the report's settings, and it writes the report); report/ reads what the steps wrote; steps/ are the walk's
+# steps; data/ the event contract, sources and splits; paths.py the run folder's layout, beneath everything.
+PIPELINES_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipelines.cli",),
+    ("pipelines.serve", "pipelines.run"),
+    ("pipelines.report",),
+    ("pipelines.steps",),
+    ("pipelines.data",),
+    ("pipelines.paths", "pipelines"),
+)
+
 
 @dataclass
 class Module:
@@ -175,6 +188,71 @@ def test_the_wings_import_only_contracts_and_contracts_imports_no_wing():
             elif package == "contracts" and top != "contracts" and top not in sys.stdlib_module_names and top not in CONTRACTS_THIRD_PARTY:
                 problems.append(f"{where}: contracts may use the standard library, {', '.join(sorted(CONTRACTS_THIRD_PARTY))} only, not {top}")
     assert not problems, "layering broken (the wings meet only through contracts/ and data files):\n" + "\n".join(problems)
+
+
+def _layer(name: str) -> int | None:
+    """The index in PIPELINES_LAYERS of a pipelines module (0 = top), by its longest listed prefix; None if unlisted."""
+    best: tuple[int, int] | None = None  # (prefix length, layer)
+    for layer, prefixes in enumerate(PIPELINES_LAYERS):
+        for prefix in prefixes:
+            # `pipelines` itself (its __init__) by exact name only: a new top-level module must be given a layer
+            inside = "." in prefix and name.startswith(prefix + ".")
+            if (name == prefix or inside) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), layer)
+    return None if best is None else best[1]
+
+
+def _upward_imports(modules: dict[str, Module], edges: dict[str, dict[str, list[int]]]) -> list[str]:
+    """Each import inside `pipelines` that runs up PIPELINES_LAYERS, and each pipelines module no layer lists."""
+    problems = []
+    for source, targets in sorted(edges.items()):
+        if source.split(".")[0] != "pipelines":
+            continue
+        if _layer(source) is None:
+            problems.append(f"{modules[source].path.relative_to(ROOT)}: {source} is in no layer of PIPELINES_LAYERS")
+            continue
+        for target, lines in sorted(targets.items()):
+            if target.split(".")[0] == "pipelines" and _layer(target) is not None and _layer(target) < _layer(source):
+                where = f"{modules[source].path.relative_to(ROOT)}:{min(lines)}"
+                problems.append(f"{where}: {source} imports {target}, a layer above it")
+    return problems
+
+
+def test_pipelines_imports_run_down_its_layers():
+    modules, edges = _graph()
+    problems = _upward_imports(modules, edges)
+    assert not problems, "imports up the layers of pipelines/ (move the shared piece down):\n" + "\n".join(problems)
+
+
+def test_the_layer_check_finds_the_old_upward_imports(tmp_path, monkeypatch):
+    """The two upward imports this check was written against (the report importing the run config, a step
+    importing the report's retrieval A/B), rebuilt in a scratch tree, are both found; the downward ones are not."""
+    for name in PACKAGES:
+        (tmp_path / name).mkdir()
+    for folder in ("cli", "run", "report", "steps", "data"):
+        (tmp_path / "pipelines" / folder).mkdir()
+        (tmp_path / "pipelines" / folder / "__init__.py").write_text("")
+    files = {
+        "pipelines/run/config.py": "from pipelines.report.spec import ReportConfig\n",  # down: fine
+        "pipelines/report/spec.py": "from pipelines.data import contract\n",
+        "pipelines/report/for_run.py": "from pipelines.run.config import RunConfig\n",  # up
+        "pipelines/report/ab_retrieval.py": "",
+        "pipelines/steps/retrieval.py": "def f():\n    from pipelines.report.ab_retrieval import retrieval_ab\n",  # up
+        "pipelines/data/contract.py": "",
+        "pipelines/paths.py": "",
+    }
+    for path, text in files.items():
+        (tmp_path / path).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    modules, edges = _graph()
+    problems = _upward_imports(modules, edges)
+    assert problems == [
+        "pipelines/report/for_run.py:1: pipelines.report.for_run imports pipelines.run.config, a layer above it",
+        "pipelines/steps/retrieval.py:2: pipelines.steps.retrieval imports pipelines.report.ab_retrieval, a layer above it",
+    ]
+    (tmp_path / "pipelines" / "extra.py").write_text("")
+    modules, edges = _graph()
+    assert "pipelines/extra.py: pipelines.extra is in no layer of PIPELINES_LAYERS" in _upward_imports(modules, edges)
 
 
 def test_no_import_cycles():

@@ -455,8 +455,8 @@ def test_the_ab_position_decay_is_the_simulators_and_the_report_shows_it(tmp_pat
 
 def test_report_run_leaves_out_the_running_report_step_and_reads_the_run_folder(tmp_path):
     from pipelines.paths import RunPaths
-    from pipelines.report.for_run import report_run, run_inputs
     from pipelines.run.config import ProtocolConfig, RunConfig
+    from pipelines.run.report import report_run, run_inputs
 
     paths = RunPaths(tmp_path / "run")
     config = RunConfig(run_dir=str(paths.root), report=ReportConfig(n_bootstrap=5), targets={"gauc_lift_min": 0.01})

@@ -127,7 +127,7 @@ def test_request_truth_gives_the_relevance_of_any_item_and_judges_candidate_sets
     """The simulator's hidden state per request reproduces the stored relevance of every shown item exactly, and the
     retrieval A/B credits a retriever exactly for the would-click items it adds."""
     from pipelines.data.sources.simulator import simulate_with_truth
-    from pipelines.report.ab_retrieval import RetrievalABConfig, retrieval_ab
+    from pipelines.steps.retrieval_ab import RetrievalABConfig, retrieval_ab
 
     config = preset("tiny")
     events, items, truth = simulate_with_truth(config)

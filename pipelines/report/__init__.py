@@ -23,7 +23,10 @@ The package, one job per module:
     document.py     the report's content as blocks (what is said, in which order)
     render.py       blocks -> HTML and Markdown through templates/report.html.j2 and report.md.j2
     build.py        build_report: all of the above, written atomically
-    for_run.py      report_run: a run folder's facts -> build_report
+
+A run folder's facts reach build_report through pipelines/run/report.py (report_run); the retrieval A/B's table is
+computed by its step (pipelines/steps/retrieval_ab.py) and read here from the run folder. This package imports
+nothing from run/ or cli/, which sit above it (tests/test_layering.py: PIPELINES_LAYERS).
 """
 
 from __future__ import annotations

@@ -419,7 +419,7 @@ def _ab_blocks(p: dict[str, Any]) -> list[Block]:
 
 
 def _retrieval_blocks(split: str, retrieval: dict[str, Any]) -> list[Block]:
-    """The retrieval A/B of one split (pipelines/report/ab_retrieval.py)."""
+    """The retrieval A/B of one split (pipelines/steps/retrieval_ab.py)."""
     settings = retrieval["settings"]
     blocks = [
         Block("h2", f"Retrieval (simulated): {split} split"),

@@ -27,9 +27,9 @@ from contracts.embeddings import MODEL_MANIFEST_FILE, read_embedding_manifest
 from contracts.files import file_sha256
 from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
-from pipelines.report.for_run import report_run
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
 from pipelines.run.lock import run_lock
+from pipelines.run.report import report_run
 from pipelines.run.state import STATE_FILE, RunState, SettingsChangedError, StepChange, describe_changes
 from pipelines.run.subruns import before_test_window, seed_config, seed_dir, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE

@@ -3,7 +3,7 @@
 For a seeded sample of the test window's requests, the split's LM generates the top `added` items for each request's
 user from the behaviours strictly before the request, under the request's own context (`lum retrieve`'s job,
 rolling rows, the `request` condition); popularity (the most clicked items before the test window) is the
-comparison retriever. pipelines/report/ab_retrieval.py judges the sets with the simulator's true relevance of every
+comparison retriever. pipelines/steps/retrieval_ab.py judges the sets with the simulator's true relevance of every
 item at the request, which `simulate_with_truth` recomputes from the run's own simulator settings (the same seed
 gives the same events: checked on the sampled requests' slates before anything is measured).
 
@@ -27,7 +27,7 @@ from pipelines.paths import RunPaths
 
 def retrieval_ab_table(truth: Any, item_ids: list[str], before: pd.DataFrame, test: pd.DataFrame, model_dir: Path, events_path: Path,
                        requests: int, added: int, beam: int, engine: str, position_decay: float, progress: bool = True) -> dict[str, Any]:
-    """The retrieval A/B (pipelines.report.ab_retrieval.retrieval_ab) of `requests` sampled test requests:
+    """The retrieval A/B (pipelines.steps.retrieval_ab.retrieval_ab) of `requests` sampled test requests:
     {"table": its rows, "sample": the requests (one test row each), "sets": {set name: [R] item indices}}.
 
     before: the events before the test window (the popularity list); test: the test window with request_id."""
@@ -35,7 +35,7 @@ def retrieval_ab_table(truth: Any, item_ids: list[str], before: pd.DataFrame, te
     from lum.config import RetrieveJobConfig
     from lum.embed_job import AsOf
     from lum.retrieve_job import RetrievalJob
-    from pipelines.report.ab_retrieval import RetrievalABConfig, candidate_sets, retrieval_ab
+    from pipelines.steps.retrieval_ab import RetrievalABConfig, candidate_sets, retrieval_ab
 
     rng = np.random.default_rng(0)
     all_requests = test.request_id.unique()
@@ -125,7 +125,7 @@ def retrieval_ab_step(paths: RunPaths, split: str, model_dir: Path, requests: in
     config = SimulatorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     _, items, truth = simulate_with_truth(config)
     before = pd.concat([_window(paths, split, "pretrain"), _window(paths, split, "train")], ignore_index=True)
-    from pipelines.report.ab_retrieval import RetrievalABConfig, ranked_ctr
+    from pipelines.steps.retrieval_ab import RetrievalABConfig, ranked_ctr
 
     item_ids = items.column("item_id").to_pylist()
     made = retrieval_ab_table(truth, item_ids, before, _window(paths, split, "test"), model_dir, paths.events,

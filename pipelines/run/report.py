@@ -1,4 +1,7 @@
-"""The report of a run folder: reads what the run's steps wrote and hands it to `build_report`."""
+"""The report of a run folder: reads what the run's steps wrote and hands it to `build_report`.
+
+It lives in run/, not report/: it reads the run config (pipelines/run/config.py), and report/ sits below run/.
+"""
 
 from __future__ import annotations
 

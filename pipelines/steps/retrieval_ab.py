@@ -12,6 +12,9 @@ items the log never showed, which is not built: docs/retrieval.md). Compared set
 and `logged + NAME` for each retriever (its candidates merged into the slate, duplicates and items not yet released
 dropped). Means are over requests; intervals and lifts over `logged` come from a paired bootstrap over users (the
 draws of ranker.metrics.user_resamples, as the report's other intervals).
+
+The retrieval step (pipelines/steps/retrieval.py) computes these tables and writes them into the run folder, where
+the report reads them: this module sits with the steps, below report/.
 """
 
 from __future__ import annotations
