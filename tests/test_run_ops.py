@@ -27,6 +27,10 @@ from pipelines.steps.rankers import ranker_dir
 from tests.conftest import TINY_RUN
 
 
+# the shared run's settings with the retrieval A/B on (TINY_RUN turns it off): the A/B step reads the rankers
+WITH_AB = {**TINY_RUN, "retrieval": {"enabled": True}}
+
+
 def _finished_state(run_dir: Path, settings: dict) -> Path:
     """A run_state.json as a finished run of `settings` would have left it (every step done with the settings the
     run's own check walk computes); the folder holds nothing else. Returns the config file written beside it."""
@@ -46,9 +50,9 @@ def _no_step_may_start(line: str) -> None:
 
 def test_a_changed_setting_is_refused_before_any_step_runs_naming_every_changed_step(tmp_path):
     run = tmp_path / "run"
-    _finished_state(run, TINY_RUN)
+    _finished_state(run, WITH_AB)
     state_before = (run / STATE_FILE).read_text()
-    changed = copy.deepcopy(TINY_RUN)
+    changed = copy.deepcopy(WITH_AB)
     changed["rankers"]["lightgbm"]["num_leaves"] = 7
     config = load_run_config(None, {**changed, "run_dir": str(run)})
     with pytest.raises(SettingsChangedError) as error:
@@ -64,14 +68,14 @@ def test_a_changed_setting_is_refused_before_any_step_runs_naming_every_changed_
 
 def test_force_redoes_exactly_the_changed_steps_and_those_reading_them(tmp_path):
     run = tmp_path / "run"
-    _finished_state(run, TINY_RUN)
-    changed = copy.deepcopy(TINY_RUN)
+    _finished_state(run, WITH_AB)
+    changed = copy.deepcopy(WITH_AB)
     changed["rankers"]["lightgbm"]["num_leaves"] = 7
     changes = changed_steps(load_run_config(None, {**changed, "run_dir": str(run)}))
     assert [(c.step, c.only_upstream) for c in changes] == [
         ("global+rolling: lightgbm base", False), ("global+rolling: lightgbm lum", False), ("global+rolling: retrieval A/B", True)]
     # a speed-only setting is no change; an LM setting changes the LM and every step after it, not the data or split
-    changed = copy.deepcopy(TINY_RUN)
+    changed = copy.deepcopy(WITH_AB)
     changed["rankers"]["dlrm"]["threads"] = 2
     assert changed_steps(load_run_config(None, {**changed, "run_dir": str(run)})) == []
     changed["lm"]["pretrain"]["epochs"] = 3
@@ -365,3 +369,49 @@ def test_tracking_is_wired_from_the_run_config_and_absent_without_it(tmp_path):
         with pytest.raises(ValueError, match="tracking.mlflow: file:///nowhere asks for MLflow tracking, but mlflow is not installed"):
             execute(config, echo=_no_step_may_start)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_config_extends_another_sections_merge_and_lists_replace(tmp_path):
+    """`extends:` takes the base file's settings (its relative paths against its own folder) and changes what the
+    file sets: a section merges key by key, a list or a value replaces the base's; cycles and missing bases are
+    one-line errors naming the files."""
+    from pipelines.run.config import ConfigError
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "base.yaml").write_text(
+        "run_dir: runs/base\ndata: {source: files, path: log.parquet, conditions: [surface]}\n"
+        "rankers: {models: [dlrm, lightgbm], variants: [base, lum], lightgbm: {num_leaves: 15}}\n")
+    (tmp_path / "child.yaml").write_text("extends: base/base.yaml\nrun_dir: runs/child\nrankers: {variants: [din], lightgbm: {min_data_in_leaf: 7}}\n")
+    config = load_run_config(tmp_path / "child.yaml")
+    assert Path(config.run_dir).resolve() == (tmp_path / "runs" / "child").resolve()
+    assert Path(config.data.path).resolve() == (tmp_path / "base" / "log.parquet").resolve()  # the base's folder
+    assert list(config.rankers.models) == ["dlrm", "lightgbm"]  # from the base
+    assert list(config.rankers.variants) == ["din"]  # a list replaces
+    assert config.rankers.lightgbm.num_leaves == 15 and config.rankers.lightgbm.min_data_in_leaf == 7  # a section merges
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_run_config(tmp_path / "a.yaml")
+    (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="lost.yaml: 'extends: nowhere.yaml' names no file"):
+        load_run_config(tmp_path / "lost.yaml")
+
+
+def test_the_demo_is_written_once_and_lum_demo_options_override_it():
+    """configs/demo.yaml is the demo; the side-by-side and contexts configs extend it and change only what they name;
+    `lum demo`'s options are overrides of those files."""
+    from pipelines.cli.run import demo_config
+    from pipelines.run.config import config_dict
+
+    configs = REPO / "configs"
+    for name in ("demo-side-by-side.yaml", "demo-contexts.yaml"):
+        assert yaml.safe_load((configs / name).read_text())["extends"] == "demo.yaml"
+    demo = config_dict(load_run_config(configs / "demo.yaml"))
+    quick = config_dict(demo_config("runs/quick", preset="tiny", epochs=1, snapshot_engine="torch"))
+    assert quick["data"]["preset"] == "tiny" and quick["lm"]["pretrain"]["epochs"] == 1 and quick["run_dir"] == "runs/quick"
+    assert [p["engine"] for p in quick["protocols"]] == ["torch"]
+    for key in ("data", "lm", "protocols", "run_dir"):
+        quick.pop(key), demo.pop(key)
+    assert quick == demo  # nothing else differs from the file
+    side = config_dict(demo_config("runs/side", snapshot_engine="torch", rolling=True))
+    assert [(p["features"], p["engine"]) for p in side["protocols"]] == [("snapshot", "torch"), ("rolling", "torch")]

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
-from contracts.names import VARIANTS
+import click
+import yaml
+
 from pipelines.cli.common import _friendly_errors
 from pipelines.paths import RunPaths
 from pipelines.run.config import RunConfig, load_run_config
 
-# The simulator demo: the production view (a global split by time) with rolling LUM features.
-# LUM over the strongest baseline (DIN+LUM vs DIN), and that baseline at least as good as the mean-pooled history
-DEMO_TARGETS = {"din_gauc_lift_min": 0.0, "din_vs_pooled_gauc_no_loss": True}
-DEMO_VARIANTS = ("base", "pooled-history", "din", "din+lum")
-# Semantic item ids from the simulator's item content (its content vector and category), 64 codes a level: items with
-# similar content share codes, so the LM learns what follows what per code (docs/history.md).
-DEMO_ITEM_TOKENS = {"item_tokenization": "semantic", "vector_column": "content", "categorical_columns": ["category"],
-                    "semantic_codebook_size": 64, "semantic_levels": 2}
+# The simulator demo is written once, in configs/demo.yaml (and configs/demo-side-by-side.yaml, which extends it):
+# `lum demo` runs those files, with its options as overrides. They belong to a source checkout (`git clone`).
+DEMO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @click.command("run")
@@ -79,19 +76,19 @@ def demo(run_dir: str, preset: str, lm_preset: str, epochs: int, snapshot_engine
 
 def demo_config(run_dir: str = "runs/demo", preset: str = "default", lm_preset: str = "tiny", epochs: int = 5, snapshot_engine: str = "vllm",
                 rolling: bool = False) -> RunConfig:
-    """What `lum demo` runs (configs/demo.yaml writes the same down; a test keeps the two equal)."""
-    protocols = [{"split": "global", "features": "snapshot", "engine": snapshot_engine}]
-    if rolling:  # rolling rows each are their own vLLM request: the torch group-query engine is much faster on CPU (bench_rolling.py)
-        protocols.append({"split": "global", "features": "rolling", "engine": "torch"})
-    return load_run_config(None, {
-        "run_dir": run_dir, "data": {"source": "simulator", "preset": preset},
-        "protocols": protocols,
-        "lm": {"pretrain": {"preset": lm_preset, "epochs": epochs}, "tokenizer": DEMO_ITEM_TOKENS},
-        # side by side (--rolling) also trains lum and lum+pooled, as configs/demo-side-by-side.yaml
-        "rankers": {"variants": list(VARIANTS if rolling else DEMO_VARIANTS), "features": {"request_features": True, "dlrm_ids": False},
-                    "dlrm": {"patience": 0, "attention_softmax": True}},
-        "targets": DEMO_TARGETS,
-    })
+    """What `lum demo` runs: configs/demo.yaml (configs/demo-side-by-side.yaml with `rolling`), with the options as
+    overrides (the defaults change nothing but the run folder, which is relative to the working directory)."""
+    path = DEMO_CONFIGS / ("demo-side-by-side.yaml" if rolling else "demo.yaml")
+    if not path.is_file():
+        raise click.ClickException(f"`lum demo` runs {path.name} of the repository's configs/ folder, not found at {DEMO_CONFIGS}: "
+                                   "run it from a source checkout (git clone), or `lum run --config` a config of your own")
+    with path.open() as handle:
+        protocols = yaml.safe_load(handle).get("protocols")
+    overrides: dict = {"run_dir": run_dir, "data.preset": preset, "lm.pretrain.preset": lm_preset, "lm.pretrain.epochs": epochs}
+    if snapshot_engine != "vllm":
+        base = protocols or yaml.safe_load((DEMO_CONFIGS / "demo.yaml").read_text())["protocols"]
+        overrides["protocols"] = [{**p, "engine": snapshot_engine} if p.get("features") == "snapshot" else p for p in base]
+    return load_run_config(path, overrides)
 
 
 @click.command("report")

@@ -318,21 +318,52 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             node[name] = resolve_path(node[name], base)
 
 
-def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The run config of a YAML file (None: every default), with dotted-key overrides (`run_dir`, `lm.pretrain.epochs`).
+EXTENDS_KEY = "extends"
+MAX_EXTENDS = 8  # a chain of bases deeper than this is a mistake (or a cycle the check below did not name)
 
-    Relative paths in the file (PATH_KEYS: `run_dir`, `data.path`, `data.items`) are relative to the file's folder,
-    wherever `lum run` is started; those of `overrides` (the command line's `--run`, `--set`) to the working directory.
-    """
+
+def _merged(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: mappings merge key by key, anything else (a list, a value) replaces the base's."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping, its relative paths resolved against its folder, merged over the file it
+    `extends` (relative to its folder; that one's paths against its own folder), recursively."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) if path else {}
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read run config {path}: {exc}") from exc
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a mapping (see `lum run --help`)")
-    if path:
-        _resolve_paths(data, Path(path).parent)
+    _resolve_paths(data, path.parent)
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must name another run config file, e.g. extends: demo.yaml")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve() or len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}: {base}' makes a cycle (or a chain over {MAX_EXTENDS} files): "
+                          + " -> ".join(str(p) for p in (*chain, path.resolve(), base_path)))
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}: {base}' names no file ({base_path})")
+    return _merged(_read_config_file(base_path, (*chain, path.resolve())), data)
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of a YAML file (None: every default), with dotted-key overrides (`run_dir`, `lm.pretrain.epochs`).
+
+    Relative paths in the file (PATH_KEYS: `run_dir`, `data.path`, `data.items`) are relative to the file's folder,
+    wherever `lum run` is started; those of `overrides` (the command line's `--run`, `--set`) to the working directory.
+    A file may start from another one: `extends: demo.yaml` (relative to its folder) takes that file's settings and
+    changes what this one sets (sections merge key by key; a list or a value replaces the base's).
+    """
+    data = _read_config_file(Path(path)) if path else {}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
