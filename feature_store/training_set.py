@@ -353,3 +353,24 @@ def training_set_metadata(table: pa.Table) -> dict[str, Any]:
     if METADATA_KEY not in meta:
         raise FeatureStoreError("this table is not a LUM training set (no lum.training_set metadata)")
     return json.loads(meta[METADATA_KEY])
+
+
+def lum_vector_as_of(repo: FeatureRepo, rows: pd.DataFrame) -> pd.Series | None:
+    """[N] the as-of time of the LUM user vector each row (user_id, ts) joins: the newest of the selected version at
+    or before the row's time and within the view's TTL (`lum_ttl_days`), as the point-in-time join picks it (NaT where
+    none); None when the repo has no LUM version selected. Request time minus this is the feature's freshness lag."""
+    settings = repo.settings()
+    if not settings.get("model_version"):
+        return None
+    source = read_view_source(repo.store(), "lum_user_interest", ["user_id", "event_timestamp"])
+    stamps = source.to_pandas().drop_duplicates().rename(columns={"event_timestamp": "lum_as_of"})
+    stamps["user_id"] = stamps["user_id"].astype(str)
+    stamps["lum_as_of"] = pd.to_datetime(stamps["lum_as_of"], utc=True).astype("datetime64[ns, UTC]")
+    left = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "order": np.arange(len(rows)),
+                         "ts": pd.DatetimeIndex(pd.to_datetime(rows["ts"], utc=True)).astype("datetime64[ns, UTC]")})
+    joined = pd.merge_asof(left.sort_values("ts"), stamps.sort_values("lum_as_of"), left_on="ts", right_on="lum_as_of", by="user_id",
+                           direction="backward", allow_exact_matches=True)
+    ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
+    if ttl > pd.Timedelta(0):
+        joined.loc[joined["ts"] - joined["lum_as_of"] > ttl, "lum_as_of"] = pd.NaT
+    return joined.sort_values("order")["lum_as_of"].reset_index(drop=True)

@@ -82,6 +82,12 @@ class BehaviourTokenizer:
     def condition_tokens(self) -> list[str]:
         return [t for t in self.vocab if t.startswith("C:")]
 
+    def condition_names(self, column: str | None = None) -> list[str]:
+        """The query condition names the model knows, as `lum embed --conditions` takes them (`surface=home`,
+        `surface=home|device=mobile`); with `column`, only the single-column conditions of that column."""
+        names = [t[len("C:"):] for t in self.condition_tokens]
+        return names if column is None else [n for n in names if n.startswith(f"{column}=") and "|" not in n]
+
     def condition_token_ids(self) -> np.ndarray:
         """Ids of all condition tokens, [UNK_CONDITION] included."""
         return np.array([UNK_CONDITION] + [i for i, t in enumerate(self.vocab) if t.startswith("C:")], dtype=np.int64)

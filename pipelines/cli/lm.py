@@ -8,8 +8,6 @@ once and `lum pretrain` builds exactly the objects `lum run` builds from a run c
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any
 
 import click
@@ -24,14 +22,6 @@ PROTOCOL_OPTION = click.option("--protocol", type=click.Choice(["global", "per-u
 # `--seed` is the pretraining seed; the tokenizer's own seed (semantic codebooks) has its own option
 TOKENIZER_NAMES = {"seed": "tokenizer-seed", "condition_columns": "condition", "text_columns": "text-column",
                    "categorical_columns": "categorical-column", "numeric_columns": "numeric-column"}
-
-
-def leave_without_vllm_teardown() -> None:
-    """End a finished vLLM job's process at once: vLLM's worker processes occasionally crash at interpreter exit after
-    all results are written (about 1 run in 20, exit 134); the job is finished and recorded, so leave without teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def pretrain_configs(options: dict[str, Any]) -> tuple[PretrainConfig, TokenizerConfig]:
@@ -98,7 +88,7 @@ def evaluate_command(protocol: str, preset: str, run_dir: str, **options: Any) -
 def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | None, out_dir: str, settings_json: str | None,
                   ray_actors: int | None, ray_address: str | None, **options: Any) -> None:
     """Embed users per query condition with the behaviour LM (LUM's knowledge querying)."""
-    from lum.embed_job import AsOf, EmbeddingJob
+    from lum.embed_process import leave_without_vllm_teardown, run_job
 
     if settings_json is not None:
         try:
@@ -107,14 +97,10 @@ def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | 
             raise click.UsageError(f"--settings-json is not an EmbedJobConfig: {exc}") from exc
     else:
         config = build_config(EmbedJobConfig, options)
-    job = EmbeddingJob(model_dir, events_path, AsOf.parse(as_of, for_rows), out_dir, config)
-    try:
-        manifest = job.run(ray_actors=ray_actors, ray_address=ray_address)
-    finally:
-        job.close()
+    manifest, conditions = run_job(model_dir, events_path, as_of, out_dir, config, for_rows, ray_actors=ray_actors, ray_address=ray_address)
     totals = manifest["totals"]
     click.echo(
-        f"wrote {totals['rows']:,} user embeddings ({totals['users']:,} users, {len(job.conditions)} conditions) to {out_dir}; "
+        f"wrote {totals['rows']:,} user embeddings ({totals['users']:,} users, {len(conditions)} conditions) to {out_dir}; "
         f"{totals['queries_without_history']:,} (user, as-of) pairs had no history and were skipped"
     )
     if config.engine == "vllm":
@@ -134,6 +120,7 @@ def embed_command(model_dir: str, events_path: str, as_of: str, for_rows: str | 
 def retrieve_command(model_dir: str, events_path: str, as_of: str, catalogue: str | None, out_dir: str, **options: Any) -> None:
     """Generate top-N candidate items per (user, condition) with the behaviour LM (constrained beam search)."""
     from lum.embed_job import AsOf
+    from lum.embed_process import leave_without_vllm_teardown
     from lum.retrieve_job import RetrievalJob
 
     config = build_config(RetrieveJobConfig, options)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from contracts.embeddings import MANIFEST_FILE as EMBEDDING_MANIFEST
 from contracts.embeddings import MODEL_MANIFEST_FILE, read_embedding_manifest
 from contracts.files import file_sha256
+from lum.embed_process import embed_in_subprocess
 from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
 from pipelines.run.config import ProtocolConfig, RunConfig, config_dict, parse_run_config
@@ -34,7 +35,7 @@ from pipelines.run.state import STATE_FILE, RunState, SettingsChangedError, Step
 from pipelines.run.subruns import before_test_window, seed_config, seed_dir, share_data, validation_config, validation_fractions
 from pipelines.steps import UP_TO_DATE
 from pipelines.steps import data as data_steps
-from pipelines.steps.embed import embed_in_subprocess, embedding_rows, query_conditions, snapshot_times
+from pipelines.steps.embed import embedding_rows, query_conditions, snapshot_times
 from pipelines.steps.features import ingest_embeddings, materialize_online
 from pipelines.steps.lm import evaluate_step as evaluate_lm
 from pipelines.steps.lm import pretrain_step

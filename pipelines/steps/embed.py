@@ -1,10 +1,9 @@
-"""Run-folder step of the embeddings: which query conditions and as-of times, and the `lum embed` job as its own process."""
+"""Run-folder step of the embeddings: which query conditions, as-of times and rows (the job itself runs in a process of its
+own: lum.embed_process.embed_in_subprocess)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,26 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contracts.embeddings import MODEL_MANIFEST_FILE
-from contracts.processes import die_with_parent
-from lum.config import EmbedJobConfig
 from pipelines.data.contract import read_contract, read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 
-def embed_in_subprocess(model_dir: Path, events: Path, as_of: str, out_dir: Path, job: EmbedJobConfig, conditions: str,
-                        for_rows: Path | None = None) -> None:
-    """`lum embed` as its own process (vLLM's engine processes then never outlive or disturb the caller), with the
-    run's job settings handed over as validated JSON."""
-    from dataclasses import asdict, replace
-
-    settings = json.dumps(asdict(replace(job, conditions=conditions)))
-    command = [sys.executable, "-m", "pipelines.cli", "embed", "--model", str(model_dir), "--events", str(events),
-               "--as-of", as_of, "--out", str(out_dir), "--settings-json", settings]
-    if for_rows is not None:
-        command += ["--for-rows", str(for_rows)]
-    done = subprocess.run(command, preexec_fn=die_with_parent)  # a killed `lum run` takes its embedding job with it
-    if done.returncode != 0:
-        raise RuntimeError(f"the embedding step failed (exit {done.returncode}): {' '.join(command[:12])} ...")
 def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool, events: Path) -> str:
     """The configured query conditions, or by default: in rolling mode `request` (each row's own context, the
     condition LUM's ranker features are about), plus one per value of the model's first condition column."""
@@ -45,7 +28,7 @@ def query_conditions(model_dir: Path, configured: tuple[str, ...], rolling: bool
     manifest = json.loads((model_dir / MODEL_MANIFEST_FILE).read_text())
     first = manifest["condition_columns"][0]
     tokenizer = BehaviourTokenizer.load(model_dir, expected_fingerprint=manifest["tokenizer_fingerprint"])
-    names = [t[2:] for t in tokenizer.condition_tokens if t[2:].startswith(f"{first}=") and "|" not in t[2:]]
+    names = tokenizer.condition_names(column=first)
     if not names:
         raise ValueError(f"{model_dir}: no condition token of the form {first}=VALUE; set embed.conditions in the run config")
     return ",".join((["request"] if rolling and request_time_conditions(model_dir, events) else []) + sorted(names))

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from contracts.names import TRAINING_SET_METADATA_KEY
 from feature_store.repo import FeatureRepo
+from feature_store.training_set import lum_vector_as_of
 from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
 from pipelines.paths import RunPaths
 from pipelines.steps.features import build_window_training_set
@@ -144,31 +145,6 @@ def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, prog
     return result
 
 
-def lum_as_of(paths: RunPaths, protocol: str, rows: pd.DataFrame) -> pd.Series | None:
-    """[N] the as-of time of the LUM user vector each row (user_id, ts) joins: the newest of the selected version
-    at or before the row's time and within the TTL, as the point-in-time join picks it (NaT where none); None when
-    the protocol's repo has no LUM version. Request time minus this is the feature's freshness lag."""
-    repo = FeatureRepo(paths.feature_repo_of(protocol))
-    settings = repo.settings()
-    version = settings.get("model_version")
-    if not version:
-        return None
-    import pyarrow.dataset as ds
-
-    source = ds.dataset(repo.data / "lum_user" / version, format="parquet").to_table(columns=["user_id", "event_timestamp"])
-    stamps = source.to_pandas().drop_duplicates().rename(columns={"event_timestamp": "lum_as_of"})
-    stamps["user_id"] = stamps["user_id"].astype(str)
-    stamps["lum_as_of"] = pd.to_datetime(stamps["lum_as_of"], utc=True).astype("datetime64[ns, UTC]")
-    left = pd.DataFrame({"user_id": rows["user_id"].astype(str).to_numpy(), "order": np.arange(len(rows)),
-                         "ts": pd.DatetimeIndex(pd.to_datetime(rows["ts"], utc=True)).astype("datetime64[ns, UTC]")})
-    joined = pd.merge_asof(left.sort_values("ts"), stamps.sort_values("lum_as_of"), left_on="ts", right_on="lum_as_of", by="user_id",
-                           direction="backward", allow_exact_matches=True)
-    ttl = pd.Timedelta(days=float(settings.get("lum_ttl_days") or 0))
-    if ttl > pd.Timedelta(0):
-        joined.loc[joined["ts"] - joined["lum_as_of"] > ttl, "lum_as_of"] = pd.NaT
-    return joined.sort_values("order")["lum_as_of"].reset_index(drop=True)
-
-
 def score_test_window(paths: RunPaths, protocol: str, progress: bool = True, rankers: list[tuple[str, str]] | None = None) -> Path:
     """The test window with every trained ranker's score (or only those of `rankers`, (model, variant) pairs: a run
     scores what its config trains, never a ranker left in the folder by an earlier config) and the slice columns the
@@ -189,7 +165,7 @@ def score_test_window(paths: RunPaths, protocol: str, progress: bool = True, ran
     if extras:  # the split window and the training set share row order (one row per impression)
         for column in extras:
             frame[column] = window.column(column).to_numpy()
-    as_of = lum_as_of(paths, protocol, frame)
+    as_of = lum_vector_as_of(FeatureRepo(paths.feature_repo_of(protocol)), frame)
     if as_of is not None:
         frame["lum_as_of"] = as_of
     for folder in sorted((paths.root / "rankers").glob(f"{protocol}-*")):
