@@ -49,6 +49,13 @@ def test_vocabulary(tokenizer):
     assert [tokenizer.vocab[i] for i in tokenizer.item_side_ids()] == ["CAT:x", "CAT:y", "I:a", "I:b"]
 
 
+def test_condition_names_are_what_lum_embed_takes(tokenizer):
+    assert tokenizer.condition_names() == ["surface=home|device=desktop", "surface=home|device=mobile", "surface=search|device=mobile",
+                                           "surface=home", "surface=search"]
+    assert tokenizer.condition_names(column="surface") == ["surface=home", "surface=search"]  # single-column ones only
+    assert tokenizer.condition_names(column="device") == []
+
+
 def test_condition_back_off(tokenizer):
     queries = pd.DataFrame({"surface": ["home", "home", "search", "cart", None], "device": ["mobile", "tablet", "tablet", "mobile", "mobile"]})
     tokens = [tokenizer.vocab[i] for i in tokenizer.condition_ids(queries)]
