@@ -356,6 +356,32 @@ def _relative_to_one_request(values: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class _DenseBlock:
+    """Some of a ranker's dense columns (FeaturePipeline._dense_blocks): values [N, W] ([N] for one column), each
+    column's name as parts, and the kind of value ("counter", "flag", "request" or "" for none).
+
+    The two models name a column from the same parts: LightGBM joins them with "__" (`lum_user__home__0`), DLRM
+    with ":" after the kind (`lum_user:home:0`, `counter:item_ctr`, `flag:missing_lum`); DLRM standardises every
+    kind but "flag".
+    """
+
+    values: np.ndarray
+    names: list[tuple[str, ...]]
+    kind: str = ""
+
+    def columns(self) -> np.ndarray:
+        """[N, W] float32."""
+        values = self.values.astype(np.float32, copy=False)
+        return values[:, None] if values.ndim == 1 else values
+
+    def lightgbm_names(self) -> list[str]:
+        return ["__".join(parts) for parts in self.names]
+
+    def dlrm_names(self) -> list[str]:
+        return [":".join((self.kind, *parts) if self.kind else parts) for parts in self.names]
+
+
+@dataclass(frozen=True)
 class SparseFeature:
     key: str  # KeyedJaggedTensor key (the column name, unless `column` says otherwise)
     table: str | None  # vocabulary and embedding table it reads (None: the age buckets, ids without a vocabulary)
@@ -599,38 +625,8 @@ class FeaturePipeline:
 
     def lightgbm_inputs(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
         """([N, F] float32 with NaN for missing, feature names); the categorical ones are `lightgbm_categorical`."""
-        schema = self.schema
-        categorical = self.lightgbm_categorical
-        blocks = [np.stack([self.vocabularies[c].ids(table.column(c)) for c in categorical], axis=1).astype(np.float32)]
-        names = list(categorical)
-        blocks.append(
-            np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1) if schema.counter_columns else np.zeros((table.num_rows, 0))
-        )
-        names += list(schema.counter_columns)
-        blocks.append(self._flags(table))
-        names += list(FLAG_COLUMNS)
-        if self.use_history:
-            blocks.append(self._history_numbers(table))
-            names += ["hist_len", "hist_share_in_category", "hist_has_item"]
-        if self.use_attention:
-            block, block_names = self._target_aware_history(table)
-            blocks.append(block)
-            names += block_names
-        if self.use_lum:
-            lum = lum_features(table, schema)
-            n, k, d = lum.users.shape
-            if self.config.lum_inputs == "vectors":
-                blocks += [lum.users.reshape(n, k * d), lum.item]
-                names += [f"lum_user__{s}__{j}" for s in schema.lum_conditions for j in range(d)]
-                names += [f"lum_item__{j}" for j in range(d)]
-            blocks += [lum.sims, lum.cosines, lum.sim_request[:, None], lum.cos_request[:, None], lum.missing[:, None]]
-            names += [f"lum_sim__{s}" for s in schema.lum_conditions] + [f"lum_cos__{s}" for s in schema.lum_conditions]
-            names += ["lum_sim_request", "lum_cos_request", "missing_lum"]
-        if self.config.request_features:
-            block, block_names = self._request_relative(table, lum if self.use_lum else None)
-            blocks.append(block)
-            names += block_names
-        return np.concatenate([b.astype(np.float32, copy=False) for b in blocks], axis=1), names
+        blocks = self._dense_blocks(table, "lightgbm")
+        return np.concatenate([block.columns() for block in blocks], axis=1), [name for block in blocks for name in block.lightgbm_names()]
 
     # ---- pieces
 
@@ -745,39 +741,58 @@ class FeaturePipeline:
 
     def _raw_dense(self, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray]:
         """([N, F_dense] float32 before standardisation, names, which columns get standardised)."""
+        blocks = self._dense_blocks(table, "dlrm")
+        names = [name for block in blocks for name in block.dlrm_names()]
+        scaled = [block.kind != "flag" for block in blocks for _ in block.names]  # a 0/1 flag stays as it is
+        return np.concatenate([block.columns() for block in blocks], axis=1), names, np.asarray(scaled)
+
+    def _dense_blocks(self, table: pa.Table, model: str) -> list[_DenseBlock]:
+        """The dense inputs of `model` ("dlrm" | "lightgbm") in their order: the one definition of both layouts.
+
+        Sections: [LightGBM: categorical codes], counters, counter flags, history, [LightGBM din: target-aware
+        history], LUM, request features. Where the models differ it is said here: LightGBM takes raw values with
+        NaN for missing (it routes missing values itself), the MLP a signed log of the counters and explicit flags.
+        """
         schema = self.schema
-        blocks: list[np.ndarray] = []
-        names: list[str] = []
-        scaled: list[bool] = []
-
-        def add(block: np.ndarray, block_names: list[str], scale: bool) -> None:
-            blocks.append(block.astype(np.float32, copy=False).reshape(table.num_rows, -1))
-            names.extend(block_names)
-            scaled.extend([scale] * len(block_names))
-
+        lightgbm = model == "lightgbm"
+        blocks: list[_DenseBlock] = []
+        if lightgbm:  # DLRM embeds these (its sparse features)
+            categorical = self.lightgbm_categorical
+            codes = np.stack([self.vocabularies[c].ids(table.column(c)) for c in categorical], axis=1).astype(np.float32)
+            blocks.append(_DenseBlock(codes, [(c,) for c in categorical]))
         if schema.counter_columns:
             counters = np.stack([_numbers(table.column(c)) for c in schema.counter_columns], axis=1)
-            add(np.sign(counters) * np.log1p(np.abs(counters)), [f"counter:{c}" for c in schema.counter_columns], True)
-        add(self._flags(table), [f"flag:{c}" for c in FLAG_COLUMNS], False)
+            values = counters if lightgbm else np.sign(counters) * np.log1p(np.abs(counters))
+            blocks.append(_DenseBlock(values, [(c,) for c in schema.counter_columns], "counter"))
+        blocks.append(_DenseBlock(self._flags(table), [(c,) for c in FLAG_COLUMNS], "flag"))
         if self.use_history:
-            lengths = np.minimum(np.diff(_lists(table.column(HISTORY_ITEMS))[1]), self.config.history_len)
-            add(np.log1p(lengths.astype(np.float64)), ["hist_len"], True)
+            if lightgbm:
+                blocks.append(_DenseBlock(self._history_numbers(table), [("hist_len",), ("hist_share_in_category",), ("hist_has_item",)]))
+            else:  # the MLP pools the history's items itself (sparse features): only the length here
+                lengths = np.minimum(np.diff(_lists(table.column(HISTORY_ITEMS))[1]), self.config.history_len)
+                blocks.append(_DenseBlock(np.log1p(lengths.astype(np.float64)), [("hist_len",)]))
+        if lightgbm and self.use_attention:  # DLRM attends over the behaviours (ranker/din.py)
+            block, block_names = self._target_aware_history(table)
+            blocks.append(_DenseBlock(block, [(n,) for n in block_names]))
+        lum = None
         if self.use_lum:
             lum = lum_features(table, schema)
             n, k, d = lum.users.shape
+            slugs = schema.lum_conditions
             if self.config.lum_inputs == "vectors":
-                add(lum.users.reshape(n, k * d), [f"lum_user:{s}:{j}" for s in schema.lum_conditions for j in range(d)], True)
-                add(lum.item, [f"lum_item:{j}" for j in range(d)], True)
-            add(lum.sims, [f"lum_sim:{s}" for s in schema.lum_conditions], True)
-            add(lum.cosines, [f"lum_cos:{s}" for s in schema.lum_conditions], True)
-            add(lum.sim_request, ["lum_sim_request"], True)
-            add(lum.cos_request, ["lum_cos_request"], True)
-            add(lum.request_missing, ["flag:lum_sim_request_missing"], False)
-            add(lum.missing, ["flag:missing_lum"], False)
+                blocks.append(_DenseBlock(lum.users.reshape(n, k * d), [("lum_user", s, str(j)) for s in slugs for j in range(d)]))
+                blocks.append(_DenseBlock(lum.item, [("lum_item", str(j)) for j in range(d)]))
+            blocks.append(_DenseBlock(lum.sims, [("lum_sim", s) for s in slugs]))
+            blocks.append(_DenseBlock(lum.cosines, [("lum_cos", s) for s in slugs]))
+            blocks.append(_DenseBlock(lum.sim_request, [("lum_sim_request",)]))
+            blocks.append(_DenseBlock(lum.cos_request, [("lum_cos_request",)]))
+            if not lightgbm:  # LightGBM reads the request similarity's NaN itself
+                blocks.append(_DenseBlock(lum.request_missing, [("lum_sim_request_missing",)], "flag"))
+            blocks.append(_DenseBlock(lum.missing, [("missing_lum",)], "flag"))
         if self.config.request_features:
-            block, block_names = self._request_relative(table, lum if self.use_lum else None)
-            add(block, [f"request:{n}" for n in block_names], True)
-        return np.concatenate(blocks, axis=1), names, np.asarray(scaled)
+            block, block_names = self._request_relative(table, lum)
+            blocks.append(_DenseBlock(block, [(n,) for n in block_names], "request"))
+        return blocks
 
     def _request_relative(self, table: pa.Table, lum: LumFeatures | None) -> tuple[np.ndarray, list[str]]:
         """([N, 3F], names): the item counters (counts as log1p) and, with LUM, the K + 1 similarities and cosines,

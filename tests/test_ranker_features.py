@@ -421,3 +421,23 @@ def test_scoring_table_that_does_not_match_the_schema(table, schema):
     with pytest.raises(RankerInputError, match="lum_item holds vectors of length 4"):
         check_table(replace_column(table.replace_schema_metadata({}), "lum_item", pa.array(short, pa.list_(pa.float32()))), schema, "lum")
     check_table(table.drop_columns(["lum_item"]), schema, "base")  # base does not need it
+
+
+def test_lightgbm_and_dlrm_share_one_dense_layout(table, schema):
+    """Both models' dense columns come from one definition (FeaturePipeline._dense_blocks): every DLRM column but the
+    request-similarity flag has a LightGBM twin named from the same parts ('lum_user:s:0' ~ 'lum_user__s__0',
+    'counter:c' ~ 'c'), in the same order; the twins hold the same values where neither model transforms them."""
+    pipeline = FeaturePipeline.fit(table, schema, "lum+pooled", FeatureConfig(lum_inputs="vectors", request_features=True))
+    x, lightgbm_names = pipeline.lightgbm_inputs(table)
+    raw, dlrm_names, scaled = pipeline._raw_dense(table)
+    kinds = ("counter", "flag", "request")
+    twins = {name: "__".join(name.split(":", 1)[1].split(":") if name.split(":")[0] in kinds else name.split(":")) for name in dlrm_names}
+    first = list(schema.lum_conditions)[0]
+    assert twins["request:lum_sim_request__request_rank"] == "lum_sim_request__request_rank"
+    assert twins[f"lum_user:{first}:0"] == f"lum_user__{first}__0" and twins["flag:missing_lum"] == "missing_lum"
+    shared = [n for n in dlrm_names if n != "flag:lum_sim_request_missing"]
+    assert [lightgbm_names.index(twins[n]) for n in shared] == sorted(lightgbm_names.index(twins[n]) for n in shared)
+    for name in shared:
+        if not name.startswith(("counter:", "hist_len")):  # the MLP's signed log of the counters and the history length
+            np.testing.assert_array_equal(raw[:, dlrm_names.index(name)], x[:, lightgbm_names.index(twins[name])], err_msg=name)
+    assert [n for n, s in zip(dlrm_names, scaled) if not s] == [n for n in dlrm_names if n.startswith("flag:")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from ranker.metrics import (
     calibration,
     compare_variants,
     gauc,
+    interval95,
     logloss,
     metrics_by,
     normalized_entropy,
@@ -133,3 +136,16 @@ def test_paired_bootstrap_same_scores_and_determinism(clicks):
     assert a == b
     custom = paired_bootstrap(clicks, "noisy", "good", lambda y, s, w: float(np.average(s, weights=w)), n=20, seed=0)
     assert custom.delta == pytest.approx(clicks.good.mean() - clicks.noisy.mean())
+
+
+def test_interval95_is_numpys_2_5_and_97_5_percentiles_and_the_only_one():
+    """One definition of the 95% interval: its values by hand, and no other module computes the percentiles itself."""
+    assert interval95(np.arange(41.0)) == (1.0, 39.0)  # linear interpolation: 40 * 0.025 = 1, 40 * 0.975 = 39
+    low, high = interval95(np.array([0.0, 1.0]))
+    assert (low, high) == (0.025, 0.975) and all(type(v) is float for v in (low, high))
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"(percentile|quantile)\([^)]*\b(2\.5|97\.5|0\.025|0\.975)\b")
+    elsewhere = [f"{path.relative_to(root)}:{n}" for folder in ("contracts", "lum", "feature_store", "ranker", "pipelines", "benchmarks")
+                 for path in sorted((root / folder).rglob("*.py")) if path != root / "ranker" / "metrics.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not elsewhere, f"a 95% interval computed outside ranker.metrics.interval95: {elsewhere}"

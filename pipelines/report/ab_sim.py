@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipelines.data.sources.simulator import SimulatorConfig
 from pipelines.data.sources.simulator import examination as simulator_examination
-from ranker.metrics import user_resamples
+from ranker.metrics import interval95, user_resamples
 
 LOGGED = "logged"
 ORACLE = "oracle"
@@ -132,7 +132,7 @@ class ABSimulation:
             values = values[np.isfinite(values)]
             lift = ctr_a / ctr_b - 1.0 if ctr_b > 0 else float("nan")
             if len(values):
-                mean, low, high = float(values.mean()), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+                mean, (low, high) = float(values.mean()), interval95(values)
             else:
                 mean = low = high = float("nan")
             out.append(CTRLift(self.policies[pa], self.policies[pb], k, ctr_a, ctr_b, float(lift), mean, low, high, len(values)))

@@ -33,7 +33,7 @@ from pipelines.report.spec import (
     find_column,
     score_columns,
 )
-from ranker.metrics import UserBootstrap, auc, ranking_metrics, rela_impr
+from ranker.metrics import UserBootstrap, auc, interval95, ranking_metrics, rela_impr
 
 Points = dict[str, dict[str, float]]  # {column: {metric: value on the data}}
 Samples = dict[str, dict[str, np.ndarray]]  # {column: {metric: [n] values on the user resamples}}
@@ -45,7 +45,8 @@ def interval(samples: np.ndarray) -> dict[str, float]:
     values = values[np.isfinite(values)]
     if not len(values):
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    return {"mean": float(values.mean()), "low": float(np.percentile(values, 2.5)), "high": float(np.percentile(values, 97.5)), "n": int(len(values))}
+    low, high = interval95(values)
+    return {"mean": float(values.mean()), "low": low, "high": high, "n": int(len(values))}
 
 
 def verdict(delta: float, low: float, high: float, metric: str, subject: str = "LUM features", relative: bool = False) -> tuple[str, str]:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipelines.data.sources.simulator import RequestTruth, SimulatorConfig
 from pipelines.data.sources.simulator import examination as simulator_examination
-from ranker.metrics import user_resamples
+from ranker.metrics import interval95, user_resamples
 
 LOGGED = "logged"
 
@@ -134,10 +134,10 @@ class _UserBootstrap:
         mine = np.bincount(self.codes, weights=values, minlength=self.n_users)
         theirs = np.bincount(self.codes, weights=base, minlength=self.n_users)
         means = (self.draws * mine).sum(1) / (self.draws * self.n_requests).sum(1)
-        out = {metric: float(mine.sum() / self.n_requests.sum()),
-               f"{metric}_low": float(np.percentile(means, 2.5)), f"{metric}_high": float(np.percentile(means, 97.5))}
+        low, high = interval95(means)
+        out = {metric: float(mine.sum() / self.n_requests.sum()), f"{metric}_low": low, f"{metric}_high": high}
         if with_lift:
             lifts = (self.draws * mine).sum(1) / (self.draws * theirs).sum(1) - 1.0
-            out |= {f"{metric}_lift": float(mine.sum() / theirs.sum() - 1.0),
-                    f"{metric}_lift_low": float(np.percentile(lifts, 2.5)), f"{metric}_lift_high": float(np.percentile(lifts, 97.5))}
+            lift_low, lift_high = interval95(lifts)
+            out |= {f"{metric}_lift": float(mine.sum() / theirs.sum() - 1.0), f"{metric}_lift_low": lift_low, f"{metric}_lift_high": lift_high}
         return out
