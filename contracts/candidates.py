@@ -13,7 +13,6 @@ manifest is read as plain JSON and checked field by field, shard file names incl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from contracts.embeddings import (
     _field,
     _optional,
     check_model_version,
+    read_job_manifest,
     shard_paths_of,
     shard_records,
 )
@@ -107,14 +107,8 @@ class CandidateManifest:
 
 
 def read_candidate_manifest(folder: str | Path) -> CandidateManifest:
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
-        raise CandidateFolderError(f"{folder} is not the output of `lum retrieve` (no {MANIFEST_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CandidateFolderError(f"{path}: not valid JSON ({exc})") from exc
-    return CandidateManifest.from_json(data, path)
+    """The checked manifest of a candidates folder (complete or not)."""
+    return read_job_manifest(folder, CandidateManifest.from_json, CandidateFolderError, "lum retrieve")
 
 
 def write_candidate_manifest(manifest: CandidateManifest, folder: str | Path) -> None:

@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 
@@ -42,6 +42,7 @@ __all__ = [
     "check_model_version",
     "model_data_end",
     "read_embedding_manifest",
+    "read_job_manifest",
     "require_columns",
     "shard_file_name",
     "shard_paths_of",
@@ -70,6 +71,7 @@ SHARD_COUNTS = ("users", "rows", "queries_without_history", "tokens")  # per fin
 # a model version names a folder of the feature repo: no separators, no `.` or `..`
 _MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _SHARD_FILE = re.compile(r"shard-\d{5,}-of-\d{5,}\.parquet")
+M = TypeVar("M")  # a manifest class (read_job_manifest)
 
 
 class EmbeddingFolderError(ValueError):
@@ -222,16 +224,19 @@ def shard_paths_of(shards: dict[int, ShardRecord], folder: str | Path, error: ty
     return paths
 
 
-def read_embedding_manifest(folder: str | Path) -> EmbeddingManifest:
-    """The checked manifest of an embedding folder (complete or not: callers decide what they need)."""
+def read_job_manifest(folder: str | Path, from_json: Callable[[Any, Path], M], error: type[EmbeddingFolderError], written_by: str) -> M:
+    """The checked `manifest.json` of a sharded job's folder (an embedding or a candidates folder): the file read
+    as UTF-8 JSON and handed to `from_json` (the manifest class's checks). `error` says that the folder is not
+    `written_by`'s output when the file is missing, and names the file when it is not valid JSON."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise EmbeddingFolderError(f"{folder} is not the output of `lum embed` (no {MANIFEST_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EmbeddingFolderError(f"{path}: not valid JSON ({exc})") from exc
-    return EmbeddingManifest.from_json(data, path)
+        raise error(f"{folder} is not the output of `{written_by}` (no {MANIFEST_FILE})")
+    return from_json(_json_file(path, error), path)
+
+
+def read_embedding_manifest(folder: str | Path) -> EmbeddingManifest:
+    """The checked manifest of an embedding folder (complete or not: callers decide what they need)."""
+    return read_job_manifest(folder, EmbeddingManifest.from_json, EmbeddingFolderError, "lum embed")
 
 
 def write_embedding_manifest(manifest: EmbeddingManifest, folder: str | Path) -> None:
@@ -251,10 +256,7 @@ def model_data_end(model_dir: str | Path) -> str | None:
     path = Path(model_dir) / MODEL_MANIFEST_FILE
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EmbeddingFolderError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = _json_file(path, EmbeddingFolderError)
     window = manifest.get("training_window") if isinstance(manifest, dict) else None
     end = window.get("ts_max") if isinstance(window, dict) else None
     if end is not None and not isinstance(end, str):
@@ -283,6 +285,14 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     if isinstance(value, bool):
         return kind is bool or (isinstance(kind, tuple) and bool in kind)
     return isinstance(value, kind)
+
+
+def _json_file(path: Path, error: type[EmbeddingFolderError]) -> Any:
+    """A JSON file's content; `error` naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, prefix: str = "") -> Any:

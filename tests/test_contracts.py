@@ -228,6 +228,26 @@ def test_manifest_that_is_not_a_manifest(tmp_path):
     assert issubclass(EmbeddingFolderError, ValueError)  # the command line shows it as a one-line error
 
 
+def test_embedding_and_candidate_manifests_share_one_reader(tmp_path):
+    """read_job_manifest reads both folders' manifests: each reader's error class, writer and checks."""
+    from contracts.candidates import CandidateFolderError, CandidateManifest, read_candidate_manifest
+    from contracts.embeddings import read_job_manifest
+
+    with pytest.raises(CandidateFolderError, match=r"is not the output of `lum retrieve` \(no manifest.json\)"):
+        read_candidate_manifest(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(CandidateFolderError, match=f"{MANIFEST_FILE}: not valid JSON"):
+        read_candidate_manifest(tmp_path)
+    with pytest.raises(EmbeddingFolderError, match=f"{MANIFEST_FILE}: not valid JSON") as error:
+        read_embedding_manifest(tmp_path)
+    assert not isinstance(error.value, CandidateFolderError)
+    manifest = CandidateManifest(settings={"model_version": "lum-tiny-1"}, engine="torch")
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest.to_json()))
+    assert read_job_manifest(tmp_path, CandidateManifest.from_json, CandidateFolderError, "lum retrieve") == manifest == read_candidate_manifest(tmp_path)
+    with pytest.raises(EmbeddingFolderError, match="field 'settings.conditions' is missing"):
+        read_embedding_manifest(tmp_path)  # the embedding manifest's own checks
+
+
 def test_model_version_check_and_columns_and_model_data_end(tmp_path):
     assert check_model_version("lum-tiny-semantic-1a2b3c4d5e", "x") == "lum-tiny-semantic-1a2b3c4d5e"
     with pytest.raises(EmbeddingFolderError, match="x: model version"):
