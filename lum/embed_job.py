@@ -310,19 +310,25 @@ class EmbeddingJob:
     # ------------------------------------------------------------------ output
     def settings(self) -> dict[str, Any]:
         """What makes two runs the same run (resume only continues a run with identical settings)."""
+        return self._settings({"for_rows": self.as_of.for_rows}, {"output_dtype": self.config.output_dtype, "dim": self.config.dim})
+
+    def _settings(self, inputs: dict[str, str | None], options: dict[str, Any]) -> dict[str, Any]:
+        """The settings of a job over this job's prompts (this one, `lum retrieve`'s): the model, the events and
+        their fingerprints, the as-of times, the conditions and the prompt options; then the job's own input
+        files (`inputs`, fingerprinted after `rows`; None when not given) and options (last). The keys keep this
+        order: it is the manifest's."""
+        files = {"rows": self.as_of.rows_path, **inputs}
         return {
             "model_version": self.model_version,
             "events": _file_fingerprint(self.events_path),
             "as_of": self.as_of.describe(),
-            "rows": None if not self.as_of.rows_path else _file_fingerprint(self.as_of.rows_path),
-            "for_rows": None if not self.as_of.for_rows else _file_fingerprint(self.as_of.for_rows),
+            **{name: None if not path else _file_fingerprint(path) for name, path in files.items()},
             "conditions": [n for n, _ in self.conditions],
             "max_history": self.max_history,
             "prompt_align": 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align,
             "window_stride": self.config.window_stride,
             "shards": self.config.shards,
-            "output_dtype": self.config.output_dtype,
-            "dim": self.config.dim,
+            **options,
         }
 
     def _shard_path(self, shard: int) -> Path:

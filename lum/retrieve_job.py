@@ -36,7 +36,7 @@ from contracts.files import write_parquet_atomic
 from contracts.progress import bars_off
 from lum.config import RetrieveJobConfig  # noqa: F401  (re-exported)
 from lum.embed import build_queries
-from lum.embed_job import AsOf, EmbeddingJob, EmbedJobError, _file_fingerprint, _read_shard
+from lum.embed_job import AsOf, EmbeddingJob, EmbedJobError, _read_shard
 from lum.retrieve import ItemTrie, TorchRetrievalEngine, VllmRetrievalEngine, beam_search
 
 
@@ -78,20 +78,7 @@ class RetrievalJob(EmbeddingJob):
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs the same run (resume only continues a run with identical settings)."""
-        return {
-            "model_version": self.model_version,
-            "events": _file_fingerprint(self.events_path),
-            "as_of": self.as_of.describe(),
-            "rows": None if not self.as_of.rows_path else _file_fingerprint(self.as_of.rows_path),
-            "catalogue": None if not self.catalogue else _file_fingerprint(self.catalogue),
-            "conditions": [n for n, _ in self.conditions],
-            "max_history": self.max_history,
-            "prompt_align": 1 if self.as_of.rows_path else self.tokenizer.config.prompt_align,
-            "window_stride": self.config.window_stride,
-            "shards": self.config.shards,
-            "top": self.config.top,
-            "beam": self.config.beam,
-        }
+        return self._settings({"catalogue": self.catalogue}, {"top": self.config.top, "beam": self.config.beam})
 
     def retrieve_shard(self, shard: int, bar: tqdm | None = None) -> tuple[pa.Table, dict[str, int]]:
         """The candidates table of one shard and its counts."""

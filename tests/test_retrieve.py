@@ -246,6 +246,29 @@ def test_rolling_rows_get_candidates_from_their_own_past(cold_models, events_fil
     assert set(frame.event_timestamp) <= set(pd.to_datetime(rows.ts, utc=True)) and set(frame.condition) == {"request"}
 
 
+def test_the_retrieval_jobs_settings_are_the_embedding_jobs_with_its_own(cold_models, events_file, tmp_path):
+    """One definition of a job's settings (EmbeddingJob._settings): the shared keys equal, in the manifest's order,
+    each job's own input file fingerprinted after `rows` and its own options last."""
+    from lum.config import EmbedJobConfig
+    from lum.embed_job import EmbeddingJob
+
+    semantic, _, _ = cold_models
+    rows = pq.read_table(events_file).to_pandas()[["user_id", "ts", *CONDITIONS]].iloc[:20]
+    rows_path, catalogue = tmp_path / "rows.parquet", tmp_path / "catalogue.parquet"
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), rows_path)
+    pq.write_table(pa.table({"item_id": ["i1", "i2"]}), catalogue)
+    as_of = AsOf(rows_path=str(rows_path))
+    embed = EmbeddingJob(semantic, events_file, as_of, tmp_path / "e", EmbedJobConfig(engine="torch", shards=2, conditions="request"))
+    retrieve = RetrievalJob(semantic, events_file, as_of, tmp_path / "r", RetrieveJobConfig(engine="torch", shards=2, top=5, conditions="request"),
+                            catalogue=catalogue)
+    shared = ["model_version", "events", "as_of", "rows", "conditions", "max_history", "prompt_align", "window_stride", "shards"]
+    mine, theirs = embed.settings(), retrieve.settings()
+    assert list(mine) == [*shared[:4], "for_rows", *shared[4:], "output_dtype", "dim"]
+    assert list(theirs) == [*shared[:4], "catalogue", *shared[4:], "top", "beam"]
+    assert {k: mine[k] for k in shared} == {k: theirs[k] for k in shared} and mine["rows"] is not None and mine["prompt_align"] == 1
+    assert mine["for_rows"] is None and theirs["catalogue"] is not None and (theirs["top"], theirs["beam"]) == (5, retrieve.config.beam)
+
+
 def test_retrieve_bad_input(cold_models, events_file, tmp_path):
     semantic, _, _ = cold_models
     config = RetrieveJobConfig(engine="torch", shards=1, top=5, conditions="surface=home")
