@@ -32,7 +32,7 @@ __all__ = [
     "SEQUENCE_COLUMNS",
     "ATTENTION_VARIANTS",
     "TRAINING_SET_METADATA_KEY",
-    "USER_COUNTERS",
+    "USER_ROW_COUNTERS",
     "USER_STATS_COLUMNS",
     "VARIANTS",
     "lum_user_column",
@@ -109,9 +109,10 @@ USER_STATS_COLUMNS = ("user_n_events", "user_n_clicks", "user_ctr", "user_recent
 # beside them in user_stats.parquet, never a feature: the last labels as bits, the real-time stream's state
 LABEL_BITS_COLUMN = "user_recent_label_bits"
 ITEM_COUNTERS = ("item_n_impressions", "item_n_clicks", "item_ctr")
-# In a training-set row the last event's time becomes the request-relative `user_hours_since_last`
-USER_COUNTERS = (*USER_STATS_COLUMNS[:-1], "user_hours_since_last")
-COUNTER_COLUMNS = (*USER_COUNTERS, *ITEM_COUNTERS)
+# In a training-set row the last event's time becomes the request-relative `user_hours_since_last` (named apart
+# from feature_store/online.py's USER_COUNTERS, which are the stats view's columns, the last event's time included)
+USER_ROW_COUNTERS = (*USER_STATS_COLUMNS[:-1], "user_hours_since_last")
+COUNTER_COLUMNS = (*USER_ROW_COUNTERS, *ITEM_COUNTERS)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The training set (one row per impression; see feature_store/training_set.py for the whole layout)

@@ -136,6 +136,22 @@ def test_variants_and_counters():
                                "item_n_impressions", "item_n_clicks", "item_ctr")
 
 
+def test_no_look_alike_names_for_different_things():
+    """One write_json_atomic (contracts.files; run-folder JSON passes default=float for numpy scalars), and the
+    training row's user counters are not named as feature_store/online.py's USER_COUNTERS (the stats view's)."""
+    import ast
+
+    import contracts.names as names
+
+    root = Path(__file__).resolve().parents[1]
+    defined = [str(path.relative_to(root)) for folder in ("contracts", "lum", "feature_store", "ranker", "pipelines", "benchmarks")
+               for path in sorted((root / folder).rglob("*.py"))
+               if any(isinstance(node, ast.FunctionDef) and node.name == "write_json_atomic" for node in ast.walk(ast.parse(path.read_text())))]
+    assert defined == ["contracts/files.py"]
+    assert not hasattr(names, "USER_COUNTERS") and names.USER_ROW_COUNTERS == (*names.USER_STATS_COLUMNS[:-1], "user_hours_since_last")
+    assert names.COUNTER_COLUMNS == (*names.USER_ROW_COUNTERS, *names.ITEM_COUNTERS)
+
+
 # ---------------------------------------------------------------------- the embedding folder
 def _manifest() -> EmbeddingManifest:
     settings = {"model_version": "lum-tiny-id-0123456789", "events": "abc", "as_of": "2025-01-12T00:00:00+00:00", "rows": None,

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -48,7 +48,6 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic_core import PydanticCustomError
 
-from contracts import files
 from contracts.files import write_parquet_atomic  # noqa: F401  (re-exported: the steps write their Parquet files with it)
 from contracts.names import ID_NORMAL_FORM, MAX_ID_BYTES
 
@@ -308,11 +307,6 @@ def _contract_of(schema: pa.Schema, path: str | Path) -> EventContract:
             "`lum data import files` on it first"
         )
     return EventContract.from_json(meta[METADATA_KEY])
-
-
-def write_json_atomic(payload: Any, path: str | Path) -> None:
-    """The run folder's JSON files: indented, numpy scalars written as floats, atomically (see contracts.files)."""
-    files.write_json_atomic(payload, path, indent=2, default=float)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ import pyarrow.compute as pc
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
+from contracts.files import write_json_atomic
 from contracts.settings import Field, config_class
-from pipelines.data.contract import read_events, readable_time, utc_timestamp, write_json_atomic, write_parquet_atomic
+from pipelines.data.contract import read_events, readable_time, utc_timestamp, write_parquet_atomic
 from pipelines.paths import RunPaths
 
 WINDOWS: tuple[str, ...] = ("pretrain", "train", "test")
@@ -233,7 +234,7 @@ def split_run(paths: RunPaths, config: SplitConfig) -> dict[str, Any]:
     paths.split_summary(config.protocol).unlink(missing_ok=True)
     for name, window_table in tables.items():
         write_parquet_atomic(window_table, paths.split_file(config.protocol, name))
-    write_json_atomic(summary, paths.split_summary(config.protocol))
+    write_json_atomic(summary, paths.split_summary(config.protocol), default=float)  # numpy scalars as floats
     return summary
 
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipelines.data.contract import write_json_atomic
+from contracts.files import write_json_atomic
 from pipelines.paths import RunPaths
 from pipelines.run.config import RunConfig, config_dict, settings_hash
 from pipelines.steps import UP_TO_DATE
@@ -166,7 +166,7 @@ class RunState:
         return {k: v.get("seconds", 0.0) for k, v in self.state["steps"].items()}
 
     def _write(self) -> None:
-        write_json_atomic(self.state, self.path)
+        write_json_atomic(self.state, self.path, default=float)
 
 
 def pid_alive(pid: int) -> bool:

@@ -9,10 +9,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from contracts.files import write_json_atomic
 from feature_store.offline_tables import TABLES_FORMAT, StatsConfig
 from feature_store.repo import FeatureRepo, OfflineStoreConfig, OnlineStoreConfig
 from feature_store.training_set import TrainingSetConfig, build_training_set
-from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
+from pipelines.data.contract import read_events, write_parquet_atomic
 from pipelines.data.sources.base import read_dataset_info
 from pipelines.data.split import dataset_fingerprint
 from pipelines.paths import RunPaths
@@ -53,7 +54,7 @@ def prepare_repo(
         history = "all" if default_history_events(paths) == "all" else "positive"
         counts = repo.build_stats(events.to_pandas(), items, StatsConfig(history_labels=history))
         write_json_atomic({"dataset_fingerprint": fingerprint, "rows": counts, "history_labels": history,
-                           "tables_format": TABLES_FORMAT}, stamp)
+                           "tables_format": TABLES_FORMAT}, stamp, default=float)  # numpy scalars as floats
         rebuilt = True
     if model_version:
         repo.select_version(model_version)

@@ -11,9 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from contracts.embeddings import MODEL_MANIFEST_FILE
+from contracts.files import write_json_atomic
 from lum.config import PretrainConfig, TokenizerConfig
 from lum.tokenizer import TOKENIZER_FILE
-from pipelines.data.contract import read_contract, read_events, write_json_atomic
+from pipelines.data.contract import read_contract, read_events
 from pipelines.data.sources.base import read_dataset_info
 from pipelines.paths import RunPaths
 from pipelines.steps import UP_TO_DATE
@@ -145,5 +146,5 @@ def evaluate_step(paths: RunPaths, protocol: str, preset: str, eval_config: Any,
             engine.close()
     result["model_version"] = loaded.manifest["model_version"]
     result["config"] = asdict(eval_config)
-    write_json_atomic(result, paths.evaluation(protocol, preset))
+    write_json_atomic(result, paths.evaluation(protocol, preset), default=float)  # numpy scalars as floats
     return result

@@ -26,10 +26,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from contracts.files import write_json_atomic
 from contracts.names import TRAINING_SET_METADATA_KEY
 from feature_store.repo import FeatureRepo
 from feature_store.training_set import lum_vector_as_of
-from pipelines.data.contract import read_events, write_json_atomic, write_parquet_atomic
+from pipelines.data.contract import read_events, write_parquet_atomic
 from pipelines.paths import RunPaths
 from pipelines.steps.features import build_window_training_set
 from ranker.metrics import metrics_by, ranking_metrics
@@ -63,7 +64,7 @@ def ensure_training_set(paths: RunPaths, protocol: str, window: str, progress: b
         return out
     started = time.perf_counter()
     build_window_training_set(paths, protocol, window, service, progress=progress)
-    write_json_atomic({"fingerprint": fingerprint, "service": service, "seconds": round(time.perf_counter() - started, 1)}, stamp)
+    write_json_atomic({"fingerprint": fingerprint, "service": service, "seconds": round(time.perf_counter() - started, 1)}, stamp, default=float)
     return out
 
 
@@ -116,7 +117,7 @@ def train_step(paths: RunPaths, protocol: str, config: RankerConfig, force: bool
     table = pq.read_table(train)
     ranker = train_ranker(table, config, progress=progress)
     ranker.save(out)
-    write_json_atomic(stamp, done)
+    write_json_atomic(stamp, done, default=float)
     return out, True
 
 
@@ -141,7 +142,7 @@ def evaluate_step(paths: RunPaths, protocol: str, model: str, variant: str, prog
     write_parquet_atomic(scores.replace_schema_metadata({b"lum.scores": stamp}), test_scores_file(paths, protocol, model, variant))
     result: dict[str, Any] = {"protocol": protocol, "model": model, "variant": variant, "overall": ranking_metrics(frame)}
     result["by_condition"] = {c: metrics_by(frame, c).reset_index().to_dict(orient="records") for c in condition_columns(test)}
-    write_json_atomic(result, evaluation_file(paths, protocol, model, variant))
+    write_json_atomic(result, evaluation_file(paths, protocol, model, variant), default=float)  # numpy scalars as floats
     return result
 
 
