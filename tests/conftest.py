@@ -13,6 +13,22 @@ from pipelines.data.sources.simulator import preset, simulate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# The `e2e` marker (pyproject.toml; `make test-fast` leaves these tests out): end-to-end and service tests. A test
+# that uses one of these fixtures, directly or through another fixture, gets it here; a module that is end to end
+# throughout says `pytestmark = pytest.mark.e2e`, and a single test `@pytest.mark.e2e`.
+E2E_FIXTURES = frozenset({
+    "tiny_run",       # a whole `lum run` (below)
+    "tiny_lm",        # a behaviour LM pretrained on the tiny simulator (below)
+    "redis_url",      # a real redis-server (below)
+    "two_protocols",  # a whole `lum run` with two protocols (tests/test_snapshot_protocol.py)
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def tiny_sim() -> tuple[pa.Table, pa.Table]:
@@ -70,6 +86,9 @@ TINY_RUN = {
                 "features": {"request_features": True}},
     "report": {"n_bootstrap": 20},
     "targets": {"gauc_lift_min": 0.01},
+    # the retrieval A/B (LM retrieval of 1,000 requests) is off in every shared test run: it is tested once, on a copy
+    # of this run (tests/test_pipeline.py::test_the_retrieval_ab_step_adds_the_reports_retrieval_section_to_a_copy_of_the_run)
+    "retrieval": {"enabled": False},
 }
 
 

@@ -44,20 +44,46 @@ def test_run_writes_every_step_and_the_report(tiny_run):
         assert (run / "report" / name).stat().st_size > 500
     report = json.loads((run / "report" / "report.json").read_text())
     assert "global+rolling" in json.dumps(report)
-    # the LM of a semantic-id run is evaluated as a retriever, and the retrieval A/B is the report's retrieval section
-    assert steps["global+rolling: evaluate LM"]["status"] == steps["global+rolling: retrieval A/B"]["status"] == "done"
+    # the LM of a semantic-id run is evaluated as a retriever
+    assert steps["global+rolling: evaluate LM"]["status"] == "done"
     evaluation = json.loads((run / "evaluations" / "global-tiny.json").read_text())
     assert evaluation["item_tokenization"] == "semantic" and evaluation["target_not_generable"] == 0.0
-    retrieval = json.loads((run / "retrieval" / "global.json").read_text())
-    sets = {r["candidates"]: r for r in retrieval["rows"]}
-    assert set(sets) == {"logged", "logged + LUM", "logged + popularity"}
-    assert sets["logged + LUM"]["mean_size"] > sets["logged"]["mean_size"] and sets["logged + LUM"]["recall"] >= sets["logged"]["recall"]
-    assert report["meta"]["retrieval"]["global"]["rows"] == retrieval["rows"]
-    ranked = {(r["ranker"], r["candidates"]) for r in retrieval["ranked"]}  # every trained ranker orders every set
-    assert ranked == {(f"{m}/{v}", c) for m in ("dlrm", "lightgbm") for v in ("base", "lum") for c in sets}
-    assert all(0 < r["ctr@10"] < 1 for r in retrieval["ranked"])
-    assert "Retrieval (simulated): global split" in (run / "report" / "report.md").read_text()
+    # `retrieval: {enabled: false}` (TINY_RUN): no A/B step, no retrieval section; the A/B has its own test below
+    assert "global+rolling: retrieval A/B" not in steps and not (run / "retrieval").exists()
+    assert "retrieval" not in report["meta"] and "Retrieval (simulated)" not in (run / "report" / "report.md").read_text()
 
+
+def test_the_retrieval_ab_step_adds_the_reports_retrieval_section_to_a_copy_of_the_run(tiny_run, tmp_path):
+    """The one test that runs the retrieval A/B (off in TINY_RUN; tests/test_run_ops.py checks that `retrieval.enabled`
+    plans the step after the rankers): the step on a copy of the shared run, as `lum run` calls it, then `lum report`.
+    The A/B's table is the report's retrieval section and every trained ranker orders every candidate set.
+
+    The step is called directly: `lum run` on a copied folder would redo the features step and everything after it,
+    whose recorded settings name the original folder (the embeddings folder's absolute path)."""
+    from pipelines.paths import RunPaths
+    from pipelines.steps.retrieval import retrieval_ab_step
+
+    run, _, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    paths = RunPaths(copy)
+    rankers = [(m, v) for m in ("dlrm", "lightgbm") for v in ("base", "lum")]
+    made = retrieval_ab_step(paths, "global", paths.model_dir("global", "tiny"), 300, 20, 20, "torch", rankers, progress=False)
+    retrieval = json.loads((copy / "retrieval" / "global.json").read_text())
+    assert retrieval == json.loads(json.dumps(made)) and retrieval["settings"]["requests"] == 300
+    sets = {r["candidates"]: r for r in retrieval["rows"]}
+    assert set(sets) == {"logged", "logged + LUM", "logged + popularity"} and all(r["requests"] == 300 for r in retrieval["rows"])
+    assert sets["logged + LUM"]["mean_size"] > sets["logged"]["mean_size"] and sets["logged + LUM"]["recall"] >= sets["logged"]["recall"]
+    ranked = {(r["ranker"], r["candidates"]) for r in retrieval["ranked"]}  # every trained ranker orders every set
+    assert ranked == {(f"{m}/{v}", c) for m, v in rankers for c in sets}
+    assert all(0 < r["ctr@10"] < 1 for r in retrieval["ranked"])
+    # the report built from the run folder shows it
+    result = CliRunner().invoke(main, ["report", "--run", str(copy)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((copy / "report" / "report.json").read_text())
+    assert report["meta"]["retrieval"]["global"]["rows"] == retrieval["rows"]
+    assert "Retrieval (simulated): global split" in (copy / "report" / "report.md").read_text()
+    assert not (run / "retrieval").exists()  # the shared run is untouched
 
 def test_a_time_consistent_split_keeps_every_event_from_the_test_start_on_out_of_lm_pretraining(tiny_run):
     """The global split (time-consistent): the LM's pretraining window, its tokenizer's items and what the manifest
@@ -371,8 +397,8 @@ def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
         assert forced.exit_code == 0, forced.output + repr(forced.exception)
         assert "lightgbm/base: trained" in forced.output and "lightgbm/lum: trained" in forced.output
         assert "dlrm/base: up to date" in forced.output and "dlrm/lum: up to date" in forced.output
-        # the two LightGBM rankers, and the retrieval A/B, whose rankers order the candidate sets; nothing else
-        assert forced.output.count("redone (--force)") == 3 and "global+rolling: retrieval A/B: settings changed" in forced.output
+        # the two LightGBM rankers; nothing else (the retrieval A/B, off here, reads the rankers too: tests/test_run_ops.py)
+        assert forced.output.count("redone (--force)") == 2 and "retrieval A/B" not in forced.output
         assert (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() != model_before
     finally:
         back = CliRunner().invoke(main, ["run", "--config", str(config), "--force"])

@@ -26,7 +26,6 @@ from pipelines.run.state import STATE_FILE, SettingsChangedError
 from pipelines.steps.rankers import ranker_dir
 from tests.conftest import TINY_RUN
 
-
 # the shared run's settings with the retrieval A/B on (TINY_RUN turns it off): the A/B step reads the rankers
 WITH_AB = {**TINY_RUN, "retrieval": {"enabled": True}}
 
@@ -84,6 +83,19 @@ def test_force_redoes_exactly_the_changed_steps_and_those_reading_them(tmp_path)
     assert own == ["global+rolling: pretrain"]
     assert {"global+rolling: evaluate LM", "global+rolling: embed", "global+rolling: dlrm lum"} <= {c.step for c in changes}
     assert not {"data", "global+rolling: split"} & {c.step for c in changes}
+
+
+def test_the_retrieval_ab_step_is_planned_after_the_rankers_only_when_enabled(tmp_path):
+    """`retrieval.enabled` (the switch TINY_RUN turns off) adds the A/B step, after the rankers it reads; off, there is
+    no such step (the step itself runs in tests/test_pipeline.py, on a copy of the shared run)."""
+    steps = {}
+    for name, settings in (("off", TINY_RUN), ("on", WITH_AB)):
+        planned: dict[str, dict] = {}
+        changed_steps(load_run_config(None, {**settings, "run_dir": str(tmp_path / name)}), planned=planned)
+        steps[name] = list(planned[str(tmp_path / name)])
+    assert "global+rolling: retrieval A/B" not in steps["off"]
+    assert [s for s in steps["on"] if s != "global+rolling: retrieval A/B"] == steps["off"]
+    assert steps["on"].index("global+rolling: retrieval A/B") > steps["on"].index("global+rolling: lightgbm lum")
 
 
 def test_lum_run_set_refuses_up_front_on_the_command_line(tmp_path):

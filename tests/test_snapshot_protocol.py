@@ -26,6 +26,7 @@ RUN = {
     "embed": {"job": {"engine": "torch"}},
     "rankers": {"models": ["lightgbm"], "variants": ["base", "lum"], "lightgbm": {"threads": 1}, "features": {"request_features": True}},
     "report": {"n_bootstrap": 10},
+    "retrieval": {"enabled": False},  # tested once, on a copy of the shared tiny run (tests/test_pipeline.py)
 }
 
 
