@@ -17,6 +17,7 @@ from lum.config import EmbedJobConfig, EvalConfig, PretrainConfig, RetrieveJobCo
 from pipelines.cli.common import UP_TO_DATE, _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths
+from pipelines.run.lock import writer_lock
 
 PROTOCOL_OPTION = click.option("--protocol", type=click.Choice(["global", "per-user"]), default="global", help="Which split's windows.")
 # `--seed` is the pretraining seed; the tokenizer's own seed (semantic codebooks) has its own option
@@ -47,7 +48,8 @@ def pretrain_command(protocol: str, init_from: str | None, run_dir: str, force: 
     pretrain_config, tokenizer_config = pretrain_configs(options)
     paths = RunPaths(run_dir)
     out = paths.model_dir(protocol, pretrain_config.preset)
-    manifest = pretrain_step(paths, protocol, pretrain_config, tokenizer_config, init_from=init_from, force=force)
+    with writer_lock(run_dir, "lum pretrain"):  # one writer per run folder (pipelines/run/lock.py)
+        manifest = pretrain_step(paths, protocol, pretrain_config, tokenizer_config, init_from=init_from, force=force)
     if manifest == UP_TO_DATE:
         click.echo(f"{out} already holds a model trained with these settings: skipped (pass --force to train again)")
     elif manifest:
@@ -66,7 +68,8 @@ def evaluate_command(protocol: str, preset: str, run_dir: str, **options: Any) -
     from pipelines.steps.lm import evaluate_step
 
     paths = RunPaths(run_dir)
-    result = evaluate_step(paths, protocol, preset, build_config(EvalConfig, options))
+    with writer_lock(run_dir, "lum evaluate"):
+        result = evaluate_step(paths, protocol, preset, build_config(EvalConfig, options))
     click.echo(format_evaluation(result))
     click.echo(f"wrote {paths.evaluation(protocol, preset)}")
 

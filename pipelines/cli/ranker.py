@@ -19,6 +19,7 @@ from contracts.names import VARIANTS
 from pipelines.cli.common import _friendly_errors, force_option, run_option
 from pipelines.cli.options import build_config, config_options
 from pipelines.paths import RunPaths
+from pipelines.run.lock import writer_lock
 from ranker.config import DLRMConfig, FeatureConfig, LightGBMConfig, RankerConfig
 
 MODEL_CHOICE = click.Choice(["dlrm", "lightgbm"])
@@ -51,7 +52,8 @@ def ranker_train(protocol: str, model: str, variant: str, seed: int, threads: in
         model=model, variant=variant, features=build_config(FeatureConfig, options),
         dlrm=build_config(DLRMConfig, options, seed=seed, threads=threads), lightgbm=build_config(LightGBMConfig, options, prefix="lightgbm-"),
     )
-    out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
+    with writer_lock(run_dir, "lum ranker train"):  # one writer per run folder (pipelines/run/lock.py)
+        out, trained = train_step(RunPaths(run_dir), protocol, config, force=force)
     facts = json.loads((out / "ranker.json").read_text()).get("training", {})
     click.echo(f"{'trained' if trained else 'up to date, skipped:'} {out}" + (f" ({json.dumps(facts)[:300]})" if trained else ""))
 
@@ -75,8 +77,9 @@ def ranker_evaluate(protocol, model, variant, run_dir) -> None:
     if not chosen:
         raise click.ClickException(f"no trained ranker matches in {paths.root / 'rankers'}: run `lum ranker train --protocol {protocol}` first")
     rows = []
-    for m, v in chosen:
-        result = evaluate_step(paths, protocol, m, v)["overall"]
+    with writer_lock(run_dir, "lum ranker evaluate"):
+        results = {(m, v): evaluate_step(paths, protocol, m, v)["overall"] for m, v in chosen}
+    for (m, v), result in results.items():
         rows.append({"model": m, "variant": v, **{k: round(result[k], 4) for k in ("auc", "gauc", "logloss", "ne", "calibration")},
                      "rows": result["rows"], "gauc_skipped_users": result["gauc_skipped_users"]})
     base = {r["model"]: r["auc"] for r in rows if r["variant"] == "base"}

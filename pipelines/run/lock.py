@@ -17,6 +17,7 @@ locks are listed in the environment variable LUM_HELD_RUN_LOCKS, which children 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -128,3 +129,11 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
             os.ftruncate(fd, 0)  # no holder to name any more (while still locked: nobody reads a half-cleared file)
     finally:
         os.close(fd)  # releases the lock
+
+
+def writer_lock(run_dir: str | Path, command: str) -> contextlib.AbstractContextManager:
+    """`run_lock` for a command that may run under torchrun: only rank 0 (or a plain process) takes the lock; the
+    other ranks are its workers, started beside it by torchrun rather than by it."""
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return run_lock(run_dir, command)
