@@ -13,6 +13,9 @@
         lum_item/<version>/items.parquet
         ingested.json             every ingested embedding job, by version: dimension, conditions, as-of times
         materialized.json         what the online store holds: model version and materialized-until time
+        materialize_full.json     a from-scratch materialization started and has not finished (materialize.py)
+        online_swap.json          the online store's rows are being replaced right now (materialize.py)
+        online.staging.db         the SQLite store a from-scratch materialization builds before its swap
 
 Every file is written under a temporary name and renamed; ingestion checks everything (dimension against the
 job's manifest, NaN, duplicate as-of times) before it moves a single file.

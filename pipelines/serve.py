@@ -47,7 +47,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from contracts.names import MAX_ID_BYTES
 from feature_store.health import KnownKeys, StoreHealth, probe_online_store
-from feature_store.online import FeatureClient, PastRequestError, RankingFeatures
+from feature_store.online import FeatureClient, MaterializeInProgress, PastRequestError, RankingFeatures
 from feature_store.repo import FeatureRepo, FeatureStoreError
 from feature_store.stream import StreamInputError, push_events
 from pipelines.paths import RunPaths
@@ -76,7 +76,8 @@ class ServeError(ValueError):
 
 
 class RankingError(ValueError):
-    """A request the service answers with an error: `status` is its HTTP status (422 bad request, 409 past request)."""
+    """A request the service answers with an error: `status` is its HTTP status (422 bad request, 409 past request,
+    503 while a full materialization replaces the online store's values: retry shortly)."""
 
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
@@ -312,7 +313,8 @@ class RankingService:
         try:
             answer = self.client.get_ranking_features(request.user_id, self.conditions, request.item_ids, request_time=when)
         except FeatureStoreError as exc:
-            raise RankingError(str(exc), status=409 if isinstance(exc, PastRequestError) else 422) from exc
+            status = 409 if isinstance(exc, PastRequestError) else 503 if isinstance(exc, MaterializeInProgress) else 422
+            raise RankingError(str(exc), status=status) from exc  # 503: a full materialization is replacing the store
         table = answer.to_table(dict(request.context))
         try:
             inputs = self.ranker.featurize(table)

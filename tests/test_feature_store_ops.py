@@ -57,7 +57,7 @@ def _requests(run: Path, n: int = 40) -> pd.DataFrame:
 def _get(run: Path, user: str, items: list[str]) -> dict:
     result = CliRunner().invoke(main, ["features", "get", "--run", str(run), "--user", user, "--items", ",".join(items)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # the JSON answer; a warning (a copied repo re-applied) goes to stderr
 
 
 # ---------------------------------------------------------------------- 1. copied and moved run folders
@@ -284,3 +284,29 @@ def test_lookups_during_a_full_redis_materialize_are_all_old_all_new_or_refused(
     assert all(old[u] != new[u] for u, _ in requests)
     _check_all_old_or_all_new(seen, old, new, refused_ok=True)
     assert not swap_marker(repo).exists()
+
+
+def test_the_ranking_service_answers_503_while_a_full_materialization_replaces_the_store(tiny_run, tmp_path):
+    """`lum serve` maps MaterializeInProgress to 503 (retry shortly), in process and over HTTP, and serves again after."""
+    import requests
+
+    from pipelines.serve import BackgroundServer, RankingError, RankingService, ranker_folder
+
+    run, _, _ = tiny_run
+    shutil.copytree(run, tmp_path / "S")
+    repo = FeatureRepo(RunPaths(tmp_path / "S").feature_repo)
+    service = RankingService(ranker_folder(tmp_path / "S", "lightgbm", "lum"), repo, allow_rolling=True)
+    row = pq.read_table(RunPaths(run).split_file("global", "test")).slice(0, 1).to_pylist()[0]
+    body = {"user_id": row["user_id"], "context": {c: row[c] for c in service.context_columns}, "item_ids": ["i1", "i2"]}
+    assert len(service.rank(body).body["scores"]) == 2
+    # the marker as a full materialization on Redis keeps it while it rewrites the views
+    swap_marker(repo).write_text(json.dumps({"started": "2025-02-01T00:00:00+00:00", "full": True}))
+    with pytest.raises(RankingError, match="a full materialization is replacing the online store's values") as caught:
+        service.rank(body)
+    assert caught.value.status == 503
+    with BackgroundServer(service) as server:
+        reply = requests.post(f"{server.url}/rank", json=body, timeout=30)
+        assert reply.status_code == 503 and "full materialization" in reply.json()["detail"]
+        swap_marker(repo).unlink()
+        reply = requests.post(f"{server.url}/rank", json=body, timeout=30)
+        assert reply.status_code == 200 and len(reply.json()["scores"]) == 2
