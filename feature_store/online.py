@@ -327,8 +327,9 @@ class FeatureClient:
             raise FeatureStoreError(f"condition(s) {', '.join(unknown)} are not served (served: {', '.join(served) or 'none'})")
         now = clock if request_time is None else pd.Timestamp(request_time)
         now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
-        items = [str(i) for i in candidate_item_ids]
-        user = str(user_id)
+        # ids are stored in Unicode NFC (the import normalises them): a decomposed spelling of an accent is the same id
+        items = [names.normalize_id(str(i)) for i in candidate_item_ids]
+        user = names.normalize_id(str(user_id))
 
         got = self._read(user, conditions, items, model_version, generation)
         if request_time is not None and counters == "as_of_request":
