@@ -84,11 +84,16 @@ def test_split_before_data_says_what_to_run(tmp_path):
 def test_config_file_gives_defaults_and_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  make:\n    preset: tiny\n    seed: 5\n    run_dir: {tmp_path / 'from-config'}\n")
-    assert run("--config", str(config), "data", "make").exit_code == 0
+    assert run("--defaults", str(config), "data", "make").exit_code == 0
     info = json.loads((tmp_path / "from-config/data/dataset.json").read_text())
     assert info["source"]["config"]["seed"] == 5 and info["source"]["config"]["n_users"] == 300
-    assert run("--config", str(config), "data", "make", "--seed", "6", "--run", str(tmp_path / "flag")).exit_code == 0
+    assert run("--defaults", str(config), "data", "make", "--seed", "6", "--run", str(tmp_path / "flag")).exit_code == 0
     assert json.loads((tmp_path / "flag/data/dataset.json").read_text())["source"]["config"]["seed"] == 6
+    # the former name still reads the same file; the help names only --defaults (lum run --config is a run config)
+    assert run("--config", str(config), "data", "make", "--run", str(tmp_path / "old-name")).exit_code == 0
+    assert json.loads((tmp_path / "old-name/data/dataset.json").read_text())["source"]["config"]["seed"] == 5
+    top = run("--help").output
+    assert "--defaults" in top and "--config " not in top and "--config," not in top
 
 
 def test_import_files_with_mapping_and_quarantine(tmp_path):

@@ -2,7 +2,7 @@
 
     lum --version | -v | -q | --no-progress | --debug ...
 
-    lum [--config run.yaml] data make --preset tiny|default|large
+    lum [--defaults defaults.yaml] data make --preset tiny|default|large
     lum data import movielens PATH
     lum data import files EVENTS [--items ITEMS] [--map user_id=userId ...] [--condition surface ...]
     lum data validate PATH
@@ -17,7 +17,8 @@
     lum report --run DIR [--out DIR]                the A/B report of a finished run, built again
     lum serve --run DIR [--model --variant --port]  the ranking service: POST /rank, GET /healthz, GET /spec
 
-A YAML config file gives defaults for any option, nested by command name, e.g.
+A YAML file given to `--defaults` sets the default of any option, nested by command name (not a run config: that
+is `lum run --config`), e.g.
 
     data:
       make: {preset: default, seed: 7}
@@ -125,13 +126,16 @@ class LumGroup(click.Group):
 
 @click.group(cls=LumGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
-    "--config",
+    "--defaults",
     type=click.Path(exists=True, dir_okay=False),
     callback=_load_config,
     is_eager=True,
     expose_value=False,
-    help="YAML file with option defaults, nested by command name (see `lum --help`).",
+    help="YAML file with option defaults, nested by command name (see `lum --help`); not a run config (`lum run --config`).",
 )
+# the former name of --defaults, which read like `lum run --config` (a run config, another format): still accepted
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              hidden=True)
 @click.version_option(metadata.version("lum-user-model"), "--version", prog_name="lum")
 @click.option("-v", "--verbose", "verbosity", flag_value="DEBUG", help="Log debug messages.")
 @click.option("-q", "--quiet", "verbosity", flag_value="WARNING", help="Log warnings and errors only.")
