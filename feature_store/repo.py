@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -220,20 +220,65 @@ def forget_other_repos_tables(root: str | Path) -> list[str]:
     return sorted({o.sqlite_table.path for o in foreign})
 
 
-def read_settings(path: Path) -> dict[str, Any]:
-    """lum_features.yaml, checked where a value becomes a path: `model_version` names the folder under data/ that
-    the LUM views read (definitions.py), so `../../etc` would make `materialize` and training sets read outside the
-    repo. FeatureStoreError naming the file and the value otherwise."""
-    settings = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(settings, dict):
-        raise FeatureStoreError(f"{path}: expected a mapping of settings (model_version, conditions, ...), got {type(settings).__name__}")
-    version = settings.get("model_version")
-    if version is not None:
+@dataclass
+class RepoSettings:
+    """lum_features.yaml: what varies between feature repos (definitions.py and every lookup read it). One definition
+    of each setting and its default; `lum features apply` writes it, the plain `feast` CLI reads it through
+    definitions.py."""
+
+    model_version: str | None = None  # the selected LUM version (a folder under data/lum_user/); None: no LUM views
+    conditions: list[str] = field(default_factory=list)  # its query conditions
+    lum_dim: int | None = None  # its vectors' length
+    lum_ttl_days: float = 30  # a LUM vector older than this before the request is missing (the feature view's TTL)
+    stats_ttl_days: float = 0  # the counters' and recent items' TTL; 0: forever (Feast's convention)
+    online_store: OnlineStoreConfig = field(default_factory=OnlineStoreConfig)
+    offline_store: OfflineStoreConfig = field(default_factory=OfflineStoreConfig)
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str) -> RepoSettings:
+        """Checked settings of a mapping (a parsed lum_features.yaml): an unknown key, a wrong type or an unsafe
+        `model_version` (it becomes a path: `../../etc` would make materialize read outside the repo) is a
+        FeatureStoreError naming `where` and the key."""
+        if not isinstance(data, dict):
+            raise FeatureStoreError(f"{where}: expected a mapping of settings (model_version, conditions, ...), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FeatureStoreError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = dict(data)
+        version = values.get("model_version")
+        if version is not None:
+            try:
+                check_model_version(version, f"{where} (model_version)")
+            except EmbeddingFolderError as exc:
+                raise FeatureStoreError(f"{exc}; select an ingested version with `lum features apply --model-version V`") from None
+        conditions = values.get("conditions") or []
+        if not isinstance(conditions, list) or not all(isinstance(c, str) for c in conditions):
+            raise FeatureStoreError(f"{where}: conditions must be a list of condition names, got {conditions!r}")
+        for name in ("lum_ttl_days", "stats_ttl_days"):
+            value = values.get(name, getattr(cls(), name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise FeatureStoreError(f"{where}: {name} must be a number of days >= 0 (0: forever), got {value!r}")
+        dim = values.get("lum_dim")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise FeatureStoreError(f"{where}: lum_dim must be a positive integer, got {dim!r}")
         try:
-            check_model_version(version, f"{path} (model_version)")
-        except EmbeddingFolderError as exc:
-            raise FeatureStoreError(f"{exc}; select an ingested version with `lum features apply --model-version V`") from None
-    return settings
+            values["online_store"] = OnlineStoreConfig(**(values.get("online_store") or {}))
+            # a repo written before the setting existed used Feast's file store (a new repo gets the default, DuckDB)
+            values["offline_store"] = OfflineStoreConfig(**values.get("offline_store", {"kind": "file"}))
+        except TypeError as exc:
+            raise FeatureStoreError(f"{where}: {exc}") from None
+        values["conditions"] = list(conditions)
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The settings as lum_features.yaml holds them (the stores as mappings)."""
+        return asdict(self)
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """lum_features.yaml as checked settings (RepoSettings), every key present, as a mapping."""
+    return RepoSettings.from_mapping(yaml.safe_load(path.read_text()) or {}, str(path)).to_mapping()
 
 
 class FeatureRepo:
@@ -269,9 +314,7 @@ class FeatureRepo:
              offline: OfflineStoreConfig | None = None) -> None:
         """Create or update the repo files (never the data): feature_store.yaml, definitions.py, lum_features.yaml."""
         self.data.mkdir(parents=True, exist_ok=True)
-        existing = read_settings(self.settings_file) if self.settings_file.exists() else {}
-        settings = {"model_version": None, "conditions": [], "lum_dim": None, "lum_ttl_days": 30, "stats_ttl_days": 0,
-                    "online_store": asdict(OnlineStoreConfig()), "offline_store": asdict(OfflineStoreConfig()), **(existing or {})}
+        settings = read_settings(self.settings_file) if self.settings_file.exists() else RepoSettings().to_mapping()
         if online is not None:
             settings["online_store"] = asdict(online)
         if offline is not None:
@@ -303,7 +346,8 @@ class FeatureRepo:
 
     @staticmethod
     def offline_config(settings: dict[str, Any]) -> OfflineStoreConfig:
-        """The offline store lum_features.yaml names; a repo written before the setting existed used Feast's file store."""
+        """The offline store of settings read by `read_settings` (RepoSettings: a repo written before the setting
+        existed used Feast's file store)."""
         return OfflineStoreConfig(**settings.get("offline_store", {"kind": "file"}))
 
     def select_version(self, version: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -310,3 +311,26 @@ def test_the_ranking_service_answers_503_while_a_full_materialization_replaces_t
         swap_marker(repo).unlink()
         reply = requests.post(f"{server.url}/rank", json=body, timeout=30)
         assert reply.status_code == 200 and len(reply.json()["scores"]) == 2
+
+
+def test_repo_settings_are_one_typed_definition_with_their_defaults(tmp_path):
+    """lum_features.yaml is read through RepoSettings: its defaults are the template's (no second copy in
+    definitions.py), an unknown key or a wrong type is refused naming the file, and an old file without an
+    offline_store keeps Feast's file store."""
+    from feature_store.repo import FeatureStoreError, RepoSettings, read_settings
+
+    defaults = RepoSettings().to_mapping()
+    assert defaults["lum_ttl_days"] == 30 and defaults["stats_ttl_days"] == 0 and defaults["offline_store"]["kind"] == "duckdb"
+    template = (Path(__file__).resolve().parents[1] / "feature_store" / "repo_template" / "definitions.py").read_text()
+    assert "lum_ttl_days\", 30" not in template and 'SETTINGS["lum_ttl_days"]' in template
+    path = tmp_path / "lum_features.yaml"
+    path.write_text("model_version: null\nconditions: []\nlum_ttl_days: 7\n")
+    read = read_settings(path)
+    assert read["lum_ttl_days"] == 7 and read["offline_store"]["kind"] == "file"  # written before the setting existed
+    for text, expected in (("lum_ttl_dayz: 7\n", "unknown setting(s) lum_ttl_dayz"), ("lum_ttl_days: soon\n", "lum_ttl_days must be a number"),
+                           ("lum_dim: -3\n", "lum_dim must be a positive integer"), ("conditions: surface=home\n", "conditions must be a list"),
+                           ("online_store: {kind: sqlite, port: 1}\n", "unexpected keyword argument 'port'")):
+        path.write_text(text)
+        with pytest.raises(FeatureStoreError, match=re.escape(expected)) as caught:
+            read_settings(path)
+        assert str(path) in str(caught.value)

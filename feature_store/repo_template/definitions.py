@@ -37,7 +37,7 @@ from contracts.names import (
     LABEL_BITS_COLUMN,
     USER_STATS_COLUMNS,
 )
-from feature_store.repo import forget_other_repos_tables, read_settings
+from feature_store.repo import RepoSettings, forget_other_repos_tables, read_settings
 
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data"
@@ -46,7 +46,8 @@ DATA = REPO / "data"
 # registry, so the records are dropped here: a plain `feast apply` in a copy leaves the original's tables intact.
 forget_other_repos_tables(REPO)
 # checked: model_version names a folder under data/ (read_settings refuses `../..` and other unsafe names)
-SETTINGS = read_settings(REPO / "lum_features.yaml") if (REPO / "lum_features.yaml").exists() else {}
+# every setting and its default: feature_store.repo.RepoSettings
+SETTINGS = read_settings(REPO / "lum_features.yaml") if (REPO / "lum_features.yaml").exists() else RepoSettings().to_mapping()
 MODEL_VERSION = SETTINGS.get("model_version")
 
 
@@ -61,7 +62,7 @@ condition = Entity(name="condition", join_keys=["condition"], value_type=ValueTy
                    description="A LUM query condition, e.g. surface=home or surface=home|device=mobile")
 
 
-OFFLINE_STORE = (SETTINGS.get("offline_store") or {}).get("kind", "file")
+OFFLINE_STORE = SETTINGS["offline_store"]["kind"]
 
 
 def _source(name: str, path: Path) -> FileSource:
@@ -74,7 +75,7 @@ def _folder_source(name: str, folder: Path) -> FileSource:
     return _source(name, folder / "*" / "*.parquet" if OFFLINE_STORE == "duckdb" else folder)
 
 
-stats_ttl = _days(SETTINGS.get("stats_ttl_days", 0))
+stats_ttl = _days(SETTINGS["stats_ttl_days"])
 # the real-time behaviour stream: per-event rows pushed online (feature_store/stream.py); offline, the same tables
 user_stats_push = PushSource(name="user_stats_push", batch_source=_source("user_stats", DATA / "stats" / "user_stats.parquet"))
 user_recent_items_push = PushSource(name="user_recent_items_push",
@@ -130,7 +131,7 @@ if MODEL_VERSION:
     lum_user_interest = FeatureView(
         name="lum_user_interest",
         entities=[user, condition],
-        ttl=_days(SETTINGS.get("lum_ttl_days", 30)),
+        ttl=_days(SETTINGS["lum_ttl_days"]),
         schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="model_version", dtype=String)],
         source=_folder_source("lum_user_interest", DATA / "lum_user" / MODEL_VERSION),
         description="LUM user-interest vector per (user, query condition); event_timestamp is the as-of time",
