@@ -71,7 +71,7 @@ class ItemTrie:
             own_tokens = {t[2:] for t in tokenizer.vocab if t.startswith("I:")}
             wanted = sorted(str(i) for i in (catalogue if catalogue is not None else own_tokens))
             own = np.array([i in own_tokens for i in wanted], dtype=bool)
-            codes = np.array([[tokenizer.token_to_id["I:" + i]] if o else [UNK_ITEM] for i, o in zip(wanted, own)], dtype=np.int64)
+            codes = np.array([[tokenizer.token_to_id["I:" + i]] if o else [UNK_ITEM] for i, o in zip(wanted, own)], dtype=np.int64).reshape(-1, 1)
         depth = int(codes.shape[1])
         items: dict[tuple[int, ...], list[str]] = {}
         for item, row, ok in zip(wanted, codes, own):

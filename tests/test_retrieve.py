@@ -25,6 +25,8 @@ from lum.retrieve_job import RetrievalJob, RetrieveJobConfig, RetrieveJobError
 from lum.tokenizer import BehaviourTokenizer
 from pipelines.cli import main
 
+pytestmark = pytest.mark.e2e  # two LMs pretrained per module, vLLM, `lum retrieve`
+
 AS_OF = pd.Timestamp("2025-01-20", tz="UTC")
 CONDITIONS = ("surface", "device", "daypart")
 
@@ -112,6 +114,9 @@ def test_the_trie_holds_exactly_the_catalogue(cold_models, windows):
     assert restricted.n_items == 5 and restricted.unreachable == 1
     with pytest.raises(ValueError, match="holds no item the model can generate"):
         ItemTrie.from_tokenizer(id_tokenizer, ["no-such-item"])
+    for empty in (tokenizer, id_tokenizer):  # an empty catalogue: the same one-line error, no IndexError (issue 35)
+        with pytest.raises(ValueError, match="holds no item the model can generate"):
+            ItemTrie.from_tokenizer(empty, [])
 
 
 def test_a_wide_beam_search_is_exhaustive_scoring_and_a_narrow_one_returns_real_items(cold_models, windows):
