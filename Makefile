@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv if missing, install, run the main job end to end on the embedded simulator
 #   make test   create .venv if missing, install, run the test suite
+#   make test-fast  the same without the end-to-end and slow tests (pytest -m "not e2e and not slow"; under 2 min)
 # and one measures the stack:
 #   make bench  create .venv if missing, install, run every benchmark at quick sizes (FULL=1: full sizes;
 #               ONLY=embed,data: a subset) and write benchmarks/results/SUMMARY.md
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: install demo test lint bench lock clean
+.PHONY: install demo test test-fast lint bench lock clean
 
 install: $(STAMP)
 
@@ -31,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# the developer's loop: no whole `lum run`, trained LM, server or `lum` subprocess (the e2e marker, tests/conftest.py)
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # ruff: pyflakes, pycodestyle and import order at the line length the code keeps (pyproject.toml [tool.ruff])
 lint: $(STAMP)

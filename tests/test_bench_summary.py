@@ -202,6 +202,7 @@ def test_run_all_skips_a_benchmark_whose_input_is_missing(results: Path, tmp_pat
     assert quality.needs.startswith("runs/demo/") and quality.result_name == "quality-demo"
 
 
+@pytest.mark.slow  # a child Python process
 def test_peak_rss_of_a_child_is_its_own_not_its_parents() -> None:
     """ru_maxrss of a fresh child inherits the parent's peak on Linux; peak_rss_mib must not."""
     import subprocess

@@ -22,6 +22,7 @@ def run(*args: str) -> "Result":
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+@pytest.mark.e2e  # `lum` subprocesses
 def test_validate_names_a_wrongly_typed_column_and_exits_non_zero(tmp_path):
     """Through the installed console script, as a user would run it."""
     path = tmp_path / "events.parquet"
@@ -131,6 +132,7 @@ def test_help_everywhere(command):
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
+@pytest.mark.e2e  # `lum` subprocesses
 def test_version_log_level_and_progress_conventions(tmp_path, monkeypatch):
     from importlib import metadata
 

@@ -167,6 +167,7 @@ print(json.dumps(worst))
 """
 
 
+@pytest.mark.slow  # a child process loads torch (about 10 s each)
 @pytest.mark.parametrize("variant", ["lum+pooled", "din+lum"])
 def test_the_exported_dlrm_scores_1_to_1000_candidates_in_a_process_that_imported_only_torch(saved, data, tmp_path, variant):
     """issue 35.2: dlrm.pt2 needed `import fbgemm_gpu` to load (fbgemm operators in the graph) and refused a single

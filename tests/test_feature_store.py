@@ -31,6 +31,8 @@ from pipelines.paths import RunPaths
 from pipelines.steps.features import build_window_training_set, context_columns, prepare_repo
 from tests.conftest import redis_copy_of_run
 
+pytestmark = pytest.mark.e2e  # a tiny LM, Feast repos, Redis and `feast serve`
+
 T1 = pd.Timestamp("2025-01-15", tz="UTC")
 T2 = pd.Timestamp("2025-01-22", tz="UTC")
 CONDITIONS = "surface=home,surface=search"

@@ -168,6 +168,7 @@ def test_ids_are_normalised_to_nfc_and_1_is_not_1_0(tmp_path):
     assert any("NFC" in c for c in info.get("coercions", [])), info.get("coercions")
 
 
+@pytest.mark.e2e  # Feast's Redis client waits out its connection retries
 def test_an_unreachable_redis_is_one_clear_line(tmp_path):
     run = str(tmp_path / "r")
     assert CliRunner().invoke(main, ["data", "make", "--preset", "tiny", "--run", run]).exit_code == 0

@@ -188,6 +188,7 @@ def test_the_local_ray_is_stopped_afterwards(tables):
     assert not [name for name in left if "ray" in name or "gcs" in name], f"Ray processes left running: {left}"
 
 
+@pytest.mark.e2e  # starts Ray
 def test_the_ray_store_refuses_times_it_would_floor(world, tmp_path):
     """A request time with a fraction of a second would be floored by Feast's Ray store and could join rows from
     after it: refused before Ray starts, naming the engines that join it exactly."""

@@ -265,6 +265,7 @@ def test_run_config_errors_name_the_key(tmp_path, data, message):
         load_run_config(bad)
 
 
+@pytest.mark.e2e  # data make, split and a Feast repo through the CLI
 def test_ranker_cli_says_what_to_run_when_lum_features_were_never_ingested(tmp_path):
     run = tmp_path / "run"
     runner = CliRunner()
@@ -409,6 +410,7 @@ def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-log"
 
 
+@pytest.mark.e2e  # a whole `lum run` of examples/tiny-log
 def test_your_own_csv_log_runs_end_to_end_from_a_run_config_and_its_report_can_be_rebuilt(tmp_path, monkeypatch):
     """examples/tiny-log: a CSV with its own column names, mapped onto the contract, from `lum run` to the report."""
     monkeypatch.chdir(EXAMPLE.parents[1])  # the example's paths are relative to the repository root, as its comment says
@@ -438,6 +440,7 @@ def test_your_own_csv_log_runs_end_to_end_from_a_run_config_and_its_report_can_b
     assert missing.exit_code != 0 and "has no run_state.json" in missing.output
 
 
+@pytest.mark.e2e  # a whole `lum run` of examples/tiny-log
 def test_a_run_config_can_use_a_log_imported_before(tmp_path, monkeypatch):
     monkeypatch.chdir(EXAMPLE.parents[1])
     config = yaml.safe_load((EXAMPLE / "run.yaml").read_text())

@@ -107,6 +107,7 @@ def cyclic_events(n_users: int = 60, length: int = 30, n_items: int = 40, seed: 
     return pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "label", "mode"])
 
 
+@pytest.mark.slow  # trains an LM to convergence
 def test_the_model_learns_condition_dependent_transitions(tmp_path):
     events = cyclic_events()
     history = events[events.ts < T0 + pd.Timedelta(minutes=25)]
@@ -174,6 +175,7 @@ def _pretrain_script(tmp_path: Path, events: pd.DataFrame, out: Path, config: di
     return script
 
 
+@pytest.mark.e2e  # pretraining subprocesses, one killed
 def test_a_killed_run_resumes_from_its_checkpoint_and_reaches_the_same_result(tmp_path):
     events = cyclic_events(n_users=40)
     config = {"preset": "tiny", "epochs": 30, "rows_per_batch": 2, "row_tokens": 128, "checkpoint_every": 10, "threads": 1}
@@ -229,6 +231,7 @@ def test_a_planted_pickle_in_a_partial_folder_is_refused_and_never_runs(tmp_path
         pretrain(cyclic_events(n_users=10), out, config, TokenizerConfig(("mode",), min_condition_count=1), progress=False)
 
 
+@pytest.mark.e2e  # two torch.distributed processes
 def test_two_processes_with_fsdp_follow_the_one_process_loss_curve(tmp_path):
     events = cyclic_events(n_users=40)
     config = {"preset": "tiny", "epochs": 4, "rows_per_batch": 4, "row_tokens": 128, "checkpoint_every": 1000, "threads": 1}
@@ -314,6 +317,7 @@ def test_semantic_mode_predicts_every_code_of_the_next_item(tmp_path, tiny_sim):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+@pytest.mark.slow  # trains an LM to convergence
 def test_a_semantic_id_model_learns_condition_dependent_transitions_and_generates_them(tmp_path):
     """The cyclic world with content codes: the beam search must find the next item of each condition."""
     events = cyclic_events()

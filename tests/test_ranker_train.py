@@ -197,6 +197,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e  # torchrun with two processes
 def test_two_process_torchrun_matches_one_process(rankers, data, tmp_path):
     train, test = data
     pq.write_table(train, tmp_path / "train.parquet")

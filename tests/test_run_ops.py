@@ -366,6 +366,7 @@ def test_a_finished_run_is_logged_to_mlflow_with_its_params_metrics_and_report(t
     assert {"report/report.html", "report/report.json"} <= artifacts and STATE_FILE in {a.path for a in client.list_artifacts(run_id)}
 
 
+@pytest.mark.slow  # a child Python process imports the run modules
 def test_tracking_is_wired_from_the_run_config_and_absent_without_it(tmp_path):
     """`tracking: {mlflow: URI}` is a run-config key; without it a run never imports mlflow; with it and no mlflow
     installed, `lum run` says so before any work."""

@@ -44,6 +44,7 @@ def test_t_interval_is_students():
     assert np.isnan(t_interval([0.01])[1]) and t_interval([0.01, None, float("nan"), 0.03])[0] == pytest.approx(0.02)
 
 
+@pytest.mark.e2e  # whole `lum run`s
 def test_seeds_retrain_on_the_same_data_and_the_report_shows_every_seeds_lift(tmp_path):
     output = _run("--config", _config(tmp_path, "run"), "--seeds", "2")
     run, seed = tmp_path / "run", tmp_path / "run" / "seeds" / "seed-1"
@@ -83,6 +84,7 @@ def test_seeds_retrain_on_the_same_data_and_the_report_shows_every_seeds_lift(tm
     assert json.loads((tmp_path / "again" / "report.json").read_text())["seeds"] == report["seeds"]
 
 
+@pytest.mark.e2e  # whole `lum run`s
 def test_the_validation_run_never_reads_the_test_window(tmp_path):
     """The validation run's folder holds the log without its test window; a log whose test-window labels are all
     flipped gives the very same validation report (so no setting chosen on it can depend on the test window)."""

@@ -26,6 +26,8 @@ from ranker.config import LightGBMConfig
 from ranker.train import RankerConfig, train_ranker
 from tests.conftest import redis_copy_of_run
 
+pytestmark = pytest.mark.e2e  # a simulated run's Feast repo materialized and a ranker trained per module, Redis, `lum features push`
+
 T0 = pd.Timestamp("2025-01-20", tz="UTC")  # the online store is materialized up to here; the stream takes over
 STREAMED = ("user_n_events", "user_n_clicks", "user_ctr", "user_recent_ctr", "user_hours_since_last")
 ITEM_SIDE = ("item_n_impressions", "item_n_clicks", "item_ctr")
