@@ -111,7 +111,9 @@ TINY_RUN = {
 def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
     """`lum run` of TINY_RUN on the tiny simulator (torch engine, about 1-2 min): (run folder, config file, output).
 
-    Shared by tests/test_pipeline.py and tests/test_serve.py; a test that changes the run puts it back as it found it."""
+    Shared by many modules: a test that changes the run works on its own copy (shutil.copytree to its tmp_path). Two
+    tests in tests/test_pipeline.py run `lum run` on it again and put it back: `lum run` refuses a copied run folder
+    (the features step's recorded settings and the feature repo's ingested.json name the folder's absolute paths)."""
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), **TINY_RUN}))

@@ -119,6 +119,8 @@ def test_the_online_store_answers_right_after_a_run(tiny_run):
 
 
 def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
+    # on the shared run, not a copy: `lum run` refuses a copied run folder (it records its absolute paths); the
+    # retrained ranker is trained as before (same settings, same seed)
     run, config, _ = tiny_run
     before = json.loads((run / "run_state.json").read_text())["steps"]
     shutil.rmtree(run / "rankers" / "global-dlrm-lum")  # as if that step had failed midway
@@ -179,12 +181,12 @@ def test_lum_pretrain_builds_the_model_lum_run_builds_from_the_same_settings(tin
     assert other_settings.exit_code != 0 and "lm.tokenizer.min_item_count: the model has 5, the config asks 3" in other_settings.output
 
 
-def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_and_test_set_match(tiny_run):
+def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_and_test_set_match(tiny_run, tmp_path):
     from pipelines.paths import RunPaths
     from pipelines.steps.rankers import ranker_dir, score_test_window, test_scores_file
     from ranker.train import TrainedRanker
 
-    run, _, _ = tiny_run
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")  # its kept scores are rewritten below
     paths = RunPaths(run)
     test = pq.read_table(sorted((run / "training_sets").glob("global-test-*.parquet"))[0])
     scored = pq.read_table(run / "scores" / "global.parquet").to_pandas()
@@ -196,19 +198,15 @@ def test_scoring_the_test_window_reuses_the_evaluation_scores_only_while_ranker_
         assert scored[f"score__{model}__{variant}"].to_numpy() == pytest.approx(fresh, rel=1e-6)
     kept = test_scores_file(paths, "global", "lightgbm", "lum")
     original = pq.read_table(kept)
-    try:
-        # same stamp, other values: reused as they are (nothing is scored twice)
-        same_stamp = pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(original.schema.metadata)
-        pq.write_table(same_stamp, kept)
-        assert (pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy() == 0.25).all()
-        # a stamp of another ranker: scored again
-        stale = {b"lum.scores": json.dumps({"ranker": "0" * 16, "test_set": "x"}).encode()}
-        pq.write_table(pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(stale), kept)
-        rescored = pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy()
-        assert rescored == pytest.approx(scored["score__lightgbm__lum"].to_numpy(), rel=1e-6)
-    finally:
-        pq.write_table(original, kept)
-        score_test_window(paths, "global", progress=False)
+    # same stamp, other values: reused as they are (nothing is scored twice)
+    same_stamp = pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(original.schema.metadata)
+    pq.write_table(same_stamp, kept)
+    assert (pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy() == 0.25).all()
+    # a stamp of another ranker: scored again
+    stale = {b"lum.scores": json.dumps({"ranker": "0" * 16, "test_set": "x"}).encode()}
+    pq.write_table(pa.table({"score": np.full(original.num_rows, 0.25)}).replace_schema_metadata(stale), kept)
+    rescored = pq.read_table(score_test_window(paths, "global", progress=False)).column("score__lightgbm__lum").to_numpy()
+    assert rescored == pytest.approx(scored["score__lightgbm__lum"].to_numpy(), rel=1e-6)
 
 
 def test_lum_demo_runs_what_configs_demo_yaml_says():
@@ -281,7 +279,7 @@ def test_ranker_cli_says_what_to_run_when_lum_features_were_never_ingested(tmp_p
 
 
 def test_ranker_score_reads_offline_and_online_features(tiny_run, tmp_path):
-    run, _, _ = tiny_run
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")  # materialized again below
     test = pq.read_table(run / "splits" / "global" / "test.parquet").slice(0, 40)
     requests = tmp_path / "requests.parquet"
     pq.write_table(test.select(["user_id", "item_id", "ts", "surface", "device", "daypart", "hour"]), requests)
@@ -353,15 +351,16 @@ def test_quality_benchmark_recomputes_the_runs_lum_columns_and_writes_its_curves
     assert (tmp_path / "quality-run.png").stat().st_size > 5000
 
 
-def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
-    run, config, _ = tiny_run
+def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run, tmp_path):
+    _, config, _ = tiny_run
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")  # its run_state.json is rewritten below
     changes = [({"pretrain": {"epochs": 3}, "tokenizer": {"item_tokenization": "id"}},
                 ["lm.pretrain.epochs: 2 before, 3 now", "lm.tokenizer.item_tokenization: 'semantic' before, 'id' now"]),
                ({"tokenizer": {"semantic_levels": 3}}, ["lm.tokenizer.semantic_levels: 2 before, 3 now"])]
     for change, expected in changes:
-        changed = yaml.safe_load(config.read_text())
+        changed = {**yaml.safe_load(config.read_text()), "run_dir": str(run)}
         changed["lm"] = {section: {**changed["lm"].get(section, {}), **change.get(section, {})} for section in ("pretrain", "tokenizer")}
-        other = config.with_name("changed.yaml")
+        other = tmp_path / "changed.yaml"
         other.write_text(yaml.safe_dump(changed))
         result = CliRunner().invoke(main, ["run", "--config", str(other)])
         assert result.exit_code != 0
@@ -371,18 +370,16 @@ def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run):
             assert line in message
     # a folder the state file does not describe (copied, or made before settings were recorded): the model's own check
     state = json.loads((run / "run_state.json").read_text())
-    try:
-        stripped = {**state, "steps": {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in state["steps"].items()}}
-        (run / "run_state.json").write_text(json.dumps(stripped))
-        result = CliRunner().invoke(main, ["run", "--config", str(other)])
-        assert result.exit_code != 0 and "pretrained with other LM settings" in result.output + str(result.exception)
-    finally:
-        (run / "run_state.json").write_text(json.dumps(state))
+    stripped = {**state, "steps": {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in state["steps"].items()}}
+    (run / "run_state.json").write_text(json.dumps(stripped))
+    result = CliRunner().invoke(main, ["run", "--config", str(other)])
+    assert result.exit_code != 0 and "pretrained with other LM settings" in result.output + str(result.exception)
 
 
 def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
     """A changed ranker setting: an error naming it; with --force those rankers are retrained, nothing upstream is
-    redone and the other model's rankers are reused. Put back as it was (forced again) at the end."""
+    redone and the other model's rankers are reused. Put back as it was (forced again) at the end: on the shared
+    run, since `lum run` refuses a copied run folder (it records its absolute paths)."""
     run, config, _ = tiny_run
     changed = yaml.safe_load(config.read_text())
     changed["rankers"]["lightgbm"] = {**changed["rankers"]["lightgbm"], "num_leaves": 7}
