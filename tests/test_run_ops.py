@@ -149,7 +149,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_
         events.write_text("user_id,item_id,ts,label\nu,i,2024-01-01,1\n")
         for args in (["data", "import", "files", str(events), "--condition", "surface", "--run", str(run)], ["data", "make", "--run", str(run)],
                      ["run", "--run", str(run)], ["pretrain", "--run", str(run)], ["evaluate", "--run", str(run)],
-                     ["ranker", "train", "--run", str(run)]):
+                     ["ranker", "train", "--run", str(run)], ["features", "apply", "--run", str(run)],
+                     ["features", "materialize", "--run", str(run)], ["features", "push", str(events), "--run", str(run)]):
             result = CliRunner().invoke(main, args)
             assert result.exit_code != 0 and f"in use by pid {proc.pid}" in result.output, (args, result.output)
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # none of them wrote anything

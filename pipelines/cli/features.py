@@ -20,6 +20,7 @@ import numpy as np
 
 from pipelines.cli.common import _friendly_errors, run_option
 from pipelines.paths import RunPaths
+from pipelines.run.lock import writer_lock
 
 SERVICES = ["ranker_base", "ranker_pooled", "ranker_lum", "ranker_lum_pooled"]
 
@@ -53,8 +54,9 @@ def features_apply(online_store, redis_url, model_version, lum_ttl_days, rebuild
     if (ray_address or ray_cpus) and offline_store != "ray":
         raise click.UsageError("--ray-address and --ray-cpus go with --offline-store ray")
     offline = OfflineStoreConfig(offline_store, ray_address=ray_address, ray_cpus=ray_cpus) if offline_store else None
-    repo, views, rebuilt = prepare_repo(paths, online=online, lum_ttl_days=lum_ttl_days, model_version=model_version, rebuild_stats=rebuild_stats,
-                                        offline=offline)
+    with writer_lock(run_dir, "lum features apply"):  # one writer per run folder (pipelines/run/lock.py)
+        repo, views, rebuilt = prepare_repo(paths, online=online, lum_ttl_days=lum_ttl_days, model_version=model_version,
+                                            rebuild_stats=rebuild_stats, offline=offline)
     settings = repo.settings()
     click.echo(f"{'built' if rebuilt else 'kept'} the offline tables in {repo.data / 'stats'}")
     click.echo(f"registered {len(views)} feature views in {repo.root}: {', '.join(views)}")
@@ -72,7 +74,8 @@ def features_ingest(embed_dir, item_valid_from, select, run_dir) -> None:
     """Register the Parquet output of `lum embed` (user and item vectors) for its model version."""
     from pipelines.steps.features import ingest_embeddings
 
-    repo, result, views = ingest_embeddings(RunPaths(run_dir), embed_dir, item_valid_from, select)
+    with writer_lock(run_dir, "lum features ingest"):
+        repo, result, views = ingest_embeddings(RunPaths(run_dir), embed_dir, item_valid_from, select)
     if result["skipped"]:
         click.echo(f"{embed_dir} was already ingested for {result['version']}: skipped")
     else:
@@ -93,7 +96,8 @@ def features_materialize(end, full, run_dir) -> None:
     from feature_store.repo import FeatureRepo
     from pipelines.data.contract import utc_timestamp
 
-    state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc_timestamp(end) if end else None, full=full)
+    with writer_lock(run_dir, "lum features materialize"):
+        state = materialize(FeatureRepo(RunPaths(run_dir).feature_repo), end=utc_timestamp(end) if end else None, full=full)
     if "redone" in state:
         click.echo(f"a full materialization started {state['redone'].get('started') or 'earlier'} had not finished (killed?): "
                    "materialized every view again from the start")
@@ -134,7 +138,8 @@ def features_push(source, run_dir) -> None:
                  if suffix == ".csv" else pd.read_json(path, lines=True, dtype=False))
         name = str(path)
     try:
-        done = push_events(FeatureRepo(RunPaths(run_dir).feature_repo), frame, source=name)
+        with writer_lock(run_dir, "lum features push"):
+            done = push_events(FeatureRepo(RunPaths(run_dir).feature_repo), frame, source=name)
     except StreamInputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"pushed {done['events']:,} events of {done['users']:,} users: {done['rows']['user_stats']:,} counter rows, "
@@ -216,5 +221,6 @@ def features_training_set(protocol, window, service, conditions, run_dir) -> Non
     """Build a split window's point-in-time training set: one row per impression, in order."""
     from pipelines.steps.features import build_window_training_set, training_set_summary
 
-    out = build_window_training_set(RunPaths(run_dir), protocol, window, service, tuple(conditions.split(",")) if conditions else None)
+    with writer_lock(run_dir, "lum features training-set"):
+        out = build_window_training_set(RunPaths(run_dir), protocol, window, service, tuple(conditions.split(",")) if conditions else None)
     click.echo(f"wrote {out}: {json.dumps(training_set_summary(out))}")
