@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,10 @@ def test_lum_status_shows_a_killed_step_as_interrupted_and_exits_by_the_runs_sta
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "--- data"
         assert proc.stdout.readline().strip() == "--- global+rolling: pretrain"
+        deadline = time.monotonic() + 30  # the step prints its header, then records itself as running
+        while json.loads((run / STATE_FILE).read_text())["steps"].get("global+rolling: pretrain", {}).get("status") != "running":
+            assert time.monotonic() < deadline, "the step never recorded itself as running"
+            time.sleep(0.05)
         code, rows, _ = _status(run)
         assert code == 3 and [r["state"] for r in rows] == ["done", "running"]  # still running: exit 3
         assert rows[1]["pid"] == proc.pid and rows[1]["host"]
