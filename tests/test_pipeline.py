@@ -118,13 +118,17 @@ def test_the_online_store_answers_right_after_a_run(tiny_run):
     assert answer.user_vectors.shape[1] == answer.item_vectors.shape[1] > 0
 
 
-def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run):
-    # on the shared run, not a copy: `lum run` refuses a copied run folder (it records its absolute paths); the
-    # retrained ranker is trained as before (same settings, same seed)
-    run, config, _ = tiny_run
+def test_rerun_skips_finished_steps_and_resumes_a_failed_one(tiny_run, tmp_path):
+    """On a copy of the shared run (a run folder resumes where it was copied or moved: its steps record paths
+    relative to it): finished steps are reused, the removed ranker is trained again."""
+    original, config, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(original, run)
+    copied = tmp_path / "copy.yaml"
+    copied.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "run_dir": str(run)}))
     before = json.loads((run / "run_state.json").read_text())["steps"]
     shutil.rmtree(run / "rankers" / "global-dlrm-lum")  # as if that step had failed midway
-    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    result = CliRunner().invoke(main, ["run", "--config", str(copied)])
     assert result.exit_code == 0, result.output
     assert "dlrm/lum: trained" in result.output
     assert "dlrm/base: up to date" in result.output and "lightgbm/lum: up to date" in result.output

@@ -279,7 +279,8 @@ def run_protocol(config: RunConfig, protocol: ProtocolConfig, paths: RunPaths, s
         echo(f"features: model version {result['version']} selected ({how})")
         return UP_TO_DATE if result["skipped"] else None
 
-    state.step(f"{name}: features", features, echo, settings={"embeddings": str(embed_dir), "after": state.settings_of(f"{name}: embed")})
+    # the embeddings folder as the run folder names it (a copied or moved run folder holds the same one)
+    state.step(f"{name}: features", features, echo, settings={"embeddings": run_relative(paths, embed_dir), "after": state.settings_of(f"{name}: embed")})
     feature_settings = state.settings_of(f"{name}: features")
     rankers = config.rankers
     for model in rankers.models:
@@ -374,6 +375,14 @@ def refuse_other_job_settings(embed_dir: Path, made: Any, job: Any, conditions: 
                               "feature_repo*/, training_sets/, rankers/, scores/) to embed again, or use another run_dir")
 
 
+def run_relative(paths: RunPaths, path: Path) -> str:
+    """`path` relative to the run folder when it lies inside it (what a step records, so that a copied or moved run
+    folder resumes), else as given."""
+    resolved = Path(path).resolve()
+    root = paths.root.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
 def refuse_other_embeddings(repo_dir: Path, embed_dir: Path) -> None:
     """A run's feature repo holds one embedding folder per model version: another folder of the same version (say,
     rolling vectors left by an earlier config of this run folder) would mix into the point-in-time join."""
@@ -381,7 +390,10 @@ def refuse_other_embeddings(repo_dir: Path, embed_dir: Path) -> None:
 
     manifest = read_embedding_manifest(embed_dir)
     entry = FeatureRepo(repo_dir).ingested().get(manifest.model_version, {})
-    others = sorted({job["source"] for job in entry.get("jobs", {}).values()} - {str(embed_dir.resolve())})
+    # the same folder of this run, also where the run folder was copied or moved since (sources are recorded absolute)
+    inside = "/" + str(embed_dir.resolve().relative_to(repo_dir.resolve().parent)) if embed_dir.resolve().is_relative_to(repo_dir.resolve().parent) else None
+    others = sorted(s for s in {job["source"] for job in entry.get("jobs", {}).values()}
+                    if s != str(embed_dir.resolve()) and not (inside and s.endswith(inside)))
     if others:
         raise FeatureStoreError(
             f"{repo_dir} already holds embeddings of {manifest.model_version} from {', '.join(others)}, not from {embed_dir}: a run folder made "

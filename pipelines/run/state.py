@@ -6,7 +6,8 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from contracts.files import write_json_atomic
@@ -32,10 +33,23 @@ def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: <recorded> before, <now> now` for every setting that differs (added and removed keys included)."""
+RUN_RELATIVE_KEYS = {"embeddings"}  # settings recorded relative to the run folder (pipelines/run/execute.py run_relative)
+
+
+def changed_settings(recorded: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """`key: <recorded> before, <now> now` for every setting that differs (added and removed keys included).
+
+    `defaults` ({section: its default config}, as `now`): a setting the recorded step does not name (it did not exist
+    when the step ran) is no change while its value is its default, which is what the step did without it; so a run
+    made by an earlier version resumes."""
     before, after = flat_settings(recorded), flat_settings(now)
     missing = object()
+    default = flat_settings(defaults or {})
+    new_at_default = {key for key in set(after) - set(before) if key in default and default[key] == after[key]}
+    for key in RUN_RELATIVE_KEYS & set(before) & set(after):  # recorded absolute by an earlier version: the same
+        old, new = before[key], after[key]  # folder of the run when it ends with the run-relative path recorded now
+        if isinstance(old, str) and isinstance(new, str) and Path(old).is_absolute() and not Path(new).is_absolute() and old.endswith("/" + new):
+            before[key] = new
 
     def line(key: str) -> str:
         if key == "after":  # the settings hash of the step whose output this one reads
@@ -44,7 +58,20 @@ def changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]
             return f"{UPSTREAM_CHANGED}: a ranker ran with other settings"
         return f"{key}: {before.get(key, '(not set)')!r} before, {after.get(key, '(not set)')!r} now"
 
-    return [line(key) for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
+    return [line(key) for key in sorted(set(before) | set(after) - new_at_default) if before.get(key, missing) != after.get(key, missing)]
+
+
+def default_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """{section: the default of its config class} for the sections of a step's settings that are configs whose every
+    field has a default (what `changed_settings` compares a setting the recorded step lacks with)."""
+    out = {}
+    for key, value in settings.items():
+        if is_dataclass(value) and not isinstance(value, type):
+            try:
+                out[key] = config_dict(type(value)())
+            except (TypeError, ValueError):  # a config without a default for some field, or one its defaults fail
+                continue
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,11 +133,14 @@ class RunState:
         echo(f"--- {name}")
         previous = self.state["steps"].get(name, {})
         values = {key: config_dict(value) for key, value in (settings or {}).items()}
+        defaults = default_settings(settings or {})
         redo = False
         # done, failed or interrupted alike: what the folder holds was made (or half made) with the recorded settings;
         # steps recorded before the values were kept have none to compare
         if "values" in previous:
-            changed = changed_settings(previous["values"], values)
+            changed = changed_settings(previous["values"], values, defaults)
+            if not changed:  # the same settings (a new one at its default included): the recorded hash stands, so the
+                values = previous["values"]  # steps reading this one's output see no change either
             if self.check is not None:
                 if changed:
                     self.check.append(StepChange(str(self.path.parent), name, changed))
