@@ -95,3 +95,18 @@ def test_steps_recorded_before_the_values_were_kept_are_not_checked(tmp_path):
 def test_changed_settings_names_added_and_removed_keys():
     assert changed_settings({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": [1, 3], "d": True}}) == [
         "a.c: [1, 2] before, [1, 3] now", "a.d: '(not set)' before, True now"]
+
+
+def test_a_setting_newer_than_the_recorded_step_is_no_change_at_its_default():
+    """A run made before a setting existed resumes: the setting at its default is what the step did without it; any
+    other value is a change. An embeddings folder recorded absolute is the same as its run-relative record now."""
+    from pipelines.run.state import changed_settings
+
+    recorded = {"data": {"source": "files"}, "embeddings": "/old/place/run/embeddings/global-tiny"}
+    defaults = {"data": {"source": "simulator", "items_map": []}}
+    now = {"data": {"source": "files", "items_map": []}, "embeddings": "embeddings/global-tiny"}
+    assert changed_settings(recorded, now, defaults) == []
+    assert changed_settings(recorded, {**now, "data": {"source": "files", "items_map": ["id=item_id"]}}, defaults) == [
+        "data.items_map: '(not set)' before, ['id=item_id'] now"]
+    assert changed_settings(recorded, now) == ["data.items_map: '(not set)' before, [] now"]  # no defaults: as before
+    assert changed_settings(recorded, {**now, "embeddings": "embeddings/other"}, defaults) != []
