@@ -24,24 +24,10 @@ E2E_FIXTURES = frozenset({
 })
 
 
-# e2e tests without such a fixture in modules other engineers were editing when the marker came (issue 36): named
-# here until their modules say `@pytest.mark.e2e` themselves
-E2E_TESTS = frozenset({
-    "tests/test_ops.py::test_read_only_output_folder_is_a_one_line_error_naming_the_path",  # `lum` subprocesses
-    "tests/test_ops.py::test_full_disk_is_a_one_line_error_naming_the_file",
-    "tests/test_ops.py::test_ctrl_c_in_a_command_exits_130_with_one_line",
-    "tests/test_ops.py::test_ctrl_c_while_reading_the_options_exits_130",
-    "tests/test_ops.py::test_entry_point_makes_openmp_passive_with_the_quota_threads_unless_set",
-    "tests/test_ops.py::test_log_lines_carry_time_level_and_name_and_library_warnings_go_to_debug",
-    "tests/test_ops.py::test_the_wheel_ships_py_typed_for_every_package",  # builds the wheel
-    "tests/test_ops.py::test_feast_ui_and_its_registry_server_import_in_the_shipped_environment",  # `feast ui` (30 s)
-    "tests/test_feature_store_ops.py::test_an_unsafe_model_version_in_lum_features_yaml_is_refused_naming_the_file_and_the_value",  # feast apply
-})
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.nodeid.split("[")[0] in E2E_TESTS:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -111,9 +97,8 @@ TINY_RUN = {
 def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
     """`lum run` of TINY_RUN on the tiny simulator (torch engine, about 1-2 min): (run folder, config file, output).
 
-    Shared by many modules: a test that changes the run works on its own copy (shutil.copytree to its tmp_path). Two
-    tests in tests/test_pipeline.py run `lum run` on it again and put it back: `lum run` refuses a copied run folder
-    (the features step's recorded settings and the feature repo's ingested.json name the folder's absolute paths)."""
+    Shared by many modules: a test that changes the run works on its own copy (shutil.copytree to its tmp_path; a
+    copied run folder resumes with `lum run`, tests/test_pipeline.py), never on this one."""
     root = tmp_path_factory.mktemp("pipeline")
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), **TINY_RUN}))

@@ -107,6 +107,7 @@ def test_an_offline_source_that_is_gone_is_named_with_the_hint_that_the_run_fold
 
 
 # ---------------------------------------------------------------------- 2. model versions are safe names
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_an_unsafe_model_version_in_lum_features_yaml_is_refused_naming_the_file_and_the_value(tmp_path):
     paths = RunPaths(tmp_path / "run")
     repo = FeatureRepo(paths.feature_repo)

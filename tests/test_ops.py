@@ -46,6 +46,7 @@ def _read_only_run(tmp_path: Path, args: list[str], env: dict[str, str] | None =
         folder.chmod(0o755)
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_read_only_output_folder_is_a_one_line_error_naming_the_path(tmp_path):
     run = tmp_path / "ro" / "run"
     done = _read_only_run(tmp_path, ["data", "make", "--preset", "tiny", "--run", str(run)])
@@ -61,6 +62,7 @@ def test_read_only_output_folder_is_a_one_line_error_naming_the_path(tmp_path):
     assert "OSError" in debug.stderr or "PermissionError" in debug.stderr
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="a small tmpfs (a really full disk) needs root")
 def test_full_disk_is_a_one_line_error_naming_the_file(tmp_path):
     """pyarrow's write error names no file: the atomic writer adds the target's path."""
@@ -96,6 +98,7 @@ def _interrupted_while_reading(fifo: Path, args: list[str]) -> subprocess.Comple
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_ctrl_c_in_a_command_exits_130_with_one_line(tmp_path):
     done = _interrupted_while_reading(tmp_path / "run.yaml", ["run", "--config", str(tmp_path / "run.yaml")])
     assert done.returncode == 130, done.stderr
@@ -103,6 +106,7 @@ def test_ctrl_c_in_a_command_exits_130_with_one_line(tmp_path):
     assert [line for line in done.stderr.splitlines() if line.strip()] == ["lum: interrupted"]
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_ctrl_c_while_reading_the_options_exits_130(tmp_path):
     done = _interrupted_while_reading(tmp_path / "defaults.yaml", ["--config", str(tmp_path / "defaults.yaml"), "status"])
     assert done.returncode == 130, done.stderr
@@ -169,6 +173,7 @@ def _env_after_entry_point(**env: str) -> tuple[str, str]:
     return policy, threads
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_entry_point_makes_openmp_passive_with_the_quota_threads_unless_set():
     from contracts.threads import cpu_budget
 
@@ -214,6 +219,7 @@ warnings.warn("a warning of our own code", UserWarning)
     return done.stderr
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_log_lines_carry_time_level_and_name_and_library_warnings_go_to_debug():
     import re
 
@@ -256,6 +262,7 @@ def test_the_api_page_example_runs(tiny_run):
     assert len(state) > 0
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_the_wheel_ships_py_typed_for_every_package(tmp_path):
     """PEP 561: a project type-checking its code against ours reads our annotations only when the wheel has py.typed."""
     import zipfile
@@ -268,6 +275,7 @@ def test_the_wheel_ships_py_typed_for_every_package(tmp_path):
         assert f"{package}/py.typed" in names, package
 
 
+@pytest.mark.e2e  # `lum` subprocesses, a wheel build, `feast ui` or `feast apply`: seconds each
 def test_feast_ui_and_its_registry_server_import_in_the_shipped_environment():
     """`feast ui` starts Feast's registry server, which imports grpc_health and grpc_reflection (the `ui` extra)."""
     code = "import feast.ui_server, feast.registry_server, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, grpc; print(grpc.__version__)"

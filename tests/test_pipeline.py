@@ -380,11 +380,14 @@ def test_a_changed_lm_section_is_an_error_not_a_silently_reused_model(tiny_run, 
     assert result.exit_code != 0 and "pretrained with other LM settings" in result.output + str(result.exception)
 
 
-def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
+def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run, tmp_path):
     """A changed ranker setting: an error naming it; with --force those rankers are retrained, nothing upstream is
-    redone and the other model's rankers are reused. Put back as it was (forced again) at the end: on the shared
-    run, since `lum run` refuses a copied run folder (it records its absolute paths)."""
-    run, config, _ = tiny_run
+    redone and the other model's rankers are reused. On a copy of the shared run (a copied run folder resumes)."""
+    original, original_config, _ = tiny_run
+    run = tmp_path / "copy"
+    shutil.copytree(original, run)
+    config = tmp_path / "copy.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(original_config.read_text()), "run_dir": str(run)}))
     changed = yaml.safe_load(config.read_text())
     changed["rankers"]["lightgbm"] = {**changed["rankers"]["lightgbm"], "num_leaves": 7}
     other = config.with_name("leaves.yaml")
@@ -394,18 +397,14 @@ def test_lum_run_force_redoes_only_the_steps_whose_settings_changed(tiny_run):
     assert "global+rolling: lightgbm base" in refused.output and "rankers.lightgbm.num_leaves" not in refused.output
     assert "ranker.lightgbm.num_leaves: 63 before, 7 now" in refused.output
     model_before = (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text()
-    try:
-        forced = CliRunner().invoke(main, ["run", "--config", str(other), "--force"])
-        assert forced.exit_code == 0, forced.output + repr(forced.exception)
-        assert "lightgbm/base: trained" in forced.output and "lightgbm/lum: trained" in forced.output
-        assert "dlrm/base: up to date" in forced.output and "dlrm/lum: up to date" in forced.output
-        # the two LightGBM rankers; nothing else (the retrieval A/B, off here, reads the rankers too: tests/test_run_ops.py)
-        assert forced.output.count("redone (--force)") == 2 and "retrieval A/B" not in forced.output
-        assert (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() != model_before
-    finally:
-        back = CliRunner().invoke(main, ["run", "--config", str(config), "--force"])
-        assert back.exit_code == 0, back.output
-    assert (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() == model_before
+    forced = CliRunner().invoke(main, ["run", "--config", str(other), "--force"])
+    assert forced.exit_code == 0, forced.output + repr(forced.exception)
+    assert "lightgbm/base: trained" in forced.output and "lightgbm/lum: trained" in forced.output
+    assert "dlrm/base: up to date" in forced.output and "dlrm/lum: up to date" in forced.output
+    # the two LightGBM rankers; nothing else (the retrieval A/B, off here, reads the rankers too: tests/test_run_ops.py)
+    assert forced.output.count("redone (--force)") == 2 and "retrieval A/B" not in forced.output
+    assert (run / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() != model_before
+    assert (original / "rankers" / "global-lightgbm-lum" / "lum_step.json").read_text() == model_before  # the shared run untouched
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-log"
