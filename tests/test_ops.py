@@ -79,7 +79,10 @@ def _interrupted_while_reading(fifo: Path, args: list[str]) -> subprocess.Comple
     """Starts `lum args` that reads the FIFO `fifo`, waits until it is blocked on it (a reader has opened it), sends
     SIGINT as Ctrl-C would, returns the finished process."""
     os.mkfifo(fifo)
-    process = subprocess.Popen([LUM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # SIGINT at its default in the child: a shell's background job (a CI runner's) inherits it ignored, and Python then
+    # installs no KeyboardInterrupt handler, as any program keeps an ignored Ctrl-C ignored
+    process = subprocess.Popen([LUM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     writer = None
     while writer is None:

@@ -451,7 +451,8 @@ def test_a_run_config_can_use_a_log_imported_before(tmp_path, monkeypatch):
     nothing = CliRunner().invoke(main, ["run", "--config", str(path)])
     assert nothing.exit_code != 0 and "has no finished data step" in nothing.output and str(run) in nothing.output
     data = yaml.safe_load((EXAMPLE / "run.yaml").read_text())["data"]
-    args = ["data", "import", "files", data["path"], "--items", data["items"], "--ts-unit", "s", "--run", str(run)]
+    # the config's paths are relative to its own folder (docs/run.md); the command line's to the working directory
+    args = ["data", "import", "files", str(EXAMPLE / data["path"]), "--items", str(EXAMPLE / data["items"]), "--ts-unit", "s", "--run", str(run)]
     for option, values in (("--map", data["map"]), ("--condition", data["conditions"]), ("--extra", data["extras"])):
         for value in values:
             args += [option, value]
