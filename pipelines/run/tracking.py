@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.paths import RunPaths
-from pipelines.run.state import STATE_FILE
+from pipelines.run.state import STATE_FILE, flat_settings
 
 _BAD_KEY = re.compile(r"[^\w\-. /]")
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value (longer ones, e.g. a list of 32 query conditions, are cut)
@@ -34,18 +34,9 @@ def mlflow_key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, part in value.items():
-            out.update(_flat(part, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def _numbers(value: Any, prefix: str) -> dict[str, float]:
     """The finite numbers of a nested mapping, by dotted key (booleans and NaN left out)."""
-    return {key: float(v) for key, v in _flat(value, prefix).items()
+    return {key: float(v) for key, v in flat_settings(value, prefix).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
@@ -90,7 +81,7 @@ def log_run_to_mlflow(run_dir: str | Path, uri: str, experiment: str = "lum") ->
     if not state_file.exists():
         raise FileNotFoundError(f"{paths.root} has no {STATE_FILE}: not a folder `lum run` made")
     state = json.loads(state_file.read_text())
-    params = {mlflow_key(k): json.dumps(v) if not isinstance(v, str) else v for k, v in _flat(state["config"]).items()}
+    params = {mlflow_key(k): json.dumps(v) if not isinstance(v, str) else v for k, v in flat_settings(state["config"]).items()}
     metrics = run_metrics(paths.root)
     if uri.startswith("file:") or "://" not in uri:
         # MLflow 3 refuses its file store unless asked (it wants a database, which needs alembic, not in mlflow-skinny);
