@@ -25,7 +25,6 @@ offline values, as before (a full run has always emptied the view first).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -39,7 +38,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import pandas as pd
 
 from contracts.files import write_text_atomic
-from feature_store.repo import PROJECT, FeatureRepo, FeatureStoreError, read_view_source, require_view_sources
+from feature_store.repo import PROJECT, FeatureRepo, FeatureStoreError, read_view_source, require_view_sources, waiting_file_lock
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +95,9 @@ def _marker(path: Path, record: dict[str, Any], keep_on_error: bool) -> Iterator
     path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _materialize_lock(repo: FeatureRepo) -> Iterator[None]:
+def _materialize_lock(repo: FeatureRepo) -> contextlib.AbstractContextManager:
     """One materialization at a time per repo (a second waits): two would race on the markers and the staging file."""
-    with open(repo.data / ".materialize.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return waiting_file_lock(repo.data / ".materialize.lock")
 
 
 # ---------------------------------------------------------------------- consistent lookups

@@ -281,6 +281,17 @@ def read_settings(path: Path) -> dict[str, Any]:
     return RepoSettings.from_mapping(yaml.safe_load(path.read_text()) or {}, str(path)).to_mapping()
 
 
+@contextlib.contextmanager
+def waiting_file_lock(path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `path` for the block; a second holder waits (the kernel frees it if a holder dies)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class FeatureRepo:
     """One Feast repo folder; every command of `lum features` goes through this class."""
 
@@ -386,16 +397,10 @@ class FeatureRepo:
                 copy_file_atomic(TEMPLATE / "definitions.py", self.root / "definitions.py")
                 self._apply_locked()
 
-    @contextlib.contextmanager
-    def _apply_lock(self) -> Iterator[None]:
+    def _apply_lock(self) -> contextlib.AbstractContextManager:
         """One `feast apply` at a time per repo (two processes that both found a moved repo re-apply it once)."""
         self.data.mkdir(parents=True, exist_ok=True)
-        with open(self.data / ".apply.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return waiting_file_lock(self.data / ".apply.lock")
 
     # ------------------------------------------------------------------ offline tables
     def build_stats(self, events: pd.DataFrame, items: pd.DataFrame | None, config: Any = None) -> dict[str, int]:

@@ -271,7 +271,7 @@ class RankingService:
             if inputs.shape[1] != len(features) or names != features or list(self.ranker.model.feature_name()) != features:
                 first = next((i for i, (a, b) in enumerate(zip(names, features)) if a != b), min(len(names), len(features)))
                 problems.append(f"features: the featurizer makes {inputs.shape[1]}, the spec lists {len(features)}; first difference at index {first}")
-        vocabularies = {name: v.values for name, v in self.ranker.pipeline.vocabularies.items()}
+        vocabularies = self.vocabularies
         listed = {name: list(v["ids"]) for name, v in spec.get("vocabularies", {}).items()}
         if vocabularies != listed:
             problems.append(f"vocabularies differ: {sorted(k for k in set(vocabularies) | set(listed) if vocabularies.get(k) != listed.get(k))}")
@@ -361,10 +361,9 @@ class RankingService:
         with self._push_lock:
             return push_events(self.repo, pd.DataFrame(events), source="POST /events")
 
-    def store_health(self) -> StoreHealth:
+    def store_health(self, end: str | None) -> StoreHealth:
         """The online store probed for keys it must hold (feature_store/health.py); the keys are re-chosen after each
-        materialization."""
-        end = json.loads(self.repo.materialized_file.read_text()).get("end")
+        materialization (`end`: the materialization record's end)."""
         if self._known is None or self._known[0] != end:
             self._known = (end, KnownKeys.find(self.repo, None if end is None else pd.Timestamp(end)))
         return probe_online_store(self.client, self._known[1], self.max_clock_age)
@@ -372,7 +371,7 @@ class RankingService:
     def health(self) -> dict[str, Any]:
         """GET /healthz: `status` ok or unavailable (the HTTP app answers 503), with the problems found."""
         state = json.loads(self.repo.materialized_file.read_text())
-        store = self.store_health()
+        store = self.store_health(state.get("end"))
         return {"status": "ok" if store.ok else "unavailable", "problems": store.problems, "ranker": self.ranker_dir.name,
                 "model": self.ranker.config.model, "variant": self.ranker.variant,
                 "model_version": self.ranker.schema.model_version if self.conditions else None,
